@@ -1,0 +1,386 @@
+"""ringpool.Queue, JoinableQueue and SimpleQueue: the stdlib's queues over a shared-memory ring.
+
+Deviations from ``multiprocessing.queues`` (everything else behaves the same):
+
+- Objects are pickled in the caller, so an unpicklable object raises in ``put`` (the stdlib
+  raises in its feeder thread and loses the item).
+- ``put`` publishes directly into the ring; only when the ring is full does the item wait in a
+  local buffer drained by a feeder thread (started on demand), so ``close``, ``join_thread`` and
+  ``cancel_join_thread`` keep their stdlib meaning. A process that fills its own queue before
+  reading it never deadlocks.
+- Handles (fds, Connections, sockets, torch tensors' shared storages, stdlib queues) inside
+  items travel with the item; see ``ringpool.reduction``.
+- ``put_many`` / ``get_many`` move batches with one synchronization each.
+- ``qsize()`` is exact up to races (a shared counter), on every platform.
+- ``SimpleQueue`` keeps the stdlib's ``_reader``, ``_writer``, ``_rlock`` and ``_wlock``
+  attributes for the stdlib Pool and ProcessPoolExecutor; its ``put`` is synchronous (it waits
+  for ring space, as the stdlib's waits for pipe space).
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import queue
+import threading
+import time
+import weakref
+from multiprocessing import context as _mp_context
+from multiprocessing import util as _mp_util
+from multiprocessing.reduction import DupFd
+
+from . import _core
+from .reduction import dumps, loads
+from pickle import loads as _pickle_loads
+
+__all__ = ["Queue", "JoinableQueue", "SimpleQueue", "DEFAULT_CAPACITY"]
+
+# Ring bytes per queue. Larger absorbs bigger bursts before put() has to buffer locally; the
+# whole ring is pre-faulted at creation (about 1 ms per MiB here).
+DEFAULT_CAPACITY = 1 << 20
+
+_COUNT_ITEM = _core.COUNT_ITEM
+_COUNT_TASK = _core.COUNT_TASK
+
+_live = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    # A forked child inherits the parent's locally buffered items and feeder state; they are the
+    # parent's to deliver, not the child's.
+    for q in list(_live):
+        q._reset_local()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _timeout(block, timeout):
+    if not block:
+        return 0.0
+    if timeout is None:
+        return -1.0
+    return max(float(timeout), 0.0)
+
+
+def reduce_channel(chan):
+    """Pickle helper: the channel's descriptors as DupFd tokens (needs a spawning popen)."""
+    return tuple(DupFd(fd) for fd in chan.handles())
+
+
+def rebuild_channel(tokens):
+    fds = [t.detach() for t in tokens]
+    return _core.Channel.attach(*fds)
+
+
+class _Feeder:
+    """Publishes a producer's buffered frames, in order, once the ring has room.
+
+    Shared by the queue and its thread so the data still flows if the queue object is dropped.
+    """
+
+    def __init__(self, chan):
+        self.chan = chan
+        self.pending = collections.deque()
+        self.lock = threading.Lock()
+        self.thread = None
+        self.finalizer = None
+        self.cancelled = False
+
+    def add(self, p):
+        with self.lock:
+            self.pending.append(p)
+            if self.thread is None:
+                t = threading.Thread(target=self._run, name="ringpool-feeder", daemon=True)
+                self.thread = t
+                if not self.cancelled:
+                    # Like the stdlib: at exit, wait for the buffered items to reach the ring
+                    # unless cancel_join_thread() was called.
+                    self.finalizer = _mp_util.Finalize(t, _join_thread, [weakref.ref(t)], exitpriority=-5)
+                t.start()
+
+    def _run(self):
+        pending, chan = self.pending, self.chan
+        while True:
+            with self.lock:
+                if not pending:
+                    self.thread = None
+                    return
+                p = pending[0]
+            if chan.publish(p):
+                with self.lock:
+                    pending.popleft()
+            elif chan.wait_writable(p.record_bytes, 0.1):
+                # Room in the ring, yet the publish failed: the handle socket is full. Rare; back off.
+                time.sleep(0.001)
+
+    def cancel(self):
+        self.cancelled = True
+        if self.finalizer is not None:
+            self.finalizer.cancel()
+
+    def join(self):
+        t = self.thread
+        if t is not None:
+            t.join()
+
+
+def _join_thread(twr):
+    t = twr()
+    if t is not None:
+        t.join()
+
+
+class Queue:
+    """A process-safe FIFO queue (stdlib ``multiprocessing.Queue`` API) over a shared-memory ring.
+
+    ``put``/``get`` may be called from any thread of any process holding the queue; FIFO order
+    holds per producing thread.
+    """
+
+    _accounting = _COUNT_ITEM
+
+    def __init__(self, maxsize=0, *, ctx=None, capacity=None):
+        self._maxsize = int(maxsize) if maxsize and maxsize > 0 else 0
+        self._chan = _core.Channel.create(capacity or DEFAULT_CAPACITY)
+        self._reset_local()
+
+    def _reset_local(self):
+        self._closed = False
+        self._feeder = _Feeder(self._chan)
+        _live.add(self)
+
+    # -- pickling: only while spawning a process (or inside a ringpool message), like the stdlib
+    def __getstate__(self):
+        _mp_context.assert_spawning(self)
+        return (reduce_channel(self._chan), self._maxsize)
+
+    def __setstate__(self, state):
+        tokens, self._maxsize = state
+        self._chan = rebuild_channel(tokens)
+        self._reset_local()
+
+    def __repr__(self):
+        return f"<{type(self).__module__}.{type(self).__qualname__} maxsize={self._maxsize} items={self._chan.items}>"
+
+    def _check_closed(self):
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+
+    # -- producer ----------------------------------------------------------------------------
+    def put(self, obj, block=True, timeout=None):
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        payload, flags, fds = dumps(obj)  # before any slot or lock: a failure loses nothing
+        acct = self._accounting
+        if self._maxsize:
+            if not self._chan.acquire_item(self._maxsize, _timeout(block, timeout)):
+                raise queue.Full
+            acct &= ~_COUNT_ITEM
+        feeder = self._feeder
+        if feeder.pending:  # keep this producer's order behind what is already waiting
+            feeder.add(self._chan.stage(payload, flags, fds, acct))
+        else:
+            p = self._chan.put(payload, flags, fds, acct)
+            if p is not None:
+                feeder.add(p)
+
+    def _send(self, payload, flags, fds, acct):
+        feeder = self._feeder
+        if feeder.pending:  # keep this producer's order behind what is already waiting
+            feeder.add(self._chan.stage(payload, flags, fds, acct))
+            return
+        p = self._chan.put(payload, flags, fds, acct)
+        if p is not None:
+            feeder.add(p)
+
+    def put_nowait(self, obj):
+        return self.put(obj, False)
+
+    def put_many(self, objs, block=True, timeout=None):
+        """Put every object of an iterable, publishing runs of small plain items in one batch."""
+        self._check_closed()
+        if self._maxsize:
+            for o in objs:
+                self.put(o, block, timeout)
+            return
+        acct = self._accounting
+        batch = []
+        for o in objs:
+            payload, flags, fds = dumps(o)
+            if flags or fds or type(payload) is not bytes:
+                self._flush_batch(batch, acct)
+                self._send(payload, flags, fds, acct)
+            else:
+                batch.append(payload)
+        self._flush_batch(batch, acct)
+
+    def _flush_batch(self, batch, acct):
+        if not batch:
+            return
+        done = 0 if self._feeder.pending else self._chan.put_many(batch, 0, acct)
+        for payload in batch[done:] if done < len(batch) else ():
+            self._send(payload, 0, None, acct)
+        batch.clear()
+
+    # -- consumer ----------------------------------------------------------------------------
+    def get(self, block=True, timeout=None):
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        item = self._chan.get(-1.0 if block and timeout is None else _timeout(block, timeout))
+        if item is None:
+            raise queue.Empty
+        if type(item) is bytes:
+            return _pickle_loads(item)
+        return loads(item)
+
+    def get_nowait(self):
+        return self.get(False)
+
+    def get_many(self, max_items, block=True, timeout=None):
+        """Between 1 and max_items items, oldest first; raises queue.Empty like get()."""
+        self._check_closed()
+        items = self._chan.get_many(int(max_items), _timeout(block, timeout))
+        if not items:
+            raise queue.Empty
+        return [loads(i) for i in items]
+
+    # -- state -------------------------------------------------------------------------------
+    def qsize(self):
+        return max(self._chan.items, 0)
+
+    def empty(self):
+        return not self._chan.readable()
+
+    def full(self):
+        return bool(self._maxsize) and self._chan.items >= self._maxsize
+
+    def close(self):
+        """No more puts from this process; buffered items are still delivered."""
+        self._closed = True
+
+    def join_thread(self):
+        if not self._closed:
+            raise AssertionError(f"Queue {self!r} not closed")
+        self._feeder.join()
+
+    def cancel_join_thread(self):
+        self._feeder.cancel()
+
+    # Some callers (stdlib-compatible code) use these.
+    def _poll(self, timeout=0.0):
+        return self._chan.poll(_timeout(True, timeout))
+
+
+class JoinableQueue(Queue):
+    """``multiprocessing.JoinableQueue``: task_done()/join() via a shared counter and futex."""
+
+    _accounting = _COUNT_ITEM | _COUNT_TASK
+
+    def task_done(self):
+        if not self._chan.task_done():
+            raise ValueError("task_done() called too many times")
+
+    def join(self):
+        self._chan.join(-1.0)
+
+
+class _ConnectionEnd:
+    """The stdlib ``Connection`` subset that Pool and ProcessPoolExecutor use on SimpleQueue's
+    ``_reader``/``_writer``; same framing as put/get."""
+
+    def __init__(self, owner, readable, writable):
+        self._owner = owner
+        self.readable = readable
+        self.writable = writable
+
+    @property
+    def closed(self):
+        return self._owner._closed
+
+    def fileno(self):
+        return self._owner._chan.fileno()
+
+    def send(self, obj):
+        self._owner.put(obj)
+
+    def send_bytes(self, buf, offset=0, size=None):
+        self._owner._put_raw(bytes(memoryview(buf)[offset:None if size is None else offset + size]))
+
+    def recv(self):
+        return self._owner.get()
+
+    def recv_bytes(self, maxlength=None):
+        from .reduction import payload_bytes
+
+        data = payload_bytes(self._owner._get_item())
+        if maxlength is not None and len(data) > maxlength:
+            raise OSError("bad message length")
+        return data
+
+    def poll(self, timeout=0.0):
+        return self._owner._chan.poll(_timeout(True, timeout))
+
+    def close(self):
+        pass
+
+
+class SimpleQueue:
+    """``multiprocessing.SimpleQueue`` over a ring: put is synchronous, get blocks."""
+
+    def __init__(self, *, ctx=None, capacity=None):
+        self._chan = _core.Channel.create(capacity or DEFAULT_CAPACITY)
+        # Named semaphores (spawn's), so the locks work in children of any start method.
+        ctx = ctx or multiprocessing.get_context("spawn")
+        # Kept for stdlib code that takes them (Pool._help_stuff_finish); ringpool's own get/put
+        # do not need them: the ring is multi-producer multi-consumer by itself.
+        self._rlock = ctx.Lock()
+        self._wlock = ctx.Lock()
+        self._setup()
+
+    def _setup(self):
+        self._closed = False
+        self._reader = _ConnectionEnd(self, True, False)
+        self._writer = _ConnectionEnd(self, False, True)
+
+    def __getstate__(self):
+        _mp_context.assert_spawning(self)
+        return (reduce_channel(self._chan), self._rlock, self._wlock)
+
+    def __setstate__(self, state):
+        tokens, self._rlock, self._wlock = state
+        self._chan = rebuild_channel(tokens)
+        self._setup()
+
+    def close(self):
+        self._closed = True
+
+    def empty(self):
+        return not self._chan.readable()
+
+    def put(self, obj):
+        payload, flags, fds = dumps(obj)
+        self._put_payload(payload, flags, fds)
+
+    def _put_raw(self, data):
+        self._put_payload(data, _core.FLAG_RAW, None)
+
+    def _put_payload(self, payload, flags, fds):
+        if self._closed:
+            raise ValueError("SimpleQueue is closed")
+        p = self._chan.put(payload, flags, fds)
+        while p is not None and not self._chan.publish(p):  # synchronous, as a pipe write is
+            self._chan.wait_writable(p.record_bytes, -1.0)
+
+    def _get_item(self):
+        if self._closed:
+            raise ValueError("SimpleQueue is closed")
+        return self._chan.get(-1.0)
+
+    def get(self):
+        return loads(self._get_item())
+
+    def get_many(self, max_items):
+        if self._closed:
+            raise ValueError("SimpleQueue is closed")
+        return [loads(i) for i in self._chan.get_many(int(max_items), -1.0)]

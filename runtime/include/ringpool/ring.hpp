@@ -1,0 +1,193 @@
+// Ring: variable-length frames in one shared-memory segment, many producers and many consumers
+// in any number of processes, FIFO per producer, with handles on a side socket.
+//
+//   producers ──(robust prod_lock: reserve, send fds, copy, publish tail)──┐
+//                                                                        data area (mapped twice)
+//   consumers ──(robust cons_lock: read head record, copy out, publish head, recv fds)──┘
+//
+// Between the two sides the ring is a single-producer/single-consumer queue: `tail` is written
+// only under prod_lock, `head` only under cons_lock. A record becomes visible only when `tail`
+// moves past it, and the move is the last store of a put: a producer killed anywhere inside put
+// leaves `tail` where it was, the next producer gets EOWNERDEAD from the robust mutex, marks it
+// consistent and overwrites the abandoned bytes. Consumers never see a half-written record.
+// docs/design/ring.md has the byte layout and the pairing of every memory order.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include <pthread.h>
+
+#include "ringpool/fd.hpp"
+#include "ringpool/fdpass.hpp"
+#include "ringpool/futex.hpp"
+#include "ringpool/proto/frame.hpp"
+#include "ringpool/segment.hpp"
+
+namespace ringpool {
+
+inline constexpr std::uint32_t kRingMagic = 0x474e4952u;  // "RING"
+inline constexpr std::uint32_t kRingLayoutVersion = 1;
+
+// The control block at offset 0 of a ring segment. It lives in shared memory: no pointers, fixed
+// offsets, lock-free atomics only, a version and reserved bytes.
+struct RingControl {
+  // -- immutable after creation --------------------------------------------------------------
+  std::uint32_t magic;
+  std::uint32_t layout_version;
+  std::uint64_t capacity;     // bytes in the data area; a power of two
+  std::uint64_t data_offset;  // where the data area starts (one page)
+  std::uint64_t inline_max;   // payloads above this go out of band (a hint for channels)
+  std::uint8_t reserved0[32];
+  // -- locks (each on its own cache lines) ----------------------------------------------------
+  alignas(64) pthread_mutex_t prod_lock;  // robust, process-shared
+  alignas(64) pthread_mutex_t cons_lock;  // robust, process-shared
+  // -- producer side: written under prod_lock --------------------------------------------------
+  alignas(64) std::atomic<std::uint64_t> tail;      // bytes ever published
+  std::atomic<std::uint64_t> next_seq;              // next frame sequence number
+  std::atomic<std::uint64_t> committed;             // frames ever published (stats)
+  // -- consumer side: written under cons_lock --------------------------------------------------
+  alignas(64) std::atomic<std::uint64_t> head;      // bytes ever consumed
+  std::atomic<std::uint64_t> consumed;              // frames ever consumed (stats)
+  // -- wait words ------------------------------------------------------------------------------
+  alignas(64) std::atomic<std::uint32_t> data_futex;    // bumped when frames are published
+  std::atomic<std::uint32_t> data_waiters;              // threads sleeping on data_futex
+  alignas(64) std::atomic<std::uint32_t> space_futex;   // bumped when frames are consumed
+  std::atomic<std::uint32_t> space_waiters;
+  // -- queue accounting (stdlib qsize/maxsize, JoinableQueue) -----------------------------------
+  alignas(64) std::atomic<std::int64_t> items;          // accepted by put, not yet taken by get
+  std::atomic<std::int64_t> unfinished;                 // JoinableQueue: put minus task_done
+  std::atomic<std::uint32_t> join_futex;
+  std::atomic<std::uint32_t> join_waiters;
+  // -- readiness fd --------------------------------------------------------------------------
+  alignas(64) std::atomic<std::uint32_t> poll_armed;    // someone asked for the eventfd
+  std::atomic<std::uint32_t> signaled;                  // the eventfd counter is (about to be) > 0
+  std::uint8_t reserved1[1024];
+};
+static_assert(std::is_standard_layout_v<RingControl>, "RingControl lives in shared memory");
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::int64_t>::is_always_lock_free,
+              "atomics shared between processes must be lock-free (no hidden per-process lock)");
+static_assert(sizeof(std::atomic<std::uint64_t>) == 8, "atomics must have the size of their value in shared memory");
+static_assert(offsetof(RingControl, tail) % 64 == 0 && offsetof(RingControl, head) % 64 == 0 &&
+                  offsetof(RingControl, head) - offsetof(RingControl, tail) >= 64,
+              "head and tail must be a cache line apart to prevent false sharing between the sides");
+static_assert(sizeof(RingControl) <= 4096, "the control block fits in the first page");
+
+struct RingOptions {
+  // Bytes in the data area. Larger rings absorb bursts without blocking but cost first-touch
+  // time at creation (the whole area is pre-faulted). Rounded up to a power of two >= 1 page.
+  std::size_t capacity = 1u << 20;
+  // Payloads above this travel out of band (0: capacity / 8). Smaller keeps the ring from being
+  // monopolised by a few large frames; larger saves the block hand-off for mid-size messages.
+  std::size_t inline_max = 0;
+};
+
+// The descriptors that make up a ring; pass all four to attach() in another process.
+struct RingHandles {
+  int memfd, tx, rx, event;
+};
+
+class Ring {
+ public:
+  enum class PutStatus { ok, full, fd_backpressure, too_large };
+
+  struct Piece {
+    const void* data;
+    std::size_t len;
+  };
+
+  // Receives a frame's payload under the consumer lock; must copy what it needs. May throw:
+  // the frame then stays in the ring.
+  class Sink {
+   public:
+    virtual void take(const proto::FrameHeader& h, const std::uint8_t* payload) = 0;
+
+   protected:
+    ~Sink() = default;
+  };
+
+  // Accounting done in the same critical section as the publish.
+  static constexpr unsigned kCountItem = 1;  // items += 1
+  static constexpr unsigned kCountTask = 2;  // unfinished += 1
+
+  static std::shared_ptr<Ring> create(const RingOptions& opts = {});
+  static std::shared_ptr<Ring> attach(UniqueFd memfd, UniqueFd tx, UniqueFd rx, UniqueFd event);
+
+  Ring(const Ring&) = delete;
+  Ring& operator=(const Ring&) = delete;
+
+  // -- producer side: any thread of any process ------------------------------------------------
+  // Publishes one frame gathered from pieces, with fds (sent, not consumed: the caller keeps
+  // ownership of its descriptors). Never waits for space: returns full / fd_backpressure.
+  PutStatus try_put(proto::Kind kind, std::uint8_t flags, const Piece* pieces, std::size_t npieces,
+                    const int* fds, std::size_t nfds, unsigned accounting = kCountItem);
+
+  // Publishes up to n frames without handles, one per piece, in one critical section (one lock,
+  // one wake-up). Returns how many were published (a prefix of pieces); the rest did not fit.
+  std::size_t try_put_many(proto::Kind kind, std::uint8_t flags, const Piece* payloads, std::size_t n,
+                           unsigned accounting = kCountItem);
+
+  // -- consumer side: any thread of any process ------------------------------------------------
+  // Takes up to max frames in one critical section; sink.take() sees each in order and fds get
+  // each frame's handles appended in order (header.nhandles tells how many). Returns the count.
+  std::size_t try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd>& fds);
+  // Takes the oldest frame: sink.take() copies its payload, its fds are appended to fds.
+  // Returns false if no frame is published. Throws ProtocolError on a corrupt record.
+  bool try_get(Sink& sink, std::vector<UniqueFd>& fds);
+
+  // -- waiting: any thread; none of these hold a lock -------------------------------------------
+  // Return when the condition may hold (callers re-check), on timeout, or when a signal arrives.
+  futex::WaitResult wait_data(std::int64_t timeout_ns);
+  futex::WaitResult wait_space(std::size_t record_bytes, std::int64_t timeout_ns);
+  futex::WaitResult wait_item_slot(std::int64_t maxsize, std::int64_t timeout_ns);
+  futex::WaitResult wait_all_done(std::int64_t timeout_ns);
+
+  // Approximate (racy by nature) state, for polls and qsize().
+  bool readable() const noexcept;
+  bool writable(std::size_t record_bytes) const noexcept;
+  std::int64_t items() const noexcept { return ctl_->items.load(std::memory_order_acquire); }
+  std::int64_t unfinished() const noexcept { return ctl_->unfinished.load(std::memory_order_acquire); }
+  std::uint64_t committed() const noexcept { return ctl_->committed.load(std::memory_order_relaxed); }
+  std::uint64_t consumed() const noexcept { return ctl_->consumed.load(std::memory_order_relaxed); }
+
+  // Queue accounting outside put/get (deferred puts count at acceptance, not at publish).
+  bool try_acquire_item(std::int64_t maxsize) noexcept;  // items += 1 if items < maxsize
+  void add_items(std::int64_t n) noexcept { ctl_->items.fetch_add(n, std::memory_order_acq_rel); }
+  void add_unfinished(std::int64_t n) noexcept { ctl_->unfinished.fetch_add(n, std::memory_order_acq_rel); }
+  // JoinableQueue.task_done: false if it was called more often than put.
+  bool task_done() noexcept;
+
+  // An eventfd that is readable whenever a frame is published and not yet taken (arms the
+  // producers' signalling on first call; before that, producers skip the syscall).
+  int readiness_fd();
+
+  std::size_t capacity() const noexcept { return capacity_; }
+  std::size_t inline_max() const noexcept { return inline_max_; }
+  static std::size_t record_size(std::size_t payload_len) noexcept {
+    return (proto::kHeaderSize + payload_len + 7) & ~std::size_t{7};
+  }
+  // For tests that simulate a process dying inside a critical section.
+  RingControl* control_for_testing() const noexcept { return ctl_; }
+  FdChannel& fd_channel_for_testing() noexcept { return fds_; }
+  RingHandles handles() const noexcept { return {seg_.fd(), fds_.tx_fd(), fds_.rx_fd(), event_.get()}; }
+
+ private:
+  Ring(Segment seg, FdChannel fds, UniqueFd event);
+  void notify_data(int n) noexcept;
+  void notify_space() noexcept;
+  void refresh_readiness() noexcept;
+
+  Segment seg_;
+  FdChannel fds_;
+  UniqueFd event_;
+  RingControl* ctl_ = nullptr;
+  std::uint8_t* data_ = nullptr;
+  std::size_t capacity_ = 0;
+  std::size_t mask_ = 0;
+  std::size_t inline_max_ = 0;
+};
+
+}  // namespace ringpool

@@ -1,0 +1,51 @@
+// Segment: an anonymous shared-memory file (memfd) and its mapping in this process.
+//
+// Why not boost::interprocess::shared_memory_object: it names every object in /dev/shm, and a
+// name outlives a SIGKILLed process. A memfd has no name: it is reachable only through inherited
+// or SCM_RIGHTS-passed descriptors and disappears with the last descriptor and mapping, so a
+// crash can never leak it. The mapping itself is a few lines of mmap; the ring needs one Boost
+// does not offer either: the data area mapped twice back to back, so a record that wraps around
+// the end of the ring is still one contiguous range (no split copies, no padding records).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "ringpool/fd.hpp"
+
+namespace ringpool {
+
+std::size_t page_size() noexcept;
+
+// A new memfd of `size` bytes (MFD_CLOEXEC; sealed against shrinking so a peer cannot SIGBUS us).
+UniqueFd create_memfd(const char* debug_name, std::size_t size);
+
+class Segment {
+ public:
+  Segment() = default;
+  // Maps [0, size) of fd. With mirror_offset > 0, [mirror_offset, size) is mapped a second time
+  // right after the first mapping, so base()+size .. base()+2*size-mirror_offset mirrors the tail.
+  // With populate, page tables are filled up front (MAP_POPULATE) so the hot path never faults.
+  Segment(UniqueFd fd, std::size_t size, std::size_t mirror_offset, bool populate);
+  Segment(Segment&&) noexcept;
+  Segment& operator=(Segment&&) noexcept;
+  Segment(const Segment&) = delete;
+  Segment& operator=(const Segment&) = delete;
+  ~Segment();
+
+  std::uint8_t* base() const noexcept { return base_; }
+  std::size_t size() const noexcept { return size_; }
+  int fd() const noexcept { return fd_.get(); }
+
+ private:
+  void unmap() noexcept;
+  UniqueFd fd_;
+  std::uint8_t* base_ = nullptr;
+  std::size_t size_ = 0;
+  std::size_t map_len_ = 0;
+};
+
+// Size of the file behind fd (fstat); throws SysError.
+std::size_t fd_size(int fd);
+
+}  // namespace ringpool

@@ -1,0 +1,338 @@
+#include "ringpool/ring.hpp"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <new>
+#include <string>
+
+#include "ringpool/error.hpp"
+
+namespace ringpool {
+
+namespace {
+
+// Holds a robust, process-shared mutex. If the previous owner died holding it (EOWNERDEAD), the
+// protected state is still consistent by construction (see ring.hpp): mark it so and go on.
+class RobustLock {
+ public:
+  explicit RobustLock(pthread_mutex_t* m) : m_(m) {
+    int r = ::pthread_mutex_lock(m_);
+    if (r == EOWNERDEAD) {
+      ::pthread_mutex_consistent(m_);
+    } else if (r != 0) {
+      throw SysError(r, "pthread_mutex_lock(ring)");
+    }
+  }
+  ~RobustLock() { ::pthread_mutex_unlock(m_); }
+  RobustLock(const RobustLock&) = delete;
+  RobustLock& operator=(const RobustLock&) = delete;
+
+ private:
+  pthread_mutex_t* m_;
+};
+
+void init_robust_mutex(pthread_mutex_t* m) {
+  pthread_mutexattr_t a;
+  ::pthread_mutexattr_init(&a);
+  ::pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+  ::pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+  int r = ::pthread_mutex_init(m, &a);
+  ::pthread_mutexattr_destroy(&a);
+  if (r != 0) throw SysError(r, "pthread_mutex_init(ring)");
+}
+
+std::size_t round_capacity(std::size_t c) {
+  std::size_t cap = page_size();
+  while (cap < c) cap <<= 1;
+  return cap;
+}
+
+void eventfd_signal(int fd) noexcept {
+  std::uint64_t one = 1;
+  ssize_t r;
+  do r = ::write(fd, &one, sizeof one);
+  while (r < 0 && errno == EINTR);
+}
+
+void eventfd_drain(int fd) noexcept {
+  std::uint64_t v;
+  ssize_t r;
+  do r = ::read(fd, &v, sizeof v);
+  while (r < 0 && errno == EINTR);
+}
+
+}  // namespace
+
+std::shared_ptr<Ring> Ring::create(const RingOptions& opts) {
+  const std::size_t cap = round_capacity(opts.capacity);
+  const std::size_t off = page_size();
+  UniqueFd memfd = create_memfd("ringpool-ring", off + cap);
+  // Pre-fault everything now: first touch of a page costs microseconds on these machines and
+  // must not land on the hot path.
+  Segment seg(std::move(memfd), off + cap, off, /*populate=*/true);
+  auto* ctl = new (seg.base()) RingControl{};
+  ctl->magic = kRingMagic;
+  ctl->layout_version = kRingLayoutVersion;
+  ctl->capacity = cap;
+  ctl->data_offset = off;
+  std::size_t inl = opts.inline_max != 0 ? opts.inline_max : cap / 8;
+  if (record_size(inl) > cap) inl = cap - proto::kHeaderSize - 8;
+  ctl->inline_max = inl;
+  init_robust_mutex(&ctl->prod_lock);
+  init_robust_mutex(&ctl->cons_lock);
+  ctl->next_seq.store(1, std::memory_order_relaxed);
+  UniqueFd ev(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!ev) throw_errno("eventfd");
+  return std::shared_ptr<Ring>(new Ring(std::move(seg), FdChannel::create(), std::move(ev)));
+}
+
+std::shared_ptr<Ring> Ring::attach(UniqueFd memfd, UniqueFd tx, UniqueFd rx, UniqueFd event) {
+  const std::size_t total = fd_size(memfd.get());
+  const std::size_t off = page_size();
+  if (total <= off) throw ProtocolError("not a ringpool ring segment (too small)");
+  // Read the control block through a private probe mapping before trusting its numbers.
+  RingControl probe{};
+  {
+    Segment head(dup_cloexec(memfd.get()), off, 0, false);
+    std::memcpy(static_cast<void*>(&probe), head.base(), offsetof(RingControl, reserved0));
+  }
+  if (probe.magic != kRingMagic) throw ProtocolError("not a ringpool ring segment (bad magic)");
+  if (probe.layout_version != kRingLayoutVersion) throw ProtocolError("ring segment has an unsupported layout version");
+  const std::size_t cap = probe.capacity;
+  if (probe.data_offset != off || cap == 0 || (cap & (cap - 1)) != 0 || off + cap != total)
+    throw ProtocolError("ring segment geometry does not match its size");
+  Segment seg(std::move(memfd), total, off, /*populate=*/true);
+  return std::shared_ptr<Ring>(new Ring(std::move(seg), FdChannel(std::move(tx), std::move(rx)), std::move(event)));
+}
+
+Ring::Ring(Segment seg, FdChannel fds, UniqueFd event)
+    : seg_(std::move(seg)), fds_(std::move(fds)), event_(std::move(event)) {
+  ctl_ = reinterpret_cast<RingControl*>(seg_.base());
+  capacity_ = ctl_->capacity;
+  mask_ = capacity_ - 1;
+  data_ = seg_.base() + ctl_->data_offset;
+  inline_max_ = ctl_->inline_max;
+}
+
+Ring::PutStatus Ring::try_put(proto::Kind kind, std::uint8_t flags, const Piece* pieces, std::size_t npieces,
+                              const int* fds, std::size_t nfds, unsigned accounting) {
+  std::size_t len = 0;
+  for (std::size_t i = 0; i < npieces; ++i) len += pieces[i].len;
+  const std::size_t rec = record_size(len);
+  if (rec > capacity_ || nfds > proto::kMaxHandles) return PutStatus::too_large;
+  {
+    RobustLock lock(&ctl_->prod_lock);
+    const std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);  // only written under this lock
+    // Acquire pairs with the consumer's release store of head after it copied a record out:
+    // the bytes we are about to overwrite are no longer being read.
+    const std::uint64_t h = ctl_->head.load(std::memory_order_acquire);
+    if (t + rec - h > capacity_) return PutStatus::full;
+    const std::uint64_t seq = ctl_->next_seq.load(std::memory_order_relaxed);
+    // Burn the sequence number before any fd leaves: if we die after sending, the next producer
+    // uses seq+1 and consumers drop our packets as orphans.
+    ctl_->next_seq.store(seq + 1, std::memory_order_relaxed);
+    if (nfds != 0 && fds_.send(seq, fds, nfds) == FdChannel::SendStatus::would_block)
+      return PutStatus::fd_backpressure;
+    std::uint8_t* p = data_ + (t & mask_);  // contiguous thanks to the mirror mapping
+    proto::FrameHeader hd = proto::make_header(kind, flags, len, seq, static_cast<std::uint32_t>(nfds));
+    std::memcpy(p, &hd, proto::kHeaderSize);
+    p += proto::kHeaderSize;
+    for (std::size_t i = 0; i < npieces; ++i) {
+      if (pieces[i].len != 0) std::memcpy(p, pieces[i].data, pieces[i].len);
+      p += pieces[i].len;
+    }
+    if (accounting & kCountItem) ctl_->items.fetch_add(1, std::memory_order_relaxed);
+    if (accounting & kCountTask) ctl_->unfinished.fetch_add(1, std::memory_order_relaxed);
+    ctl_->committed.store(ctl_->committed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    // The publish. Release pairs with the consumer's acquire load of tail: the record bytes (and
+    // the accounting above) are visible before the cursor that exposes them.
+    ctl_->tail.store(t + rec, std::memory_order_release);
+  }
+  notify_data(1);
+  return PutStatus::ok;
+}
+
+std::size_t Ring::try_put_many(proto::Kind kind, std::uint8_t flags, const Piece* payloads, std::size_t n,
+                               unsigned accounting) {
+  std::size_t done = 0;
+  {
+    RobustLock lock(&ctl_->prod_lock);
+    std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);
+    const std::uint64_t h = ctl_->head.load(std::memory_order_acquire);  // as in try_put
+    std::uint64_t seq = ctl_->next_seq.load(std::memory_order_relaxed);
+    for (; done < n; ++done) {
+      const std::size_t rec = record_size(payloads[done].len);
+      if (t + rec - h > capacity_) break;
+      std::uint8_t* p = data_ + (t & mask_);
+      proto::FrameHeader hd = proto::make_header(kind, flags, payloads[done].len, seq++, 0);
+      std::memcpy(p, &hd, proto::kHeaderSize);
+      if (payloads[done].len != 0) std::memcpy(p + proto::kHeaderSize, payloads[done].data, payloads[done].len);
+      t += rec;
+    }
+    if (done == 0) return 0;
+    ctl_->next_seq.store(seq, std::memory_order_relaxed);
+    if (accounting & kCountItem) ctl_->items.fetch_add(static_cast<std::int64_t>(done), std::memory_order_relaxed);
+    if (accounting & kCountTask) ctl_->unfinished.fetch_add(static_cast<std::int64_t>(done), std::memory_order_relaxed);
+    ctl_->committed.store(ctl_->committed.load(std::memory_order_relaxed) + done, std::memory_order_relaxed);
+    // One publish for the whole batch (release: pairs with the consumer's acquire of tail).
+    ctl_->tail.store(t, std::memory_order_release);
+  }
+  notify_data(static_cast<int>(done));
+  return done;
+}
+
+bool Ring::try_get(Sink& sink, std::vector<UniqueFd>& fds) { return try_get_many(sink, 1, fds) == 1; }
+
+std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd>& fds) {
+  std::size_t got = 0;
+  {
+    RobustLock lock(&ctl_->cons_lock);
+    std::uint64_t h = ctl_->head.load(std::memory_order_relaxed);  // only written under this lock
+    // Acquire pairs with the producer's release store of tail: the records are fully written.
+    const std::uint64_t t = ctl_->tail.load(std::memory_order_acquire);
+    while (got < max && h != t) {
+      const std::uint8_t* rec = data_ + (h & mask_);
+      proto::FrameHeader hd;
+      std::memcpy(&hd, rec, proto::kHeaderSize);
+      proto::DecodeError err = proto::check_header(hd, capacity_ - proto::kHeaderSize);
+      if (err != proto::DecodeError::ok)
+        throw ProtocolError("corrupt ring record: " + std::string(proto::to_string(err)));
+      const std::size_t rsize = record_size(hd.payload_len);
+      if (rsize > t - h) throw ProtocolError("corrupt ring record: runs past the published tail");
+      if (got != 0 && hd.nhandles != 0) break;  // hand over what we have; handles go one frame at a time
+      sink.take(hd, rec + proto::kHeaderSize);  // may throw: this record stays, earlier ones are taken
+      h += rsize;
+      ++got;
+      ctl_->items.fetch_sub(1, std::memory_order_relaxed);
+      ctl_->consumed.store(ctl_->consumed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+      // Release pairs with the producer's acquire load of head: we are done reading these bytes.
+      ctl_->head.store(h, std::memory_order_release);
+      // After the head moved: if we die here the packets are orphans the next consumer drops.
+      if (hd.nhandles != 0) {
+        fds_.recv(hd.seq, hd.nhandles, fds);
+        break;
+      }
+    }
+  }
+  if (got == 0) return 0;
+  notify_space();
+  if (ctl_->poll_armed.load(std::memory_order_relaxed) != 0) refresh_readiness();
+  return got;
+}
+
+void Ring::notify_data(int n) noexcept {
+  // Pairs with the seq_cst increment of data_waiters in wait_data (a Dekker pair): either we see
+  // the waiter and wake it, or the waiter's re-check after its increment sees our new tail.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (ctl_->data_waiters.load(std::memory_order_relaxed) != 0) {
+    ctl_->data_futex.fetch_add(1, std::memory_order_release);
+    futex::wake(&ctl_->data_futex, n);
+  }
+  if (ctl_->poll_armed.load(std::memory_order_relaxed) != 0 &&
+      ctl_->signaled.exchange(1, std::memory_order_seq_cst) == 0)
+    eventfd_signal(event_.get());
+}
+
+void Ring::notify_space() noexcept {
+  // Same Dekker pairing as notify_data, with space_waiters in wait_space / wait_item_slot.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (ctl_->space_waiters.load(std::memory_order_relaxed) != 0) {
+    ctl_->space_futex.fetch_add(1, std::memory_order_release);
+    futex::wake(&ctl_->space_futex, INT32_MAX);
+  }
+}
+
+void Ring::refresh_readiness() noexcept {
+  // Clear, drain, re-check: a producer that publishes after our re-check sees signaled == 0 and
+  // writes the eventfd itself; one that published before it is seen by the re-check. So the
+  // eventfd is never left empty while a frame is published (no false negatives).
+  if (readable()) return;
+  ctl_->signaled.store(0, std::memory_order_seq_cst);
+  eventfd_drain(event_.get());
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (readable()) {
+    ctl_->signaled.store(1, std::memory_order_seq_cst);
+    eventfd_signal(event_.get());
+  }
+}
+
+int Ring::readiness_fd() {
+  ctl_->poll_armed.store(1, std::memory_order_seq_cst);
+  // Frames published before producers saw poll_armed were not signalled: signal for them.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (readable() && ctl_->signaled.exchange(1, std::memory_order_seq_cst) == 0) eventfd_signal(event_.get());
+  return event_.get();
+}
+
+bool Ring::readable() const noexcept {
+  return ctl_->head.load(std::memory_order_acquire) != ctl_->tail.load(std::memory_order_acquire);
+}
+
+bool Ring::writable(std::size_t record_bytes) const noexcept {
+  const std::uint64_t t = ctl_->tail.load(std::memory_order_acquire);
+  const std::uint64_t h = ctl_->head.load(std::memory_order_acquire);
+  return t + record_bytes - h <= capacity_;
+}
+
+futex::WaitResult Ring::wait_data(std::int64_t timeout_ns) {
+  ctl_->data_waiters.fetch_add(1, std::memory_order_seq_cst);
+  const std::uint32_t v = ctl_->data_futex.load(std::memory_order_acquire);
+  futex::WaitResult r = futex::WaitResult::woken;
+  if (!readable()) r = futex::wait(&ctl_->data_futex, v, timeout_ns);
+  ctl_->data_waiters.fetch_sub(1, std::memory_order_relaxed);
+  return r;
+}
+
+futex::WaitResult Ring::wait_space(std::size_t record_bytes, std::int64_t timeout_ns) {
+  ctl_->space_waiters.fetch_add(1, std::memory_order_seq_cst);
+  const std::uint32_t v = ctl_->space_futex.load(std::memory_order_acquire);
+  futex::WaitResult r = futex::WaitResult::woken;
+  if (!writable(record_bytes)) r = futex::wait(&ctl_->space_futex, v, timeout_ns);
+  ctl_->space_waiters.fetch_sub(1, std::memory_order_relaxed);
+  return r;
+}
+
+futex::WaitResult Ring::wait_item_slot(std::int64_t maxsize, std::int64_t timeout_ns) {
+  ctl_->space_waiters.fetch_add(1, std::memory_order_seq_cst);
+  const std::uint32_t v = ctl_->space_futex.load(std::memory_order_acquire);
+  futex::WaitResult r = futex::WaitResult::woken;
+  if (items() >= maxsize) r = futex::wait(&ctl_->space_futex, v, timeout_ns);
+  ctl_->space_waiters.fetch_sub(1, std::memory_order_relaxed);
+  return r;
+}
+
+bool Ring::try_acquire_item(std::int64_t maxsize) noexcept {
+  std::int64_t c = ctl_->items.load(std::memory_order_relaxed);
+  while (c < maxsize)
+    if (ctl_->items.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) return true;
+  return false;
+}
+
+bool Ring::task_done() noexcept {
+  std::int64_t c = ctl_->unfinished.load(std::memory_order_relaxed);
+  do {
+    if (c <= 0) return false;
+  } while (!ctl_->unfinished.compare_exchange_weak(c, c - 1, std::memory_order_acq_rel));
+  if (c == 1) {
+    // Dekker pair with join_waiters in wait_all_done, as in notify_data.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (ctl_->join_waiters.load(std::memory_order_relaxed) != 0) {
+      ctl_->join_futex.fetch_add(1, std::memory_order_release);
+      futex::wake(&ctl_->join_futex, INT32_MAX);
+    }
+  }
+  return true;
+}
+
+futex::WaitResult Ring::wait_all_done(std::int64_t timeout_ns) {
+  ctl_->join_waiters.fetch_add(1, std::memory_order_seq_cst);
+  const std::uint32_t v = ctl_->join_futex.load(std::memory_order_acquire);
+  futex::WaitResult r = futex::WaitResult::woken;
+  if (unfinished() > 0) r = futex::wait(&ctl_->join_futex, v, timeout_ns);
+  ctl_->join_waiters.fetch_sub(1, std::memory_order_relaxed);
+  return r;
+}
+
+}  // namespace ringpool

@@ -1,0 +1,328 @@
+"""ringpool.Queue / JoinableQueue / SimpleQueue: stdlib semantics, sizes, batching, pickling."""
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import ringpool
+from ringpool import _core
+from conftest import children, fd_count
+
+
+def echo_child(q_in, q_out, n):
+    for _ in range(n):
+        q_out.put(q_in.get(timeout=30))
+
+
+def producer_child(q, start, n):
+    for i in range(start, start + n):
+        q.put(i)
+
+
+# -- stdlib API -------------------------------------------------------------------------------
+
+def test_fifo_and_exceptions():
+    q = ringpool.Queue()
+    assert q.empty() and q.qsize() == 0
+    for i in range(100):
+        q.put(i)
+    assert q.qsize() == 100 and not q.empty()
+    assert [q.get() for _ in range(100)] == list(range(100))
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    with pytest.raises(queue.Empty):
+        q.get(False)
+    t0 = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
+    assert 0.15 <= time.monotonic() - t0 < 2.0
+
+
+def test_maxsize_full_and_timeout():
+    q = ringpool.Queue(maxsize=2)
+    q.put(1)
+    q.put_nowait(2)
+    assert q.full()
+    with pytest.raises(queue.Full):
+        q.put_nowait(3)
+    t0 = time.monotonic()
+    with pytest.raises(queue.Full):
+        q.put(3, timeout=0.2)
+    assert time.monotonic() - t0 >= 0.15
+    assert q.get() == 1
+    q.put(3)
+    assert [q.get(), q.get()] == [2, 3]
+    assert not q.full()
+
+
+def test_put_blocks_until_a_consumer_frees_a_slot():
+    q = ringpool.Queue(maxsize=1)
+    q.put("a")
+    threading.Timer(0.2, q.get).start()
+    t0 = time.monotonic()
+    q.put("b", timeout=10)
+    assert time.monotonic() - t0 >= 0.1
+    assert q.get(timeout=5) == "b"
+
+
+def test_close_semantics():
+    q = ringpool.Queue()
+    q.put(1)
+    with pytest.raises(AssertionError):
+        q.join_thread()
+    q.close()
+    with pytest.raises(ValueError):
+        q.put(2)
+    with pytest.raises(ValueError):
+        q.get()
+    q.join_thread()  # returns: nothing buffered
+    q.cancel_join_thread()
+
+
+def test_joinable_queue_task_done_and_join():
+    q = ringpool.JoinableQueue()
+    for i in range(5):
+        q.put(i)
+    done = threading.Event()
+
+    def joiner():
+        q.join()
+        done.set()
+
+    t = threading.Thread(target=joiner)
+    t.start()
+    for _ in range(5):
+        q.get()
+        assert not done.is_set()
+        q.task_done()
+    assert done.wait(10)
+    t.join(10)
+    with pytest.raises(ValueError):
+        q.task_done()
+
+
+def test_joinable_queue_across_processes():
+    q = ringpool.JoinableQueue()
+    out = ringpool.Queue()
+    ctx = mp.get_context("fork")
+    with children() as procs:
+        p = ctx.Process(target=_task_worker, args=(q, out, 50))
+        p.start()
+        procs.append(p)
+        for i in range(50):
+            q.put(i)
+        q.join()  # returns only after the worker's 50 task_done calls
+        assert sorted(out.get(timeout=10) for _ in range(50)) == [i * i for i in range(50)]
+
+
+def _task_worker(q, out, n):
+    for _ in range(n):
+        x = q.get(timeout=30)
+        out.put(x * x)
+        q.task_done()
+
+
+def test_unpicklable_raises_in_put_and_queue_stays_usable():
+    q = ringpool.Queue()
+    with pytest.raises((TypeError, pickle.PicklingError, AttributeError)):
+        q.put(lambda: None)
+    with pytest.raises(TypeError):
+        q.put(threading.Lock())
+    q.put("fine")
+    assert q.get(timeout=5) == "fine"
+    assert q.qsize() == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 4096])
+def test_bytes_sizes_roundtrip(size):
+    q = ringpool.Queue()
+    data = os.urandom(size)
+    q.put(data)
+    assert q.get(timeout=5) == data
+
+
+def test_sizes_around_capacity():
+    cap = 64 * 1024
+    q = ringpool.Queue(capacity=cap)
+    r, w = ringpool.Pipe(duplex=False, capacity=cap)
+    for size in (0, 1, cap - 1, cap, 10 * cap):
+        data = os.urandom(size)
+        q.put(data)
+        assert q.get(timeout=10) == data
+        w.send_bytes(data)
+        assert r.recv_bytes() == data
+
+
+def test_self_fill_beyond_capacity_never_deadlocks():
+    # A process may fill its own queue far beyond the ring before reading it.
+    q = ringpool.Queue(capacity=4096)
+    n = 20000
+    for i in range(n):
+        q.put(i)
+    assert q.qsize() == n
+    assert [q.get(timeout=10) for _ in range(n)] == list(range(n))
+    q.close()
+    q.join_thread()
+
+
+def test_pending_items_flush_at_exit_unless_cancelled():
+    ctx = mp.get_context("fork")
+    q = ringpool.Queue(capacity=4096)
+    with children() as procs:
+        p = ctx.Process(target=producer_child, args=(q, 0, 3000))  # far more than 4 KiB of frames
+        p.start()
+        procs.append(p)
+        got = [q.get(timeout=30) for _ in range(3000)]
+    assert got == list(range(3000))
+    assert p.exitcode == 0
+
+
+def _fill_and_cancel(q):
+    for i in range(3000):
+        q.put(i)
+    q.cancel_join_thread()
+
+
+def test_cancel_join_thread_lets_a_child_exit_with_unsent_data():
+    ctx = mp.get_context("fork")
+    q = ringpool.Queue(capacity=4096)
+    p = ctx.Process(target=_fill_and_cancel, args=(q,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    # What reached the ring is intact and in order.
+    got = []
+    while True:
+        try:
+            got.append(q.get(timeout=0.2))
+        except queue.Empty:
+            break
+    assert got == list(range(len(got))) and 0 < len(got) < 3000
+
+
+def test_put_many_get_many_batches():
+    q = ringpool.Queue(capacity=8192)
+    items = [(i, "x" * (i % 50)) for i in range(5000)]
+    q.put_many(items)
+    got = []
+    while len(got) < len(items):
+        batch = q.get_many(300, timeout=10)
+        assert 1 <= len(batch) <= 300
+        got.extend(batch)
+    assert got == items
+    with pytest.raises(queue.Empty):
+        q.get_many(10, timeout=0.05)
+
+
+def test_put_many_mixes_plain_and_special_items_in_order():
+    q = ringpool.Queue()
+    arr = np.arange(100000, dtype=np.int64)
+    items = [1, arr, "two", b"x" * 300000, 3]
+    q.put_many(items)
+    got = [q.get(timeout=5) for _ in items]
+    assert got[0] == 1 and got[2] == "two" and got[3] == items[3] and got[4] == 3
+    assert np.array_equal(got[1], arr)
+
+
+def test_numpy_out_of_band_is_zero_copy_and_recycled():
+    q = ringpool.Queue()
+    a = np.random.default_rng(0).random((4 << 20) // 8)
+    q.put(a)
+    b = q.get(timeout=5)
+    assert np.array_equal(a, b) and b.flags.writeable
+    b[0] = 42.0  # writable, owned by us until dropped
+    del b
+    before = _core.block_pool_bytes()
+    for _ in range(20):
+        q.put(a)
+        c = q.get(timeout=5)
+        assert c[123] == a[123]
+        del c
+    assert _core.block_pool_bytes() == before  # the same block every time
+
+
+# -- pickling into children of every start method -------------------------------------------
+
+def test_queue_pickles_into_children(start_method):
+    q_in, q_out = ringpool.Queue(), ringpool.Queue()
+    with children() as procs:
+        p = start_method.Process(target=echo_child, args=(q_in, q_out, 3))
+        p.start()
+        procs.append(p)
+        for x in ("a", [1, 2], {"k": b"v"}):
+            q_in.put(x)
+            assert q_out.get(timeout=30) == x
+    assert p.exitcode == 0
+
+
+def test_queue_refuses_to_pickle_outside_process_start():
+    with pytest.raises(RuntimeError):
+        pickle.dumps(ringpool.Queue())
+    with pytest.raises(RuntimeError):
+        pickle.dumps(ringpool.SimpleQueue())
+
+
+# -- SimpleQueue as the stdlib Pool / ProcessPoolExecutor use it ----------------------------
+
+def test_simple_queue_reader_writer_interoperate():
+    q = ringpool.SimpleQueue()
+    q.put(("put", 1))
+    assert q._reader.recv() == ("put", 1)
+    q._writer.send(("send", 2))
+    assert q.get() == ("send", 2)
+    q._writer.send_bytes(pickle.dumps("raw"))
+    assert q.get() == "raw"
+    q.put({"x": 3})
+    assert pickle.loads(q._reader.recv_bytes()) == {"x": 3}
+    assert q.empty() and not q._reader.poll()
+    q.put(4)
+    assert q._reader.poll(0.5)
+    assert q._rlock.acquire(timeout=1)
+    q._rlock.release()
+    assert q.get() == 4
+    q.close()
+
+
+def test_readiness_fd_works_with_connection_wait():
+    q = ringpool.SimpleQueue()
+    assert multiprocessing.connection.wait([q._reader], timeout=0.05) == []
+    threading.Timer(0.1, q.put, args=("x",)).start()
+    ready = multiprocessing.connection.wait([q._reader], timeout=10)
+    assert ready == [q._reader]
+    assert q.get() == "x"
+    assert multiprocessing.connection.wait([q._reader], timeout=0.05) == []  # not stale
+
+
+def test_queue_in_child_keeps_fds_stable():
+    q = ringpool.Queue()
+    before = fd_count()
+    for i in range(1000):
+        q.put(i)
+        q.get(timeout=5)
+    assert fd_count() <= before + 2
+
+
+def _sq_worker(q_in, q_out):
+    while True:
+        x = q_in.get()
+        if x is None:
+            break
+        q_out.put(x + 1)
+
+
+def test_simple_queue_across_processes(start_method):
+    a, b = ringpool.SimpleQueue(), ringpool.SimpleQueue()
+    with children() as procs:
+        p = start_method.Process(target=_sq_worker, args=(a, b))
+        p.start()
+        procs.append(p)
+        for i in range(100):
+            a.put(i)
+        assert sorted(b.get() for _ in range(100)) == list(range(1, 101))
+        a.put(None)
