@@ -7,15 +7,16 @@ child-process roles, so the only difference between two rows is the transport):
 1. Small messages: the tuple ``(123456, 3.14, 'abcdefgh' * 4)`` (about 63 B pickled), 1->1 (one
    producer process, one consumer process) and 4->1 (four producers, one consumer), in msgs/s.
    ringpool's Queue is also run with ``put_many``/``get_many`` batches. Producers send a warm-up
-   share first, which the consumer drains; then every process meets at a barrier, the consumer
-   starts its clock when the barrier releases and stops it on the last message. The consumer
-   must receive exactly producers * N messages (blocking receives; a deadline turns a lost
-   message into a failed scenario), and nothing more (a short poll afterwards).
+   share first, which the consumer drains; then every process meets at a barrier. The window
+   runs from the first process leaving the barrier to the consumer's last receive
+   (``perf_counter`` is CLOCK_MONOTONIC, one clock for all processes). The consumer must receive
+   exactly producers * N messages (blocking receives; a deadline turns a lost message into a
+   failed row), and nothing more (a short poll afterwards).
 2. numpy float32 arrays of 1, 16 and 64 MiB, 1->1, in GB/s (10^9 payload bytes per second). Each
    message is ``(seq, array)``; the consumer checks seq, shape, dtype and two sample elements,
    then drops the array before the next receive (so ringpool's shared-memory blocks recycle).
-   A few warm-up messages per size run before the barrier (the first ones allocate and fault
-   shared memory).
+   Warm-up messages run before the barrier (the first ones allocate and fault shared memory);
+   the window is measured as for small messages.
 3. Ping-pong round-trip latency between two processes (median and p99, microseconds), a 1-byte
    payload (pickled ``b'x'`` for send/recv, raw for send_bytes and os.pipe). Every round trip is
    timed on its own with ``perf_counter_ns``.
@@ -23,15 +24,18 @@ child-process roles, so the only difference between two rows is the transport):
    small tuple (msgs/s), and single-thread memcpy bandwidth (``np.copyto`` between two
    pre-faulted 64 MiB arrays, GB/s).
 
-Throughput numbers are the median of 3 repetitions (1 with --quick), each repetition with fresh
-processes and a fresh transport; the JSON keeps every repetition. The ratio section checks the
-targets (PASS/FAIL). Processes use the "fork" start method. Every child runs under a deadline
-(SIGALRM in the child, join/terminate/kill in the parent): a hang, an exception or a wrong count
-marks that scenario failed and the run goes on.
+Every row is the median of 3 runs (1 with --quick), each with fresh processes and a fresh
+transport; the runs of a section are interleaved (run 1 of every row, then run 2, ...) so that the
+drift of a shared machine touches every row alike. The JSON keeps every run. Each row also shows
+how much CPU the benchmark did not get meanwhile ("other load": other processes plus hypervisor
+steal, from /proc/stat), because on a small shared VM that decides more than anything else. The
+ratio section checks the targets (PASS/FAIL). Processes use the "fork" start method. Every child
+runs under a deadline (SIGALRM in the child, join/terminate/kill in the parent): a hang, an
+exception or a wrong count marks that row failed and the run goes on.
 
 Run (from the repository root; the extension must be built in bindings/ringpool):
 
-    /usr/bin/python3 benchmarks/bench_transport.py            # ~2-3 minutes
+    /usr/bin/python3 benchmarks/bench_transport.py            # about 1.5-3 minutes
     /usr/bin/python3 benchmarks/bench_transport.py --quick    # smoke test, well under a minute
     ... [--json PATH] [--markdown PATH]
 
@@ -81,24 +85,24 @@ MiB = 1 << 20
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Config:
-    reps: int               # repetitions of each throughput scenario (median reported)
+    reps: int               # runs of each row (the median is reported)
     small_msgs: int         # small messages per run, all producers together (scaled per transport)
     batch: int              # put_many/get_many batch size
-    array_bytes: int        # payload bytes per array run (messages = array_bytes // size)
+    array_bytes: int        # payload bytes per array run (messages = array_bytes // size, scaled)
     array_min_msgs: int     # ... but at least this many messages per run
     array_warmup: int       # warm-up messages per array run
-    pingpong_rounds: int    # timed round trips
+    pingpong_rounds: int    # timed round trips per run
     pingpong_warmup: int
     budget: float           # seconds before a scenario's processes are declared hung
     pickle_iters: int
     memcpy_iters: int
 
 
-DEFAULT = Config(reps=3, small_msgs=400_000, batch=256, array_bytes=512 * MiB, array_min_msgs=8,
-                 array_warmup=3, pingpong_rounds=20_000, pingpong_warmup=1_000, budget=45.0,
+DEFAULT = Config(reps=3, small_msgs=150_000, batch=256, array_bytes=1024 * MiB, array_min_msgs=4,
+                 array_warmup=4, pingpong_rounds=10_000, pingpong_warmup=1_000, budget=45.0,
                  pickle_iters=300_000, memcpy_iters=20)
-QUICK = Config(reps=1, small_msgs=40_000, batch=256, array_bytes=64 * MiB, array_min_msgs=2,
-               array_warmup=1, pingpong_rounds=2_000, pingpong_warmup=200, budget=15.0,
+QUICK = Config(reps=1, small_msgs=30_000, batch=256, array_bytes=128 * MiB, array_min_msgs=2,
+               array_warmup=2, pingpong_rounds=2_000, pingpong_warmup=200, budget=15.0,
                pickle_iters=50_000, memcpy_iters=5)
 
 ARRAY_SIZES = (1 * MiB, 16 * MiB, 64 * MiB)
@@ -110,7 +114,8 @@ ARRAY_SIZES = (1 * MiB, 16 * MiB, 64 * MiB)
 class Endpoint:
     """One end of a one-way channel (or of a duplex link), as bound methods.
 
-    Bound methods of the real objects, not wrappers, so no transport pays for an extra call.
+    Bound methods of the real objects, not wrappers, so no transport pays for an extra call
+    (except os.pipe's send, a lambda, in a scenario measured in microseconds).
     """
 
     __slots__ = ("send", "recv", "send_many", "recv_many", "poll")
@@ -133,15 +138,21 @@ class Transport:
 
     name = "?"
     family = "?"           # "ringpool", "stdlib" or "os"
+    one_channel = False    # a queue: duplex() is a pair of them
     multi_producer = True  # may several processes send on one channel?
     batch = 0              # > 0: producers use send_many, the consumer recv_many(batch)
-    count_scale = 1.0      # small-message count relative to Config.small_msgs (keeps runs ~1 s)
+    count_scale = 1.0      # message counts relative to the Config (slow transports send fewer,
+    array_scale = 1.0      # so every run takes about a second)
 
     def __init__(self):
         self._closers = []
 
     def channel(self):
         raise NotImplementedError
+
+    @property
+    def pair_name(self):
+        return f"{self.name} pair" if self.one_channel else self.name
 
     def duplex(self):
         a_tx, b_rx = self.channel()
@@ -193,13 +204,13 @@ def _duplex_pipe_endpoints(c1, c2, raw):
 
 
 class RingpoolQueue(Transport):
-    family = "ringpool"
+    family, one_channel = "ringpool", True
 
     def __init__(self, batch=0):
         super().__init__()
         self.batch = batch
         self.name = f"ringpool.Queue put_many/get_many({batch})" if batch else "ringpool.Queue"
-        self.count_scale = 4.0 if batch else 1.0
+        self.count_scale = 2.0 if batch else 1.0
 
     def channel(self):
         q = ringpool.Queue()
@@ -208,7 +219,7 @@ class RingpoolQueue(Transport):
 
 
 class RingpoolSimpleQueue(Transport):
-    name, family = "ringpool.SimpleQueue", "ringpool"
+    name, family, one_channel = "ringpool.SimpleQueue", "ringpool", True
 
     def channel(self):
         q = ringpool.SimpleQueue()
@@ -236,7 +247,8 @@ class RingpoolPipe(Transport):
 
 
 class StdlibQueue(Transport):
-    name, family, count_scale = "mp.Queue", "stdlib", 0.25
+    name, family, one_channel = "mp.Queue", "stdlib", True
+    count_scale, array_scale = 0.4, 0.25
 
     def channel(self):
         q = CTX.Queue()
@@ -245,7 +257,8 @@ class StdlibQueue(Transport):
 
 
 class StdlibSimpleQueue(Transport):
-    name, family, count_scale = "mp.SimpleQueue", "stdlib", 0.25
+    name, family, one_channel = "mp.SimpleQueue", "stdlib", True
+    count_scale, array_scale = 0.4, 0.25
 
     def channel(self):
         q = CTX.SimpleQueue()
@@ -254,7 +267,7 @@ class StdlibSimpleQueue(Transport):
 
 
 class StdlibPipe(Transport):
-    family, multi_producer, count_scale = "stdlib", False, 0.5
+    family, multi_producer, count_scale, array_scale = "stdlib", False, 0.5, 0.25
 
     def __init__(self, raw=False):
         super().__init__()
@@ -330,15 +343,35 @@ def _child_main(report, role, args, budget):
         report.close()
 
 
+def _machine_busy_seconds():
+    """CPU seconds since boot that no process of ours could use: all processes' busy time plus the
+    hypervisor's steal time (this VM's vCPUs waiting for a physical core)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_busy_seconds():
+    """CPU seconds of this process and its reaped children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclasses.dataclass
+class Run:
+    values: list        # what each role returned, in order
+    other_cores: float  # average CPU the benchmark did not get meanwhile: other processes + steal
+
+
 def run_roles(roles, budget):
     """Starts one child per (name, role, args), waits for every report, reaps every child.
 
-    Returns the reported values in order. Raises ScenarioFailed (after terminating every child)
-    if a child reports an error, dies without reporting, or the budget runs out.
+    Returns a Run. Raises ScenarioFailed (after terminating every child) if a child reports an
+    error, dies without reporting, or the budget runs out.
     """
-    procs, readers = [], {}
-    errors = []
-    results = [None] * len(roles)
+    procs, readers, errors = [], {}, []
+    values = [None] * len(roles)
+    t0, busy0, own0 = time.monotonic(), _machine_busy_seconds(), _own_busy_seconds()
     try:
         for i, (name, role, args) in enumerate(roles):
             r, w = CTX.Pipe(duplex=False)
@@ -361,32 +394,35 @@ def run_roles(roles, budget):
                     status, value = "error", f"died without a report (exit code {procs[i].exitcode})"
                 r.close()
                 if status == "ok":
-                    results[i] = value
+                    values[i] = value
                 else:
                     errors.append(f"{roles[i][0]}: {value}")
         for r, i in readers.items():
             errors.append(f"{roles[i][0]}: no report within {budget:.0f} s (hung)")
             r.close()
         for p in procs:  # normal exit: stdlib queues flush their feeder threads here
-            p.join(max(0.5, deadline - time.monotonic()) if not errors else 0.5)
+            p.join(0.5 if errors else max(0.5, deadline - time.monotonic()))
     finally:
         for p in procs:
             if p.is_alive():
-                errors.append(f"{p.name}: still alive after its report, terminated")
+                errors.append(f"{p.name}: did not exit after reporting, terminated")
                 p.terminate()
                 p.join(2.0)
             if p.is_alive():
                 p.kill()
                 p.join()
-            if p.exitcode not in (0, None, -signal.SIGTERM, -signal.SIGKILL) and not errors:
+            if p.exitcode not in (0, -signal.SIGTERM, -signal.SIGKILL) and not errors:
                 errors.append(f"{p.name}: exit code {p.exitcode}")
     if errors:
         raise ScenarioFailed("; ".join(errors))
-    return results
+    wall = time.monotonic() - t0
+    other = max(0.0, (_machine_busy_seconds() - busy0) - (_own_busy_seconds() - own0)) / wall
+    return Run(values, other)
 
 
 # --------------------------------------------------------------------------------------------
-# Roles (run in child processes)
+# Roles (run in child processes). Clocks: time.perf_counter is CLOCK_MONOTONIC, one clock for
+# every process, so a window can start in one process and end in another.
 # --------------------------------------------------------------------------------------------
 def _receive_exactly(ep, n, batch):
     """Blocking receives of exactly n messages; returns (received, first, last)."""
@@ -427,22 +463,24 @@ def _send_n(ep, n, batch):
 def small_producer(tx, n, warmup, batch, barrier, budget):
     _send_n(tx, warmup, batch)
     barrier.wait(budget)
+    start = time.perf_counter()
     _send_n(tx, n, batch)
+    return start
 
 
 def small_consumer(rx, n, warmup, batch, barrier, budget):
     _receive_exactly(rx, warmup, batch)
     barrier.wait(budget)
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     got, first, last = _receive_exactly(rx, n, batch)
-    seconds = time.perf_counter() - t0
+    end = time.perf_counter()
     if got != n:
         raise ScenarioFailed(f"received {got} messages, expected {n}")
     if first != SMALL_MSG or last != SMALL_MSG:
         raise ScenarioFailed(f"corrupted message: first={first!r} last={last!r}")
     if rx.poll(0.05):
         raise ScenarioFailed(f"more than the {n} messages sent arrived")
-    return seconds
+    return start, end
 
 
 def _make_array(nbytes):
@@ -456,8 +494,10 @@ def array_producer(tx, nbytes, n, warmup, barrier, budget):
     for seq in range(warmup):
         send((seq, a))
     barrier.wait(budget)
+    start = time.perf_counter()
     for seq in range(warmup, warmup + n):
         send((seq, a))
+    return start
 
 
 def _check_array(item, seq, nelem):
@@ -476,7 +516,7 @@ def array_consumer(rx, nbytes, n, warmup, barrier, budget):
         _check_array(item, seq, nelem)
         del item  # release the shared-memory block before the next receive
     barrier.wait(budget)
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     seq = warmup
     try:
         for seq in range(warmup, warmup + n):
@@ -485,10 +525,10 @@ def array_consumer(rx, nbytes, n, warmup, barrier, budget):
             del item
     except Deadline:
         raise Deadline(f"deadline reached after {seq - warmup} of {n} arrays") from None
-    seconds = time.perf_counter() - t0
+    end = time.perf_counter()
     if rx.poll(0.05):
         raise ScenarioFailed(f"more than the {n + warmup} arrays sent arrived")
-    return seconds
+    return start, end
 
 
 def pinger(ep, rounds, warmup, barrier, budget):
@@ -502,6 +542,7 @@ def pinger(ep, rounds, warmup, barrier, budget):
     barrier.wait(budget)
     clock = time.perf_counter_ns
     samples = [0] * rounds
+    i = 0
     try:
         for i in range(rounds):
             t = clock()
@@ -510,9 +551,7 @@ def pinger(ep, rounds, warmup, barrier, budget):
             samples[i] = clock() - t
     except Deadline:
         raise Deadline(f"deadline reached after {i} of {rounds} round trips") from None
-    ns = np.array(samples, dtype=np.float64)
-    return {"median_us": float(np.median(ns)) / 1e3, "p99_us": float(np.percentile(ns, 99)) / 1e3,
-            "min_us": float(ns.min()) / 1e3, "mean_us": float(ns.mean()) / 1e3}
+    return samples
 
 
 def ponger(ep, rounds, warmup, barrier, budget):
@@ -525,70 +564,106 @@ def ponger(ep, rounds, warmup, barrier, budget):
 
 
 # --------------------------------------------------------------------------------------------
-# Scenarios (run in the parent)
+# Scenarios (run in the parent): one run = fresh transport, fresh processes
 # --------------------------------------------------------------------------------------------
 def _round_to(n, k):
     return max(k, n // k * k)
 
 
+def _window(run):
+    """Seconds from the first process leaving the start barrier to the consumer's last receive."""
+    consumer, *producers = run.values
+    return consumer[1] - min([consumer[0], *producers])
+
+
 def small_run(transport, producers, cfg):
-    """One run of the small-message scenario; returns msgs/s and the message count."""
+    """One run of the small-message scenario: msgs/s."""
     batch = transport.batch
     unit = batch or 1
     per_producer = _round_to(int(cfg.small_msgs * transport.count_scale) // producers, unit)
     warmup = _round_to(per_producer // 20, unit)
+    total = per_producer * producers
     tx, rx = transport.channel()
     barrier = CTX.Barrier(producers + 1)
     try:
-        roles = [("consumer", small_consumer, (rx, per_producer * producers, warmup * producers, batch, barrier, cfg.budget))]
+        roles = [("consumer", small_consumer, (rx, total, warmup * producers, batch, barrier, cfg.budget))]
         roles += [(f"producer-{i}", small_producer, (tx, per_producer, warmup, batch, barrier, cfg.budget))
                   for i in range(producers)]
-        seconds = run_roles(roles, cfg.budget)[0]
+        run = run_roles(roles, cfg.budget)
     finally:
         transport.close()
-    return {"value": per_producer * producers / seconds, "messages": per_producer * producers, "seconds": seconds}
+    seconds = _window(run)
+    return {"value": total / seconds, "messages": total, "seconds": seconds, "other_cores": run.other_cores}
 
 
 def array_run(transport, nbytes, cfg):
-    n = max(cfg.array_min_msgs, cfg.array_bytes // nbytes)
+    """One run of the array scenario: GB/s of array payload."""
+    n = max(cfg.array_min_msgs, int(cfg.array_bytes * transport.array_scale) // nbytes)
     tx, rx = transport.channel()
     barrier = CTX.Barrier(2)
     try:
-        seconds = run_roles([("consumer", array_consumer, (rx, nbytes, n, cfg.array_warmup, barrier, cfg.budget)),
-                             ("producer", array_producer, (tx, nbytes, n, cfg.array_warmup, barrier, cfg.budget))],
-                            cfg.budget)[0]
+        run = run_roles([("consumer", array_consumer, (rx, nbytes, n, cfg.array_warmup, barrier, cfg.budget)),
+                         ("producer", array_producer, (tx, nbytes, n, cfg.array_warmup, barrier, cfg.budget))],
+                        cfg.budget)
     finally:
         transport.close()
-    return {"value": n * nbytes / seconds / 1e9, "messages": n, "seconds": seconds}
+    seconds = _window(run)
+    return {"value": n * nbytes / seconds / 1e9, "messages": n, "seconds": seconds, "other_cores": run.other_cores}
 
 
 def pingpong_run(transport, cfg):
+    """One ping-pong run: round-trip statistics in microseconds."""
     a, b = transport.duplex()
     barrier = CTX.Barrier(2)
     try:
-        stats = run_roles([("pinger", pinger, (a, cfg.pingpong_rounds, cfg.pingpong_warmup, barrier, cfg.budget)),
-                           ("ponger", ponger, (b, cfg.pingpong_rounds, cfg.pingpong_warmup, barrier, cfg.budget))],
-                          cfg.budget)[0]
+        run = run_roles([("pinger", pinger, (a, cfg.pingpong_rounds, cfg.pingpong_warmup, barrier, cfg.budget)),
+                         ("ponger", ponger, (b, cfg.pingpong_rounds, cfg.pingpong_warmup, barrier, cfg.budget))],
+                        cfg.budget)
     finally:
         transport.close()
-    return dict(stats, rounds=cfg.pingpong_rounds)
+    us = np.array(run.values[0], dtype=np.float64) / 1e3
+    return {"value": float(np.median(us)), "p99_us": float(np.percentile(us, 99)), "min_us": float(us.min()),
+            "messages": len(us), "seconds": float(us.sum()) / 1e6, "other_cores": run.other_cores}
 
 
-def repeated(run, reps, label, unit):
-    """Runs `run()` reps times; the median of 'value' is the result. Stops at the first failure."""
-    runs = []
+@dataclasses.dataclass
+class Case:
+    """One row of a section: a transport in one configuration, measured reps times."""
+    label: str
+    run: object  # () -> {"value", "messages", "seconds", "other_cores", ...}
+    row: dict    # what identifies the row in the report (transport, pattern, size...)
+
+
+def sweep(cases, reps, unit):
+    """Runs every case reps times, interleaved (rep 1 of every case, then rep 2, ...) so that a
+    slow drift of the machine touches every row alike. Returns one row per case: the median of
+    the runs' values with min/max, or the error of the first failed run (no more runs then)."""
+    runs = {id(c): [] for c in cases}
+    errors = {}
     for rep in range(reps):
-        try:
-            r = run()
-        except ScenarioFailed as e:
-            log(f"  {label}: rep {rep + 1}/{reps} FAILED: {e}")
-            return {"error": str(e), "runs": runs}
-        runs.append(r)
-        log(f"  {label}: rep {rep + 1}/{reps}: {r['value']:,.3f} {unit} ({r['messages']} msgs, {r['seconds']:.2f} s)")
-        gc.collect()
-    values = [r["value"] for r in runs]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "messages": runs[0]["messages"], "runs": runs}
+        for c in cases:
+            if id(c) in errors:
+                continue
+            try:
+                r = c.run()
+            except ScenarioFailed as e:
+                errors[id(c)] = str(e)
+                log(f"  {c.label}: run {rep + 1}/{reps} FAILED: {e}")
+                continue
+            runs[id(c)].append(r)
+            log(f"  {c.label}: run {rep + 1}/{reps}: {r['value']:,.3f} {unit} "
+                f"({r['messages']} msgs, {r['seconds']:.3f} s; other load {r['other_cores']:.2f} cores)")
+            gc.collect()
+    rows = []
+    for c in cases:
+        rs = runs[id(c)]
+        if id(c) in errors:
+            rows.append(dict(c.row, error=errors[id(c)], runs=rs))
+            continue
+        values = [r["value"] for r in rs]
+        rows.append(dict(c.row, median=statistics.median(values), min=min(values), max=max(values),
+                         messages=rs[0]["messages"], other_cores=max(r["other_cores"] for r in rs), runs=rs))
+    return rows
 
 
 def measure_pickle_rate(cfg, reps):
@@ -624,8 +699,7 @@ def log(msg):
 
 
 def machine_info():
-    cpu = "?"
-    mem_kib = 0
+    cpu, mem_kib = "?", 0
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
@@ -651,119 +725,132 @@ def machine_info():
 
 
 def _find(rows, **match):
-    for r in rows:
-        if all(r.get(k) == v for k, v in match.items()):
-            return r
-    return None
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _ok(row):
+    return row is not None and "error" not in row
 
 
 def evaluate_targets(res):
-    """The ratio targets: (description, measured, threshold, passed or None if not measurable)."""
+    """The ratio targets, each {target, measured, threshold, passed}."""
     small, arrays, lat, lim = res["small"], res["arrays"], res["latency"], res["limits"]
     out = []
 
-    def value(row, key="median"):
-        return None if row is None or "error" in row else row[key]
-
-    def add(desc, measured, threshold, higher_is_better=True, fmt="{:.2f}x"):
-        if measured is None:
-            out.append({"target": desc, "measured": "n/a (scenario failed)", "threshold": threshold[1], "passed": False})
+    def add(desc, num, den, threshold, label, fmt="{:.2f}x", higher_is_better=True):
+        if num is None or den is None:
+            out.append({"target": desc, "measured": "n/a (scenario failed)", "threshold": label, "passed": False})
             return
-        ok = measured >= threshold[0] if higher_is_better else measured <= threshold[0]
-        out.append({"target": desc, "measured": fmt.format(measured), "value": measured,
-                    "threshold": threshold[1], "passed": ok})
+        ratio = num / den
+        passed = ratio >= threshold if higher_is_better else ratio <= threshold
+        out.append({"target": desc, "measured": fmt.format(ratio), "value": ratio, "threshold": label, "passed": passed})
 
-    def ratio(a, b):
-        return None if a is None or b is None or b == 0 else a / b
+    def median(row):
+        return row["median"] if _ok(row) else None
 
-    rq11 = value(_find(small, transport="ringpool.Queue", pattern="1->1"))
-    mq11 = value(_find(small, transport="mp.Queue", pattern="1->1"))
-    add("small 1->1: ringpool.Queue / mp.Queue", ratio(rq11, mq11), (6.0, ">= 6x"))
-    add("small 1->1: ringpool.Queue / in-process pickle round trip", ratio(rq11, lim["pickle"]["median"]),
-        (0.40, ">= 40%"), fmt="{:.0%}")
+    rq = median(_find(small, transport="ringpool.Queue", pattern="1->1"))
+    add("small 1->1: ringpool.Queue / mp.Queue", rq, median(_find(small, transport="mp.Queue", pattern="1->1")),
+        6.0, ">= 6x")
+    add("small 1->1: ringpool.Queue / in-process pickle rate", rq, lim["pickle"]["median"], 0.40, ">= 40%", "{:.1%}")
     batched = _find(small, family="ringpool", pattern="4->1", batch=res["config"]["batch"])
-    add(f"small 4->1 batched: {batched['transport'] if batched else 'ringpool.Queue batched'} (msgs/s)",
-        value(batched), (1.5e6, ">= 1.5 M msgs/s"), fmt="{:,.0f}")
+    add(f"small 4->1: {batched['transport'] if batched else 'ringpool batched'}, msgs/s", median(batched), 1.0,
+        1.5e6, ">= 1,500,000", "{:,.0f}")
     for name in ("ringpool.Queue", "ringpool.Pipe"):
-        add(f"16 MiB arrays: {name} / memcpy", ratio(value(_find(arrays, transport=name, size_mib=16)),
-                                                       lim["memcpy"]["median"]), (0.25, ">= 25%"), fmt="{:.0%}")
-    base = value(_find(lat, family="os"), "median_us")
+        add(f"16 MiB arrays: {name} / memcpy", median(_find(arrays, transport=name, size_mib=16)),
+            lim["memcpy"]["median"], 0.25, ">= 25%", "{:.1%}")
+    base = median(_find(lat, family="os"))
     for name in ("ringpool.Pipe", "ringpool.Queue pair"):
-        add(f"ping-pong median: {name} / os.pipe", ratio(value(_find(lat, transport=name), "median_us"), base),
-            (0.5, "<= 0.5x"), higher_is_better=False)
+        add(f"ping-pong median: {name} / os.pipe", median(_find(lat, transport=name)), base,
+            0.5, "<= 0.5x", higher_is_better=False)
     return out
 
 
 def _spread(row, fmt):
-    return f"{fmt.format(row['min'])}–{fmt.format(row['max'])}" if row.get("runs") and len(row["runs"]) > 1 else "–"
+    return f"{fmt.format(row['min'])}–{fmt.format(row['max'])}" if len(row.get("runs", ())) > 1 else "–"
+
+
+def _table(header, aligns, rows):
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"] + \
+           ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
 def render_markdown(res):
-    m, cfg = res["machine"], res["config"]
-    lines = ["# ringpool transport benchmark", ""]
-    lines += ["| machine | |", "|---|---|",
-              f"| CPU | {m['cpu']} |",
-              f"| cores | {m['cores']} ({m['usable_cores']} usable) |",
-              f"| memory | {m['memory_gib']} GiB |",
-              f"| kernel | {m['kernel']} |",
-              f"| Python / numpy | {m['python']} / {m['numpy']} |",
-              f"| ringpool | {m['ringpool']} ({m['ringpool_path']}) |",
-              f"| date | {m['date']} |",
-              f"| load average at start | {' '.join(f'{x:.2f}' for x in m['loadavg_at_start'])} |",
-              f"| mode | {res['mode']}: median of {cfg['reps']} run(s), start method {m['start_method']} |", ""]
+    m, cfg, lim = res["machine"], res["config"], res["limits"]
+    out = ["# ringpool transport benchmark", ""]
+    out += _table(["machine", ""], ["---", "---"], [
+        ["CPU", m["cpu"]],
+        ["cores", f"{m['cores']} ({m['usable_cores']} usable)"],
+        ["memory", f"{m['memory_gib']} GiB"],
+        ["kernel", m["kernel"]],
+        ["Python / numpy", f"{m['python']} / {m['numpy']}"],
+        ["ringpool", f"{m['ringpool']} ({m['ringpool_path']})"],
+        ["date", m["date"]],
+        ["load average at start / end", " ".join(f"{x:.2f}" for x in m["loadavg_at_start"]) + " / "
+         + " ".join(f"{x:.2f}" for x in res["loadavg_at_end"])],
+        ["mode", f"{res['mode']}: median of {cfg['reps']} run(s) per row, start method {m['start_method']}"],
+    ])
 
-    lim = res["limits"]
-    lines += ["## Limits (in-process, same run)", "", "| limit | value | spread |", "|---|---:|---|",
-              f"| pickle.dumps+loads of the tuple ({lim['pickle']['pickled_bytes']} B) | "
-              f"{lim['pickle']['median']:,.0f} msgs/s | {_spread(lim['pickle'], '{:,.0f}')} |",
-              f"| memcpy, np.copyto 64 MiB | {lim['memcpy']['median']:.2f} GB/s | {_spread(lim['memcpy'], '{:.2f}')} |", ""]
+    out += ["## Limits (in-process, same run)", ""]
+    out += _table(["limit", "value", "spread"], ["---", "---:", "---"], [
+        [f"pickle.dumps+loads of the tuple ({lim['pickle']['pickled_bytes']} B)",
+         f"{lim['pickle']['median']:,.0f} msgs/s", _spread(lim["pickle"], "{:,.0f}")],
+        ["memcpy, np.copyto 64 MiB", f"{lim['memcpy']['median']:.2f} GB/s", _spread(lim["memcpy"], "{:.2f}")],
+    ])
 
-    def cell(row, fmt, key="median"):
-        return f"FAILED: {row['error']}" if "error" in row else fmt.format(row[key])
+    def failed(row, ncols):
+        return [row["transport"], *row["key"], f"FAILED: {row['error']}"] + ["–"] * ncols
 
-    lines += [f"## Small messages: {SMALL_MSG!r}, msgs/s", "",
-              "| transport | pattern | messages | msgs/s | spread | × mp.Queue | % pickle limit |",
-              "|---|---|---:|---:|---|---:|---:|"]
+    rows = []
     for r in res["small"]:
+        r["key"] = [r["pattern"]]
+        if not _ok(r):
+            rows.append(failed(r, 5))
+            continue
         ref = _find(res["small"], transport="mp.Queue", pattern=r["pattern"])
-        ok = "error" not in r
-        vs = f"{r['median'] / ref['median']:.2f}" if ok and ref and "error" not in ref else "–"
-        pct = f"{r['median'] / lim['pickle']['median']:.0%}" if ok else "–"
-        lines.append(f"| {r['transport']} | {r['pattern']} | {r.get('messages', '–')} | {cell(r, '{:,.0f}')} | "
-                     f"{_spread(r, '{:,.0f}') if ok else '–'} | {vs} | {pct} |")
-    lines.append("")
+        rows.append([r["transport"], r["pattern"], f"{r['messages']:,}", f"{r['median']:,.0f}",
+                     _spread(r, "{:,.0f}"), f"{r['median'] / ref['median']:.2f}" if _ok(ref) else "–",
+                     f"{r['median'] / lim['pickle']['median']:.0%}", f"{r['other_cores']:.2f}"])
+    out += [f"## Small messages: {SMALL_MSG!r}, msgs/s", ""]
+    out += _table(["transport", "pattern", "messages", "msgs/s", "spread", "× mp.Queue", "% pickle rate", "other load"],
+                  ["---", "---", "---:", "---:", "---", "---:", "---:", "---:"], rows)
 
-    lines += ["## numpy float32 arrays, 1->1, GB/s", "",
-              "| transport | size | messages | GB/s | spread | × mp.Queue | % memcpy |",
-              "|---|---:|---:|---:|---|---:|---:|"]
+    rows = []
     for r in res["arrays"]:
+        r["key"] = [f"{r['size_mib']} MiB"]
+        if not _ok(r):
+            rows.append(failed(r, 5))
+            continue
         ref = _find(res["arrays"], transport="mp.Queue", size_mib=r["size_mib"])
-        ok = "error" not in r
-        vs = f"{r['median'] / ref['median']:.1f}" if ok and ref and "error" not in ref else "–"
-        pct = f"{r['median'] / lim['memcpy']['median']:.0%}" if ok else "–"
-        lines.append(f"| {r['transport']} | {r['size_mib']} MiB | {r.get('messages', '–')} | {cell(r, '{:.2f}')} | "
-                     f"{_spread(r, '{:.2f}') if ok else '–'} | {vs} | {pct} |")
-    lines.append("")
+        rows.append([r["transport"], f"{r['size_mib']} MiB", r["messages"], f"{r['median']:.2f}",
+                     _spread(r, "{:.2f}"), f"{r['median'] / ref['median']:.1f}" if _ok(ref) else "–",
+                     f"{r['median'] / lim['memcpy']['median']:.0%}", f"{r['other_cores']:.2f}"])
+    out += ["## numpy float32 arrays, 1->1, GB/s", ""]
+    out += _table(["transport", "size", "messages", "GB/s", "spread", "× mp.Queue", "% memcpy", "other load"],
+                  ["---", "---:", "---:", "---:", "---", "---:", "---:", "---:"], rows)
 
-    lines += ["## Ping-pong round trip, 1-byte payload, µs", "",
-              "| transport | round trips | median µs | p99 µs | × os.pipe median |", "|---|---:|---:|---:|---:|"]
+    rows = []
     base = _find(res["latency"], family="os")
     for r in res["latency"]:
-        if "error" in r:
-            lines.append(f"| {r['transport']} | – | FAILED: {r['error']} | – | – |")
+        r["key"] = []
+        if not _ok(r):
+            rows.append(failed(r, 5))
             continue
-        vs = f"{r['median_us'] / base['median_us']:.2f}" if base and "error" not in base else "–"
-        lines.append(f"| {r['transport']} | {r['rounds']} | {r['median_us']:.1f} | {r['p99_us']:.1f} | {vs} |")
-    lines.append("")
+        rows.append([r["transport"], f"{r['messages']:,}", f"{r['median']:.1f}", _spread(r, "{:.1f}"),
+                     f"{r['p99_us']:.1f}", f"{r['median'] / base['median']:.2f}" if _ok(base) else "–",
+                     f"{r['other_cores']:.2f}"])
+    out += ["## Ping-pong round trip, 1-byte payload, µs", ""]
+    out += _table(["transport", "round trips", "median µs", "spread", "p99 µs", "× os.pipe median", "other load"],
+                  ["---", "---:", "---:", "---", "---:", "---:", "---:"], rows)
 
-    lines += ["## Targets", "", "| target | measured | threshold | result |", "|---|---:|---|---|"]
-    for t in res["targets"]:
-        lines.append(f"| {t['target']} | {t['measured']} | {t['threshold']} | {'PASS' if t['passed'] else 'FAIL'} |")
-    lines.append("")
+    out += ["## Targets", ""]
+    out += _table(["target", "measured", "threshold", "result"], ["---", "---:", "---", "---"],
+                  [[t["target"], t["measured"], t["threshold"], "PASS" if t["passed"] else "FAIL"] for t in res["targets"]])
     if res["failures"]:
-        lines += ["## Failed scenarios", ""] + [f"- {f}" for f in res["failures"]] + [""]
-    lines.append(f"Total wall time: {res['wall_seconds']:.0f} s.")
-    return "\n".join(lines) + "\n"
+        out += ["## Failed scenarios", ""] + [f"- {f}" for f in res["failures"]] + [""]
+    out.append(f"\"other load\": CPU cores the benchmark did not get during the row's runs (worst run): "
+               f"other processes' CPU time plus hypervisor steal. Above ~0.2 the row competed for the "
+               f"{m['usable_cores']} cores. Total wall time: {res['wall_seconds']:.0f} s.")
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -786,40 +873,33 @@ def main(argv=None):
     res["limits"] = {"pickle": measure_pickle_rate(cfg, cfg.reps), "memcpy": measure_memcpy(cfg, cfg.reps)}
     log(f"  pickle {res['limits']['pickle']['median']:,.0f} msgs/s, memcpy {res['limits']['memcpy']['median']:.2f} GB/s")
 
-    log("small messages")
     for producers in (1, 4):
-        for t in small_transports(cfg):
-            if producers > 1 and not t.multi_producer:
-                continue
-            pattern = f"{producers}->1"
-            label = f"{t.name} {pattern}"
-            row = repeated(functools.partial(small_run, t, producers, cfg), cfg.reps, label, "msgs/s")
-            res["small"].append(dict(row, transport=t.name, family=t.family, pattern=pattern, batch=t.batch))
+        pattern = f"{producers}->1"
+        log(f"small messages {pattern}")
+        res["small"] += sweep([Case(f"{t.name} {pattern}", functools.partial(small_run, t, producers, cfg),
+                                    {"transport": t.name, "family": t.family, "pattern": pattern, "batch": t.batch})
+                               for t in small_transports(cfg) if producers == 1 or t.multi_producer], cfg.reps, "msgs/s")
 
-    log("numpy arrays")
     for nbytes in ARRAY_SIZES:
-        for t in array_transports():
-            label = f"{t.name} {nbytes // MiB} MiB"
-            row = repeated(functools.partial(array_run, t, nbytes, cfg), cfg.reps, label, "GB/s")
-            res["arrays"].append(dict(row, transport=t.name, family=t.family, size_mib=nbytes // MiB))
+        log(f"numpy arrays {nbytes // MiB} MiB")
+        res["arrays"] += sweep([Case(f"{t.name} {nbytes // MiB} MiB", functools.partial(array_run, t, nbytes, cfg),
+                                     {"transport": t.name, "family": t.family, "size_mib": nbytes // MiB})
+                                for t in array_transports()], cfg.reps, "GB/s")
 
-    log("ping-pong")
-    for t in pingpong_transports():
-        name = f"{t.name} pair" if isinstance(t, (RingpoolQueue, RingpoolSimpleQueue, StdlibQueue)) else t.name
-        try:
-            row = pingpong_run(t, cfg)
-            log(f"  {name}: median {row['median_us']:.1f} µs, p99 {row['p99_us']:.1f} µs")
-        except ScenarioFailed as e:
-            log(f"  {name}: FAILED: {e}")
-            row = {"error": str(e)}
-        res["latency"].append(dict(row, transport=name, family=t.family))
+    log("ping-pong (value: median round trip)")
+    res["latency"] = sweep([Case(t.pair_name, functools.partial(pingpong_run, t, cfg),
+                                 {"transport": t.pair_name, "family": t.family}) for t in pingpong_transports()],
+                           cfg.reps, "µs")
+    for r in res["latency"]:  # per-row statistics: the median over runs of each run's statistic
+        if _ok(r):
+            r["p99_us"] = statistics.median(run["p99_us"] for run in r["runs"])
 
-    for section in ("small", "arrays", "latency"):
+    for section, what in (("small", "pattern"), ("arrays", "size_mib"), ("latency", None)):
         for r in res[section]:
-            if "error" in r:
-                what = r["pattern"] if section == "small" else f"{r['size_mib']} MiB" if section == "arrays" else "ping-pong"
-                res["failures"].append(f"{section}: {r['transport']} {what}: {r['error']}")
+            if not _ok(r):
+                res["failures"].append(f"{section}: {r['transport']} {r.get(what, '')}: {r['error']}")
     res["targets"] = evaluate_targets(res)
+    res["loadavg_at_end"] = list(os.getloadavg())
     res["wall_seconds"] = time.monotonic() - t_start
 
     md = render_markdown(res)

@@ -14,6 +14,7 @@ Deviations from ``multiprocessing.connection.Connection``:
 """
 from __future__ import annotations
 
+import queue
 import select
 import socket
 from multiprocessing import BufferTooShort
@@ -21,7 +22,7 @@ from multiprocessing.reduction import DupFd
 
 from . import _core
 from .queues import DEFAULT_CAPACITY, rebuild_channel, reduce_channel
-from .reduction import dumps, loads, payload_bytes
+from .reduction import payload_bytes
 
 __all__ = ["Connection", "Pipe"]
 
@@ -104,8 +105,7 @@ class Connection:
     def send(self, obj):
         """Send a picklable object (handles inside travel with it)."""
         self._check_writable()
-        payload, flags, fds = dumps(obj)
-        self._send_payload(payload, flags, fds)
+        self._wait_published(self._send.put_obj(obj, 0))
 
     def send_bytes(self, buf, offset=0, size=None):
         """Send bytes from a bytes-like object; recv_bytes on the other end returns them."""
@@ -127,8 +127,10 @@ class Connection:
         self._send_payload(m[offset:offset + size], _core.FLAG_RAW, None)
 
     def _send_payload(self, payload, flags, fds):
+        self._wait_published(self._send.put(payload, flags, fds, 0))
+
+    def _wait_published(self, p):
         chan = self._send
-        p = chan.put(payload, flags, fds, 0)
         while p is not None and not chan.publish(p):
             if self._peer_gone():
                 raise BrokenPipeError("the other end of the pipe is closed")
@@ -148,7 +150,16 @@ class Connection:
 
     def recv(self):
         """Receive an object sent with send()."""
-        return loads(self._recv_item())
+        self._check_readable()
+        chan = self._recv
+        while True:
+            try:
+                return chan.get_obj(_PEER_CHECK)
+            except queue.Empty:
+                pass
+            if self._peer_gone() and not chan.readable():
+                raise EOFError
+            self._check_readable()
 
     def recv_bytes(self, maxlength=None):
         """Receive one message's bytes. Raises OSError (and closes) if longer than maxlength."""

@@ -30,8 +30,7 @@ from multiprocessing import util as _mp_util
 from multiprocessing.reduction import DupFd
 
 from . import _core
-from .reduction import dumps, loads
-from pickle import loads as _pickle_loads
+from .reduction import dumps
 
 __all__ = ["Queue", "JoinableQueue", "SimpleQueue", "DEFAULT_CAPACITY"]
 
@@ -77,6 +76,8 @@ class _Feeder:
     """Publishes a producer's buffered frames, in order, once the ring has room.
 
     Shared by the queue and its thread so the data still flows if the queue object is dropped.
+    Publishing happens under ``lock`` (it never blocks), so the thread and producers that help
+    drain (``drain``) never publish the same frame twice or out of order.
     """
 
     def __init__(self, chan):
@@ -86,6 +87,14 @@ class _Feeder:
         self.thread = None
         self.finalizer = None
         self.cancelled = False
+
+    def drain(self):
+        """Publish what fits now, oldest first; True if nothing is left waiting."""
+        pending, publish = self.pending, self.chan.publish
+        with self.lock:
+            while pending and publish(pending[0]):
+                pending.popleft()
+            return not pending
 
     def add(self, p):
         with self.lock:
@@ -103,16 +112,20 @@ class _Feeder:
         pending, chan = self.pending, self.chan
         while True:
             with self.lock:
+                while pending and chan.publish(pending[0]):
+                    pending.popleft()
                 if not pending:
                     self.thread = None
                     return
-                p = pending[0]
-            if chan.publish(p):
-                with self.lock:
-                    pending.popleft()
-            elif chan.wait_writable(p.record_bytes, 0.1):
+                need = pending[0].record_bytes
+            if chan.wait_writable(need, 0.1):
                 # Room in the ring, yet the publish failed: the handle socket is full. Rare; back off.
-                time.sleep(0.001)
+                with self.lock:
+                    if pending and not chan.publish(pending[0]):
+                        time.sleep(0.001)
+                        continue
+                    if pending:
+                        pending.popleft()
 
     def cancel(self):
         self.cancelled = True
@@ -171,23 +184,23 @@ class Queue:
     def put(self, obj, block=True, timeout=None):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        payload, flags, fds = dumps(obj)  # before any slot or lock: a failure loses nothing
         acct = self._accounting
         if self._maxsize:
+            payload = dumps(obj)  # before taking a slot: a pickling error loses nothing
             if not self._chan.acquire_item(self._maxsize, _timeout(block, timeout)):
                 raise queue.Full
-            acct &= ~_COUNT_ITEM
-        feeder = self._feeder
-        if feeder.pending:  # keep this producer's order behind what is already waiting
-            feeder.add(self._chan.stage(payload, flags, fds, acct))
+            self._send(payload, acct & ~_COUNT_ITEM)
+        elif self._feeder.pending and not self._feeder.drain():
+            self._send(dumps(obj), acct)
         else:
-            p = self._chan.put(payload, flags, fds, acct)
+            p = self._chan.put_obj(obj, acct)  # pickles in C, then publishes
             if p is not None:
-                feeder.add(p)
+                self._feeder.add(p)
 
-    def _send(self, payload, flags, fds, acct):
+    def _send(self, dumped, acct):
+        payload, flags, fds = dumped
         feeder = self._feeder
-        if feeder.pending:  # keep this producer's order behind what is already waiting
+        if feeder.pending and not feeder.drain():  # keep this producer's order
             feeder.add(self._chan.stage(payload, flags, fds, acct))
             return
         p = self._chan.put(payload, flags, fds, acct)
@@ -198,52 +211,41 @@ class Queue:
         return self.put(obj, False)
 
     def put_many(self, objs, block=True, timeout=None):
-        """Put every object of an iterable, publishing runs of small plain items in one batch."""
-        self._check_closed()
+        """Put every object of a sequence (or iterable), in order. Runs of small plain objects are
+        pickled in C and published in batches, one synchronization each."""
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if not isinstance(objs, (list, tuple)):
+            objs = list(objs)
         if self._maxsize:
             for o in objs:
                 self.put(o, block, timeout)
             return
-        acct = self._accounting
-        batch = []
-        for o in objs:
-            payload, flags, fds = dumps(o)
-            if flags or fds or type(payload) is not bytes:
-                self._flush_batch(batch, acct)
-                self._send(payload, flags, fds, acct)
-            else:
-                batch.append(payload)
-        self._flush_batch(batch, acct)
-
-    def _flush_batch(self, batch, acct):
-        if not batch:
-            return
-        done = 0 if self._feeder.pending else self._chan.put_many(batch, 0, acct)
-        for payload in batch[done:] if done < len(batch) else ():
-            self._send(payload, 0, None, acct)
-        batch.clear()
+        acct, chan, feeder, n, i = self._accounting, self._chan, self._feeder, len(objs), 0
+        while i < n:
+            if feeder.pending and not feeder.drain():
+                for o in objs[i:]:
+                    self._send(dumps(o), acct)
+                return
+            i = chan.put_objs(objs, i, acct)
+            if i < n:  # not plain, or the ring is full: this one goes through the general path
+                self._send(dumps(objs[i]), acct)
+                i += 1
 
     # -- consumer ----------------------------------------------------------------------------
     def get(self, block=True, timeout=None):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        item = self._chan.get(-1.0 if block and timeout is None else _timeout(block, timeout))
-        if item is None:
-            raise queue.Empty
-        if type(item) is bytes:
-            return _pickle_loads(item)
-        return loads(item)
+        return self._chan.get_obj(-1.0 if block and timeout is None else _timeout(block, timeout))
 
     def get_nowait(self):
         return self.get(False)
 
     def get_many(self, max_items, block=True, timeout=None):
         """Between 1 and max_items items, oldest first; raises queue.Empty like get()."""
-        self._check_closed()
-        items = self._chan.get_many(int(max_items), _timeout(block, timeout))
-        if not items:
-            raise queue.Empty
-        return [loads(i) for i in items]
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        return self._chan.get_objs(int(max_items), _timeout(block, timeout))
 
     # -- state -------------------------------------------------------------------------------
     def qsize(self):
@@ -359,8 +361,11 @@ class SimpleQueue:
         return not self._chan.readable()
 
     def put(self, obj):
-        payload, flags, fds = dumps(obj)
-        self._put_payload(payload, flags, fds)
+        if self._closed:
+            raise ValueError("SimpleQueue is closed")
+        p = self._chan.put_obj(obj, _COUNT_ITEM)
+        while p is not None and not self._chan.publish(p):  # synchronous, as a pipe write is
+            self._chan.wait_writable(p.record_bytes, -1.0)
 
     def _put_raw(self, data):
         self._put_payload(data, _core.FLAG_RAW, None)
@@ -378,9 +383,11 @@ class SimpleQueue:
         return self._chan.get(-1.0)
 
     def get(self):
-        return loads(self._get_item())
+        if self._closed:
+            raise ValueError("SimpleQueue is closed")
+        return self._chan.get_obj(-1.0)
 
     def get_many(self, max_items):
         if self._closed:
             raise ValueError("SimpleQueue is closed")
-        return [loads(i) for i in self._chan.get_many(int(max_items), -1.0)]
+        return self._chan.get_objs(int(max_items), -1.0)

@@ -106,9 +106,10 @@ class _Writer:
 
 class _Dumper:
     """One per thread: a reusable ForkingPickler whose file is a list append (the C pickler flushes
-    each dump in one write), a reusable handle collector and the buffer list of the last dump."""
+    each dump in one write), a reusable handle collector, and the buffers of the dump in progress.
+    ``_core.dumps`` drives it from C; every attribute here is read once per thread."""
 
-    __slots__ = ("epoch", "out", "pickler", "buffers", "collector")
+    __slots__ = ("epoch", "out", "pickler", "dump", "clear_memo", "buffers", "collector")
 
     def __init__(self):
         self.epoch = _reducer_epoch()
@@ -118,6 +119,8 @@ class _Dumper:
         self.buffers = []
         self.collector = _HandleCollector()
         self.pickler = ForkingPickler(w, 5, True, self._on_buffer)
+        self.dump = self.pickler.dump
+        self.clear_memo = self.pickler.clear_memo
 
     def _on_buffer(self, pb):
         try:
@@ -130,39 +133,17 @@ class _Dumper:
         return False
 
 
-def dumps(obj):
-    """Pickle obj for a ringpool frame: returns (payload, flags, fds).
-
-    payload is bytes, or a list of buffers to gather (pickle protocol 5 out-of-band buffers).
-    fds are borrowed descriptors collected from handle reducers. Raises whatever pickling raises,
-    in the caller, before anything is sent.
-    """
-    try:
-        d = _tls.dumper
-        if d.epoch != _reducer_epoch():
-            raise AttributeError
-    except AttributeError:
+def _thread_dumper():
+    """This thread's dumper, rebuilt when reducers were registered since it was made."""
+    d = getattr(_tls, "dumper", None)
+    if d is None or d.epoch != _reducer_epoch():
         d = _tls.dumper = _Dumper()
-    col = d.collector
-    prev = getattr(_mp_tls, "spawning_popen", None)
-    _mp_tls.spawning_popen = col
-    out = d.out
-    try:
-        d.pickler.dump(obj)
-    finally:
-        _mp_tls.spawning_popen = prev
-        d.pickler.clear_memo()
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-    fds = None
-    if col.fds:
-        fds = col.fds
-        col.fds = []
-    if not d.buffers:
-        return data, 0, fds
-    bufs = d.buffers
-    d.buffers = []
-    return _with_buffers(data, bufs), FLAG_BUFFERS, fds
+    return d
+
+
+# dumps(obj) -> (payload, flags, fds): pickles with this thread's dumper under the handle
+# collector, in C (see bindings/src/codec.cpp).
+dumps = _core.dumps
 
 
 def _with_buffers(data, bufs):

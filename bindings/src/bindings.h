@@ -7,5 +7,6 @@ namespace ringpool::py_bindings {
 
 void init_errors(pybind11::module_& m);
 void init_channel(pybind11::module_& m);
+void init_codec(pybind11::module_& m);
 
 }  // namespace ringpool::py_bindings

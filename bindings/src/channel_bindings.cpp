@@ -7,16 +7,21 @@
 // - waits (spin, futex) run with the GIL released and no ring lock held;
 // - large copies into out-of-band blocks run with the GIL released.
 #include <Python.h>
+#include <sched.h>
 #include <pybind11/stl.h>
+
+#include <cxxabi.h>
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
 
 #include "bindings.h"
+#include "codec.h"
 #include "ringpool/channel.hpp"
 #include "ringpool/error.hpp"
 
@@ -26,22 +31,40 @@ namespace ringpool::py_bindings {
 
 namespace {
 
-// How long a blocked call spins (GIL released) before sleeping on the futex. Spinning wins when
-// the peer answers within microseconds on the other core; on two cores a long spin steals the
-// peer's CPU, so keep it short. RINGPOOL_SPIN_NS overrides it.
+// How long a blocked call polls (GIL released) before sleeping on the futex. A futex wake-up of
+// a sleeping process costs ~40 us on these VMs (an IPI to an idle vCPU), far more than a message,
+// so a waiter keeps polling for a while: the first microseconds with `pause` (the peer answers
+// from the other core), then with sched_yield, which lets a peer that shares our core run.
+// RINGPOOL_SPIN_NS overrides it (0: sleep at once).
 std::int64_t spin_ns() {
   static const std::int64_t v = [] {
     const char* e = std::getenv("RINGPOOL_SPIN_NS");
-    return e ? std::max<std::int64_t>(0, std::atoll(e)) : std::int64_t{20000};
+    return e ? std::max<std::int64_t>(0, std::atoll(e)) : std::int64_t{50000};
   }();
   return v;
 }
+constexpr std::int64_t kPauseSpinNs = 2000;
 
 // A futex sleep never lasts longer than this, so a signal delivered to another thread still
 // reaches PyErr_CheckSignals promptly (Ctrl-C, SIGCHLD handlers).
 constexpr std::int64_t kWaitSliceNs = 20'000'000;
 
 inline void cpu_relax() { __builtin_ia32_pause(); }
+
+// Releases the GIL for a scope. Unlike py::gil_scoped_release, the destructor is
+// noexcept(false): while the interpreter finalizes, re-taking the GIL ends a daemon thread with
+// pthread_exit, a forced unwind that must be allowed through (a noexcept destructor would turn it
+// into std::terminate and abort the whole process at exit).
+class ReleaseGil {
+ public:
+  ReleaseGil() : ts_(PyEval_SaveThread()) {}
+  ~ReleaseGil() noexcept(false) { PyEval_RestoreThread(ts_); }
+  ReleaseGil(const ReleaseGil&) = delete;
+  ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+ private:
+  PyThreadState* ts_;
+};
 
 // Retries try_fn (GIL held) until it succeeds or the timeout passes; in between, spins on ready()
 // and sleeps with wait(ns), both without the GIL, and runs Python signal handlers.
@@ -54,9 +77,16 @@ bool block_until(double timeout, Try&& try_fn, Ready&& ready, Wait&& wait) {
   const std::int64_t deadline = timeout < 0 ? INT64_MAX : start + static_cast<std::int64_t>(timeout * 1e9);
   for (;;) {
     {
-      py::gil_scoped_release nogil;
-      const std::int64_t spin_end = futex::now_ns() + spin_ns();
-      while (!ready() && futex::now_ns() < spin_end) cpu_relax();
+      ReleaseGil nogil;
+      const std::int64_t t0 = futex::now_ns();
+      const std::int64_t spin_end = t0 + spin_ns();
+      const std::int64_t pause_end = t0 + std::min(kPauseSpinNs, spin_ns());
+      for (std::int64_t t = t0; !ready() && t < spin_end; t = futex::now_ns()) {
+        if (t < pause_end)
+          cpu_relax();
+        else
+          ::sched_yield();
+      }
       if (!ready()) {
         const std::int64_t left = deadline - futex::now_ns();
         if (left > 0) wait(std::min(left, kWaitSliceNs));
@@ -201,7 +231,7 @@ class PyChannel {
     Pieces pieces(payload);
     std::unique_ptr<Pending> p;
     if (ch_.out_of_band(pieces.total())) {
-      py::gil_scoped_release nogil;  // a big copy; the Py_buffers stay held
+      ReleaseGil nogil;  // a big copy; the Py_buffers stay held
       p = ch_.put(proto::Kind::DATA, flags, pieces.data(), pieces.size(), fds.data(), fds.size(), accounting);
     } else {
       p = ch_.put(proto::Kind::DATA, flags, pieces.data(), pieces.size(), fds.data(), fds.size(), accounting);
@@ -217,7 +247,7 @@ class PyChannel {
     Pieces pieces(payload);
     std::unique_ptr<Pending> p;
     {
-      py::gil_scoped_release nogil;
+      ReleaseGil nogil;
       p = ch_.stage(proto::Kind::DATA, flags, pieces.data(), pieces.size(), fds.data(), fds.size());
     }
     if (accounting & Ring::kCountItem) ring().add_items(1);
@@ -250,6 +280,11 @@ class PyChannel {
 
   // None on timeout; bytes for a plain frame; (flags, payload, fds) otherwise.
   py::object get(double timeout) {
+    if (!leftover_.empty()) {
+      py::object item = std::move(leftover_.front());
+      leftover_.pop_front();
+      return item;
+    }
     OneSink sink;
     std::vector<UniqueFd> fds;
     bool ok = block_until(
@@ -294,9 +329,126 @@ class PyChannel {
         [&](std::int64_t ns) { ring().wait_all_done(ns); });
   }
 
+  // -- object level: pickling and unpickling in C (the Queue hot path) -------------------------
+
+  // Pickles and publishes obj; returns None, or a Pending (accepted, counted) if the ring is full.
+  py::object put_obj(py::handle obj, unsigned accounting) {
+    Dumped d;
+    dump_object(obj.ptr(), d);
+    return put_dumped(d, accounting);
+  }
+
+  // Pickles objs[start:] and publishes the plain ones (no handles, no out-of-band buffers, small)
+  // in batches, one critical section each. Stops before the first item that is not plain or does
+  // not fit; returns the index of that item (len(objs) when all went out).
+  std::size_t put_objs(const py::sequence& objs, std::size_t start, unsigned accounting) {
+    const std::size_t n = objs.size();
+    constexpr std::size_t kChunk = 256;
+    std::vector<py::object> keep;
+    std::vector<Ring::Piece> pieces;
+    keep.reserve(kChunk);
+    pieces.reserve(kChunk);
+    std::size_t i = start;
+    while (i < n) {
+      keep.clear();
+      pieces.clear();
+      bool stop = false;
+      for (; i < n && pieces.size() < kChunk; ++i) {
+        Dumped d;
+        dump_object(objs[i].ptr(), d);
+        if (d.flags != 0 || !d.fds.empty() || !PyBytes_CheckExact(d.payload.ptr()) ||
+            ch_.out_of_band(static_cast<std::size_t>(PyBytes_GET_SIZE(d.payload.ptr())))) {
+          stop = true;  // the caller puts this one through put() and calls us again after it
+          break;
+        }
+        pieces.push_back({PyBytes_AS_STRING(d.payload.ptr()), static_cast<std::size_t>(PyBytes_GET_SIZE(d.payload.ptr()))});
+        keep.push_back(std::move(d.payload));
+      }
+      const std::size_t first = i - pieces.size();
+      const std::size_t done =
+          pieces.empty() ? 0 : ring().try_put_many(proto::Kind::DATA, 0, pieces.data(), pieces.size(), accounting);
+      if (done < pieces.size()) return first + done;  // the ring is full
+      if (stop) return i;
+    }
+    return n;
+  }
+
+  // Takes and unpickles one object; raises queue.Empty on timeout. An object that fails to
+  // unpickle raises its error; nothing else is lost.
+  py::object get_obj(double timeout) {
+    py::object item = next_item(timeout);
+    if (!item) throw_empty();
+    return load(item);
+  }
+
+  // Between 1 and max objects; raises queue.Empty on timeout. If one fails to unpickle, the
+  // objects after it are kept for the next get and its error is raised.
+  py::list get_objs(std::size_t max, double timeout) {
+    py::list out;
+    if (max == 0) return out;
+    if (leftover_.empty()) {
+      py::list raw = get_many(max, timeout);
+      if (raw.size() == 0) throw_empty();
+      for (py::handle h : raw) leftover_.push_back(py::reinterpret_borrow<py::object>(h));
+    }
+    while (!leftover_.empty() && out.size() < max) {
+      py::object item = std::move(leftover_.front());
+      leftover_.pop_front();
+      out.append(load(item));  // on error: the rest stay in leftover_
+    }
+    return out;
+  }
+
+  bool has_leftover() const { return !leftover_.empty(); }
+
   Ring& ring() const { return ch_.ring(); }
 
  private:
+  py::object put_dumped(Dumped& d, unsigned accounting) {
+    if (d.fds.empty() && PyBytes_CheckExact(d.payload.ptr())) {
+      const std::size_t n = static_cast<std::size_t>(PyBytes_GET_SIZE(d.payload.ptr()));
+      if (!ch_.out_of_band(n)) {
+        Ring::Piece piece{PyBytes_AS_STRING(d.payload.ptr()), n};
+        if (ring().try_put(proto::Kind::DATA, d.flags, &piece, 1, nullptr, 0, accounting) == Ring::PutStatus::ok)
+          return py::none();
+      }
+    }
+    Pieces pieces(d.payload);
+    std::unique_ptr<Pending> p;
+    if (ch_.out_of_band(pieces.total())) {
+      ReleaseGil nogil;
+      p = ch_.put(proto::Kind::DATA, d.flags, pieces.data(), pieces.size(), d.fds.data(), d.fds.size(), accounting);
+    } else {
+      p = ch_.put(proto::Kind::DATA, d.flags, pieces.data(), pieces.size(), d.fds.data(), d.fds.size(), accounting);
+    }
+    if (!p) return py::none();
+    return py::cast(std::move(p));
+  }
+
+  py::object next_item(double timeout) {
+    if (!leftover_.empty()) {
+      py::object item = std::move(leftover_.front());
+      leftover_.pop_front();
+      return item;
+    }
+    py::object item = get(timeout);
+    if (item.is_none()) return py::object();
+    return item;
+  }
+
+  static py::object load(const py::object& item) {
+    PyObject* r = load_item(item.ptr());
+    if (r == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(r);
+  }
+
+  [[noreturn]] static void throw_empty() {
+    static PyObject* empty = py::object(py::module_::import("queue").attr("Empty")).release().ptr();
+    PyErr_SetNone(empty);
+    throw py::error_already_set();
+  }
+
+  std::deque<py::object> leftover_;
   py::object assemble(Frame& f, std::vector<UniqueFd>& fds, std::size_t& pos) {
     std::size_t n = f.nhandles;
     if (pos + n > fds.size()) throw ProtocolError("frame handles missing");
@@ -319,6 +471,146 @@ class PyChannel {
   Channel ch_;
 };
 
+
+// -- the hot methods, without pybind11's dispatcher ---------------------------------------------
+// pybind11's generic dispatch costs ~0.3 us per call here, as much as pickling a small message, so
+// the per-message methods are plain METH_FASTCALL method descriptors on the same type. Errors are
+// translated as pybind11 would (ProtocolError, OSError, Python errors as they are).
+
+PyChannel& self_of(PyObject* self) {
+  auto* inst = reinterpret_cast<py::detail::instance*>(self);
+  return *inst->get_value_and_holder().value_ptr<PyChannel>();
+}
+
+template <class F>
+PyObject* guarded(F&& f) noexcept(false) {
+  try {
+    return f().release().ptr();
+  } catch (abi::__forced_unwind&) {
+    throw;  // thread exit during finalization must unwind
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (const ProtocolError& e) {
+    PyErr_SetString(py::module_::import("ringpool._core").attr("ProtocolError").ptr(), e.what());
+  } catch (const SysError& e) {
+    PyErr_SetObject(PyExc_OSError, py::make_tuple(e.code().value(), e.what()).ptr());
+  } catch (const std::bad_alloc&) {
+    PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+bool arg_count(const char* name, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi) {
+  if (nargs >= lo && nargs <= hi) return true;
+  PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd arguments (%zd given)", name, lo, hi, nargs);
+  return false;
+}
+
+double timeout_arg(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t i) {
+  if (nargs <= i || args[i] == Py_None) return -1.0;
+  double t = PyFloat_AsDouble(args[i]);
+  if (t == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  return t;
+}
+
+unsigned unsigned_arg(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t i, unsigned dflt) {
+  if (nargs <= i) return dflt;
+  unsigned long v = PyLong_AsUnsignedLong(args[i]);
+  if (v == static_cast<unsigned long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<unsigned>(v);
+}
+
+PyObject* fast_put_obj(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!arg_count("put_obj", nargs, 1, 2)) return nullptr;
+  return guarded([&] { return self_of(self).put_obj(args[0], unsigned_arg(args, nargs, 1, Ring::kCountItem)); });
+}
+
+PyObject* fast_get_obj(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!arg_count("get_obj", nargs, 0, 1)) return nullptr;
+  return guarded([&] { return self_of(self).get_obj(timeout_arg(args, nargs, 0)); });
+}
+
+PyObject* fast_put_objs(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!arg_count("put_objs", nargs, 1, 3)) return nullptr;
+  return guarded([&] {
+    if (!PySequence_Check(args[0])) throw py::type_error("put_objs takes a sequence");
+    std::size_t start = nargs > 1 ? py::cast<std::size_t>(args[1]) : 0;
+    return py::int_(self_of(self).put_objs(py::reinterpret_borrow<py::sequence>(args[0]), start,
+                                           unsigned_arg(args, nargs, 2, Ring::kCountItem)));
+  });
+}
+
+PyObject* fast_get_objs(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!arg_count("get_objs", nargs, 1, 2)) return nullptr;
+  return guarded([&] {
+    return self_of(self).get_objs(py::cast<std::size_t>(args[0]), timeout_arg(args, nargs, 1));
+  });
+}
+
+PyObject* fast_put(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!arg_count("put", nargs, 1, 4)) return nullptr;
+  return guarded([&] {
+    const auto flags = static_cast<std::uint8_t>(unsigned_arg(args, nargs, 1, 0));
+    py::object fds = nargs > 2 ? py::reinterpret_borrow<py::object>(args[2]) : py::none();
+    return self_of(self).put(args[0], flags, fds, unsigned_arg(args, nargs, 3, Ring::kCountItem));
+  });
+}
+
+PyObject* fast_get(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!arg_count("get", nargs, 0, 1)) return nullptr;
+  return guarded([&] { return self_of(self).get(timeout_arg(args, nargs, 0)); });
+}
+
+PyObject* fast_poll(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!arg_count("poll", nargs, 0, 1)) return nullptr;
+  return guarded([&] {
+    PyChannel& c = self_of(self);
+    if (c.has_leftover()) return py::bool_(true);
+    return py::bool_(c.poll(nargs == 0 ? 0.0 : timeout_arg(args, nargs, 0)));
+  });
+}
+
+PyObject* fast_readable(PyObject* self, PyObject* const*, Py_ssize_t nargs) {
+  if (!arg_count("readable", nargs, 0, 0)) return nullptr;
+  PyChannel& c = self_of(self);
+  return Py_NewRef(c.has_leftover() || c.ring().readable() ? Py_True : Py_False);
+}
+
+PyMethodDef kFastMethods[] = {
+    {"put_obj", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_put_obj)), METH_FASTCALL,
+     "put_obj(obj, accounting=COUNT_ITEM): pickle and publish; None, or a Pending if the ring is full."},
+    {"get_obj", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_get_obj)), METH_FASTCALL,
+     "get_obj(timeout=None): take and unpickle one object; raises queue.Empty on timeout."},
+    {"put_objs", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_put_objs)), METH_FASTCALL,
+     "put_objs(objs, start=0, accounting=COUNT_ITEM): publish plain objects in batches; returns the index "
+     "of the first object not published."},
+    {"get_objs", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_get_objs)), METH_FASTCALL,
+     "get_objs(max, timeout=None): 1..max unpickled objects; raises queue.Empty on timeout."},
+    {"put", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_put)), METH_FASTCALL,
+     "put(payload, flags=0, fds=None, accounting=COUNT_ITEM): publish bytes or a list of buffers with "
+     "borrowed fds; None, or a Pending (accepted, counted) if the ring is full."},
+    {"get", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_get)), METH_FASTCALL,
+     "get(timeout=None): None on timeout; bytes for a plain frame; else (flags, payload, fds)."},
+    {"poll", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_poll)), METH_FASTCALL,
+     "poll(timeout=0.0): wait up to timeout (None: forever) for a frame; whether one is waiting."},
+    {"readable", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_readable)), METH_FASTCALL,
+     "readable(): whether a frame is waiting (approximate by nature)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+void add_fast_methods(py::class_<PyChannel>& cls) {
+  auto* type = reinterpret_cast<PyTypeObject*>(cls.ptr());
+  for (PyMethodDef* d = kFastMethods; d->ml_name != nullptr; ++d) {
+    py::object descr = py::reinterpret_steal<py::object>(PyDescr_NewMethod(type, d));
+    if (!descr) throw py::error_already_set();
+    cls.attr(d->ml_name) = descr;
+  }
+}
+
 }  // namespace
 
 void init_channel(py::module_& m) {
@@ -335,7 +627,7 @@ void init_channel(py::module_& m) {
       })
       .def("__len__", [](const OobBuffer& b) { return b.length; });
 
-  py::class_<PyChannel>(m, "Channel", R"doc(A shared-memory ring with handle passing and out-of-band blocks.
+  auto cls = py::class_<PyChannel>(m, "Channel", R"doc(A shared-memory ring with handle passing and out-of-band blocks.
 
 Every method may be called from any thread of any process that holds the channel. Blocking
 methods release the GIL, spin briefly, then sleep on a futex, and run Python signal handlers
@@ -344,18 +636,13 @@ at least every 20 ms (an exception from a handler propagates).)doc")
       .def_static("attach", &PyChannel::attach, py::arg("memfd"), py::arg("tx"), py::arg("rx"), py::arg("event"),
                   "Attach to a ring from its four descriptors; takes ownership of them.")
       .def("handles", &PyChannel::handles, "(memfd, tx, rx, event): borrowed descriptors, dup them to pass on.")
-      .def("put", &PyChannel::put, py::arg("payload"), py::arg("flags") = 0, py::arg("fds") = py::none(),
-           py::arg("accounting") = Ring::kCountItem)
       .def("stage", &PyChannel::stage, py::arg("payload"), py::arg("flags") = 0, py::arg("fds") = py::none(),
            py::arg("accounting") = Ring::kCountItem)
       .def("publish", &PyChannel::publish, py::arg("pending"))
       .def("put_many", &PyChannel::put_many, py::arg("items"), py::arg("flags") = 0,
            py::arg("accounting") = Ring::kCountItem)
       .def("wait_writable", &PyChannel::wait_writable, py::arg("record_bytes"), py::arg("timeout"))
-      .def("get", &PyChannel::get, py::arg("timeout") = -1.0)
       .def("get_many", &PyChannel::get_many, py::arg("max"), py::arg("timeout") = -1.0)
-      .def("poll", &PyChannel::poll, py::arg("timeout") = 0.0)
-      .def("readable", [](PyChannel& c) { return c.ring().readable(); })
       .def("acquire_item", &PyChannel::acquire_item, py::arg("maxsize"), py::arg("timeout") = -1.0)
       .def("add_items", [](PyChannel& c, std::int64_t n) { c.ring().add_items(n); })
       .def("add_unfinished", [](PyChannel& c, std::int64_t n) { c.ring().add_unfinished(n); })
@@ -369,6 +656,7 @@ at least every 20 ms (an exception from a handler propagates).)doc")
       .def_property_readonly("committed", [](PyChannel& c) { return c.ring().committed(); })
       .def_property_readonly("consumed", [](PyChannel& c) { return c.ring().consumed(); })
       .def_static("record_size", &Ring::record_size);
+  add_fast_methods(cls);
 
   m.def("block_pool_bytes", [] { return BlockPool::instance().cached_bytes(); },
         "Bytes of out-of-band blocks this process keeps for reuse.");

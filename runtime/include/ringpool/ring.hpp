@@ -75,6 +75,12 @@ static_assert(offsetof(RingControl, tail) % 64 == 0 && offsetof(RingControl, hea
                   offsetof(RingControl, head) - offsetof(RingControl, tail) >= 64,
               "head and tail must be a cache line apart to prevent false sharing between the sides");
 static_assert(sizeof(RingControl) <= 4096, "the control block fits in the first page");
+static_assert(offsetof(RingControl, prod_lock) == 64 && offsetof(RingControl, cons_lock) == 128 &&
+                  offsetof(RingControl, tail) == 192 && offsetof(RingControl, head) == 256 &&
+                  offsetof(RingControl, data_futex) == 320 && offsetof(RingControl, space_futex) == 384 &&
+                  offsetof(RingControl, items) == 448 && offsetof(RingControl, poll_armed) == 512,
+              "the control block layout is shared by every process attached to a ring (docs/design/ring.md)");
+static_assert(sizeof(pthread_mutex_t) <= 64, "each robust mutex fits its own cache line");
 
 struct RingOptions {
   // Bytes in the data area. Larger rings absorb bursts without blocking but cost first-touch

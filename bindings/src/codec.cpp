@@ -1,0 +1,226 @@
+#include "codec.h"
+
+#include "bindings.h"
+
+namespace py = pybind11;
+
+namespace ringpool::py_bindings {
+
+namespace {
+
+// Module-level objects, looked up once (ringpool.reduction imports _core, so lazily). They live
+// as long as the interpreter: never released.
+struct Globals {
+  PyObject* thread_dumper = nullptr;  // ringpool.reduction._thread_dumper
+  PyObject* with_buffers = nullptr;   // ringpool.reduction._with_buffers
+  PyObject* loads_item = nullptr;     // ringpool.reduction.loads
+  PyObject* pickle_loads = nullptr;   // _pickle.loads
+  PyObject* mp_tls = nullptr;         // multiprocessing.context._tls
+  PyObject* copyreg_table = nullptr;  // copyreg.dispatch_table
+  PyObject* extra_reducers = nullptr; // ForkingPickler._extra_reducers
+  PyObject* spawning_popen = nullptr; // interned "spawning_popen"
+};
+
+Globals& globals() {
+  static Globals g = [] {
+    Globals x;
+    py::module_ red = py::module_::import("ringpool.reduction");
+    x.thread_dumper = py::object(red.attr("_thread_dumper")).release().ptr();
+    x.with_buffers = py::object(red.attr("_with_buffers")).release().ptr();
+    x.loads_item = py::object(red.attr("loads")).release().ptr();
+    x.pickle_loads = py::object(py::module_::import("_pickle").attr("loads")).release().ptr();
+    x.mp_tls = py::object(py::module_::import("multiprocessing.context").attr("_tls")).release().ptr();
+    x.copyreg_table = py::object(py::module_::import("copyreg").attr("dispatch_table")).release().ptr();
+    x.extra_reducers =
+        py::object(py::module_::import("multiprocessing.reduction").attr("ForkingPickler").attr("_extra_reducers")).release().ptr();
+    x.spawning_popen = PyUnicode_InternFromString("spawning_popen");
+    return x;
+  }();
+  return g;
+}
+
+// The thread's dumper (owned by ringpool.reduction._tls, so borrowed here) and its parts. Valid
+// while the Python thread state and the reducer tables are the ones it was fetched under: a new
+// thread state (a C thread re-entering Python) or a newly registered reducer refetches it.
+struct ThreadDumper {
+  std::uint64_t tstate_id = ~std::uint64_t{0};
+  Py_ssize_t epoch = -1;
+  PyObject* dump = nullptr;
+  PyObject* clear_memo = nullptr;
+  PyObject* out = nullptr;        // list: the pickler's writes
+  PyObject* collector = nullptr;  // the spawning popen stand-in
+  PyObject* fds = nullptr;        // list: collector.fds
+  PyObject* buffers = nullptr;    // list: out-of-band PickleBuffers
+};
+thread_local ThreadDumper tl;
+
+Py_ssize_t reducer_epoch(const Globals& g) {
+  // Must equal ringpool.reduction._reducer_epoch().
+  return PyDict_GET_SIZE(g.copyreg_table) + (PyDict_GET_SIZE(g.extra_reducers) << 24);
+}
+
+PyObject* borrowed_attr(PyObject* o, const char* name) {
+  PyObject* a = PyObject_GetAttrString(o, name);
+  if (a == nullptr) throw py::error_already_set();
+  Py_DECREF(a);  // the dumper keeps it alive
+  return a;
+}
+
+ThreadDumper& thread_dumper(const Globals& g) {
+  const std::uint64_t id = PyThreadState_GetID(PyThreadState_Get());
+  const Py_ssize_t epoch = reducer_epoch(g);
+  if (tl.tstate_id == id && tl.epoch == epoch) return tl;
+  PyObject* d = PyObject_CallNoArgs(g.thread_dumper);
+  if (d == nullptr) throw py::error_already_set();
+  Py_DECREF(d);  // owned by the thread-local in ringpool.reduction
+  tl.dump = borrowed_attr(d, "dump");
+  tl.clear_memo = borrowed_attr(d, "clear_memo");
+  tl.out = borrowed_attr(d, "out");
+  tl.collector = borrowed_attr(d, "collector");
+  tl.fds = borrowed_attr(tl.collector, "fds");
+  tl.buffers = borrowed_attr(d, "buffers");
+  tl.tstate_id = id;
+  tl.epoch = epoch;
+  return tl;
+}
+
+void clear_list(PyObject* l) { PyList_SetSlice(l, 0, PyList_GET_SIZE(l), nullptr); }
+
+// Whether pickling obj can never reach a reducer (so no handle can be collected and the spawning
+// popen need not be set): exact builtin scalars, and small tuples/lists/dicts of them, two levels
+// deep. The C pickler handles these types itself, before any dispatch table. Anything else takes
+// the general path; this only skips work that would have been a no-op.
+bool plain(PyObject* o, int depth) {
+  PyTypeObject* t = Py_TYPE(o);
+  if (o == Py_None || t == &PyLong_Type || t == &PyFloat_Type || t == &PyUnicode_Type || t == &PyBytes_Type ||
+      t == &PyBool_Type)
+    return true;
+  if (depth == 0) return false;
+  if (t == &PyTuple_Type) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(o);
+    if (n > 16) return false;
+    for (Py_ssize_t i = 0; i < n; ++i)
+      if (!plain(PyTuple_GET_ITEM(o, i), depth - 1)) return false;
+    return true;
+  }
+  if (t == &PyList_Type) {
+    const Py_ssize_t n = PyList_GET_SIZE(o);
+    if (n > 16) return false;
+    for (Py_ssize_t i = 0; i < n; ++i)
+      if (!plain(PyList_GET_ITEM(o, i), depth - 1)) return false;
+    return true;
+  }
+  if (t == &PyDict_Type) {
+    if (PyDict_GET_SIZE(o) > 16) return false;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(o, &pos, &k, &v))
+      if (!plain(k, 0) || !plain(v, depth - 1)) return false;
+    return true;
+  }
+  return false;
+}
+
+// Collects the pickler's output into one bytes object and empties the list.
+PyObject* take_output(PyObject* out) {
+  const Py_ssize_t n = PyList_GET_SIZE(out);
+  PyObject* data;
+  if (n == 1) {
+    data = Py_NewRef(PyList_GET_ITEM(out, 0));
+  } else {
+    PyObject* empty = PyBytes_FromStringAndSize(nullptr, 0);
+    data = _PyBytes_Join(empty, out);
+    Py_DECREF(empty);
+  }
+  clear_list(out);
+  return data;
+}
+
+}  // namespace
+
+void dump_object(PyObject* obj, Dumped& out) {
+  const Globals& g = globals();
+  ThreadDumper& d = thread_dumper(g);
+  out.flags = 0;
+  out.fds.clear();
+  if (plain(obj, 2)) {
+    PyObject* r = PyObject_CallOneArg(d.dump, obj);
+    PyObject* cm = PyObject_CallNoArgs(d.clear_memo);
+    Py_XDECREF(cm);
+    if (r == nullptr) {
+      clear_list(d.out);
+      throw py::error_already_set();
+    }
+    Py_DECREF(r);
+    PyObject* data = take_output(d.out);
+    if (data == nullptr) throw py::error_already_set();
+    out.payload = py::reinterpret_steal<py::object>(data);
+    return;
+  }
+  // Make multiprocessing.reduction.DupFd attach descriptors to our frame (see reduction.py).
+  PyObject* prev = PyObject_GetAttr(g.mp_tls, g.spawning_popen);
+  if (prev == nullptr) {
+    PyErr_Clear();
+    prev = Py_NewRef(Py_None);
+  }
+  if (PyObject_SetAttr(g.mp_tls, g.spawning_popen, d.collector) != 0) {
+    Py_DECREF(prev);
+    throw py::error_already_set();
+  }
+  PyObject* r = PyObject_CallOneArg(d.dump, obj);
+  // Restore state whatever happened, keeping the pickling error (if any) in place.
+  PyObject *et, *ev, *tb;
+  PyErr_Fetch(&et, &ev, &tb);
+  PyObject_SetAttr(g.mp_tls, g.spawning_popen, prev);
+  Py_DECREF(prev);
+  PyObject* cm = PyObject_CallNoArgs(d.clear_memo);
+  Py_XDECREF(cm);
+  PyErr_Clear();
+  PyErr_Restore(et, ev, tb);
+  if (r == nullptr) {
+    clear_list(d.out);
+    clear_list(d.fds);
+    clear_list(d.buffers);
+    throw py::error_already_set();
+  }
+  Py_DECREF(r);
+  PyObject* data = take_output(d.out);
+  if (data == nullptr) throw py::error_already_set();
+  out.payload = py::reinterpret_steal<py::object>(data);
+  if (PyList_GET_SIZE(d.fds) != 0) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(d.fds); ++i)
+      out.fds.push_back(static_cast<int>(PyLong_AsLong(PyList_GET_ITEM(d.fds, i))));
+    clear_list(d.fds);
+  }
+  if (PyList_GET_SIZE(d.buffers) != 0) {
+    PyObject* bufs = PyList_GetSlice(d.buffers, 0, PyList_GET_SIZE(d.buffers));
+    clear_list(d.buffers);
+    PyObject* pieces = PyObject_CallFunctionObjArgs(g.with_buffers, out.payload.ptr(), bufs, nullptr);
+    Py_DECREF(bufs);
+    if (pieces == nullptr) throw py::error_already_set();
+    out.payload = py::reinterpret_steal<py::object>(pieces);
+    out.flags = 2;  // proto::flag::kBuffers
+  }
+}
+
+PyObject* load_item(PyObject* item) {
+  const Globals& g = globals();
+  if (PyBytes_CheckExact(item)) return PyObject_CallOneArg(g.pickle_loads, item);
+  return PyObject_CallOneArg(g.loads_item, item);
+}
+
+void init_codec(py::module_& m) {
+  m.def(
+      "dumps",
+      [](py::handle obj) {
+        Dumped d;
+        dump_object(obj.ptr(), d);
+        py::object fds = py::none();
+        if (!d.fds.empty()) fds = py::cast(d.fds);
+        return py::make_tuple(d.payload, d.flags, fds);
+      },
+      py::arg("obj"),
+      "Pickle obj for a ringpool frame: (payload, flags, fds). See ringpool.reduction.dumps.");
+}
+
+}  // namespace ringpool::py_bindings

@@ -1,0 +1,26 @@
+// The object codec of ringpool channels, in C for the hot path: pickling with the thread's cached
+// ForkingPickler (built by ringpool.reduction) under the handle collector, and unpickling.
+#pragma once
+
+#include <Python.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace ringpool::py_bindings {
+
+struct Dumped {
+  pybind11::object payload;  // bytes, or a list of buffers (FLAG_BUFFERS layout)
+  std::uint8_t flags = 0;
+  std::vector<int> fds;      // borrowed from the objects' reducers
+};
+
+// Pickles obj; throws error_already_set with the pickling error (nothing half-done remains).
+void dump_object(PyObject* obj, Dumped& out);
+
+// Unpickles an item as Channel.get returns it (bytes, or (flags, payload, fds)). New reference,
+// or nullptr with a Python error set.
+PyObject* load_item(PyObject* item);
+
+}  // namespace ringpool::py_bindings
