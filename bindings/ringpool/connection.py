@@ -28,6 +28,7 @@ __all__ = ["Connection", "Pipe"]
 
 # A blocked recv/send re-checks the peer this often (ring wake-ups are immediate regardless).
 _PEER_CHECK = 0.05
+_RAW = _core.FLAG_RAW
 
 
 class Connection:
@@ -104,11 +105,19 @@ class Connection:
     # -- sending ------------------------------------------------------------------------------
     def send(self, obj):
         """Send a picklable object (handles inside travel with it)."""
-        self._check_writable()
-        self._wait_published(self._send.put_obj(obj, 0))
+        if self._closed or self._send is None:
+            self._check_writable()
+        p = self._send.put_obj(obj, 0)
+        if p is not None:
+            self._wait_published(p)
 
     def send_bytes(self, buf, offset=0, size=None):
         """Send bytes from a bytes-like object; recv_bytes on the other end returns them."""
+        if type(buf) is bytes and offset == 0 and size is None and not self._closed and self._send is not None:
+            p = self._send.put(buf, _RAW, None, 0)  # the common case, without memoryview work
+            if p is not None:
+                self._wait_published(p)
+            return
         self._check_writable()
         m = memoryview(buf)
         if m.itemsize > 1:
@@ -124,7 +133,7 @@ class Connection:
             raise ValueError("size is negative")
         elif offset + size > n:
             raise ValueError("buffer length < offset + size")
-        self._send_payload(m[offset:offset + size], _core.FLAG_RAW, None)
+        self._send_payload(m[offset:offset + size], _RAW, None)
 
     def _send_payload(self, payload, flags, fds):
         self._wait_published(self._send.put(payload, flags, fds, 0))
@@ -137,8 +146,9 @@ class Connection:
             chan.wait_writable(p.record_bytes, _PEER_CHECK)
 
     # -- receiving ----------------------------------------------------------------------------
-    def _recv_item(self, timeout=None):
-        self._check_readable()
+    def _recv_item(self):
+        if self._closed or self._recv is None:
+            self._check_readable()
         chan = self._recv
         while True:
             item = chan.get(_PEER_CHECK)
@@ -150,7 +160,8 @@ class Connection:
 
     def recv(self):
         """Receive an object sent with send()."""
-        self._check_readable()
+        if self._closed or self._recv is None:
+            self._check_readable()
         chan = self._recv
         while True:
             try:
@@ -165,7 +176,8 @@ class Connection:
         """Receive one message's bytes. Raises OSError (and closes) if longer than maxlength."""
         if maxlength is not None and maxlength < 0:
             raise ValueError("negative maxlength")
-        data = payload_bytes(self._recv_item())
+        item = self._recv_item()
+        data = item if type(item) is bytes else payload_bytes(item)
         if maxlength is not None and len(data) > maxlength:
             self.close()
             raise OSError("bad message length")

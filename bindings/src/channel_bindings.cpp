@@ -49,6 +49,11 @@ constexpr std::int64_t kPauseSpinNs = 2000;
 // reaches PyErr_CheckSignals promptly (Ctrl-C, SIGCHLD handlers).
 constexpr std::int64_t kWaitSliceNs = 20'000'000;
 
+// A put that finds the ring full waits while consumers keep taking frames (backpressure: the
+// producer sleeps, the consumer gets the CPU), and buffers the frame locally once they have taken
+// nothing for this long, so a process that fills its own queue before reading never deadlocks.
+constexpr std::int64_t kStallNs = 5'000'000;
+
 inline void cpu_relax() { __builtin_ia32_pause(); }
 
 // Releases the GIL for a scope. Unlike py::gil_scoped_release, the destructor is
@@ -291,7 +296,9 @@ class PyChannel {
         timeout, [&] { return ring().try_get(sink, fds); }, [&] { return ring().readable(); },
         [&](std::int64_t ns) { ring().wait_data(ns); });
     if (!ok) return py::none();
-    if (sink.frame.flags == 0 && sink.frame.nhandles == 0) return std::move(sink.frame.payload);
+    // Raw frames (send_bytes) come back as bare bytes too: recv_bytes returns the bytes either way,
+    // and recv unpickles them, exactly what the stdlib's Connection does with the same bytes.
+    if ((sink.frame.flags & ~proto::flag::kRaw) == 0 && sink.frame.nhandles == 0) return std::move(sink.frame.payload);
     std::size_t pos = 0;
     return assemble(sink.frame, fds, pos);
   }
@@ -365,9 +372,11 @@ class PyChannel {
         keep.push_back(std::move(d.payload));
       }
       const std::size_t first = i - pieces.size();
-      const std::size_t done =
+      std::size_t done =
           pieces.empty() ? 0 : ring().try_put_many(proto::Kind::DATA, 0, pieces.data(), pieces.size(), accounting);
-      if (done < pieces.size()) return first + done;  // the ring is full
+      while (done < pieces.size() && wait_room(Ring::record_size(pieces[done].len)))
+        done += ring().try_put_many(proto::Kind::DATA, 0, pieces.data() + done, pieces.size() - done, accounting);
+      if (done < pieces.size()) return first + done;  // consumers stalled: the caller buffers the rest
       if (stop) return i;
     }
     return n;
@@ -404,13 +413,45 @@ class PyChannel {
   Ring& ring() const { return ch_.ring(); }
 
  private:
+  // The ring is full: waits for room while consumers make progress (see kStallNs). True when a
+  // record of rec bytes fits; false when consumers stalled. Runs signal handlers meanwhile.
+  bool wait_room(std::size_t rec) {
+    std::uint64_t seen = ring().consumed();
+    std::int64_t last = futex::now_ns();
+    for (;;) {
+      {
+        ReleaseGil nogil;
+        const std::int64_t slice_end = last + kWaitSliceNs;
+        for (;;) {
+          if (ring().writable(rec)) break;
+          const std::int64_t now = futex::now_ns();
+          const std::uint64_t c = ring().consumed();
+          if (c != seen) {
+            seen = c;
+            last = now;
+          } else if (now - last >= kStallNs) {
+            break;
+          }
+          if (now >= slice_end) break;
+          ring().wait_space(rec, std::min(kStallNs / 4, slice_end - now));
+        }
+      }
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (ring().writable(rec)) return true;
+      if (futex::now_ns() - last >= kStallNs) return false;
+    }
+  }
+
   py::object put_dumped(Dumped& d, unsigned accounting) {
     if (d.fds.empty() && PyBytes_CheckExact(d.payload.ptr())) {
       const std::size_t n = static_cast<std::size_t>(PyBytes_GET_SIZE(d.payload.ptr()));
       if (!ch_.out_of_band(n)) {
         Ring::Piece piece{PyBytes_AS_STRING(d.payload.ptr()), n};
-        if (ring().try_put(proto::Kind::DATA, d.flags, &piece, 1, nullptr, 0, accounting) == Ring::PutStatus::ok)
-          return py::none();
+        for (;;) {
+          Ring::PutStatus st = ring().try_put(proto::Kind::DATA, d.flags, &piece, 1, nullptr, 0, accounting);
+          if (st == Ring::PutStatus::ok) return py::none();
+          if (st != Ring::PutStatus::full || !wait_room(Ring::record_size(n))) break;
+        }
       }
     }
     Pieces pieces(d.payload);
@@ -421,6 +462,9 @@ class PyChannel {
     } else {
       p = ch_.put(proto::Kind::DATA, d.flags, pieces.data(), pieces.size(), d.fds.data(), d.fds.size(), accounting);
     }
+    // Accepted (and counted) but not published: wait while consumers make progress.
+    while (p && !ring().writable(p->record_bytes()) && wait_room(p->record_bytes()))
+      if (ch_.publish(*p, 0)) return py::none();
     if (!p) return py::none();
     return py::cast(std::move(p));
   }

@@ -24,10 +24,14 @@ const AtForkRegistration g_atfork;
 
 constexpr std::size_t kMinBlock = 64 * 1024;
 
+// Block sizes: len rounded up to a granule of 1/8 of its power of two (at least 64 KiB), so a
+// block wastes at most 12.5% (a pure power-of-two class would give a 64 MiB array, whose frame
+// is a few bytes larger, a 128 MiB block).
 std::size_t size_class(std::size_t len) {
-  std::size_t c = kMinBlock;
-  while (c < len) c <<= 1;
-  return c;
+  std::size_t p = kMinBlock;
+  while (p < len) p <<= 1;
+  const std::size_t granule = std::max(kMinBlock, p / 8);
+  return (len + granule - 1) / granule * granule;
 }
 
 }  // namespace
@@ -60,7 +64,8 @@ std::shared_ptr<Block> BlockPool::acquire(std::size_t len) {
   std::lock_guard<std::mutex> g(mu_);
   drop_if_forked();
   for (auto& b : blocks_) {
-    if (b->capacity() != cls) continue;
+    // Any free block that fits without wasting more than a quarter of it.
+    if (b->capacity() < len || b->capacity() > cls + cls / 4) continue;
     std::uint32_t expected = kBlockFree;
     // Acquire pairs with the reader's release in Block::mark_free.
     if (b->header()->state.compare_exchange_strong(expected, kBlockBusy, std::memory_order_acquire)) return b;

@@ -236,9 +236,16 @@ void Ring::notify_data(int n) noexcept {
 }
 
 void Ring::notify_space() noexcept {
-  // Same Dekker pairing as notify_data, with space_waiters in wait_space / wait_item_slot.
+  // Same Dekker pairing as notify_data, with space_waiters / item_waiters in wait_space /
+  // wait_item_slot. Producers waiting for bytes are woken only once the ring is at most half
+  // full: a consumer draining a full ring then wakes them once per half ring, not per frame (a
+  // wake-up costs the consumer a syscall). They sleep only while their record does not fit, so
+  // the hysteresis never strands them (and their sleeps are bounded by the caller's slices).
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (ctl_->space_waiters.load(std::memory_order_relaxed) != 0) {
+  const bool bytes_waiters = ctl_->space_waiters.load(std::memory_order_relaxed) != 0;
+  const bool slot_waiters = ctl_->item_waiters.load(std::memory_order_relaxed) != 0;
+  if (slot_waiters || (bytes_waiters && ctl_->tail.load(std::memory_order_acquire) -
+                                                ctl_->head.load(std::memory_order_acquire) <= capacity_ / 2)) {
     ctl_->space_futex.fetch_add(1, std::memory_order_release);
     futex::wake(&ctl_->space_futex, INT32_MAX);
   }
@@ -295,11 +302,11 @@ futex::WaitResult Ring::wait_space(std::size_t record_bytes, std::int64_t timeou
 }
 
 futex::WaitResult Ring::wait_item_slot(std::int64_t maxsize, std::int64_t timeout_ns) {
-  ctl_->space_waiters.fetch_add(1, std::memory_order_seq_cst);
+  ctl_->item_waiters.fetch_add(1, std::memory_order_seq_cst);
   const std::uint32_t v = ctl_->space_futex.load(std::memory_order_acquire);
   futex::WaitResult r = futex::WaitResult::woken;
   if (items() >= maxsize) r = futex::wait(&ctl_->space_futex, v, timeout_ns);
-  ctl_->space_waiters.fetch_sub(1, std::memory_order_relaxed);
+  ctl_->item_waiters.fetch_sub(1, std::memory_order_relaxed);
   return r;
 }
 

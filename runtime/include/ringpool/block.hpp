@@ -65,7 +65,8 @@ class Block {
 class BlockPool {
  public:
   static BlockPool& instance();
-  // A block with at least len bytes, marked BUSY. Size classes are powers of two from 64 KiB.
+  // A block with at least len bytes, marked BUSY: a free pooled one if one fits (at most 25%
+  // larger), else a new one rounded up to 1/8 of len's power of two (at least 64 KiB).
   std::shared_ptr<Block> acquire(std::size_t len);
   // Bytes the pool may keep mapped (free or busy). Beyond it, blocks are created and then
   // forgotten after use (the reader's mapping keeps them alive until it lets go).

@@ -55,8 +55,9 @@ struct RingControl {
   // -- wait words ------------------------------------------------------------------------------
   alignas(64) std::atomic<std::uint32_t> data_futex;    // bumped when frames are published
   std::atomic<std::uint32_t> data_waiters;              // threads sleeping on data_futex
-  alignas(64) std::atomic<std::uint32_t> space_futex;   // bumped when frames are consumed
-  std::atomic<std::uint32_t> space_waiters;
+  alignas(64) std::atomic<std::uint32_t> space_futex;   // bumped when producers are woken
+  std::atomic<std::uint32_t> space_waiters;             // producers waiting for bytes of room
+  std::atomic<std::uint32_t> item_waiters;              // producers waiting for an item slot (maxsize)
   // -- queue accounting (stdlib qsize/maxsize, JoinableQueue) -----------------------------------
   alignas(64) std::atomic<std::int64_t> items;          // accepted by put, not yet taken by get
   std::atomic<std::int64_t> unfinished;                 // JoinableQueue: put minus task_done
