@@ -14,12 +14,16 @@ Deviations from ``multiprocessing.queues`` (everything else behaves the same):
 - ``qsize()`` is exact up to races (a shared counter), on every platform.
 - ``SimpleQueue`` keeps the stdlib's ``_reader``, ``_writer``, ``_rlock`` and ``_wlock``
   attributes for the stdlib Pool and ProcessPoolExecutor; its ``put`` is synchronous (it waits
-  for ring space, as the stdlib's waits for pipe space).
+  for ring space, as the stdlib's waits for pipe space). ``_rlock``/``_wlock`` are per-process
+  locks (the ring needs none), so no named semaphore is created.
+- Backpressure: a ``put`` that finds the ring full waits while consumers keep taking items, and
+  buffers locally (as the stdlib always does) only once they have taken nothing for 5 ms. So a
+  producer never waits on a stalled consumer, and a fast producer does not steal the CPU of the
+  consumer it is waiting for. ``Queue(backpressure=False)`` buffers at once, as the stdlib does.
 """
 from __future__ import annotations
 
 import collections
-import multiprocessing
 import os
 import queue
 import threading
@@ -153,9 +157,11 @@ class Queue:
 
     _accounting = _COUNT_ITEM
 
-    def __init__(self, maxsize=0, *, ctx=None, capacity=None):
+    def __init__(self, maxsize=0, *, ctx=None, capacity=None, backpressure=True):
         self._maxsize = int(maxsize) if maxsize and maxsize > 0 else 0
         self._chan = _core.Channel.create(capacity or DEFAULT_CAPACITY)
+        if not backpressure:
+            self._accounting = type(self)._accounting | _core.NO_BACKPRESSURE
         self._reset_local()
 
     def _reset_local(self):
@@ -166,10 +172,10 @@ class Queue:
     # -- pickling: only while spawning a process (or inside a ringpool message), like the stdlib
     def __getstate__(self):
         _mp_context.assert_spawning(self)
-        return (reduce_channel(self._chan), self._maxsize)
+        return (reduce_channel(self._chan), self._maxsize, self._accounting)
 
     def __setstate__(self, state):
-        tokens, self._maxsize = state
+        tokens, self._maxsize, self._accounting = state
         self._chan = rebuild_channel(tokens)
         self._reset_local()
 
@@ -203,7 +209,7 @@ class Queue:
         if feeder.pending and not feeder.drain():  # keep this producer's order
             feeder.add(self._chan.stage(payload, flags, fds, acct))
             return
-        p = self._chan.put(payload, flags, fds, acct)
+        p = self._chan.put_payload(payload, flags, fds, acct)
         if p is not None:
             feeder.add(p)
 
@@ -332,25 +338,35 @@ class SimpleQueue:
 
     def __init__(self, *, ctx=None, capacity=None):
         self._chan = _core.Channel.create(capacity or DEFAULT_CAPACITY)
-        # Named semaphores (spawn's), so the locks work in children of any start method.
-        ctx = ctx or multiprocessing.get_context("spawn")
-        # Kept for stdlib code that takes them (Pool._help_stuff_finish); ringpool's own get/put
-        # do not need them: the ring is multi-producer multi-consumer by itself.
-        self._rlock = ctx.Lock()
-        self._wlock = ctx.Lock()
         self._setup()
 
     def _setup(self):
         self._closed = False
         self._reader = _ConnectionEnd(self, True, False)
         self._writer = _ConnectionEnd(self, False, True)
+        self._locks = None
+
+    # The stdlib's SimpleQueue serializes readers and writers with two SemLocks, and stdlib code
+    # takes _rlock directly (Pool._help_stuff_finish). The ring needs no lock, so these are plain
+    # per-process locks made on first use: nothing is ever named in /dev/shm for them.
+    @property
+    def _rlock(self):
+        return self._lock_pair()[0]
+
+    @property
+    def _wlock(self):
+        return self._lock_pair()[1]
+
+    def _lock_pair(self):
+        if self._locks is None:
+            self._locks = (threading.Lock(), threading.Lock())
+        return self._locks
 
     def __getstate__(self):
         _mp_context.assert_spawning(self)
-        return (reduce_channel(self._chan), self._rlock, self._wlock)
+        return reduce_channel(self._chan)
 
-    def __setstate__(self, state):
-        tokens, self._rlock, self._wlock = state
+    def __setstate__(self, tokens):
         self._chan = rebuild_channel(tokens)
         self._setup()
 

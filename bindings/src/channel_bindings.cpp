@@ -54,6 +54,9 @@ constexpr std::int64_t kWaitSliceNs = 20'000'000;
 // nothing for this long, so a process that fills its own queue before reading never deadlocks.
 constexpr std::int64_t kStallNs = 5'000'000;
 
+// An accounting bit of the Python API only: never wait on a full ring, buffer at once.
+constexpr unsigned kNoBackpressure = 1u << 8;
+
 inline void cpu_relax() { __builtin_ia32_pause(); }
 
 // Releases the GIL for a scope. Unlike py::gil_scoped_release, the destructor is
@@ -345,6 +348,15 @@ class PyChannel {
     return put_dumped(d, accounting);
   }
 
+  // Publishes already pickled data (ringpool.reduction.dumps output), with backpressure.
+  py::object put_payload(py::handle payload, std::uint8_t flags, const py::object& fds_obj, unsigned accounting) {
+    Dumped d;
+    d.payload = py::reinterpret_borrow<py::object>(payload);
+    d.flags = flags;
+    d.fds = to_fds(fds_obj);
+    return put_dumped(d, accounting);
+  }
+
   // Pickles objs[start:] and publishes the plain ones (no handles, no out-of-band buffers, small)
   // in batches, one critical section each. Stops before the first item that is not plain or does
   // not fit; returns the index of that item (len(objs) when all went out).
@@ -372,9 +384,12 @@ class PyChannel {
         keep.push_back(std::move(d.payload));
       }
       const std::size_t first = i - pieces.size();
+      const bool may_wait = !(accounting & kNoBackpressure);
+      accounting &= ~kNoBackpressure;
       std::size_t done =
           pieces.empty() ? 0 : ring().try_put_many(proto::Kind::DATA, 0, pieces.data(), pieces.size(), accounting);
-      while (done < pieces.size() && wait_room(Ring::record_size(pieces[done].len)))
+      accounting |= may_wait ? 0u : kNoBackpressure;
+      while (may_wait && done < pieces.size() && wait_room(Ring::record_size(pieces[done].len)))
         done += ring().try_put_many(proto::Kind::DATA, 0, pieces.data() + done, pieces.size() - done, accounting);
       if (done < pieces.size()) return first + done;  // consumers stalled: the caller buffers the rest
       if (stop) return i;
@@ -443,6 +458,8 @@ class PyChannel {
   }
 
   py::object put_dumped(Dumped& d, unsigned accounting) {
+    const bool may_wait = !(accounting & kNoBackpressure);
+    accounting &= ~kNoBackpressure;
     if (d.fds.empty() && PyBytes_CheckExact(d.payload.ptr())) {
       const std::size_t n = static_cast<std::size_t>(PyBytes_GET_SIZE(d.payload.ptr()));
       if (!ch_.out_of_band(n)) {
@@ -450,7 +467,7 @@ class PyChannel {
         for (;;) {
           Ring::PutStatus st = ring().try_put(proto::Kind::DATA, d.flags, &piece, 1, nullptr, 0, accounting);
           if (st == Ring::PutStatus::ok) return py::none();
-          if (st != Ring::PutStatus::full || !wait_room(Ring::record_size(n))) break;
+          if (st != Ring::PutStatus::full || !may_wait || !wait_room(Ring::record_size(n))) break;
         }
       }
     }
@@ -463,7 +480,7 @@ class PyChannel {
       p = ch_.put(proto::Kind::DATA, d.flags, pieces.data(), pieces.size(), d.fds.data(), d.fds.size(), accounting);
     }
     // Accepted (and counted) but not published: wait while consumers make progress.
-    while (p && !ring().writable(p->record_bytes()) && wait_room(p->record_bytes()))
+    while (p && may_wait && !ring().writable(p->record_bytes()) && wait_room(p->record_bytes()))
       if (ch_.publish(*p, 0)) return py::none();
     if (!p) return py::none();
     return py::cast(std::move(p));
@@ -683,6 +700,9 @@ at least every 20 ms (an exception from a handler propagates).)doc")
       .def("stage", &PyChannel::stage, py::arg("payload"), py::arg("flags") = 0, py::arg("fds") = py::none(),
            py::arg("accounting") = Ring::kCountItem)
       .def("publish", &PyChannel::publish, py::arg("pending"))
+      .def("put_payload", &PyChannel::put_payload, py::arg("payload"), py::arg("flags") = 0,
+           py::arg("fds") = py::none(), py::arg("accounting") = Ring::kCountItem,
+           "Publish dumps() output with backpressure (see put_obj); None, or a Pending.")
       .def("put_many", &PyChannel::put_many, py::arg("items"), py::arg("flags") = 0,
            py::arg("accounting") = Ring::kCountItem)
       .def("wait_writable", &PyChannel::wait_writable, py::arg("record_bytes"), py::arg("timeout"))
@@ -702,6 +722,7 @@ at least every 20 ms (an exception from a handler propagates).)doc")
       .def_static("record_size", &Ring::record_size);
   add_fast_methods(cls);
 
+  m.attr("NO_BACKPRESSURE") = kNoBackpressure;
   m.def("block_pool_bytes", [] { return BlockPool::instance().cached_bytes(); },
         "Bytes of out-of-band blocks this process keeps for reuse.");
   m.def("set_block_pool_limit", [](std::size_t n) { BlockPool::instance().set_max_bytes(n); });

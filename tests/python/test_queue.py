@@ -171,6 +171,49 @@ def test_self_fill_beyond_capacity_never_deadlocks():
     q.join_thread()
 
 
+@pytest.mark.parametrize("backpressure", [True, False])
+def test_self_fill_costs_at_most_one_stall(backpressure):
+    q = ringpool.Queue(capacity=4096, backpressure=backpressure)
+    t0 = time.monotonic()
+    for i in range(5000):
+        q.put(i)
+    # With backpressure only the first put that finds the ring full waits (5 ms) for a consumer.
+    assert time.monotonic() - t0 < 2.0
+    assert q._feeder.pending  # the rest was buffered locally
+    assert [q.get(timeout=10) for _ in range(5000)] == list(range(5000))
+
+
+def _slow_consumer(q, out, n):
+    got = []
+    for _ in range(n):
+        got.append(q.get(timeout=30))
+        if len(got) % 50 == 0:
+            time.sleep(0.002)
+    out.put(got)
+
+
+@pytest.mark.parametrize("backpressure", [True, False])
+def test_backpressure_follows_a_live_consumer(backpressure):
+    q = ringpool.Queue(capacity=4096, backpressure=backpressure)
+    out = ringpool.Queue()
+    n = 3000  # ~80 ring-fulls
+    ctx = mp.get_context("fork")
+    with children() as procs:
+        p = ctx.Process(target=_slow_consumer, args=(q, out, n))
+        p.start()
+        procs.append(p)
+        time.sleep(0.2)  # let the consumer reach its first get
+        buffered = 0
+        for i in range(n):
+            q.put(i)
+            buffered = max(buffered, len(q._feeder.pending))
+        assert out.get(timeout=60) == list(range(n))
+    if backpressure:
+        assert buffered == 0  # the producer waited for the consumer instead of buffering
+    else:
+        assert buffered > 0
+
+
 def test_pending_items_flush_at_exit_unless_cancelled():
     ctx = mp.get_context("fork")
     q = ringpool.Queue(capacity=4096)
