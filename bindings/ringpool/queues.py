@@ -159,7 +159,8 @@ class Queue:
 
     def __init__(self, maxsize=0, *, ctx=None, capacity=None, backpressure=True):
         self._maxsize = int(maxsize) if maxsize and maxsize > 0 else 0
-        self._chan = _core.Channel.create(capacity or DEFAULT_CAPACITY)
+        # Only a bounded queue keeps an exact shared item count (one more atomic per message).
+        self._chan = _core.Channel.create(capacity or DEFAULT_CAPACITY, 0, bool(self._maxsize))
         if not backpressure:
             self._accounting = type(self)._accounting | _core.NO_BACKPRESSURE
         self._reset_local()

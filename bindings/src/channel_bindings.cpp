@@ -212,8 +212,8 @@ class PyChannel {
  public:
   explicit PyChannel(std::shared_ptr<Ring> ring) : ch_(std::move(ring)) {}
 
-  static PyChannel create(std::size_t capacity, std::size_t inline_max) {
-    return PyChannel(Ring::create({capacity, inline_max}));
+  static PyChannel create(std::size_t capacity, std::size_t inline_max, bool count_items) {
+    return PyChannel(Ring::create({capacity, inline_max, count_items}));
   }
   static PyChannel attach(int memfd, int tx, int rx, int event) {
     return PyChannel(Ring::attach(UniqueFd(memfd), UniqueFd(tx), UniqueFd(rx), UniqueFd(event)));
@@ -258,7 +258,10 @@ class PyChannel {
       ReleaseGil nogil;
       p = ch_.stage(proto::Kind::DATA, flags, pieces.data(), pieces.size(), fds.data(), fds.size());
     }
-    if (accounting & Ring::kCountItem) ring().add_items(1);
+    if (accounting & Ring::kCountItem) {
+      ring().accept_pending();
+      p->counted = true;
+    }
     if (accounting & Ring::kCountTask) ring().add_unfinished(1);
     return p;
   }
@@ -693,7 +696,8 @@ void init_channel(py::module_& m) {
 Every method may be called from any thread of any process that holds the channel. Blocking
 methods release the GIL, spin briefly, then sleep on a futex, and run Python signal handlers
 at least every 20 ms (an exception from a handler propagates).)doc")
-      .def_static("create", &PyChannel::create, py::arg("capacity") = std::size_t{1} << 20, py::arg("inline_max") = 0)
+      .def_static("create", &PyChannel::create, py::arg("capacity") = std::size_t{1} << 20, py::arg("inline_max") = 0,
+                  py::arg("count_items") = false)
       .def_static("attach", &PyChannel::attach, py::arg("memfd"), py::arg("tx"), py::arg("rx"), py::arg("event"),
                   "Attach to a ring from its four descriptors; takes ownership of them.")
       .def("handles", &PyChannel::handles, "(memfd, tx, rx, event): borrowed descriptors, dup them to pass on.")
@@ -708,12 +712,12 @@ at least every 20 ms (an exception from a handler propagates).)doc")
       .def("wait_writable", &PyChannel::wait_writable, py::arg("record_bytes"), py::arg("timeout"))
       .def("get_many", &PyChannel::get_many, py::arg("max"), py::arg("timeout") = -1.0)
       .def("acquire_item", &PyChannel::acquire_item, py::arg("maxsize"), py::arg("timeout") = -1.0)
-      .def("add_items", [](PyChannel& c, std::int64_t n) { c.ring().add_items(n); })
       .def("add_unfinished", [](PyChannel& c, std::int64_t n) { c.ring().add_unfinished(n); })
       .def("task_done", [](PyChannel& c) { return c.ring().task_done(); })
       .def("join", &PyChannel::join, py::arg("timeout") = -1.0)
       .def("fileno", [](PyChannel& c) { return c.ring().readiness_fd(); })
-      .def_property_readonly("items", [](PyChannel& c) { return c.ring().items(); })
+      .def_property_readonly("items", [](PyChannel& c) { return c.ring().size(); },
+                             "Frames accepted and not yet taken (approximate by nature).")
       .def_property_readonly("unfinished", [](PyChannel& c) { return c.ring().unfinished(); })
       .def_property_readonly("capacity", [](PyChannel& c) { return c.ring().capacity(); })
       .def_property_readonly("inline_max", [](PyChannel& c) { return c.ring().inline_max(); })

@@ -53,6 +53,7 @@ bool Channel::publish(Pending& p, unsigned accounting) {
   if (st != Ring::PutStatus::ok) return false;
   p.published = true;
   p.fds.clear();  // our duplicates are in flight now; close them
+  if (p.counted) ring_->published_pending();
   return true;
 }
 
@@ -68,7 +69,10 @@ std::unique_ptr<Pending> Channel::put(proto::Kind kind, std::uint8_t flags, cons
   auto p = stage(kind, flags, pieces, npieces, fds, nfds);
   if (publish(*p, accounting)) return nullptr;
   // Accepted but not yet published: count it now, the retry publishes without accounting.
-  if (accounting & Ring::kCountItem) ring_->add_items(1);
+  if (accounting & Ring::kCountItem) {
+    ring_->accept_pending();
+    p->counted = true;
+  }
   if (accounting & Ring::kCountTask) ring_->add_unfinished(1);
   return p;
 }

@@ -80,6 +80,7 @@ std::shared_ptr<Ring> Ring::create(const RingOptions& opts) {
   std::size_t inl = opts.inline_max != 0 ? opts.inline_max : cap / 8;
   if (record_size(inl) > cap) inl = cap - proto::kHeaderSize - 8;
   ctl->inline_max = inl;
+  ctl->options = opts.count_items ? kOptCountItems : 0;
   init_robust_mutex(&ctl->prod_lock);
   init_robust_mutex(&ctl->cons_lock);
   ctl->next_seq.store(1, std::memory_order_relaxed);
@@ -114,6 +115,7 @@ Ring::Ring(Segment seg, FdChannel fds, UniqueFd event)
   mask_ = capacity_ - 1;
   data_ = seg_.base() + ctl_->data_offset;
   inline_max_ = ctl_->inline_max;
+  counts_items_ = (ctl_->options & kOptCountItems) != 0;
 }
 
 Ring::PutStatus Ring::try_put(proto::Kind kind, std::uint8_t flags, const Piece* pieces, std::size_t npieces,
@@ -125,10 +127,16 @@ Ring::PutStatus Ring::try_put(proto::Kind kind, std::uint8_t flags, const Piece*
   {
     RobustLock lock(&ctl_->prod_lock);
     const std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);  // only written under this lock
-    // Acquire pairs with the consumer's release store of head after it copied a record out:
-    // the bytes we are about to overwrite are no longer being read.
-    const std::uint64_t h = ctl_->head.load(std::memory_order_acquire);
-    if (t + rec - h > capacity_) return PutStatus::full;
+    // head_cache lags head, so it only ever understates the room: reading head (the consumers'
+    // cache line) is needed only when the cached value says the record does not fit.
+    std::uint64_t h = ctl_->head_cache.load(std::memory_order_relaxed);
+    if (t + rec - h > capacity_) {
+      // Acquire pairs with the consumer's release store of head after it copied a record out:
+      // the bytes we are about to overwrite are no longer being read.
+      h = ctl_->head.load(std::memory_order_acquire);
+      ctl_->head_cache.store(h, std::memory_order_relaxed);
+      if (t + rec - h > capacity_) return PutStatus::full;
+    }
     const std::uint64_t seq = ctl_->next_seq.load(std::memory_order_relaxed);
     // Burn the sequence number before any fd leaves: if we die after sending, the next producer
     // uses seq+1 and consumers drop our packets as orphans.
@@ -143,7 +151,7 @@ Ring::PutStatus Ring::try_put(proto::Kind kind, std::uint8_t flags, const Piece*
       if (pieces[i].len != 0) std::memcpy(p, pieces[i].data, pieces[i].len);
       p += pieces[i].len;
     }
-    if (accounting & kCountItem) ctl_->items.fetch_add(1, std::memory_order_relaxed);
+    if ((accounting & kCountItem) && counts_items_) ctl_->items.fetch_add(1, std::memory_order_relaxed);
     if (accounting & kCountTask) ctl_->unfinished.fetch_add(1, std::memory_order_relaxed);
     ctl_->committed.store(ctl_->committed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     // The publish. Release pairs with the consumer's acquire load of tail: the record bytes (and
@@ -161,6 +169,7 @@ std::size_t Ring::try_put_many(proto::Kind kind, std::uint8_t flags, const Piece
     RobustLock lock(&ctl_->prod_lock);
     std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);
     const std::uint64_t h = ctl_->head.load(std::memory_order_acquire);  // as in try_put
+    ctl_->head_cache.store(h, std::memory_order_relaxed);
     std::uint64_t seq = ctl_->next_seq.load(std::memory_order_relaxed);
     for (; done < n; ++done) {
       const std::size_t rec = record_size(payloads[done].len);
@@ -173,7 +182,8 @@ std::size_t Ring::try_put_many(proto::Kind kind, std::uint8_t flags, const Piece
     }
     if (done == 0) return 0;
     ctl_->next_seq.store(seq, std::memory_order_relaxed);
-    if (accounting & kCountItem) ctl_->items.fetch_add(static_cast<std::int64_t>(done), std::memory_order_relaxed);
+    if ((accounting & kCountItem) && counts_items_)
+      ctl_->items.fetch_add(static_cast<std::int64_t>(done), std::memory_order_relaxed);
     if (accounting & kCountTask) ctl_->unfinished.fetch_add(static_cast<std::int64_t>(done), std::memory_order_relaxed);
     ctl_->committed.store(ctl_->committed.load(std::memory_order_relaxed) + done, std::memory_order_relaxed);
     // One publish for the whole batch (release: pairs with the consumer's acquire of tail).
@@ -190,8 +200,14 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
   {
     RobustLock lock(&ctl_->cons_lock);
     std::uint64_t h = ctl_->head.load(std::memory_order_relaxed);  // only written under this lock
-    // Acquire pairs with the producer's release store of tail: the records are fully written.
-    const std::uint64_t t = ctl_->tail.load(std::memory_order_acquire);
+    // tail_cache lags tail, so it only ever understates what is published; read tail (the
+    // producers' cache line) only when the cached value says the ring is empty.
+    std::uint64_t t = ctl_->tail_cache.load(std::memory_order_relaxed);
+    if (h == t) {
+      // Acquire pairs with the producer's release store of tail: the records are fully written.
+      t = ctl_->tail.load(std::memory_order_acquire);
+      ctl_->tail_cache.store(t, std::memory_order_relaxed);
+    }
     while (got < max && h != t) {
       const std::uint8_t* rec = data_ + (h & mask_);
       proto::FrameHeader hd;
@@ -205,7 +221,7 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
       sink.take(hd, rec + proto::kHeaderSize);  // may throw: this record stays, earlier ones are taken
       h += rsize;
       ++got;
-      ctl_->items.fetch_sub(1, std::memory_order_relaxed);
+      if (counts_items_) ctl_->items.fetch_sub(1, std::memory_order_relaxed);
       ctl_->consumed.store(ctl_->consumed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
       // Release pairs with the producer's acquire load of head: we are done reading these bytes.
       ctl_->head.store(h, std::memory_order_release);

@@ -74,11 +74,11 @@ TEST_CASE("ring: FIFO, empty and zero-length frames") {
   CHECK(put_str(*r, "") == Ring::PutStatus::ok);
   CHECK(put_str(*r, "a") == Ring::PutStatus::ok);
   CHECK(put_str(*r, std::string(1000, 'b')) == Ring::PutStatus::ok);
-  CHECK(r->items() == 3);
+  CHECK(r->size() == 3);
   CHECK(get_str(*r).empty());
   CHECK(get_str(*r) == "a");
   CHECK(get_str(*r) == std::string(1000, 'b'));
-  CHECK(r->items() == 0);
+  CHECK(r->size() == 0);
   CHECK_FALSE(r->readable());
 }
 
@@ -242,13 +242,13 @@ TEST_CASE("channel: a full ring yields a pending frame that publishes later") {
   Ring::Piece q{s.data(), s.size()};
   auto pending = ch.put(proto::Kind::DATA, 0, &q, 1, nullptr, 0, Ring::kCountItem);
   REQUIRE(pending != nullptr);
-  CHECK(ring->items() == 2);  // accepted counts
+  CHECK(ring->size() == 2);  // accepted counts
   s = "mutated";              // the pending frame owns a copy
   CHECK_FALSE(ch.publish(*pending));
   (void)get_str(*ring);
   CHECK(ch.publish(*pending));
   CHECK(get_str(*ring) == "later");
-  CHECK(ring->items() == 0);
+  CHECK(ring->size() == 0);
 }
 
 TEST_CASE("ring: exactly-once per-producer FIFO across processes [stress]") {
@@ -302,6 +302,25 @@ TEST_CASE("ring: exactly-once per-producer FIFO across processes [stress]") {
     for (int i = 0; i < kPer; ++i) expect += static_cast<std::uint64_t>(p) * 1000003u + static_cast<std::uint64_t>(i);
   CHECK(shared[3].load() + shared[4].load() == static_cast<std::uint64_t>(kProducers * kPer));
   CHECK(shared[1].load() + shared[2].load() == expect);
-  CHECK(r->items() == 0);
+  CHECK(r->size() == 0);
   ::munmap(shared, 4096);
+}
+
+TEST_CASE("ring: item counting for bounded queues, derived size otherwise") {
+  auto counted = Ring::create({4096, 0, /*count_items=*/true});
+  CHECK(counted->try_acquire_item(2));
+  CHECK(counted->try_acquire_item(2));
+  CHECK_FALSE(counted->try_acquire_item(2));
+  CHECK(put_str(*counted, "a") == Ring::PutStatus::ok);  // kCountItem: items += 1 as well
+  CHECK(counted->items() == 3);
+  (void)get_str(*counted);
+  CHECK(counted->items() == 2);
+
+  auto derived = Ring::create({4096, 0});
+  CHECK(put_str(*derived, "x") == Ring::PutStatus::ok);
+  CHECK(put_str(*derived, "y") == Ring::PutStatus::ok);
+  CHECK(derived->items() == 0);  // never touched
+  CHECK(derived->size() == 2);
+  (void)get_str(*derived);
+  CHECK(derived->size() == 1);
 }

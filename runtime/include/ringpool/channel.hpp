@@ -22,6 +22,7 @@ struct Pending {
   std::shared_ptr<Block> block;    // staged OOB block, BUSY until published and read
   std::vector<UniqueFd> fds;       // owned duplicates
   bool published = false;
+  bool counted = false;            // accepted with kCountItem: Ring::published_pending on publish
   Pending() = default;
   Pending(const Pending&) = delete;
   Pending& operator=(const Pending&) = delete;

@@ -41,17 +41,20 @@ struct RingControl {
   std::uint64_t capacity;     // bytes in the data area; a power of two
   std::uint64_t data_offset;  // where the data area starts (one page)
   std::uint64_t inline_max;   // payloads above this go out of band (a hint for channels)
-  std::uint8_t reserved0[32];
+  std::uint32_t options;      // kOptCountItems
+  std::uint8_t reserved0[28];
   // -- locks (each on its own cache lines) ----------------------------------------------------
   alignas(64) pthread_mutex_t prod_lock;  // robust, process-shared
   alignas(64) pthread_mutex_t cons_lock;  // robust, process-shared
   // -- producer side: written under prod_lock --------------------------------------------------
   alignas(64) std::atomic<std::uint64_t> tail;      // bytes ever published
   std::atomic<std::uint64_t> next_seq;              // next frame sequence number
-  std::atomic<std::uint64_t> committed;             // frames ever published (stats)
+  std::atomic<std::uint64_t> committed;             // frames ever published
+  std::atomic<std::uint64_t> head_cache;            // last head seen by a producer (may lag)
   // -- consumer side: written under cons_lock --------------------------------------------------
   alignas(64) std::atomic<std::uint64_t> head;      // bytes ever consumed
-  std::atomic<std::uint64_t> consumed;              // frames ever consumed (stats)
+  std::atomic<std::uint64_t> consumed;              // frames ever consumed
+  std::atomic<std::uint64_t> tail_cache;            // last tail seen by a consumer (may lag)
   // -- wait words ------------------------------------------------------------------------------
   alignas(64) std::atomic<std::uint32_t> data_futex;    // bumped when frames are published
   std::atomic<std::uint32_t> data_waiters;              // threads sleeping on data_futex
@@ -59,10 +62,11 @@ struct RingControl {
   std::atomic<std::uint32_t> space_waiters;             // producers waiting for bytes of room
   std::atomic<std::uint32_t> item_waiters;              // producers waiting for an item slot (maxsize)
   // -- queue accounting (stdlib qsize/maxsize, JoinableQueue) -----------------------------------
-  alignas(64) std::atomic<std::int64_t> items;          // accepted by put, not yet taken by get
+  alignas(64) std::atomic<std::int64_t> items;          // kOptCountItems: accepted, not yet taken
   std::atomic<std::int64_t> unfinished;                 // JoinableQueue: put minus task_done
   std::atomic<std::uint32_t> join_futex;
   std::atomic<std::uint32_t> join_waiters;
+  std::atomic<std::int64_t> pending;                    // accepted, not yet published (no kOptCountItems)
   // -- readiness fd --------------------------------------------------------------------------
   alignas(64) std::atomic<std::uint32_t> poll_armed;    // someone asked for the eventfd
   std::atomic<std::uint32_t> signaled;                  // the eventfd counter is (about to be) > 0
@@ -83,6 +87,9 @@ static_assert(offsetof(RingControl, prod_lock) == 64 && offsetof(RingControl, co
               "the control block layout is shared by every process attached to a ring (docs/design/ring.md)");
 static_assert(sizeof(pthread_mutex_t) <= 64, "each robust mutex fits its own cache line");
 
+// RingControl::options
+inline constexpr std::uint32_t kOptCountItems = 1;  // maintain `items` on every put and get (maxsize)
+
 struct RingOptions {
   // Bytes in the data area. Larger rings absorb bursts without blocking but cost first-touch
   // time at creation (the whole area is pre-faulted). Rounded up to a power of two >= 1 page.
@@ -90,6 +97,9 @@ struct RingOptions {
   // Payloads above this travel out of band (0: capacity / 8). Smaller keeps the ring from being
   // monopolised by a few large frames; larger saves the block hand-off for mid-size messages.
   std::size_t inline_max = 0;
+  // Keep an exact shared item count for maxsize (one more atomic read-modify-write, on a line both
+  // sides write, per frame). Without it, size() is derived from the publish/take counters.
+  bool count_items = false;
 };
 
 // The descriptors that make up a ring; pass all four to attach() in another process.
@@ -156,6 +166,12 @@ class Ring {
   bool readable() const noexcept;
   bool writable(std::size_t record_bytes) const noexcept;
   std::int64_t items() const noexcept { return ctl_->items.load(std::memory_order_acquire); }
+  // Frames accepted and not yet taken: the item count, or published - taken + pending.
+  std::int64_t size() const noexcept {
+    if (counts_items_) return items();
+    return static_cast<std::int64_t>(committed() - consumed()) + ctl_->pending.load(std::memory_order_acquire);
+  }
+  bool counts_items() const noexcept { return counts_items_; }
   std::int64_t unfinished() const noexcept { return ctl_->unfinished.load(std::memory_order_acquire); }
   std::uint64_t committed() const noexcept { return ctl_->committed.load(std::memory_order_relaxed); }
   std::uint64_t consumed() const noexcept { return ctl_->consumed.load(std::memory_order_relaxed); }
@@ -163,6 +179,14 @@ class Ring {
   // Queue accounting outside put/get (deferred puts count at acceptance, not at publish).
   bool try_acquire_item(std::int64_t maxsize) noexcept;  // items += 1 if items < maxsize
   void add_items(std::int64_t n) noexcept { ctl_->items.fetch_add(n, std::memory_order_acq_rel); }
+  // A frame was accepted but is not published yet (with kCountItem accounting): counted in items
+  // if the ring counts items, else in pending until published (see published_pending).
+  void accept_pending() noexcept {
+    (counts_items_ ? ctl_->items : ctl_->pending).fetch_add(1, std::memory_order_acq_rel);
+  }
+  void published_pending() noexcept {
+    if (!counts_items_) ctl_->pending.fetch_sub(1, std::memory_order_acq_rel);
+  }
   void add_unfinished(std::int64_t n) noexcept { ctl_->unfinished.fetch_add(n, std::memory_order_acq_rel); }
   // JoinableQueue.task_done: false if it was called more often than put.
   bool task_done() noexcept;
@@ -195,6 +219,7 @@ class Ring {
   std::size_t capacity_ = 0;
   std::size_t mask_ = 0;
   std::size_t inline_max_ = 0;
+  bool counts_items_ = false;
 };
 
 }  // namespace ringpool
