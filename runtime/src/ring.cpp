@@ -299,31 +299,35 @@ bool Ring::writable(std::size_t record_bytes) const noexcept {
   return t + record_bytes - h <= capacity_;
 }
 
-futex::WaitResult Ring::wait_data(std::int64_t timeout_ns) {
-  ctl_->data_waiters.fetch_add(1, std::memory_order_seq_cst);
-  const std::uint32_t v = ctl_->data_futex.load(std::memory_order_acquire);
+namespace {
+
+// The waiting half of every Dekker pair in this file: register as a waiter (seq_cst, pairs with
+// the notifier's fence + load of the waiter count), read the futex word, re-check the condition
+// (so a notification between the check and the sleep is never lost: the word moved and
+// FUTEX_WAIT returns at once), sleep, unregister.
+template <class Cond>
+futex::WaitResult wait_on(std::atomic<std::uint32_t>& waiters, std::atomic<std::uint32_t>& word, Cond&& done,
+                          std::int64_t timeout_ns) {
+  waiters.fetch_add(1, std::memory_order_seq_cst);
+  const std::uint32_t v = word.load(std::memory_order_acquire);
   futex::WaitResult r = futex::WaitResult::woken;
-  if (!readable()) r = futex::wait(&ctl_->data_futex, v, timeout_ns);
-  ctl_->data_waiters.fetch_sub(1, std::memory_order_relaxed);
+  if (!done()) r = futex::wait(&word, v, timeout_ns);
+  waiters.fetch_sub(1, std::memory_order_relaxed);
   return r;
+}
+
+}  // namespace
+
+futex::WaitResult Ring::wait_data(std::int64_t timeout_ns) {
+  return wait_on(ctl_->data_waiters, ctl_->data_futex, [&] { return readable(); }, timeout_ns);
 }
 
 futex::WaitResult Ring::wait_space(std::size_t record_bytes, std::int64_t timeout_ns) {
-  ctl_->space_waiters.fetch_add(1, std::memory_order_seq_cst);
-  const std::uint32_t v = ctl_->space_futex.load(std::memory_order_acquire);
-  futex::WaitResult r = futex::WaitResult::woken;
-  if (!writable(record_bytes)) r = futex::wait(&ctl_->space_futex, v, timeout_ns);
-  ctl_->space_waiters.fetch_sub(1, std::memory_order_relaxed);
-  return r;
+  return wait_on(ctl_->space_waiters, ctl_->space_futex, [&] { return writable(record_bytes); }, timeout_ns);
 }
 
 futex::WaitResult Ring::wait_item_slot(std::int64_t maxsize, std::int64_t timeout_ns) {
-  ctl_->item_waiters.fetch_add(1, std::memory_order_seq_cst);
-  const std::uint32_t v = ctl_->space_futex.load(std::memory_order_acquire);
-  futex::WaitResult r = futex::WaitResult::woken;
-  if (items() >= maxsize) r = futex::wait(&ctl_->space_futex, v, timeout_ns);
-  ctl_->item_waiters.fetch_sub(1, std::memory_order_relaxed);
-  return r;
+  return wait_on(ctl_->item_waiters, ctl_->space_futex, [&] { return items() < maxsize; }, timeout_ns);
 }
 
 bool Ring::try_acquire_item(std::int64_t maxsize) noexcept {
@@ -350,12 +354,7 @@ bool Ring::task_done() noexcept {
 }
 
 futex::WaitResult Ring::wait_all_done(std::int64_t timeout_ns) {
-  ctl_->join_waiters.fetch_add(1, std::memory_order_seq_cst);
-  const std::uint32_t v = ctl_->join_futex.load(std::memory_order_acquire);
-  futex::WaitResult r = futex::WaitResult::woken;
-  if (unfinished() > 0) r = futex::wait(&ctl_->join_futex, v, timeout_ns);
-  ctl_->join_waiters.fetch_sub(1, std::memory_order_relaxed);
-  return r;
+  return wait_on(ctl_->join_waiters, ctl_->join_futex, [&] { return unfinished() <= 0; }, timeout_ns);
 }
 
 }  // namespace ringpool
