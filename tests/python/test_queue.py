@@ -369,3 +369,27 @@ def test_simple_queue_across_processes(start_method):
             a.put(i)
         assert sorted(b.get() for _ in range(100)) == list(range(1, 101))
         a.put(None)
+
+
+def test_asyncio_waits_on_the_readiness_fd():
+    import asyncio
+
+    q = ringpool.SimpleQueue()
+    conn_r, conn_w = ringpool.Pipe(duplex=False)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = []
+        for reader, fetch in ((q._reader, q.get), (conn_r, conn_r.recv)):
+            ready = asyncio.Event()
+            loop.add_reader(reader.fileno(), ready.set)
+            try:
+                assert not ready.is_set()
+                threading.Timer(0.05, q.put if reader is q._reader else conn_w.send, args=("hi",)).start()
+                await asyncio.wait_for(ready.wait(), 10)
+                got.append(fetch())
+            finally:
+                loop.remove_reader(reader.fileno())
+        return got
+
+    assert asyncio.run(main()) == ["hi", "hi"]
