@@ -34,7 +34,7 @@ from multiprocessing import util as _mp_util
 from multiprocessing.reduction import DupFd
 
 from . import _core
-from .reduction import dumps
+from .reduction import dumps, payload_bytes
 
 __all__ = ["Queue", "JoinableQueue", "SimpleQueue", "DEFAULT_CAPACITY"]
 
@@ -276,9 +276,6 @@ class Queue:
     def cancel_join_thread(self):
         self._feeder.cancel()
 
-    # Some callers (stdlib-compatible code) use these.
-    def _poll(self, timeout=0.0):
-        return self._chan.poll(_timeout(True, timeout))
 
 
 class JoinableQueue(Queue):
@@ -320,8 +317,6 @@ class _ConnectionEnd:
         return self._owner.get()
 
     def recv_bytes(self, maxlength=None):
-        from .reduction import payload_bytes
-
         data = payload_bytes(self._owner._get_item())
         if maxlength is not None and len(data) > maxlength:
             raise OSError("bad message length")
@@ -380,18 +375,16 @@ class SimpleQueue:
     def put(self, obj):
         if self._closed:
             raise ValueError("SimpleQueue is closed")
-        p = self._chan.put_obj(obj, _COUNT_ITEM)
-        while p is not None and not self._chan.publish(p):  # synchronous, as a pipe write is
-            self._chan.wait_writable(p.record_bytes, -1.0)
+        self._publish_sync(self._chan.put_obj(obj, _COUNT_ITEM))
 
     def _put_raw(self, data):
-        self._put_payload(data, _core.FLAG_RAW, None)
-
-    def _put_payload(self, payload, flags, fds):
         if self._closed:
             raise ValueError("SimpleQueue is closed")
-        p = self._chan.put(payload, flags, fds)
-        while p is not None and not self._chan.publish(p):  # synchronous, as a pipe write is
+        self._publish_sync(self._chan.put(data, _core.FLAG_RAW, None))
+
+    def _publish_sync(self, p):
+        # Synchronous, as a pipe write is: wait for room rather than buffer.
+        while p is not None and not self._chan.publish(p):
             self._chan.wait_writable(p.record_bytes, -1.0)
 
     def _get_item(self):

@@ -268,21 +268,6 @@ class PyChannel {
 
   bool publish(Pending& p) { return ch_.publish(p, 0); }
 
-  // Publishes a prefix of a list of bytes in one critical section; returns how many.
-  std::size_t put_many(const py::list& items, std::uint8_t flags, unsigned accounting) {
-    std::vector<Ring::Piece> pieces;
-    pieces.reserve(items.size());
-    std::size_t limit = ring().inline_max();
-    for (py::handle it : items) {
-      if (!PyBytes_CheckExact(it.ptr())) throw py::type_error("put_many takes a list of bytes");
-      std::size_t n = static_cast<std::size_t>(PyBytes_GET_SIZE(it.ptr()));
-      if (n > limit) break;  // the caller sends this one (and the rest) through put()
-      pieces.push_back({PyBytes_AS_STRING(it.ptr()), n});
-    }
-    if (pieces.empty()) return 0;
-    return ring().try_put_many(proto::Kind::DATA, flags, pieces.data(), pieces.size(), accounting);
-  }
-
   bool wait_writable(std::size_t record_bytes, double timeout) {
     return block_until(
         timeout, [&] { return ring().writable(record_bytes); }, [&] { return ring().writable(record_bytes); },
@@ -707,12 +692,9 @@ at least every 20 ms (an exception from a handler propagates).)doc")
       .def("put_payload", &PyChannel::put_payload, py::arg("payload"), py::arg("flags") = 0,
            py::arg("fds") = py::none(), py::arg("accounting") = Ring::kCountItem,
            "Publish dumps() output with backpressure (see put_obj); None, or a Pending.")
-      .def("put_many", &PyChannel::put_many, py::arg("items"), py::arg("flags") = 0,
-           py::arg("accounting") = Ring::kCountItem)
       .def("wait_writable", &PyChannel::wait_writable, py::arg("record_bytes"), py::arg("timeout"))
       .def("get_many", &PyChannel::get_many, py::arg("max"), py::arg("timeout") = -1.0)
       .def("acquire_item", &PyChannel::acquire_item, py::arg("maxsize"), py::arg("timeout") = -1.0)
-      .def("add_unfinished", [](PyChannel& c, std::int64_t n) { c.ring().add_unfinished(n); })
       .def("task_done", [](PyChannel& c) { return c.ring().task_done(); })
       .def("join", &PyChannel::join, py::arg("timeout") = -1.0)
       .def("fileno", [](PyChannel& c) { return c.ring().readiness_fd(); })
