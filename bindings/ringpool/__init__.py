@@ -6,10 +6,12 @@ Public API (this issue's layer: the transport):
   rings, plus ``put_many``/``get_many``.
 - ``Pipe``/``Connection``: ``multiprocessing.Pipe`` over rings.
 - ``reduction``: how objects, handles and buffers become frames.
+- ``get_context()``: a ``multiprocessing`` context whose workers ringpool starts (exec mode so far).
 """
 from . import reduction
 from ._core import ProtocolError
 from .connection import Connection, Pipe
+from .context import RingpoolContext, get_context, register_start_method
 from .queues import JoinableQueue, Queue, SimpleQueue
 
 __version__ = "0.1.0"
@@ -19,8 +21,11 @@ __all__ = [
     "JoinableQueue",
     "Pipe",
     "ProtocolError",
+    "RingpoolContext",
     "Queue",
     "SimpleQueue",
+    "get_context",
+    "register_start_method",
     "reduction",
     "__version__",
 ]

@@ -5,8 +5,25 @@
 
 namespace ringpool::py_bindings {
 
+// Releases the GIL for a scope. Unlike py::gil_scoped_release, the destructor is
+// noexcept(false): while the interpreter finalizes, re-taking the GIL ends a daemon thread with
+// pthread_exit, a forced unwind that must be allowed through (a noexcept destructor would turn it
+// into std::terminate and abort the whole process at exit).
+class ReleaseGil {
+ public:
+  ReleaseGil() : ts_(PyEval_SaveThread()) {}
+  ~ReleaseGil() noexcept(false) { PyEval_RestoreThread(ts_); }
+  ReleaseGil(const ReleaseGil&) = delete;
+  ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+ private:
+  PyThreadState* ts_;
+};
+
+
 void init_errors(pybind11::module_& m);
 void init_channel(pybind11::module_& m);
 void init_codec(pybind11::module_& m);
+void init_process(pybind11::module_& m);
 
 }  // namespace ringpool::py_bindings

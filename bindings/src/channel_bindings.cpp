@@ -59,20 +59,6 @@ constexpr unsigned kNoBackpressure = 1u << 8;
 
 inline void cpu_relax() { __builtin_ia32_pause(); }
 
-// Releases the GIL for a scope. Unlike py::gil_scoped_release, the destructor is
-// noexcept(false): while the interpreter finalizes, re-taking the GIL ends a daemon thread with
-// pthread_exit, a forced unwind that must be allowed through (a noexcept destructor would turn it
-// into std::terminate and abort the whole process at exit).
-class ReleaseGil {
- public:
-  ReleaseGil() : ts_(PyEval_SaveThread()) {}
-  ~ReleaseGil() noexcept(false) { PyEval_RestoreThread(ts_); }
-  ReleaseGil(const ReleaseGil&) = delete;
-  ReleaseGil& operator=(const ReleaseGil&) = delete;
-
- private:
-  PyThreadState* ts_;
-};
 
 // Retries try_fn (GIL held) until it succeeds or the timeout passes; in between, spins on ready()
 // and sleeps with wait(ns), both without the GIL, and runs Python signal handlers.

@@ -1,5 +1,7 @@
 #include "codec.h"
 
+#include <optional>
+
 #include "bindings.h"
 
 namespace py = pybind11;
@@ -12,6 +14,7 @@ namespace {
 // as long as the interpreter: never released.
 struct Globals {
   PyObject* thread_dumper = nullptr;  // ringpool.reduction._thread_dumper
+  PyObject* dumper_class = nullptr;   // ringpool.reduction._Dumper
   PyObject* with_buffers = nullptr;   // ringpool.reduction._with_buffers
   PyObject* loads_item = nullptr;     // ringpool.reduction.loads
   PyObject* pickle_loads = nullptr;   // _pickle.loads
@@ -26,6 +29,7 @@ Globals& globals() {
     Globals x;
     py::module_ red = py::module_::import("ringpool.reduction");
     x.thread_dumper = py::object(red.attr("_thread_dumper")).release().ptr();
+    x.dumper_class = py::object(red.attr("_Dumper")).release().ptr();
     x.with_buffers = py::object(red.attr("_with_buffers")).release().ptr();
     x.loads_item = py::object(red.attr("loads")).release().ptr();
     x.pickle_loads = py::object(py::module_::import("_pickle").attr("loads")).release().ptr();
@@ -45,6 +49,8 @@ Globals& globals() {
 struct ThreadDumper {
   std::uint64_t tstate_id = ~std::uint64_t{0};
   Py_ssize_t epoch = -1;
+  bool busy = false;              // a dump is running on this thread (re-entrancy guard)
+  PyObject* dumper = nullptr;
   PyObject* dump = nullptr;
   PyObject* clear_memo = nullptr;
   PyObject* out = nullptr;        // list: the pickler's writes
@@ -66,6 +72,16 @@ PyObject* borrowed_attr(PyObject* o, const char* name) {
   return a;
 }
 
+void fill(ThreadDumper& t, PyObject* d) {
+  t.dumper = d;
+  t.dump = borrowed_attr(d, "dump");
+  t.clear_memo = borrowed_attr(d, "clear_memo");
+  t.out = borrowed_attr(d, "out");
+  t.collector = borrowed_attr(d, "collector");
+  t.fds = borrowed_attr(t.collector, "fds");
+  t.buffers = borrowed_attr(d, "buffers");
+}
+
 ThreadDumper& thread_dumper(const Globals& g) {
   const std::uint64_t id = PyThreadState_GetID(PyThreadState_Get());
   const Py_ssize_t epoch = reducer_epoch(g);
@@ -73,16 +89,23 @@ ThreadDumper& thread_dumper(const Globals& g) {
   PyObject* d = PyObject_CallNoArgs(g.thread_dumper);
   if (d == nullptr) throw py::error_already_set();
   Py_DECREF(d);  // owned by the thread-local in ringpool.reduction
-  tl.dump = borrowed_attr(d, "dump");
-  tl.clear_memo = borrowed_attr(d, "clear_memo");
-  tl.out = borrowed_attr(d, "out");
-  tl.collector = borrowed_attr(d, "collector");
-  tl.fds = borrowed_attr(tl.collector, "fds");
-  tl.buffers = borrowed_attr(d, "buffers");
+  fill(tl, d);
   tl.tstate_id = id;
   tl.epoch = epoch;
   return tl;
 }
+
+// Marks the thread's cached dumper busy for one dump.
+class BusyScope {
+ public:
+  explicit BusyScope(bool& flag) : flag_(flag) { flag_ = true; }
+  ~BusyScope() { flag_ = false; }
+  BusyScope(const BusyScope&) = delete;
+  BusyScope& operator=(const BusyScope&) = delete;
+
+ private:
+  bool& flag_;
+};
 
 void clear_list(PyObject* l) { PyList_SetSlice(l, 0, PyList_GET_SIZE(l), nullptr); }
 
@@ -140,7 +163,23 @@ PyObject* take_output(PyObject* out) {
 
 void dump_object(PyObject* obj, Dumped& out) {
   const Globals& g = globals();
-  ThreadDumper& d = thread_dumper(g);
+  // A reducer may pickle with ringpool again on this thread (or a finalizer run by the GC in the
+  // middle of a dump may): a C pickler is not re-entrant, so a nested dump gets a fresh dumper.
+  // Either way the dumper is held strongly for the whole dump, so a reducer registered meanwhile
+  // (which makes the cached one stale) cannot free it under us.
+  ThreadDumper nested;
+  py::object hold;
+  const bool reentered = tl.busy;
+  if (reentered) {
+    PyObject* fresh = PyObject_CallNoArgs(g.dumper_class);
+    if (fresh == nullptr) throw py::error_already_set();
+    hold = py::reinterpret_steal<py::object>(fresh);
+    fill(nested, fresh);  // borrowed attributes of `fresh`, alive as long as `hold`
+  }
+  ThreadDumper& d = reentered ? nested : thread_dumper(g);
+  if (!reentered) hold = py::reinterpret_borrow<py::object>(d.dumper);
+  std::optional<BusyScope> busy;
+  if (!reentered) busy.emplace(tl.busy);
   out.flags = 0;
   out.fds.clear();
   if (plain(obj, 2)) {

@@ -13,8 +13,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 def _copy_sources(dst):
-    # Only what git tracks: no build trees, no in-place extension.
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    # What git tracks or would track: no build trees, no in-place extension.
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         os.makedirs(os.path.join(dst, os.path.dirname(f)), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))

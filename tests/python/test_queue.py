@@ -393,3 +393,44 @@ def test_asyncio_waits_on_the_readiness_fd():
         return got
 
     assert asyncio.run(main()) == ["hi", "hi"]
+
+
+class _Reentrant:
+    """Pickling it pickles something else with ringpool on the same thread."""
+
+    def __reduce__(self):
+        inner, _, _ = ringpool.reduction.dumps({"inner": [1, 2, 3]})
+        return (_Reentrant._rebuild, (inner,))
+
+    @staticmethod
+    def _rebuild(inner):
+        return ("rebuilt", pickle.loads(inner))
+
+
+class _Late:
+    pass
+
+
+class _Registering:
+    """Pickling it registers a new reducer (the reducer tables change in the middle of a dump)."""
+
+    def __reduce__(self):
+        from multiprocessing.reduction import ForkingPickler
+
+        ForkingPickler.register(_Late, lambda o: (_Late, ()))
+        return (_Registering, ())
+
+
+def test_reentrant_pickling_and_reducers_registered_mid_dump():
+    import gc
+
+    q = ringpool.Queue()
+    arrays = [np.arange(3000) + i for i in range(20)]  # out-of-band buffers in the outer dump
+    for _ in range(50):
+        q.put([_Reentrant(), arrays, _Registering(), {"k": 1}, _Reentrant()])
+        got = q.get(timeout=5)
+        assert got[0] == ("rebuilt", {"inner": [1, 2, 3]}) and got[4] == got[0]
+        assert all(np.array_equal(a, b) for a, b in zip(got[1], arrays))
+        gc.collect()
+    q.put(_Late())
+    assert isinstance(q.get(timeout=5), _Late)

@@ -1,0 +1,269 @@
+"""Conformance: the same checks against spawn, forkserver and ringpool.get_context()
+(shared/CONTRACT.md section 5, the Process and primitive items; exec mode for ringpool)."""
+import concurrent.futures
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+from multiprocessing.context import BaseContext
+
+import pytest
+
+import ringpool
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(params=["spawn", "forkserver", "ringpool"])
+def ctx(request):
+    if request.param == "ringpool":
+        return ringpool.get_context()
+    return mp.get_context(request.param)
+
+
+# -- targets (module level: spawn-style children import them) --------------------------------
+
+def _return():
+    return None
+
+
+def _exit3():
+    sys.exit(3)
+
+
+def _raise():
+    raise ValueError("raised in the child")
+
+
+def _sleep(t):
+    time.sleep(t)
+
+
+def _report(q):
+    p = mp.current_process()
+    q.put((os.getpid(), p.name, p.daemon, bytes(p.authkey)))
+
+
+def _primitives(lock, rlock, sem, bsem, cond, ev, val, arr, q):
+    with lock, rlock, rlock:
+        pass
+    sem.release()
+    bsem.acquire()
+    bsem.release()
+    with cond:
+        cond.notify_all()
+    with val.get_lock():
+        val.value += 1
+    arr[0] = 42.0
+    ev.set()
+    q.put("ok")
+
+
+def _handles(std_q, conn, sock, out):
+    std_q.put("via stdlib queue")
+    conn.send("via connection")
+    sock.sendall(b"via socket")
+    out.put("done")
+
+
+def _square(x):
+    return x * x
+
+
+_init_value = None
+
+
+def _init(v):
+    global _init_value
+    _init_value = v
+
+
+def _get_init(_):
+    return _init_value
+
+
+# -- the context itself ---------------------------------------------------------------------
+
+def test_context_identity_and_start_method(ctx):
+    assert isinstance(ctx, BaseContext)
+    assert ctx.get_context() is ctx
+    method = ctx.get_start_method()
+    assert isinstance(method, str) and method != "fork"
+    assert ctx.Process._start_method in (None, "spawn", "forkserver")
+
+
+def test_register_start_method_is_opt_in():
+    import multiprocessing.context as mpc
+
+    assert "ringpool" not in mpc._concrete_contexts or mpc._concrete_contexts["ringpool"] is ringpool.get_context()
+    assert ringpool.register_start_method() is ringpool.get_context()
+    assert mp.get_context("ringpool") is ringpool.get_context()
+
+
+# -- Process lifecycle ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("target, args, code", [
+    (_return, (), 0), (_exit3, (), 3), (_raise, (), 1),
+])
+def test_exit_codes(ctx, target, args, code, capfd):
+    p = ctx.Process(target=target, args=args)
+    p.start()
+    p.join(60)
+    assert p.exitcode == code
+    if target is _raise and ctx.get_start_method() != "forkserver":
+        # (forkserver children write to the server's stderr, captured when the server started)
+        assert "ValueError: raised in the child" in capfd.readouterr().err
+
+
+def test_kill_terminate_join_and_sentinel(ctx):
+    p = ctx.Process(target=_sleep, args=(60,))
+    p.start()
+    assert isinstance(p.pid, int)
+    p.join(0.1)
+    assert p.exitcode is None and p.is_alive()
+    assert mp.connection.wait([p.sentinel], 0.1) == []
+    with pytest.raises(ValueError):
+        p.close()  # still running
+    p.kill()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    # Ready, and stays ready. (The stdlib forkserver's sentinel is a status pipe that join() has
+    # read from: it turns readable again only at EOF, when the server closes its end.)
+    assert mp.connection.wait([p.sentinel], 10) == [p.sentinel]
+    assert mp.connection.wait([p.sentinel], 10) == [p.sentinel]
+    t0 = time.monotonic()
+    p.join()  # returns at once
+    assert time.monotonic() - t0 < 1.0
+    p.terminate()  # on an exited child: no error
+    p.kill()
+    p.close()
+    q = ctx.Process(target=_sleep, args=(60,))
+    q.start()
+    q.terminate()
+    q.join(30)
+    assert q.exitcode == -signal.SIGTERM
+
+
+def test_pid_name_daemon_authkey_match(ctx):
+    q = ctx.Queue()
+    p = ctx.Process(target=_report, args=(q,), name="conformance-worker", daemon=True)
+    p.start()
+    pid, name, daemon, authkey = q.get(timeout=60)
+    p.join(30)
+    assert pid == p.pid
+    assert (name, daemon) == ("conformance-worker", True)
+    assert authkey == bytes(mp.current_process().authkey)
+
+
+def test_primitives_from_the_context_work_in_a_child(ctx):
+    objs = (ctx.Lock(), ctx.RLock(), ctx.Semaphore(0), ctx.BoundedSemaphore(1), ctx.Condition(), ctx.Event(),
+            ctx.Value("i", 1), ctx.Array("d", 3), ctx.Queue())
+    p = ctx.Process(target=_primitives, args=objs)
+    p.start()
+    assert objs[8].get(timeout=60) == "ok"
+    p.join(30)
+    assert p.exitcode == 0
+    assert objs[2].acquire(timeout=5)
+    assert objs[5].is_set() and objs[6].value == 2 and objs[7][0] == 42.0
+
+
+def test_stdlib_queue_connection_and_socket_as_args(ctx):
+    std_q = mp.get_context("spawn").Queue()
+    r, w = mp.Pipe()
+    s1, s2 = socket.socketpair()
+    out = ctx.Queue()
+    p = ctx.Process(target=_handles, args=(std_q, w, s2, out))
+    p.start()
+    assert out.get(timeout=60) == "done"
+    assert std_q.get(timeout=10) == "via stdlib queue"
+    assert r.recv() == "via connection"
+    s1.settimeout(10)
+    assert s1.recv(100) == b"via socket"
+    p.join(30)
+    assert p.exitcode == 0
+
+
+def test_unpicklable_args_raise_in_start(ctx):
+    p = ctx.Process(target=_sleep, args=(lambda: 0,))
+    with pytest.raises(Exception):
+        p.start()
+    assert p._popen is None or p.exitcode is not None
+
+
+def test_many_start_join_cycles_keep_fds_stable(ctx):
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        p = ctx.Process(target=_return)
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        p.close()
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+# -- the stdlib's pools on the context ------------------------------------------------------
+
+def test_process_pool_executor(ctx):
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx, initializer=_init, initargs=("init",)) as ex:
+        assert list(ex.map(_square, range(10), chunksize=3)) == [x * x for x in range(10)]
+        assert ex.submit(_square, 7).result(60) == 49
+        assert set(ex.map(_get_init, range(4))) == {"init"}
+        with pytest.raises(ValueError, match="raised in the child"):
+            ex.submit(_raise).result(60)
+
+
+def test_pool(ctx):
+    with ctx.Pool(2) as pool:
+        assert pool.map(_square, range(20)) == [x * x for x in range(20)]
+        assert sorted(pool.imap_unordered(_square, range(10))) == [x * x for x in range(10)]
+        assert pool.apply_async(_square, (9,)).get(60) == 81
+    with ctx.Pool(2, maxtasksperchild=1) as pool:
+        assert pool.map(_square, range(6), chunksize=1) == [x * x for x in range(6)]
+
+
+# -- DataLoader ------------------------------------------------------------------------------
+
+class _SquaresDataset:
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        import torch
+
+        if i == 33 and getattr(self, "fail", False):
+            raise ValueError("bad sample 33")
+        return torch.full((3,), float(i)), i * i
+
+
+def test_dataloader_map_style_order_and_errors(ctx):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(_SquaresDataset(), batch_size=4, num_workers=2, multiprocessing_context=ctx)
+    labels = [int(x) for _, y in dl for x in y]
+    assert labels == [i * i for i in range(40)]
+    ds = _SquaresDataset()
+    ds.fail = True
+    it = iter(DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context=ctx))
+    with pytest.raises(ValueError, match="Caught ValueError in DataLoader worker process"):
+        for _ in it:
+            pass
+    del it
+
+
+def test_dataloader_persistent_workers_and_early_break(ctx):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(_SquaresDataset(), batch_size=4, num_workers=2, multiprocessing_context=ctx,
+                    persistent_workers=True)
+    for _ in range(2):
+        assert sum(len(y) for _, y in dl) == 40
+    it = iter(DataLoader(_SquaresDataset(), batch_size=4, num_workers=2, multiprocessing_context=ctx))
+    next(it)
+    t0 = time.monotonic()
+    del it  # shuts its workers down
+    assert time.monotonic() - t0 < 5.0
