@@ -384,15 +384,40 @@ class PyChannel {
   py::list get_objs(std::size_t max, double timeout) {
     py::list out;
     if (max == 0) return out;
-    if (leftover_.empty()) {
-      py::list raw = get_many(max, timeout);
-      if (raw.size() == 0) throw_empty();
-      for (py::handle h : raw) leftover_.push_back(py::reinterpret_borrow<py::object>(h));
+    if (!leftover_.empty()) {
+      while (!leftover_.empty() && out.size() < max) {
+        py::object item = std::move(leftover_.front());
+        leftover_.pop_front();
+        out.append(load(item));  // on error: the rest stay in leftover_
+      }
+      return out;
     }
-    while (!leftover_.empty() && out.size() < max) {
-      py::object item = std::move(leftover_.front());
-      leftover_.pop_front();
-      out.append(load(item));  // on error: the rest stay in leftover_
+    PySink sink;
+    sink.frames.reserve(std::min<std::size_t>(max, 1024));
+    std::vector<UniqueFd> fds;
+    bool ok = block_until(
+        timeout, [&] { return ring().try_get_many(sink, max, fds) != 0; }, [&] { return ring().readable(); },
+        [&](std::int64_t ns) { ring().wait_data(ns); });
+    if (!ok) throw_empty();
+    // Unpickle straight from the taken frames. If one fails, it and the frames after it become
+    // leftovers (the failing one is retried, and raises, first), so nothing is lost.
+    std::size_t pos = 0;
+    for (std::size_t i = 0; i < sink.frames.size(); ++i) {
+      Frame& f = sink.frames[i];
+      py::object item = (f.flags == 0 && f.nhandles == 0) ? std::move(f.payload) : assemble(f, fds, pos);
+      PyObject* r = load_item(item.ptr());
+      if (r == nullptr) {
+        py::error_already_set err;
+        // The failing frame raises exactly once: now if nothing decoded before it, else next time.
+        if (out.size() != 0) leftover_.push_back(std::move(item));
+        for (std::size_t j = i + 1; j < sink.frames.size(); ++j) {
+          Frame& g = sink.frames[j];
+          leftover_.push_back((g.flags == 0 && g.nhandles == 0) ? std::move(g.payload) : assemble(g, fds, pos));
+        }
+        if (out.size() == 0) throw err;
+        return out;  // deliver what decoded; the error surfaces on the next get
+      }
+      out.append(py::reinterpret_steal<py::object>(r));
     }
     return out;
   }

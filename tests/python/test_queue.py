@@ -434,3 +434,32 @@ def test_reentrant_pickling_and_reducers_registered_mid_dump():
         gc.collect()
     q.put(_Late())
     assert isinstance(q.get(timeout=5), _Late)
+
+
+def _explode():
+    raise RuntimeError("cannot rebuild")
+
+
+class _BadOnLoad:
+    def __reduce__(self):
+        return (_explode, ())
+
+
+@pytest.mark.parametrize("bad_at", [0, 3])
+def test_get_many_unpickling_error_loses_nothing_else(bad_at):
+    q = ringpool.Queue()
+    items = list(range(8))
+    items[bad_at] = _BadOnLoad()
+    q.put_many(items)
+    got = []
+    raised = 0
+    while len(got) < 7:
+        try:
+            got.extend(q.get_many(100, timeout=5))
+        except RuntimeError as e:
+            assert "cannot rebuild" in str(e)
+            raised += 1
+    assert raised == 1
+    assert got == [i for i in range(8) if i != bad_at]
+    with pytest.raises(queue.Empty):
+        q.get_many(10, timeout=0.05)
