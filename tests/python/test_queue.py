@@ -209,9 +209,11 @@ def test_backpressure_follows_a_live_consumer(backpressure):
             buffered = max(buffered, len(q._feeder.pending))
         assert out.get(timeout=60) == list(range(n))
     if backpressure:
-        assert buffered == 0  # the producer waited for the consumer instead of buffering
+        # The producer waited for the consumer instead of buffering (a consumer descheduled for
+        # over 5 ms on a loaded machine may still make it buffer a little).
+        assert buffered < n // 3
     else:
-        assert buffered > 0
+        assert buffered > n // 3
 
 
 def test_pending_items_flush_at_exit_unless_cancelled():
