@@ -267,3 +267,85 @@ def test_dataloader_persistent_workers_and_early_break(ctx):
     t0 = time.monotonic()
     del it  # shuts its workers down
     assert time.monotonic() - t0 < 5.0
+
+
+# -- nothing outlives the parent; nothing leaks ------------------------------------------------
+
+_ORPHAN_SCRIPT = r"""
+import os, sys, time
+sys.path.insert(0, {bindings!r})
+import multiprocessing as mp
+import ringpool
+
+def sleeper():
+    time.sleep(120)
+
+if __name__ == "__main__":
+    ctx = ringpool.get_context() if {method!r} == "ringpool" else mp.get_context({method!r})
+    procs = [ctx.Process(target=sleeper, daemon={daemon!r}) for _ in range(2)]
+    for p in procs:
+        p.start()
+    print(" ".join(str(p.pid) for p in procs), flush=True)
+    if {exit_normally!r}:
+        sys.exit(0)
+    time.sleep(120)
+"""
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] not in "ZX"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def _run_parent(tmp_path, method, daemon, exit_normally):
+    import subprocess
+
+    script = tmp_path / "parent.py"
+    bindings = os.path.dirname(os.path.dirname(ringpool.__file__))
+    script.write_text(_ORPHAN_SCRIPT.format(bindings=bindings, method=method, daemon=daemon,
+                                            exit_normally=exit_normally))
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def test_daemon_children_end_with_a_normal_exit(tmp_path):
+    parent = _run_parent(tmp_path, "ringpool", daemon=True, exit_normally=True)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert parent.wait(30) == 0
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_workers_die_with_a_sigkilled_parent(tmp_path):
+    parent = _run_parent(tmp_path, "ringpool", daemon=False, exit_normally=False)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parent.kill()
+        parent.wait(30)
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "a worker outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(300)
+def test_300_cycles_leave_no_fds_or_zombies():
+    ctx = ringpool.get_context()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(300):
+        p = ctx.Process(target=_return)
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        p.close()
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+    children = [int(t) for t in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
+    assert not [c for c in children if not _alive(c)], "zombie children left"
