@@ -193,15 +193,22 @@ def test_unpicklable_args_raise_in_start(ctx):
     assert p._popen is None or p.exitcode is not None
 
 
-def test_many_start_join_cycles_keep_fds_stable(ctx):
+def _start_join_cycles(ctx, n):
+    """n start/join/close cycles; fd count and zombie children must not grow."""
     before = len(os.listdir("/proc/self/fd"))
-    for _ in range(20):
+    for _ in range(n):
         p = ctx.Process(target=_return)
         p.start()
         p.join(60)
         assert p.exitcode == 0
         p.close()
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+    children = [int(t) for t in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
+    assert not [c for c in children if not _alive(c)], "zombie children left"
+
+
+def test_many_start_join_cycles_keep_fds_stable(ctx):
+    _start_join_cycles(ctx, 20)
 
 
 # -- the stdlib's pools on the context ------------------------------------------------------
@@ -338,14 +345,4 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path):
 @pytest.mark.stress
 @pytest.mark.timeout(300)
 def test_300_cycles_leave_no_fds_or_zombies():
-    ctx = ringpool.get_context()
-    before = len(os.listdir("/proc/self/fd"))
-    for _ in range(300):
-        p = ctx.Process(target=_return)
-        p.start()
-        p.join(60)
-        assert p.exitcode == 0
-        p.close()
-    assert len(os.listdir("/proc/self/fd")) <= before + 2
-    children = [int(t) for t in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
-    assert not [c for c in children if not _alive(c)], "zombie children left"
+    _start_join_cycles(ringpool.get_context(), 300)
