@@ -119,18 +119,12 @@ bool plain(PyObject* o, int depth) {
       t == &PyBool_Type)
     return true;
   if (depth == 0) return false;
-  if (t == &PyTuple_Type) {
-    const Py_ssize_t n = PyTuple_GET_SIZE(o);
+  if (t == &PyTuple_Type || t == &PyList_Type) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
     if (n > 16) return false;
+    PyObject** items = PySequence_Fast_ITEMS(o);
     for (Py_ssize_t i = 0; i < n; ++i)
-      if (!plain(PyTuple_GET_ITEM(o, i), depth - 1)) return false;
-    return true;
-  }
-  if (t == &PyList_Type) {
-    const Py_ssize_t n = PyList_GET_SIZE(o);
-    if (n > 16) return false;
-    for (Py_ssize_t i = 0; i < n; ++i)
-      if (!plain(PyList_GET_ITEM(o, i), depth - 1)) return false;
+      if (!plain(items[i], depth - 1)) return false;
     return true;
   }
   if (t == &PyDict_Type) {
