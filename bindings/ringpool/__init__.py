@@ -6,7 +6,8 @@ Public API (this issue's layer: the transport):
   rings, plus ``put_many``/``get_many``.
 - ``Pipe``/``Connection``: ``multiprocessing.Pipe`` over rings.
 - ``reduction``: how objects, handles and buffers become frames.
-- ``get_context()``: a ``multiprocessing`` context whose workers ringpool starts (exec mode so far).
+- ``get_context(preload=(), zygote=True)``: a ``multiprocessing`` context whose workers ringpool
+  starts (forked by a preloaded zygote, or exec mode).
 """
 from . import reduction
 from ._core import ProtocolError

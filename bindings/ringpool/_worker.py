@@ -1,28 +1,49 @@
-"""The first code a ringpool exec-mode worker runs (see ringpool.popen).
+"""The first code a ringpool worker runs, in both start modes (see ringpool.popen).
 
 Does what the stdlib's ``spawn._main`` does, reading from the worker's ringpool channel instead
-of a pipe: preparation data first (sys.path, cwd, the parent's ``__main__``, name, authkey), then
+of a pipe: preparation data first (sys.path, cwd, the parent's ``__main__``, name, authkey, plus
+ringpool's own: the environment in zygote mode, torch's sharing strategy and thread count), then
 the process object, then ``_bootstrap`` with a pidfd of the parent as the parent sentinel.
+
+The worker's descriptors start at ``fd_base``: its channel (4 descriptors), then those the process
+object's reducers collected (``Popen.duplicate_for_child``), which ``_InheritedFd.detach`` finds
+through ``passed_fd``.
 """
 import io
 import os
 import sys
 
+EXEC_FD_BASE = 3
+CHANNEL_FDS = 4
+_fd_base = EXEC_FD_BASE
+
+
+def passed_fd(index):
+    """The number of the index-th descriptor the process object carries."""
+    return _fd_base + CHANNEL_FDS + index
+
 
 def main():
+    """Exec mode's entry point (descriptors from 3)."""
+    run(EXEC_FD_BASE)
+
+
+def run(fd_base):
+    global _fd_base
+    _fd_base = fd_base
     from multiprocessing import process, spawn
     from multiprocessing import reduction
 
     from . import _core
-    from .popen import CHANNEL_FDS
 
-    chan = _core.Channel.attach(*CHANNEL_FDS)
+    chan = _core.Channel.attach(*range(fd_base, fd_base + CHANNEL_FDS))
     frame = chan.get(60.0)
     if frame is None:
         sys.stderr.write("ringpool worker: no process object arrived from the parent\n")
         os._exit(255)
     stream = io.BytesIO(frame)
     prep_data = reduction.pickle.load(stream)
+    _apply_state(prep_data.pop("ringpool", {}))
     if prep_data.get("start_method") == "ringpool":
         from .context import register_start_method
 
@@ -33,9 +54,61 @@ def main():
         self = reduction.pickle.load(stream)
     finally:
         del process.current_process()._inheriting
+    del chan, frame, stream
     try:
         parent_sentinel = os.pidfd_open(os.getppid())
     except OSError:
         parent_sentinel = None
     exitcode = self._bootstrap(parent_sentinel=parent_sentinel)
     os._exit(exitcode)
+
+
+def _apply_state(state):
+    """The parent's state at start() that spawn's preparation data does not carry."""
+    env = state.get("environ")
+    if env is not None and env != dict(os.environ):
+        os.environ.clear()
+        os.environ.update(env)
+    torch_state = state.get("torch")
+    if torch_state is not None:
+        if "torch" in sys.modules:
+            _apply_torch(torch_state, sys.modules["torch"])
+        else:
+            _after_import("torch", lambda torch: _apply_torch(torch_state, torch))
+
+
+def _apply_torch(state, torch):
+    import torch.multiprocessing as tmp
+
+    if tmp.get_sharing_strategy() != state["sharing_strategy"]:
+        tmp.set_sharing_strategy(state["sharing_strategy"])
+    if torch.get_num_threads() != state["num_threads"]:
+        torch.set_num_threads(state["num_threads"])
+
+
+def _after_import(name, hook):
+    """Run hook(module) right after `name` is first imported (no import happens until then)."""
+    import importlib.util
+
+    class _Loader:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def create_module(self, spec):
+            return self.inner.create_module(spec)
+
+        def exec_module(self, module):
+            self.inner.exec_module(module)
+            hook(module)
+
+    class _Finder:
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _Loader(spec.loader)
+            return spec
+
+    sys.meta_path.insert(0, _Finder())

@@ -1,40 +1,146 @@
-"""ringpool as a multiprocessing context: ``ringpool.get_context()``.
+"""ringpool as a multiprocessing context: ``ringpool.get_context(preload=(), zygote=True)``.
 
 A ``multiprocessing.context.BaseContext`` subclass that overrides only what differs; everything
 else (Lock, RLock, Semaphore, BoundedSemaphore, Condition, Event, Barrier, Value, Array, Manager,
 Pool, ...) comes from BaseContext unchanged and works with ringpool workers.
 
+Each context has a supervisor (a C++ Boost.Asio thread, ``_core.Supervisor``) that starts and
+watches its workers, in one of two modes:
+- zygote (the default): a zygote process, started at the first ``start()`` (or
+  ``ensure_running()``), imports the ``preload`` modules once and forks each worker, as a child of
+  this process, from that state;
+- exec (``zygote=False``): a fresh interpreter per worker, as spawn does.
+docs/design/spawner.md describes both.
+
 Deviations from the stdlib contexts:
 - ``get_start_method()`` is ``"ringpool"``, never ``"fork"`` (SemLocks keep their names, so they
   work in workers that are not forked from this process).
 - ``Queue``, ``JoinableQueue``, ``SimpleQueue`` and ``Pipe`` are ringpool's shared-memory ones.
-- ``Process._start_method`` is None: the worker's ``_bootstrap`` must not look "ringpool" up in
-  the stdlib's table of concrete contexts.
-- Workers are started in exec mode for now (a fresh interpreter each, as spawn does, through the
-  C++ launcher); the zygote mode of docs/design/spawner.md is still to come.
+- ``Process`` is a per-context subclass of ``RingpoolProcess`` (so it knows its context); its
+  instances pickle as ``RingpoolProcess``. ``Process._start_method`` is None: the worker's
+  ``_bootstrap`` must not look "ringpool" up in the stdlib's table of concrete contexts.
+- A worker starts from this process's state at ``start()``, as under spawn (sys.path, cwd,
+  ``__main__``, name, authkey, os.environ), plus torch's sharing strategy and intra-op thread count
+  when torch is imported here (set in the worker when it imports torch). Modules preloaded in the
+  zygote are already imported in the worker, from the zygote's sys.path at its start; the
+  inter-op thread count is not propagated.
+- Workers are children of this process in both modes (SIGCHLD and waitid work as under fork). If a
+  zygote dies, the workers it forked are killed (their exit code is -9) and the next ``start()``
+  brings up a new zygote.
+- A worker's stdin, stdout and stderr are this process's descriptors 0-2 at ``start()``.
 """
 from __future__ import annotations
 
+import os
+import pickle
+import sys
+import threading
 from multiprocessing import context as _mp_context
 from multiprocessing import process as _mp_process
+from multiprocessing import spawn as _mp_spawn
+from multiprocessing import util as _mp_util
 
 __all__ = ["RingpoolContext", "RingpoolProcess", "get_context", "register_start_method"]
+
+_RINGPOOL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RingpoolProcess(_mp_process.BaseProcess):
     _start_method = None
+    _ringpool_context = None  # set on each context's subclass
 
     @staticmethod
     def _Popen(process_obj):
         from .popen import Popen
 
-        return Popen(process_obj)
+        context = type(process_obj)._ringpool_context or get_context()
+        return Popen(process_obj, context)
+
+    def __reduce__(self):
+        # A context's own subclass is made at run time and cannot be found by name in a worker.
+        cls = type(self)
+        if cls.__dict__.get("_ringpool_context") is not None:
+            cls = RingpoolProcess
+        return (_rebuild_process, (cls,), self.__dict__)
+
+
+def _rebuild_process(cls):
+    return cls.__new__(cls)
 
 
 class RingpoolContext(_mp_context.BaseContext):
     _name = "ringpool"
-    Process = RingpoolProcess
 
+    def __init__(self, preload=(), zygote=True, ready_timeout=300.0):
+        if isinstance(preload, str):
+            preload = (preload,)
+        self.preload = tuple(preload)
+        self.zygote = bool(zygote)
+        if self.preload and not self.zygote:
+            raise ValueError("preload needs the zygote (zygote=True)")
+        self._ready_timeout = float(ready_timeout)
+        self.Process = type("RingpoolProcess", (RingpoolProcess,),
+                            {"_ringpool_context": self, "__module__": __name__, "__qualname__": "RingpoolProcess"})
+        self._sup = None
+        self._sup_pid = None
+        self._lock = threading.Lock()
+        _mp_util.register_after_fork(self, RingpoolContext._after_fork)
+
+    def __repr__(self):
+        mode = f"zygote, preload={list(self.preload)}" if self.zygote else "exec"
+        return f"<ringpool context ({mode})>"
+
+    def __reduce__(self):
+        return (get_context, (self.preload, self.zygote))
+
+    def _after_fork(self):
+        # A fork()ed child has its parent's objects but not its supervisor thread or zygote.
+        self._lock = threading.Lock()
+        self._sup = None
+
+    @staticmethod
+    def _bootstrap(module):
+        return (f"import sys; sys.path.insert(0, {_RINGPOOL_DIR!r}); "
+                f"from ringpool.{module} import main; main()")
+
+    def _supervisor(self):
+        with self._lock:
+            if self._sup is None or self._sup_pid != os.getpid():
+                from . import _core
+
+                if self.zygote:
+                    exe = _mp_spawn.get_executable()
+                    argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", self._bootstrap("_zygote")]
+                    env = [f"{k}={v}" for k, v in os.environ.items()]
+                    config = pickle.dumps({"sys_path": list(sys.path), "preload": self.preload})
+                    self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
+                                                             ready_timeout=self._ready_timeout)
+                else:
+                    self._sup = _core.Supervisor.exec_mode()
+                self._sup_pid = os.getpid()
+            return self._sup
+
+    # -- ringpool's own ------------------------------------------------------------------------
+    def ensure_running(self):
+        """Start the zygote now and wait until its preload is done (raises the preload's error).
+
+        Otherwise the first ``start()`` does it. A no-op in exec mode.
+        """
+        self._supervisor().start()
+
+    def zygote_pid(self):
+        """The zygote's pid, or None (exec mode, or not started)."""
+        if self._sup is None or self._sup_pid != os.getpid():
+            return None
+        pid = self._sup.zygote_pid
+        return pid if pid > 0 else None
+
+    def shutdown(self):
+        """Stop the zygote (running workers go on); the next ``start()`` starts a new one."""
+        if self._sup is not None and self._sup_pid == os.getpid():
+            self._sup.stop()
+
+    # -- what differs from BaseContext -----------------------------------------------------------
     def Queue(self, maxsize=0):
         from .queues import Queue
 
@@ -62,18 +168,32 @@ class RingpoolContext(_mp_context.BaseContext):
         raise ValueError("set the start method on the default context (multiprocessing.set_start_method)")
 
 
-_context = RingpoolContext()
+_contexts = {}
+_contexts_lock = threading.Lock()
 
 
-def get_context():
-    """The ringpool multiprocessing context (one per process)."""
-    return _context
+def get_context(preload=(), zygote=True):
+    """The ringpool multiprocessing context for these settings (one per process and settings).
+
+    preload: modules the zygote imports once, before forking any worker (e.g. ``("torch",)``).
+    zygote: False for exec mode (a fresh interpreter per worker; no preload).
+    """
+    if isinstance(preload, str):
+        preload = (preload,)
+    key = (tuple(preload), bool(zygote))
+    with _contexts_lock:
+        ctx = _contexts.get(key)
+        if ctx is None:
+            ctx = _contexts[key] = RingpoolContext(*key)
+        return ctx
 
 
 def register_start_method():
     """Make ``multiprocessing.get_context("ringpool")`` and ``set_start_method("ringpool")`` work.
 
-    Opt-in, never done on import: it adds an entry to the stdlib's table of concrete contexts.
+    Opt-in, never done on import: it adds an entry to the stdlib's table of concrete contexts
+    (the default ringpool context: zygote mode, nothing preloaded).
     """
-    _mp_context._concrete_contexts.setdefault("ringpool", _context)
-    return _context
+    ctx = get_context()
+    _mp_context._concrete_contexts.setdefault("ringpool", ctx)
+    return ctx

@@ -1,22 +1,26 @@
 """ringpool's Popen: how a ringpool Process is started, watched and signalled.
 
-Exec mode (this module, for now): a fresh interpreter per worker, launched by the C++ launcher
-(``_core.ChildProcess``: clone3 + exec with exactly the descriptors listed, PR_SET_PDEATHSIG so
-the worker dies with its parent, a pidfd as sentinel and signal target). The worker receives its
-preparation data and the pickled process object as one frame on its own ringpool channel, whose
-descriptors it inherits at fixed numbers; descriptors that the process object's reducers collect
-(``duplicate_for_child``) are inherited right after them.
+Both start modes go through the context's supervisor (``_core.Supervisor``, a Boost.Asio thread
+that starts every process, so PR_SET_PDEATHSIG is tied to a thread that lives as long as the
+process):
+- zygote mode: the context's preloaded zygote forks the worker as a child of this process;
+- exec mode: a fresh interpreter per worker, launched with exactly the descriptors listed.
+Either way the worker receives its preparation data and the pickled process object as one frame
+on its own ringpool channel, whose descriptors it inherits; descriptors that the process object's
+reducers collect (``duplicate_for_child``) follow them.
 
-    parent                                         worker (python -c ringpool._worker.main())
+    parent                                          worker
     Popen(process_obj)
       prep = spawn.get_preparation_data(name)
-      pickle prep, process_obj under this popen ─ fds collected
+        + ringpool state (environ, torch settings)
+      pickle prep, process_obj under this popen ── fds collected
       channel.put(frame)
-      ChildProcess.launch(fds = channel 3..6, collected 7..) ──► attach channel 3..6
-      pid, sentinel (pidfd) set before start() returns          get frame; prepare(prep)
-                                                                unpickle process_obj (DupFd -> 7+i)
-      poll/wait: waitid(P_PIDFD)                                _bootstrap(parent pidfd) -> exit code
-      terminate/kill: pidfd_send_signal                         os._exit(code)
+      supervisor.spawn(channel + collected fds,
+                       our stdio) ──────────────────► (forked by the zygote, or exec'd)
+      pid, sentinel (pidfd) set before start()        _worker.run(fd_base): attach channel, get
+      returns                                         frame, prepare(prep), unpickle process_obj
+      poll/wait: waitid(P_PIDFD)                      _bootstrap(parent pidfd) -> exit code
+      terminate/kill: pidfd_send_signal               os._exit(code)
 """
 from __future__ import annotations
 
@@ -31,24 +35,16 @@ from multiprocessing import spawn as _mp_spawn
 from multiprocessing import util as _mp_util
 
 from . import _core
+from . import _worker
 
 __all__ = ["Popen"]
-
-# Descriptor numbers in the worker: its channel, then what the process object carries.
-CHANNEL_FDS = (3, 4, 5, 6)
-FIRST_PASSED_FD = 7
-
-# The worker imports ringpool from where this process did (it may not be installed; spawn's
-# sys.path fix-up only happens after the bootstrap code runs).
-_BOOTSTRAP = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
-              "from ringpool._worker import main; main()")
 
 # The bootstrap frame is small (prep data + process object); a larger one goes out of band.
 _BOOT_CAPACITY = 1 << 16
 
 
 class _InheritedFd:
-    """A descriptor the worker inherits at FIRST_PASSED_FD + index."""
+    """A descriptor the worker inherits (the index-th one the process object carries)."""
 
     __slots__ = ("index",)
 
@@ -56,28 +52,54 @@ class _InheritedFd:
         self.index = index
 
     def detach(self):
-        return FIRST_PASSED_FD + self.index
+        return _worker.passed_fd(self.index)
+
+
+def _stdio():
+    """Our descriptors 0, 1, 2 as they are now (-1 where closed), for a zygote worker."""
+    out = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            out.append(fd)
+        except OSError:
+            out.append(-1)
+    return out
+
+
+def _ringpool_state(zygote):
+    state = {}
+    if zygote:
+        # An exec'd worker gets the environment at exec; a forked one has the zygote's.
+        state["environ"] = dict(os.environ)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        import torch.multiprocessing as tmp
+
+        state["torch"] = {"sharing_strategy": tmp.get_sharing_strategy(), "num_threads": torch.get_num_threads()}
+    return state
 
 
 class Popen:
     method = "ringpool"
     DupFd = _InheritedFd
 
-    def __init__(self, process_obj):
+    def __init__(self, process_obj, context):
         _mp_util._flush_std_streams()
         self.returncode = None
         self.finalizer = None
         self._fds = []
         self._child = None
-        self._launch(process_obj)
+        self._launch(process_obj, context)
 
     # -- the spawning-popen protocol used by reducers while the process object is pickled ----
     def duplicate_for_child(self, fd):
         self._fds.append(fd)
         return len(self._fds) - 1
 
-    def _launch(self, process_obj):
+    def _launch(self, process_obj, context):
         prep_data = _mp_spawn.get_preparation_data(process_obj._name)
+        prep_data["ringpool"] = _ringpool_state(context.zygote)
         buf = io.BytesIO()
         prev = _mp_context.get_spawning_popen()
         _mp_context.set_spawning_popen(self)
@@ -89,12 +111,15 @@ class Popen:
         chan = _core.Channel.create(_BOOT_CAPACITY)
         if chan.put(buf.getvalue(), 0, None, 0) is not None:  # an empty ring always has room
             raise RuntimeError("ringpool: could not queue the process object for the worker")
-        fds = list(zip(chan.handles(), CHANNEL_FDS))
-        fds += [(fd, FIRST_PASSED_FD + i) for i, fd in enumerate(self._fds)]
-        exe = _mp_spawn.get_executable()
-        argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", _BOOTSTRAP]
-        env = [f"{k}={v}" for k, v in os.environ.items()]
-        self._child = _core.ChildProcess.launch(exe, argv, env, fds, "", signal.SIGKILL)
+        fds = [*chan.handles(), *self._fds]
+        supervisor = context._supervisor()
+        if context.zygote:
+            self._child = supervisor.spawn(fds, _stdio())
+        else:
+            exe = _mp_spawn.get_executable()
+            argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", context._bootstrap("_worker")]
+            env = [f"{k}={v}" for k, v in os.environ.items()]
+            self._child = supervisor.spawn(fds, [-1, -1, -1], exe, argv, env, "")
         self._chan = chan  # the worker's channel; later frames (modules, shutdown) go here
         self.pid = self._child.pid
         self.sentinel = self._child.sentinel

@@ -1,13 +1,36 @@
-// ringpool._core.ChildProcess: the launcher and pidfd handle of runtime/process.hpp.
+// ringpool._core.ChildProcess, Supervisor and the zygote's fork loop (runtime/process.hpp,
+// supervisor.hpp, zygote.hpp).
 #include <poll.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
+
 #include "bindings.h"
 #include "ringpool/process.hpp"
+#include "ringpool/supervisor.hpp"
+#include "ringpool/zygote.hpp"
 
 namespace py = pybind11;
 
 namespace ringpool::py_bindings {
+
+namespace {
+
+void before_fork() { PyOS_BeforeFork(); }
+void after_fork_parent() { PyOS_AfterFork_Parent(); }
+void after_fork_child() { PyOS_AfterFork_Child(); }
+
+LaunchOptions program(const std::string& executable, const std::vector<std::string>& argv,
+                      const std::vector<std::string>& env, const std::string& cwd) {
+  LaunchOptions o;
+  o.executable = executable;
+  o.argv = argv;
+  o.env = env;
+  o.cwd = cwd;
+  return o;
+}
+
+}  // namespace
 
 void init_process(py::module_& m) {
   py::class_<ChildProcess>(m, "ChildProcess", R"doc(A child started with exactly the descriptors it is given.
@@ -46,6 +69,96 @@ child has exited. poll()/wait() return the exit code in Python's convention (-N:
           "Block until the child exits; returns its exit code.")
       .def("send_signal", &ChildProcess::send_signal, py::arg("sig"),
            "Signal through the pidfd; False if the child has already exited.");
+
+  py::class_<Supervisor>(m, "Supervisor", R"doc(A context's process supervisor: a Boost.Asio thread that
+starts every worker (exec mode: a fresh interpreter each; zygote mode: forked by a preloaded
+zygote as a child of this process) and watches them through pidfds.)doc")
+      .def_static("exec_mode", [] { return Supervisor::exec_mode(); })
+      .def_static(
+          "zygote_mode",
+          [](const std::string& executable, const std::vector<std::string>& argv, const std::vector<std::string>& env,
+             const std::string& cwd, py::bytes config, double ready_timeout, double fork_timeout) {
+            ZygoteOptions o;
+            o.launch = program(executable, argv, env, cwd);
+            o.config = std::string(config);
+            o.ready_timeout = std::chrono::milliseconds(static_cast<long long>(ready_timeout * 1000));
+            o.fork_timeout = std::chrono::milliseconds(static_cast<long long>(fork_timeout * 1000));
+            return Supervisor::zygote_mode(std::move(o));
+          },
+          py::arg("executable"), py::arg("argv"), py::arg("env"), py::arg("cwd"), py::arg("config"),
+          py::arg("ready_timeout") = 300.0, py::arg("fork_timeout") = 30.0)
+      .def(
+          "spawn",
+          [](Supervisor& s, const std::vector<int>& fds, std::array<int, 3> stdio, const std::string& executable,
+             const std::vector<std::string>& argv, const std::vector<std::string>& env, const std::string& cwd) {
+            SpawnRequest r;
+            r.program = program(executable, argv, env, cwd);
+            r.stdio = stdio;
+            r.fds = fds;
+            ReleaseGil nogil;
+            return s.spawn(std::move(r));
+          },
+          py::arg("fds"), py::arg("stdio") = std::array<int, 3>{-1, -1, -1}, py::arg("executable") = "",
+          py::arg("argv") = std::vector<std::string>{}, py::arg("env") = std::vector<std::string>{},
+          py::arg("cwd") = "",
+          "Start a worker with fds at fd_base.. (exec mode: the program given; 3..). Returns its ChildProcess.")
+      .def(
+          "start",
+          [](Supervisor& s) {
+            ReleaseGil nogil;
+            s.start();
+          },
+          "Bring the zygote up now (preloaded); raises its error.")
+      .def("start_async", &Supervisor::start_async)
+      .def(
+          "stop",
+          [](Supervisor& s) {
+            ReleaseGil nogil;
+            s.stop();
+          },
+          "Orderly zygote stop; running workers go on.")
+      .def_property_readonly("mode", [](Supervisor& s) { return std::string(s.mode()); })
+      .def_property_readonly("zygote_pid", [](Supervisor& s) {
+        ReleaseGil nogil;
+        return s.zygote_pid();
+      })
+      .def("live_workers", [](Supervisor& s) {
+        ReleaseGil nogil;
+        return s.live_workers();
+      })
+      .def("exit_code", [](Supervisor& s, pid_t pid) {
+        ReleaseGil nogil;
+        return s.exit_code(pid);
+      })
+      .def_property_readonly("zygote_exits", [](Supervisor& s) {
+        ReleaseGil nogil;
+        return s.zygote_exits();
+      });
+
+  m.def(
+      "zygote_receive_config",
+      [](int control, double timeout) {
+        std::string cfg;
+        {
+          ReleaseGil nogil;
+          cfg = zygote_receive_config(control, timeout < 0 ? -1 : static_cast<int>(timeout * 1000));
+        }
+        return py::bytes(cfg);
+      },
+      py::arg("control"), py::arg("timeout") = -1.0);
+  m.def("zygote_send_ready", &zygote_send_ready, py::arg("control"), py::arg("ok"), py::arg("message") = "");
+  m.def(
+      "zygote_serve",
+      [](int control) -> py::object {
+        // The GIL stays held: the zygote has no other thread, and PyOS_BeforeFork/AfterFork need it.
+        ZygoteHooks hooks{&before_fork, &after_fork_parent, &after_fork_child};
+        auto w = zygote_serve(control, hooks);
+        if (!w) return py::none();
+        return py::make_tuple(w->fd_base, w->nfds);
+      },
+      py::arg("control"),
+      "The zygote's fork loop: None in the zygote when told to stop; (fd_base, nfds) in each worker.");
+  m.def("thread_count", &thread_count, "Threads of this process (from /proc/self/task).");
 }
 
 }  // namespace ringpool::py_bindings

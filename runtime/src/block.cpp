@@ -38,6 +38,8 @@ std::size_t size_class(std::size_t len) {
 
 std::uint64_t fork_generation() noexcept { return g_fork_generation.load(std::memory_order_relaxed); }
 
+void note_fork_child() noexcept { on_fork_child(); }
+
 Block::Block(Segment seg) : seg_(std::move(seg)) {
   hdr_ = reinterpret_cast<BlockHeader*>(seg_.base());
   data_ = seg_.base() + page_size();

@@ -1,6 +1,7 @@
 #include "ringpool/process.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <linux/close_range.h>
 #include <linux/sched.h>
 #include <signal.h>
@@ -146,6 +147,14 @@ std::optional<int> ChildProcess::reap(int options) {
   siginfo_t si{};
   if (::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd_.get()), &si, WEXITED | options) != 0) {
     if (errno == EINTR) return std::nullopt;
+    if (errno == EAGAIN) {
+      // A non-blocking pidfd (someone set O_NONBLOCK on its file description): wait for it to
+      // become readable, then ask again.
+      if (options & WNOHANG) return std::nullopt;
+      pollfd p{pidfd_.get(), POLLIN, 0};
+      if (::poll(&p, 1, -1) < 0 && errno != EINTR) throw_errno("poll(pidfd)");
+      return reap(options);
+    }
     if (errno == ECHILD) {
       // Someone else reaped it (e.g. a SIGCHLD handler calling waitpid(-1)): exited, code lost.
       exit_code_ = 255;

@@ -1,9 +1,10 @@
 """Conformance: the same checks against spawn, forkserver and ringpool.get_context()
-(shared/CONTRACT.md section 5, the Process and primitive items; exec mode for ringpool)."""
+(shared/CONTRACT.md section 5; ringpool in both start modes)."""
 import concurrent.futures
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import re
 import signal
 import socket
 import sys
@@ -17,10 +18,18 @@ import ringpool
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-@pytest.fixture(params=["spawn", "forkserver", "ringpool"])
+@pytest.fixture(params=["spawn", "forkserver", "ringpool", "ringpool-exec"])
 def ctx(request):
     if request.param == "ringpool":
-        return ringpool.get_context()
+        # Zygote mode, with torch preloaded when it is installed (the DataLoader tests' workers
+        # then start without importing it; the 300-cycle test uses the bare default context).
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return ringpool.get_context()
+        return ringpool.get_context(preload=("torch",))
+    if request.param == "ringpool-exec":
+        return ringpool.get_context(zygote=False)
     return mp.get_context(request.param)
 
 
@@ -195,6 +204,10 @@ def test_unpicklable_args_raise_in_start(ctx):
 
 def _start_join_cycles(ctx, n):
     """n start/join/close cycles; fd count and zombie children must not grow."""
+    p = ctx.Process(target=_return)  # first use: the context's fixed resources (supervisor, zygote)
+    p.start()
+    p.join(60)
+    p.close()
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(n):
         p = ctx.Process(target=_return)
@@ -276,6 +289,174 @@ def test_dataloader_persistent_workers_and_early_break(ctx):
     assert time.monotonic() - t0 < 5.0
 
 
+class _DyingDataset:
+    """Sample 20 ends its worker (SIGKILL or os._exit(3)) after noting its pid and the time."""
+
+    def __init__(self, path, how):
+        self.path, self.how = path, how
+
+    def __len__(self):
+        return 400
+
+    def __getitem__(self, i):
+        if i == 20:
+            with open(self.path, "w") as f:
+                f.write(f"{os.getpid()} {time.time()}")
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(3)
+        time.sleep(0.005)
+        return i
+
+
+@pytest.mark.parametrize("how", ["kill", "exit3"])
+def test_dataloader_reports_a_dead_worker_with_its_pid(ctx, how, tmp_path):
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    if ctx.get_start_method() == "forkserver":
+        # Its workers are not children, so DataLoader only notices after its 5 s status poll, and
+        # the dead worker's resource_sharer (tensor fds) often breaks first; a worker left
+        # behind by that can wedge the rest of the session.
+        pytest.skip("stdlib forkserver: a dead DataLoader worker is not reported the same way")
+    path = tmp_path / "victim"
+    with pytest.raises(RuntimeError) as info:
+        for _ in DataLoader(_DyingDataset(str(path), how), batch_size=2, num_workers=2, multiprocessing_context=ctx):
+            pass
+    seen = time.time()
+    pid, died = path.read_text().split()
+    # Where DataLoader's SIGCHLD handler interrupts the main thread decides the wording: inside
+    # the queue get, "(pid(s) N) exited unexpectedly" caused by the handler's error; elsewhere,
+    # the handler's own error.
+    text = f"{info.value} <- {info.value.__cause__}"
+    assert re.search(rf"DataLoader worker \(pid(\(s\))? {pid}\)", text), text
+    # Direct children (spawn, ringpool) are seen by DataLoader's SIGCHLD handler at once.
+    assert seen - float(died) < 1.0
+    if isinstance(ctx, ringpool.RingpoolContext):  # spawn's may break in resource_sharer first
+        assert ("killed by signal: Killed" if how == "kill" else "exit code 3") in text
+
+
+class _SlowDataset:
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        time.sleep(3)
+        return i
+
+
+def test_dataloader_timeout(ctx):
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    it = iter(DataLoader(_SlowDataset(), num_workers=1, timeout=1, multiprocessing_context=ctx))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 1 seconds"):
+        next(it)
+    assert time.monotonic() - t0 < 2.5
+    del it
+
+
+class _Shards:
+    """Sharded by worker over range(n); worker 2 of 3 gets an empty shard. Made an
+    IterableDataset by _ShardsIterable (below), so that importing this module (which every
+    spawn-style worker does) does not import torch."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        assert info is not None and info.num_workers == 3 and info.dataset is not None
+        lo = info.id * 10
+        hi = min(self.n, lo + 10) if info.id < 2 else lo
+        for i in range(lo, hi):
+            yield i, info.id, info.seed, _init_calls
+
+
+def __getattr__(name):
+    # _ShardsIterable is created on first use, here and (by pickle's lookup) in workers.
+    if name == "_ShardsIterable":
+        from torch.utils.data import IterableDataset
+
+        cls = type("_ShardsIterable", (_Shards, IterableDataset), {"__module__": __name__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+_init_calls = 0
+
+
+def _count_init(worker_id):
+    global _init_calls
+    _init_calls += 1
+
+
+def test_dataloader_iterable_shards_init_fn_and_persistent_epochs(ctx):
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, get_worker_info
+
+    assert get_worker_info() is None
+    dl = DataLoader(__getattr__("_ShardsIterable")(20), batch_size=None, num_workers=3, worker_init_fn=_count_init,
+                    persistent_workers=True, multiprocessing_context=ctx)
+    for _ in range(2):
+        rows = list(dl)
+        assert sorted(int(r[0]) for r in rows) == list(range(20))  # exact union, no duplicates
+        assert {int(r[1]) for r in rows} == {0, 1}
+        assert all(int(r[3]) == 1 for r in rows)  # worker_init_fn ran once per worker
+        assert len({int(r[2]) for r in rows}) == 2  # a seed per worker
+    del dl
+
+
+def _fail_init(worker_id):
+    if worker_id == 1:
+        raise ValueError("init failed")
+
+
+def test_dataloader_init_fn_error_and_pin_memory(ctx):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(ValueError, match="worker process 1"):
+        list(DataLoader(_SquaresDataset(), batch_size=4, num_workers=2, worker_init_fn=_fail_init,
+                        multiprocessing_context=ctx))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "pin_memory ... no accelerator" on a CPU-only build
+        batches = list(DataLoader(_SquaresDataset(), batch_size=8, num_workers=2, pin_memory=True,
+                                  multiprocessing_context=ctx))
+    assert [int(x) for _, y in batches for x in y] == [i * i for i in range(40)]
+    assert torch.equal(batches[1][0][0], torch.full((3,), 8.0))
+
+
+def _kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pid(_=None):
+    return os.getpid()
+
+
+def test_process_pool_executor_broken_pool_and_max_tasks(ctx):
+    from concurrent.futures.process import BrokenProcessPool
+
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+        assert ex.submit(_square, 3).result(60) == 9
+        t0 = time.monotonic()
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(_kill_self).result(60)
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(_square, 2)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as ex:
+        pids = [ex.submit(_pid).result(60) for _ in range(3)]
+    assert len(set(pids)) == 3
+
+
 # -- nothing outlives the parent; nothing leaks ------------------------------------------------
 
 _ORPHAN_SCRIPT = r"""
@@ -292,7 +473,8 @@ if __name__ == "__main__":
     procs = [ctx.Process(target=sleeper, daemon={daemon!r}) for _ in range(2)]
     for p in procs:
         p.start()
-    print(" ".join(str(p.pid) for p in procs), flush=True)
+    zygote = [ctx.zygote_pid()] if {method!r} == "ringpool" else []
+    print(" ".join(str(p) for p in [*(p.pid for p in procs), *zygote]), flush=True)
     if {exit_normally!r}:
         sys.exit(0)
     time.sleep(120)
@@ -331,13 +513,13 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path):
     parent = _run_parent(tmp_path, "ringpool", daemon=False, exit_normally=False)
     try:
         pids = [int(p) for p in parent.stdout.readline().split()]
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 3 and all(_alive(p) for p in pids)  # two workers, the zygote
         parent.kill()
         parent.wait(30)
         deadline = time.monotonic() + 15
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_alive(p) for p in pids), "a worker outlived its SIGKILLed parent"
+        assert not any(_alive(p) for p in pids), "a worker or the zygote outlived its SIGKILLed parent"
     finally:
         parent.kill()
 

@@ -110,5 +110,8 @@ class BlockCache {
 // Incremented in every child after fork(): per-process ownership (pool blocks, readers' views)
 // must not be acted on twice.
 std::uint64_t fork_generation() noexcept;
+// What the pthread_atfork child handler does, for a child made without glibc's fork()
+// (zygote workers: see fork_sibling).
+void note_fork_child() noexcept;
 
 }  // namespace ringpool

@@ -1,0 +1,327 @@
+#!/usr/bin/python3
+"""Spawner benchmark: worker start-up and DataLoader throughput, ringpool against the stdlib.
+
+In one run, on this machine:
+
+(a) Start-up: the time from the first ``start()`` of N = 1, 2, 4 workers whose target imports
+    torch until all N have reported ready (each puts its pid on the context's SimpleQueue), for
+    fork, spawn, forkserver (``set_forkserver_preload(["torch"])``, server already running) and
+    ringpool (``get_context(preload=["torch"])``, zygote already running), with a bare
+    ``os.fork()`` of the same parent (the child writes one byte to a pipe) as the limit. This
+    process has imported torch, as a training script has. Median of several repetitions; the
+    workers are joined outside the timed window.
+
+(b) DataLoader: samples/s over whole epochs (median of 3 epochs, each with a fresh iterator, so
+    worker start-up is included, as in a real epoch without persistent workers) and the time to
+    the first batch, with num_workers 2 and 4, for fork, spawn, forkserver and ringpool, on three
+    map-style datasets of in-memory samples:
+      small:  torch.randn(64) and an int label, batch 256
+      images: uint8 3x224x224 from numpy (torch.from_numpy), batch 32
+      numpy:  float32 3x64x64 numpy arrays, batch 64 (collated into tensors)
+    The main process touches every batch (sums one element per sample) so lazily mapped memory
+    is really read.
+
+Targets (ratios in the same run): (a) 4 workers ready no slower than fork and >= 20x faster than
+spawn; (b) time to first batch no worse than fork; throughput >= 1.5x fork on small and numpy,
+>= 1.3x fork on images.
+
+    /usr/bin/python3 benchmarks/bench_spawner.py [--quick] [--only startup|dataloader]
+        [--json PATH] [--markdown PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+try:
+    import ringpool
+except ImportError:  # run from a checkout: use the in-tree package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bindings"))
+    import ringpool
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+METHODS = ("fork", "spawn", "forkserver", "ringpool")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- contexts ------------------------------------------------------------------------------------
+
+_contexts = {}
+
+
+def context(method):
+    """The context for a method, warmed up (forkserver running, ringpool zygote preloaded)."""
+    if method in _contexts:
+        return _contexts[method]
+    if method == "ringpool":
+        ctx = ringpool.get_context(preload=["torch", "numpy"])
+        ctx.ensure_running()
+    else:
+        ctx = mp.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload(["torch", "numpy"])
+            p = ctx.Process(target=_noop)
+            p.start()
+            p.join()
+    _contexts[method] = ctx
+    return ctx
+
+
+def _noop():
+    pass
+
+
+# -- (a) start-up --------------------------------------------------------------------------------
+
+def _ready(q):
+    import torch  # noqa: F401  (already imported under fork and in the preloaded servers)
+
+    q.put(os.getpid())
+
+
+def startup_once(method, n):
+    if method == "os.fork":
+        r, w = os.pipe()
+        t0 = time.perf_counter()
+        pids = []
+        for _ in range(n):
+            pid = os.fork()
+            if pid == 0:
+                os.write(w, b"x")
+                os._exit(0)
+            pids.append(pid)
+        got = 0
+        while got < n:
+            got += len(os.read(r, n))
+        dt = time.perf_counter() - t0
+        for pid in pids:
+            os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
+        return dt
+    ctx = context(method)
+    q = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_ready, args=(q,)) for _ in range(n)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    pids = {q.get() for _ in range(n)}
+    dt = time.perf_counter() - t0
+    for p in procs:
+        p.join(120)
+    assert pids == {p.pid for p in procs}
+    q.close()
+    return dt
+
+
+def bench_startup(reps, spawn_reps):
+    rows = []
+    for n in (1, 2, 4):
+        for method in ("os.fork", *METHODS):
+            k = spawn_reps if method == "spawn" else reps
+            times = [startup_once(method, n) for _ in range(k)]
+            rows.append({"method": method, "workers": n, "median_s": statistics.median(times),
+                         "min_s": min(times), "max_s": max(times), "runs": times})
+            log(f"  startup {method:10s} N={n}: {statistics.median(times) * 1e3:9.1f} ms")
+    return rows
+
+
+# -- (b) DataLoader ------------------------------------------------------------------------------
+
+class SmallDataset(Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(0)
+        self.x = [torch.randn(64, generator=g) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i
+
+
+class ImageDataset(Dataset):
+    def __init__(self, n):
+        rng = np.random.default_rng(0)
+        self.x = [rng.integers(0, 256, (3, 224, 224), dtype=np.uint8) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.x[i]), i
+
+
+class NumpyDataset(Dataset):
+    def __init__(self, n):
+        rng = np.random.default_rng(0)
+        self.x = [rng.standard_normal((3, 64, 64), dtype=np.float32) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i
+
+
+DATASETS = {
+    # name: (class, samples per epoch, quick samples, batch size)
+    "small": (SmallDataset, 256 * 160, 256 * 40, 256),
+    "images": (ImageDataset, 32 * 60, 32 * 16, 32),
+    "numpy": (NumpyDataset, 64 * 120, 64 * 30, 64),
+}
+
+
+def epoch(ds, batch, workers, ctx):
+    dl = DataLoader(ds, batch_size=batch, num_workers=workers, multiprocessing_context=ctx)
+    t0 = time.perf_counter()
+    first = None
+    seen = 0
+    check = 0.0
+    for x, y in dl:
+        if first is None:
+            first = time.perf_counter() - t0
+        check += float(x.reshape(len(y), -1)[:, 0].sum())  # read every sample's memory
+        seen += len(y)
+    dt = time.perf_counter() - t0
+    del dl
+    assert seen == len(ds)
+    return seen / dt, first
+
+
+def bench_dataloader(quick, epochs):
+    rows = []
+    for name, (cls, n, nq, batch) in DATASETS.items():
+        ds = cls(nq if quick else n)
+        for workers in (2, 4):
+            runs = {m: [] for m in METHODS}
+            for _ in range(epochs):  # interleaved: the machine's drift touches every method alike
+                for m in METHODS:
+                    runs[m].append(epoch(ds, batch, workers, context(m)))
+            for m in METHODS:
+                rates = [r for r, _ in runs[m]]
+                firsts = [f for _, f in runs[m]]
+                rows.append({"dataset": name, "workers": workers, "method": m, "batch": batch, "samples": len(ds),
+                             "samples_per_s": statistics.median(rates), "first_batch_s": statistics.median(firsts),
+                             "runs": runs[m]})
+                log(f"  dataloader {name:6s} w={workers} {m:10s}: {statistics.median(rates):10.0f} samples/s, "
+                    f"first batch {statistics.median(firsts) * 1e3:7.1f} ms")
+        del ds
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def machine_info():
+    cpu, mem_kib = "?", 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+        with open("/proc/meminfo") as f:
+            mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / (1 << 20), 1),
+            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
+            "loadavg_at_start": list(os.getloadavg()),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+
+
+def _get(rows, **match):
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def targets(res):
+    out = []
+
+    def add(desc, value, ok, label, fmt):
+        out.append({"target": desc, "measured": fmt.format(value), "threshold": label, "passed": bool(ok)})
+
+    st = res.get("startup")
+    if st:
+        rp, fk, sp = (_get(st, method=m, workers=4)["median_s"] for m in ("ringpool", "fork", "spawn"))
+        add("start-up, 4 workers: ringpool / fork time", rp / fk, rp <= fk, "<= 1.00x", "{:.2f}x")
+        add("start-up, 4 workers: spawn / ringpool time", sp / rp, sp / rp >= 20, ">= 20x", "{:.1f}x")
+    dl = res.get("dataloader")
+    if dl:
+        for name, need in (("small", 1.5), ("numpy", 1.5), ("images", 1.3)):
+            for w in (2, 4):
+                rp, fk = _get(dl, dataset=name, workers=w, method="ringpool"), _get(dl, dataset=name, workers=w, method="fork")
+                ratio = rp["samples_per_s"] / fk["samples_per_s"]
+                add(f"DataLoader {name}, {w} workers: ringpool / fork samples/s", ratio, ratio >= need,
+                    f">= {need}x", "{:.2f}x")
+                add(f"DataLoader {name}, {w} workers: ringpool / fork time to first batch",
+                    rp["first_batch_s"] / fk["first_batch_s"], rp["first_batch_s"] <= fk["first_batch_s"],
+                    "<= 1.00x", "{:.2f}x")
+    return out
+
+
+def markdown(res):
+    m = res["machine"]
+    lines = [f"### Spawner benchmark ({m['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+             f"Python {m['python']}, torch {m['torch']}; load average at start {m['loadavg_at_start'][0]:.2f}.", ""]
+    if res.get("startup"):
+        lines += ["#### (a) Start-up: first start() until N workers that import torch report ready (median ms)", "",
+                  "| method | N=1 | N=2 | N=4 |", "|---|---:|---:|---:|"]
+        for method in ("os.fork", *METHODS):
+            cells = [f"{_get(res['startup'], method=method, workers=n)['median_s'] * 1e3:.1f}" for n in (1, 2, 4)]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if res.get("dataloader"):
+        lines += ["#### (b) DataLoader: samples/s over whole epochs (median of 3), time to first batch", "",
+                  "| dataset | workers | " + " | ".join(METHODS) + " | ringpool / fork |",
+                  "|---|---:|" + "---:|" * (len(METHODS) + 1)]
+        for name in DATASETS:
+            for w in (2, 4):
+                rows = {mm: _get(res["dataloader"], dataset=name, workers=w, method=mm) for mm in METHODS}
+                cells = [f"{rows[mm]['samples_per_s']:,.0f} ({rows[mm]['first_batch_s'] * 1e3:.0f} ms)" for mm in METHODS]
+                lines.append(f"| {name} | {w} | " + " | ".join(cells) +
+                             f" | {rows['ringpool']['samples_per_s'] / rows['fork']['samples_per_s']:.2f}x |")
+        lines.append("")
+    lines += ["#### Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
+    for t in res["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} | {t['threshold']} | {'PASS' if t['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller epochs")
+    ap.add_argument("--only", choices=["startup", "dataloader"])
+    ap.add_argument("--json")
+    ap.add_argument("--markdown")
+    args = ap.parse_args()
+    res = {"machine": machine_info(), "quick": args.quick}
+    if args.only in (None, "startup"):
+        log("(a) start-up")
+        res["startup"] = bench_startup(reps=3 if args.quick else 7, spawn_reps=1 if args.quick else 3)
+    if args.only in (None, "dataloader"):
+        log("(b) DataLoader")
+        res["dataloader"] = bench_dataloader(args.quick, epochs=1 if args.quick else 3)
+    res["targets"] = targets(res)
+    md = markdown(res)
+    print(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    out = Path(args.json or Path(__file__).parent / "results" / f"bench_spawner{'-quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

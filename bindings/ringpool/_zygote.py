@@ -1,0 +1,65 @@
+"""The zygote: one preloaded Python process per ringpool context that forks workers.
+
+Started by the context's supervisor (``python -c "...; from ringpool._zygote import main; main()"``)
+with its control socket at descriptor 3. It reads its configuration (sys.path, preload), imports
+the preload modules, says READY (or why not), and enters the C++ fork loop
+(``_core.zygote_serve``). That call returns None in the zygote when the parent tells it to stop,
+and ``(fd_base, nfds)`` in each forked worker, which then runs ``ringpool._worker.run``. The
+worker is a child of the parent process (docs/design/spawner.md), not of the zygote.
+"""
+import gc
+import importlib
+import os
+import pickle
+import sys
+import traceback
+
+CONTROL_FD = 3
+
+
+def main():
+    from . import _core
+
+    config = pickle.loads(_core.zygote_receive_config(CONTROL_FD, 60.0))
+    ringpool_dir = sys.path[0]
+    sys.path[:] = list(config["sys_path"])
+    if ringpool_dir not in sys.path:
+        sys.path.append(ringpool_dir)
+    ok, message = True, ""
+    try:
+        for name in config["preload"]:
+            importlib.import_module(name)
+        threads = _core.thread_count()
+        if threads != 1:
+            raise RuntimeError(
+                f"after preloading {list(config['preload'])} the zygote runs {threads} threads; a process "
+                "with threads cannot be forked safely (preload less, or use get_context(zygote=False))")
+    except BaseException:
+        ok, message = False, traceback.format_exc()
+    _core.zygote_send_ready(CONTROL_FD, ok, message)
+    if not ok:
+        os._exit(1)
+    # What the preload built is shared copy-on-write with every worker: keep the collector from
+    # touching (and so copying) those objects' pages in each worker.
+    gc.collect()
+    gc.freeze()
+    started = _core.zygote_serve(CONTROL_FD)
+    if started is None:
+        os._exit(0)
+    gc.unfreeze()
+    fd_base, _nfds = started
+    # A forked worker must never unwind into the zygote's code or run its interpreter's exit
+    # (atexit handlers, buffered output): whatever happens, it leaves through os._exit.
+    code = 1
+    try:
+        from ._worker import run
+
+        run(fd_base)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

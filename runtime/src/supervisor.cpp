@@ -1,0 +1,195 @@
+#include "ringpool/supervisor.hpp"
+
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <future>
+#include <map>
+#include <stdexcept>
+#include <thread>
+
+#include "ringpool/error.hpp"
+
+namespace ringpool {
+
+namespace asio = boost::asio;
+
+struct Supervisor::Impl {
+  struct Worker {
+    std::uint64_t zygote;
+    std::unique_ptr<asio::posix::stream_descriptor> pidfd;  // our own pidfd of the worker
+  };
+
+  // Order matters for destruction: handlers' objects before the io_context.
+  asio::io_context io;
+  asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
+  std::unique_ptr<Spawner> spawner;
+  std::map<pid_t, Worker> live;
+  std::map<pid_t, int> exited;  // bounded: oldest entries dropped
+  std::uint64_t zygote_exits = 0;
+  std::thread thread;
+
+  template <class F>
+  auto call(F f) -> decltype(f()) {
+    std::packaged_task<decltype(f())()> task(std::move(f));
+    auto fut = task.get_future();
+    asio::post(io, [&task] { task(); });
+    return fut.get();
+  }
+
+  void watch(pid_t pid, std::uint64_t zygote) {
+    // A pidfd of our own (not a dup: Asio makes its descriptor non-blocking, and a dup would share
+    // that flag with the owner's pidfd, whose blocking waitid would then fail with EAGAIN). The
+    // worker is our child and not reaped yet, so its pid cannot have been reused.
+    auto sd = std::make_unique<asio::posix::stream_descriptor>(io, open_pidfd(pid).release());
+    auto* raw = sd.get();
+    live[pid] = Worker{zygote, std::move(sd)};
+    raw->async_wait(asio::posix::stream_descriptor::wait_read, [this, pid, raw](boost::system::error_code ec) {
+      if (ec) return;
+      siginfo_t si{};
+      // WNOWAIT: observe, do not reap; the ChildProcess owner reaps (and DataLoader's SIGCHLD
+      // handler, which also uses WNOWAIT, must still find the zombie).
+      if (::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(raw->native_handle()), &si,
+                   WEXITED | WNOHANG | WNOWAIT) == 0 &&
+          si.si_pid != 0) {
+        exited[pid] = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
+        if (exited.size() > 4096) exited.erase(exited.begin());
+      }
+      live.erase(pid);
+    });
+  }
+
+  void on_zygote_exit(std::uint64_t incarnation) {
+    ++zygote_exits;
+    for (auto& [pid, w] : live)
+      if (w.zygote == incarnation) ::syscall(SYS_pidfd_send_signal, w.pidfd->native_handle(), SIGKILL, nullptr, 0);
+  }
+};
+
+Supervisor::Supervisor(SpawnerFactory make_spawner) : impl_(new Impl), owner_(::getpid()) {
+  impl_->spawner = make_spawner(impl_->io);
+  impl_->spawner->on_zygote_exit = [impl = impl_](std::uint64_t inc, int) { impl->on_zygote_exit(inc); };
+  impl_->thread = std::thread([impl = impl_] {
+    // Signals are for the application's threads (Python handles them in the main thread).
+    sigset_t all;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, nullptr);
+    for (;;) {
+      try {
+        impl->io.run();
+        return;
+      } catch (const std::exception&) {
+        // A handler threw: keep serving (the handler's own request has already failed).
+      }
+    }
+  });
+}
+
+Supervisor::~Supervisor() {
+  if (::getpid() != owner_) return;  // a forked child: the thread is not here; leak the state
+  asio::post(impl_->io, [impl = impl_] {
+    impl->spawner->stop();
+    impl->work.reset();
+    impl->io.stop();
+  });
+  impl_->thread.join();
+  delete impl_;
+}
+
+std::unique_ptr<Supervisor> Supervisor::exec_mode() {
+  return std::make_unique<Supervisor>([](asio::io_context&) { return make_exec_spawner(); });
+}
+
+std::unique_ptr<Supervisor> Supervisor::zygote_mode(ZygoteOptions options) {
+  return std::make_unique<Supervisor>(
+      [o = std::move(options)](asio::io_context& io) mutable { return make_zygote_spawner(io, std::move(o)); });
+}
+
+namespace {
+void check_owner(pid_t owner) {
+  if (::getpid() != owner)
+    throw std::logic_error("a ringpool Supervisor cannot be used in a forked child of the process that made it");
+}
+}  // namespace
+
+ChildProcess Supervisor::spawn(SpawnRequest req) {
+  check_owner(owner_);
+  std::promise<ChildProcess> done;
+  auto fut = done.get_future();
+  asio::post(impl_->io, [impl = impl_, &done, req = std::move(req)]() mutable {
+    impl->spawner->spawn(std::move(req), [impl, &done](std::exception_ptr err, Spawned s) {
+      if (err) {
+        done.set_exception(err);
+        return;
+      }
+      try {
+        impl->watch(s.process.pid(), s.zygote);
+      } catch (...) {
+        // Without a watch the worker still works; only its observation is lost.
+      }
+      done.set_value(std::move(s.process));
+    });
+  });
+  return fut.get();
+}
+
+void Supervisor::start() {
+  check_owner(owner_);
+  std::promise<void> ready;
+  auto fut = ready.get_future();
+  asio::post(impl_->io, [impl = impl_, &ready] {
+    impl->spawner->start([&ready](std::exception_ptr err) {
+      if (err) ready.set_exception(err);
+      else ready.set_value();
+    });
+  });
+  fut.get();
+}
+
+void Supervisor::start_async() {
+  check_owner(owner_);
+  asio::post(impl_->io, [impl = impl_] { impl->spawner->start([](std::exception_ptr) {}); });
+}
+
+void Supervisor::stop() {
+  check_owner(owner_);
+  impl_->call([impl = impl_] { impl->spawner->stop(); });
+}
+
+const char* Supervisor::mode() const noexcept { return impl_->spawner->mode(); }
+
+pid_t Supervisor::zygote_pid() {
+  check_owner(owner_);
+  return impl_->call([impl = impl_] { return impl->spawner->zygote_pid(); });
+}
+
+std::vector<pid_t> Supervisor::live_workers() {
+  check_owner(owner_);
+  return impl_->call([impl = impl_] {
+    std::vector<pid_t> v;
+    for (auto& [pid, w] : impl->live) v.push_back(pid);
+    return v;
+  });
+}
+
+std::optional<int> Supervisor::exit_code(pid_t pid) {
+  check_owner(owner_);
+  return impl_->call([impl = impl_, pid]() -> std::optional<int> {
+    auto it = impl->exited.find(pid);
+    if (it == impl->exited.end()) return std::nullopt;
+    return it->second;
+  });
+}
+
+std::uint64_t Supervisor::zygote_exits() {
+  check_owner(owner_);
+  return impl_->call([impl = impl_] { return impl->zygote_exits; });
+}
+
+}  // namespace ringpool

@@ -1,0 +1,204 @@
+#include "ringpool/zygote.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/close_range.h>
+#include <linux/futex.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "ringpool/block.hpp"
+#include "ringpool/control.hpp"
+#include "ringpool/error.hpp"
+
+namespace ringpool {
+
+namespace {
+
+using proto::Kind;
+
+// Open descriptors of this process, from /proc/self/fd (the directory's own fd excluded).
+std::vector<int> open_fds() {
+  std::vector<int> fds;
+  DIR* d = ::opendir("/proc/self/fd");
+  if (d == nullptr) throw_errno("opendir(/proc/self/fd)");
+  const int self = ::dirfd(d);
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+    const int fd = std::atoi(e->d_name);
+    if (fd != self) fds.push_back(fd);
+  }
+  ::closedir(d);
+  return fds;
+}
+
+// The PROCESS request's payload: which stdio descriptors lead the attached ones.
+struct ForkRequest {
+  std::uint32_t stdio_mask;  // bit k: the next attached fd becomes descriptor k (k = 0, 1, 2)
+  std::uint32_t reserved;
+};
+
+struct sigaction g_saved_sigint {};
+
+}  // namespace
+
+int thread_count() {
+  int n = 0;
+  DIR* d = ::opendir("/proc/self/task");
+  if (d == nullptr) throw_errno("opendir(/proc/self/task)");
+  while (dirent* e = ::readdir(d))
+    if (e->d_name[0] != '.') ++n;
+  ::closedir(d);
+  return n;
+}
+
+pid_t fork_sibling(UniqueFd* pidfd_out) {
+  if (const int n = thread_count(); n != 1)
+    throw std::runtime_error("refusing to fork a process with " + std::to_string(n) +
+                             " threads (a zygote must be single-threaded)");
+  int* tid_address = nullptr;
+  if (::prctl(PR_GET_TID_ADDRESS, &tid_address) != 0 || tid_address == nullptr)
+    throw_errno("prctl(PR_GET_TID_ADDRESS)");
+  robust_list_head* robust = nullptr;
+  std::size_t robust_len = 0;
+  if (::syscall(SYS_get_robust_list, 0, &robust, &robust_len) != 0) throw_errno("get_robust_list");
+  int pidfd = -1;
+  clone_args args{};
+  args.flags = CLONE_PARENT | CLONE_PIDFD | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID;
+  args.pidfd = reinterpret_cast<std::uint64_t>(&pidfd);
+  args.child_tid = reinterpret_cast<std::uint64_t>(tid_address);
+  args.exit_signal = 0;  // with CLONE_PARENT the child inherits our exit signal (SIGCHLD)
+  sigset_t all, old;
+  sigfillset(&all);
+  ::pthread_sigmask(SIG_SETMASK, &all, &old);
+  const long r = ::syscall(SYS_clone3, &args, sizeof args);
+  const int err = errno;
+  if (r == 0) {
+    // The child: what glibc's fork does for its one thread. The list is empty here (the caller
+    // holds no robust mutex: it is single-threaded and between operations).
+    if (robust != nullptr) {
+      robust->list.next = &robust->list;
+      robust->list_op_pending = nullptr;
+      ::syscall(SYS_set_robust_list, robust, robust_len);
+    }
+    note_fork_child();
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    return 0;
+  }
+  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  if (r < 0) throw SysError(err, "clone3(CLONE_PARENT)");
+  ::fcntl(pidfd, F_SETFD, FD_CLOEXEC);
+  if (pidfd_out != nullptr) *pidfd_out = UniqueFd(pidfd);
+  else ::close(pidfd);
+  return static_cast<pid_t>(r);
+}
+
+std::string zygote_receive_config(int control, int timeout_ms) {
+  auto m = recv_control(control, timeout_ms);
+  if (!m) throw ProtocolError("the parent closed the control socket before sending HELLO");
+  if (m->kind() != Kind::HELLO) throw ProtocolError("expected HELLO from the parent");
+  return std::move(m->payload);
+}
+
+void zygote_send_ready(int control, bool ok, const std::string& message) {
+  send_control(control, Kind::HELLO, 0, ok ? 0 : 1, message);
+}
+
+namespace {
+
+// In the worker, right after the fork: descriptors into place, signals back, death with the parent.
+WorkerStart setup_worker(int control, pid_t parent, std::vector<UniqueFd>& received, std::uint32_t stdio_mask,
+                         int max_keep, int max_open) {
+  // Die with the parent (the user's process, whose thread started the zygote), also if it is
+  // already gone.
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) ::_exit(1);
+  ::sigaction(SIGINT, &g_saved_sigint, nullptr);
+  std::size_t nstdio = 0;
+  for (int k = 0; k < 3; ++k) nstdio += (stdio_mask >> k) & 1u;
+  const int nworker = static_cast<int>(received.size() - nstdio);
+  const int base = std::max(3, max_keep + 1);
+  const int high = std::max(base + nworker, max_open + 1);
+  std::vector<int> tmp(received.size());
+  for (std::size_t i = 0; i < received.size(); ++i) {
+    tmp[i] = ::fcntl(received[i].get(), F_DUPFD_CLOEXEC, high);
+    if (tmp[i] < 0) ::_exit(1);
+  }
+  for (auto& fd : received) fd.reset();
+  ::close(control);
+  std::size_t i = 0;
+  for (int k = 0; k < 3; ++k)
+    if ((stdio_mask >> k) & 1u)
+      if (::dup2(tmp[i++], k) < 0) ::_exit(1);
+  for (int j = 0; j < nworker; ++j)
+    if (::dup2(tmp[i++], base + j) < 0) ::_exit(1);
+  // Everything above the worker's descriptors (the temporaries included) closes now: no exec
+  // follows, so close-on-exec would not do it.
+  if (::syscall(SYS_close_range, static_cast<unsigned>(base + nworker), ~0u, 0u) != 0) ::_exit(1);
+  return WorkerStart{base, nworker};
+}
+
+}  // namespace
+
+std::optional<WorkerStart> zygote_serve(int control, const ZygoteHooks& hooks) {
+  const pid_t parent = ::getppid();
+  struct sigaction ign {};
+  ign.sa_handler = SIG_IGN;
+  ::sigaction(SIGINT, &ign, &g_saved_sigint);
+  for (;;) {
+    auto m = recv_control(control);
+    if (!m || m->kind() == Kind::SHUTDOWN) {
+      ::sigaction(SIGINT, &g_saved_sigint, nullptr);
+      return std::nullopt;
+    }
+    const std::uint64_t seq = m->header.seq;
+    try {
+      if (m->kind() != Kind::PROCESS) throw ProtocolError("the zygote accepts PROCESS and SHUTDOWN messages only");
+      ForkRequest req{};
+      if (m->payload.size() != sizeof req) throw ProtocolError("malformed PROCESS request");
+      std::memcpy(&req, m->payload.data(), sizeof req);
+      if ((req.stdio_mask & ~7u) != 0 || static_cast<std::size_t>(__builtin_popcount(req.stdio_mask)) > m->fds.size())
+        throw ProtocolError("malformed PROCESS request (stdio mask)");
+      int max_keep = 2, max_open = control;
+      for (int fd : open_fds()) {
+        max_open = std::max(max_open, fd);
+        const bool transient =
+            fd == control || std::any_of(m->fds.begin(), m->fds.end(), [fd](const UniqueFd& f) { return f.get() == fd; });
+        if (!transient) max_keep = std::max(max_keep, fd);
+      }
+      UniqueFd pidfd;
+      if (hooks.before_fork) hooks.before_fork();
+      pid_t pid;
+      try {
+        pid = fork_sibling(&pidfd);
+      } catch (...) {
+        if (hooks.after_fork_parent) hooks.after_fork_parent();
+        throw;
+      }
+      if (pid == 0) {
+        WorkerStart w = setup_worker(control, parent, m->fds, req.stdio_mask, max_keep, max_open);
+        if (hooks.after_fork_child) hooks.after_fork_child();
+        return w;
+      }
+      if (hooks.after_fork_parent) hooks.after_fork_parent();
+      const int fd = pidfd.get();
+      send_control(control, Kind::PROCESS, seq, static_cast<std::uint32_t>(pid), {}, std::span<const int>(&fd, 1));
+    } catch (const std::system_error& e) {
+      send_control(control, Kind::ERROR, seq, static_cast<std::uint32_t>(e.code().value()), e.what());
+    } catch (const std::exception& e) {
+      send_control(control, Kind::ERROR, seq, 0, e.what());
+    }
+  }
+}
+
+}  // namespace ringpool

@@ -1,0 +1,287 @@
+// Zygote mode, the parent's side (see spawner.hpp; the zygote's side is zygote.cpp).
+//
+// States: down -> starting (launched, HELLO sent, waiting for its READY) -> ready. Requests queue
+// while the zygote starts and go out one at a time (PROCESS, answered by PROCESS with the pid and a
+// pidfd, or ERROR). The zygote's pidfd is watched: when it ends, the request in flight fails, and
+// if it never became ready every queued request fails with it (a preload that crashes would
+// otherwise be restarted forever); otherwise the next request starts a new incarnation.
+#include <signal.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <deque>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "ringpool/control.hpp"
+#include "ringpool/error.hpp"
+#include "ringpool/spawner.hpp"
+
+namespace ringpool {
+
+namespace {
+
+namespace asio = boost::asio;
+using proto::Kind;
+
+class ZygoteSpawner final : public Spawner {
+ public:
+  ZygoteSpawner(asio::io_context& io, ZygoteOptions o) : io_(io), opt_(std::move(o)), timer_(io) {}
+
+  ~ZygoteSpawner() override {
+    // Destroyed on (or after) the io thread's end: no handler runs any more. The zygote gets
+    // SHUTDOWN if it can still be told; it would die by PR_SET_PDEATHSIG anyway.
+    if (control_) {
+      try {
+        send_control(control_->native_handle(), Kind::SHUTDOWN, 0, 0, {});
+      } catch (...) {
+      }
+    }
+  }
+
+  const char* mode() const noexcept override { return "zygote"; }
+  pid_t zygote_pid() const noexcept override { return zygote_ ? zygote_->pid() : -1; }
+
+  void spawn(SpawnRequest req, SpawnHandler done) override {
+    queue_.push_back({std::move(req), std::move(done)});
+    pump();
+  }
+
+  void start(ReadyHandler done) override {
+    if (state_ == State::ready) {
+      done(nullptr);
+      return;
+    }
+    ready_waiters_.push_back(std::move(done));
+    if (state_ == State::down) launch();
+  }
+
+  void stop() override {
+    if (state_ == State::down || !control_) return;
+    stopping_ = true;
+    try {
+      send_control(control_->native_handle(), Kind::SHUTDOWN, 0, 0, {});
+    } catch (const std::exception&) {
+      kill_zygote("could not be told to stop");
+    }
+  }
+
+ private:
+  enum class State { down, starting, ready };
+  struct Pending {
+    SpawnRequest req;
+    SpawnHandler done;
+  };
+
+  void pump() {
+    if (queue_.empty() || in_flight_) return;
+    if (state_ == State::down) {
+      launch();
+      return;
+    }
+    if (state_ != State::ready) return;
+    Pending& p = queue_.front();
+    std::vector<int> fds;
+    std::uint32_t mask = 0;
+    for (int k = 0; k < 3; ++k)
+      if (p.req.stdio[k] >= 0) {
+        mask |= 1u << k;
+        fds.push_back(p.req.stdio[k]);
+      }
+    fds.insert(fds.end(), p.req.fds.begin(), p.req.fds.end());
+    const std::uint32_t payload[2] = {mask, 0};
+    try {
+      send_control(control_->native_handle(), Kind::PROCESS, ++seq_, 0,
+                   std::string_view(reinterpret_cast<const char*>(payload), sizeof payload), fds);
+    } catch (const std::length_error& e) {
+      finish_front(std::make_exception_ptr(std::invalid_argument(
+          std::string("a worker cannot be given so many descriptors through the zygote: ") + e.what())));
+      return pump();
+    } catch (const std::exception& e) {
+      kill_zygote(std::string("could not be sent a request: ") + e.what());
+      return;
+    }
+    in_flight_ = true;
+    arm_timer(opt_.fork_timeout, "did not answer a fork request");
+    wait_control();
+  }
+
+  void launch() {
+    ++incarnation_;
+    state_ = State::starting;
+    death_reason_.clear();
+    try {
+      auto [ours, theirs] = control_socketpair();
+      LaunchOptions lo = opt_.launch;
+      lo.fds.emplace_back(theirs.get(), kZygoteControlFd);
+      lo.parent_death_signal = SIGKILL;
+      zygote_.emplace(ChildProcess::launch(lo));
+      theirs.reset();
+      send_control(ours.get(), Kind::HELLO, 0, 0, opt_.config);
+      control_.emplace(io_, ours.release());
+      watch_.emplace(io_, open_pidfd(zygote_->pid()).release());  // not a dup: see Supervisor::watch
+    } catch (...) {
+      const auto err = std::current_exception();
+      control_.reset();
+      if (zygote_) {
+        zygote_->send_signal(SIGKILL);
+        zygote_->wait();
+        zygote_.reset();
+      }
+      state_ = State::down;
+      fail_all(err);
+      return;
+    }
+    watch_->async_wait(asio::posix::stream_descriptor::wait_read, [this, inc = incarnation_](boost::system::error_code ec) {
+      if (!ec && inc == incarnation_) on_exited();
+    });
+    arm_timer(opt_.ready_timeout, "did not finish its preload in time");
+    wait_control();
+  }
+
+  void arm_timer(std::chrono::milliseconds after, const char* what) {
+    timer_.expires_after(after);
+    timer_.async_wait([this, what, after, inc = incarnation_](boost::system::error_code ec) {
+      if (ec || inc != incarnation_) return;
+      kill_zygote(std::string(what) + " (" + std::to_string(after.count()) + " ms)");
+    });
+  }
+
+  void wait_control() {
+    control_->async_wait(asio::posix::stream_descriptor::wait_read, [this, inc = incarnation_](boost::system::error_code ec) {
+      if (ec || inc != incarnation_ || !control_) return;
+      on_control_readable();
+    });
+  }
+
+  void on_control_readable() {
+    std::optional<ControlMessage> m;
+    bool would_block = false;
+    try {
+      m = try_recv_control(control_->native_handle(), would_block);
+    } catch (const std::exception& e) {
+      kill_zygote(std::string("sent a bad message: ") + e.what());
+      return;
+    }
+    if (would_block) return wait_control();
+    if (!m) {  // the zygote closed its end: it is exiting; its pidfd will say how
+      control_.reset();
+      return;
+    }
+    if (state_ == State::starting) {
+      if (m->kind() != Kind::HELLO) {
+        kill_zygote("sent something other than READY first");
+        return;
+      }
+      timer_.cancel();
+      if (m->header.aux != 0) {
+        // The preload failed; the zygote exits on its own after saying why.
+        preload_error_ = m->payload;
+        death_reason_ = "failed to preload:\n" + m->payload;
+        return wait_control();
+      }
+      state_ = State::ready;
+      auto waiters = std::move(ready_waiters_);
+      ready_waiters_.clear();
+      for (auto& w : waiters) w(nullptr);
+      pump();
+      return wait_control();
+    }
+    if (!in_flight_ || m->header.seq != seq_) {
+      kill_zygote("answered a request that was not asked");
+      return;
+    }
+    in_flight_ = false;
+    timer_.cancel();
+    if (m->kind() == Kind::PROCESS && m->fds.size() == 1) {
+      Spawned s{ChildProcess(static_cast<pid_t>(m->header.aux), std::move(m->fds[0])), incarnation_};
+      auto p = std::move(queue_.front());
+      queue_.pop_front();
+      p.done(nullptr, std::move(s));
+    } else if (m->kind() == Kind::ERROR) {
+      const int err = static_cast<int>(m->header.aux);
+      finish_front(err != 0 ? std::make_exception_ptr(SysError(err, "zygote fork: " + m->payload))
+                            : std::make_exception_ptr(std::runtime_error("zygote fork: " + m->payload)));
+    } else {
+      kill_zygote("answered a fork request with a malformed message");
+      return;
+    }
+    pump();
+    wait_control();
+  }
+
+  void finish_front(std::exception_ptr err) {
+    auto p = std::move(queue_.front());
+    queue_.pop_front();
+    p.done(std::move(err), {});
+  }
+
+  void fail_all(std::exception_ptr err) {
+    auto q = std::move(queue_);
+    queue_.clear();
+    in_flight_ = false;
+    for (auto& p : q) p.done(err, {});
+    auto waiters = std::move(ready_waiters_);
+    ready_waiters_.clear();
+    for (auto& w : waiters) w(err);
+  }
+
+  void kill_zygote(std::string reason) {
+    if (death_reason_.empty()) death_reason_ = std::move(reason);
+    if (zygote_) zygote_->send_signal(SIGKILL);
+  }
+
+  void on_exited() {
+    timer_.cancel();
+    const pid_t pid = zygote_ ? zygote_->pid() : -1;
+    int code = 255;
+    if (zygote_) {
+      if (auto c = zygote_->poll()) code = *c;
+      zygote_.reset();
+    }
+    control_.reset();
+    watch_.reset();
+    const bool was_ready = state_ == State::ready;
+    state_ = State::down;
+    const std::uint64_t inc = incarnation_;
+    std::string what = "ringpool zygote (pid " + std::to_string(pid) + ") ";
+    what += death_reason_.empty() ? "exited with code " + std::to_string(code) : death_reason_;
+    const auto err = std::make_exception_ptr(std::runtime_error(what));
+    if (!was_ready) {
+      fail_all(err);  // it never came up: do not restart it for every queued request
+    } else if (in_flight_) {
+      in_flight_ = false;
+      finish_front(err);
+    }
+    const bool orderly = stopping_ && was_ready;
+    stopping_ = false;
+    if (on_zygote_exit) on_zygote_exit(inc, orderly ? 0 : code);
+    pump();
+  }
+
+  asio::io_context& io_;
+  ZygoteOptions opt_;
+  State state_ = State::down;
+  std::optional<ChildProcess> zygote_;
+  std::optional<asio::posix::stream_descriptor> control_;
+  std::optional<asio::posix::stream_descriptor> watch_;
+  asio::steady_timer timer_;
+  std::deque<Pending> queue_;
+  std::vector<ReadyHandler> ready_waiters_;
+  bool in_flight_ = false;
+  bool stopping_ = false;
+  std::uint64_t incarnation_ = 0;
+  std::uint64_t seq_ = 0;
+  std::string death_reason_;
+  std::string preload_error_;
+};
+
+}  // namespace
+
+std::unique_ptr<Spawner> make_zygote_spawner(asio::io_context& io, ZygoteOptions options) {
+  return std::make_unique<ZygoteSpawner>(io, std::move(options));
+}
+
+}  // namespace ringpool

@@ -1,0 +1,251 @@
+"""The spawner and supervisor (docs/design/spawner.md): the zygote's preload, the state a worker
+starts from, what happens when the zygote dies, and where processes are started from."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import ringpool
+from ringpool import _core
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pid, timeout=10):
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def _state(q):
+    import sys as s
+
+    q.put({"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "env": os.environ.get("RINGPOOL_T"),
+           "path": list(s.path), "preloaded": "rp_preload_probe" in s.modules,
+           "probe_pid": getattr(s.modules.get("rp_preload_probe"), "IMPORTED_IN", None),
+           "fds": sorted(int(x) for x in os.listdir("/proc/self/fd"))})
+
+
+def _sleep(t):
+    time.sleep(t)
+
+
+def _torch_state(q):
+    import torch
+    import torch.multiprocessing as tmp
+
+    q.put((tmp.get_sharing_strategy(), torch.get_num_threads()))
+
+
+@pytest.fixture
+def probe_dir(tmp_path, monkeypatch):
+    """A module the zygote preloads, on a sys.path entry this process has when the zygote starts."""
+    (tmp_path / "rp_preload_probe.py").write_text("import os\nIMPORTED_IN = os.getpid()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_preload_runs_once_in_the_zygote_and_workers_are_our_children(probe_dir):
+    ctx = ringpool.RingpoolContext(preload=["rp_preload_probe"])
+    q = ctx.Queue()
+    ctx.ensure_running()
+    zygote = ctx.zygote_pid()
+    assert zygote is not None and _alive(zygote)
+    procs = [ctx.Process(target=_state, args=(q,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert {g["pid"] for g in got} == {p.pid for p in procs}
+    for g in got:
+        assert g["ppid"] == os.getpid()  # forked as our child, not the zygote's
+        assert g["preloaded"] and g["probe_pid"] == zygote  # imported once, in the zygote
+        # The channel (4 descriptors) and the queue's: the zygote's control socket and the other
+        # workers' descriptors are not inherited.
+        assert len(g["fds"]) <= 3 + 4 + 6, g["fds"]
+    assert ctx.zygote_pid() == zygote  # one zygote for all
+    ctx.shutdown()
+    assert _wait_gone(zygote)
+
+
+def test_a_worker_starts_from_our_state_at_start_not_the_zygotes(tmp_path, monkeypatch):
+    ctx = ringpool.RingpoolContext()
+    ctx.ensure_running()
+    q = ctx.Queue()
+    monkeypatch.setenv("RINGPOOL_T", "after the zygote started")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "extra"))
+    p = ctx.Process(target=_state, args=(q,))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(30)
+    assert got["env"] == "after the zygote started"
+    assert got["cwd"] == str(tmp_path)
+    assert str(tmp_path / "extra") in got["path"]
+    ctx.shutdown()
+
+
+@pytest.mark.parametrize("zygote", [True, False])
+def test_torch_sharing_strategy_and_threads_are_propagated(zygote):
+    torch = pytest.importorskip("torch")
+    import torch.multiprocessing as tmp
+
+    ctx = ringpool.RingpoolContext(zygote=zygote)
+    q = ctx.Queue()
+    old = (tmp.get_sharing_strategy(), torch.get_num_threads())
+    tmp.set_sharing_strategy("file_system")
+    torch.set_num_threads(3)
+    try:
+        p = ctx.Process(target=_torch_state, args=(q,))
+        p.start()
+        assert q.get(timeout=60) == ("file_system", 3)
+        p.join(30)
+    finally:
+        tmp.set_sharing_strategy(old[0])
+        torch.set_num_threads(old[1])
+        ctx.shutdown()
+
+
+def test_a_failed_preload_raises_in_start_with_the_zygotes_traceback():
+    ctx = ringpool.RingpoolContext(preload=["rp_no_such_module_anywhere"])
+    p = ctx.Process(target=_sleep, args=(0,))
+    with pytest.raises(RuntimeError, match="(?s)failed to preload.*No module named 'rp_no_such_module_anywhere'"):
+        p.start()
+    with pytest.raises(RuntimeError, match="failed to preload"):
+        ctx.ensure_running()
+    assert ctx.zygote_pid() is None
+
+
+def test_a_preload_that_starts_threads_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "rp_threads_probe.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ctx = ringpool.RingpoolContext(preload=["rp_threads_probe"])
+    with pytest.raises(RuntimeError, match="cannot be forked safely"):
+        ctx.ensure_running()
+
+
+def test_sigkilled_zygote_ends_its_workers_and_a_new_one_takes_over():
+    ctx = ringpool.RingpoolContext()
+    p = ctx.Process(target=_sleep, args=(60,))
+    p.start()
+    zygote = ctx.zygote_pid()
+    os.kill(zygote, signal.SIGKILL)
+    p.join(10)
+    assert p.exitcode == -signal.SIGKILL  # killed with its zygote: join() returned
+    assert p.sentinel is not None
+    q = ctx.Queue()
+    p2 = ctx.Process(target=_state, args=(q,))
+    p2.start()
+    assert q.get(timeout=60)["pid"] == p2.pid
+    p2.join(30)
+    assert p2.exitcode == 0
+    assert ctx.zygote_pid() not in (None, zygote)
+    ctx.shutdown()
+
+
+def _started_then_sleep(q):
+    q.put("running")
+    time.sleep(60)
+
+
+def test_the_zygote_ignores_ctrl_c_and_workers_do_not():
+    ctx = ringpool.RingpoolContext()
+    q = ctx.Queue()
+    p = ctx.Process(target=_started_then_sleep, args=(q,))
+    p.start()
+    assert q.get(timeout=60) == "running"
+    zygote = ctx.zygote_pid()
+    os.kill(zygote, signal.SIGINT)
+    os.kill(p.pid, signal.SIGINT)
+    p.join(10)
+    assert p.exitcode == 1  # KeyboardInterrupt in the worker, like a spawn child
+    time.sleep(0.2)
+    assert _alive(zygote)
+    ctx.shutdown()
+
+
+def test_a_worker_started_from_a_short_lived_thread_outlives_the_thread():
+    # PR_SET_PDEATHSIG follows the thread that started a process; the supervisor's thread does.
+    for ctx in (ringpool.RingpoolContext(), ringpool.RingpoolContext(zygote=False)):
+        q = ctx.Queue()
+        box = []
+        t = threading.Thread(target=lambda: (box.append(ctx.Process(target=_sleep, args=(1.0,))), box[0].start()))
+        t.start()
+        t.join()
+        time.sleep(0.3)
+        p = box[0]
+        assert p.is_alive()
+        p.join(30)
+        assert p.exitcode == 0
+        ctx.shutdown()
+        del q
+
+
+def test_supervisor_observes_exits_without_reaping():
+    ctx = ringpool.RingpoolContext()
+    p = ctx.Process(target=os._exit, args=(7,))
+    p.start()
+    sup = ctx._supervisor()
+    deadline = time.monotonic() + 10
+    while sup.exit_code(p.pid) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sup.exit_code(p.pid) == 7
+    assert p.pid not in sup.live_workers()
+    p.join(5)  # still ours to reap
+    assert p.exitcode == 7
+    ctx.shutdown()
+
+
+_FORKED_CHILD = textwrap.dedent(r"""
+    import os, sys
+    sys.path.insert(0, {bindings!r})
+    import ringpool
+
+    def report(q):
+        q.put((os.getpid(), os.getppid()))
+
+    if __name__ == "__main__":
+        ctx = ringpool.get_context()
+        q = ctx.Queue()
+        p = ctx.Process(target=report, args=(q,)); p.start(); p.join()
+        parent_zygote = ctx.zygote_pid()
+        pid = os.fork()
+        if pid == 0:
+            q2 = ctx.Queue()
+            c = ctx.Process(target=report, args=(q2,)); c.start()
+            wpid, wppid = q2.get(timeout=60)
+            c.join(30)
+            ok = wppid == os.getpid() and ctx.zygote_pid() not in (None, parent_zygote) and c.exitcode == 0
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+""")
+
+
+def test_a_forked_child_gets_its_own_zygote(tmp_path):
+    script = tmp_path / "forked.py"
+    script.write_text(_FORKED_CHILD.format(bindings=os.path.dirname(os.path.dirname(ringpool.__file__))))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert out.stdout.strip() == "0", out.stderr
+
+
+def test_zygote_protocol_errors_are_clear():
+    with pytest.raises(OSError):
+        _core.Supervisor.exec_mode().spawn([], [-1, -1, -1], "/nonexistent/python", ["x"], [], "")
