@@ -17,6 +17,30 @@ import traceback
 CONTROL_FD = 3
 
 
+def _check_threads(core, after, advice):
+    threads = core.thread_count()
+    if threads != 1:
+        raise RuntimeError(
+            f"after {after} the zygote runs {threads} threads; a process with threads cannot be forked "
+            f"safely ({advice}, or use get_context(zygote=False))")
+
+
+def _preload_main(main):
+    """Import the parent's main module as ``__mp_main__``, as spawn does in each worker, once here.
+
+    spawn.prepare in a worker then finds it in place and does not run it again. A main module that
+    fails to import here is left to each worker, which reports the error as spawn would.
+    """
+    from multiprocessing import spawn
+
+    saved = sys.modules.get("__main__")
+    try:
+        spawn.prepare(main)
+    except Exception:
+        sys.modules["__main__"] = saved
+        sys.modules.pop("__mp_main__", None)
+
+
 def main():
     from . import _core
 
@@ -29,11 +53,11 @@ def main():
     try:
         for name in config["preload"]:
             importlib.import_module(name)
-        threads = _core.thread_count()
-        if threads != 1:
-            raise RuntimeError(
-                f"after preloading {list(config['preload'])} the zygote runs {threads} threads; a process "
-                "with threads cannot be forked safely (preload less, or use get_context(zygote=False))")
+        _check_threads(_core, f"preloading {list(config['preload'])}", "preload less")
+        main = config.get("main")
+        if main:
+            _preload_main(main)
+            _check_threads(_core, "importing the main module", "use preload_main=False")
     except BaseException:
         ok, message = False, traceback.format_exc()
     _core.zygote_send_ready(CONTROL_FD, ok, message)

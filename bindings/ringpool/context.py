@@ -8,7 +8,10 @@ Each context has a supervisor (a C++ Boost.Asio thread, ``_core.Supervisor``) th
 watches its workers, in one of two modes:
 - zygote (the default): a zygote process, started at the first ``start()`` (or
   ``ensure_running()``), imports the ``preload`` modules once and forks each worker, as a child of
-  this process, from that state;
+  this process, from that state. Like forkserver, it also imports this process's main module
+  (as ``__mp_main__``, as spawn does in every worker) unless ``preload_main=False``. It keeps
+  ``spares`` (default 4) workers forked ahead of time, waiting for a ``start()``: they are idle
+  children of this process until then;
 - exec (``zygote=False``): a fresh interpreter per worker, as spawn does.
 docs/design/spawner.md describes both.
 
@@ -71,7 +74,7 @@ def _rebuild_process(cls):
 class RingpoolContext(_mp_context.BaseContext):
     _name = "ringpool"
 
-    def __init__(self, preload=(), zygote=True, ready_timeout=300.0):
+    def __init__(self, preload=(), zygote=True, ready_timeout=300.0, spares=4, preload_main=True):
         if isinstance(preload, str):
             preload = (preload,)
         self.preload = tuple(preload)
@@ -79,6 +82,10 @@ class RingpoolContext(_mp_context.BaseContext):
         if self.preload and not self.zygote:
             raise ValueError("preload needs the zygote (zygote=True)")
         self._ready_timeout = float(ready_timeout)
+        if int(spares) < 0:
+            raise ValueError("spares must be >= 0")
+        self._spares = int(spares)
+        self._preload_main = bool(preload_main)
         self.Process = type("RingpoolProcess", (RingpoolProcess,),
                             {"_ringpool_context": self, "__module__": __name__, "__qualname__": "RingpoolProcess"})
         self._sup = None
@@ -112,9 +119,13 @@ class RingpoolContext(_mp_context.BaseContext):
                     exe = _mp_spawn.get_executable()
                     argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", self._bootstrap("_zygote")]
                     env = [f"{k}={v}" for k, v in os.environ.items()]
-                    config = pickle.dumps({"sys_path": list(sys.path), "preload": self.preload})
+                    main = {}
+                    if self._preload_main:
+                        prep = _mp_spawn.get_preparation_data("zygote")
+                        main = {k: prep[k] for k in ("init_main_from_path", "init_main_from_name") if k in prep}
+                    config = pickle.dumps({"sys_path": list(sys.path), "preload": self.preload, "main": main})
                     self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
-                                                             ready_timeout=self._ready_timeout)
+                                                             ready_timeout=self._ready_timeout, spares=self._spares)
                 else:
                     self._sup = _core.Supervisor.exec_mode()
                 self._sup_pid = os.getpid()

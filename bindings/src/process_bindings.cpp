@@ -77,16 +77,17 @@ zygote as a child of this process) and watches them through pidfds.)doc")
       .def_static(
           "zygote_mode",
           [](const std::string& executable, const std::vector<std::string>& argv, const std::vector<std::string>& env,
-             const std::string& cwd, py::bytes config, double ready_timeout, double fork_timeout) {
+             const std::string& cwd, py::bytes config, double ready_timeout, double fork_timeout, int spares) {
             ZygoteOptions o;
             o.launch = program(executable, argv, env, cwd);
             o.config = std::string(config);
             o.ready_timeout = std::chrono::milliseconds(static_cast<long long>(ready_timeout * 1000));
             o.fork_timeout = std::chrono::milliseconds(static_cast<long long>(fork_timeout * 1000));
+            o.spares = spares;
             return Supervisor::zygote_mode(std::move(o));
           },
           py::arg("executable"), py::arg("argv"), py::arg("env"), py::arg("cwd"), py::arg("config"),
-          py::arg("ready_timeout") = 300.0, py::arg("fork_timeout") = 30.0)
+          py::arg("ready_timeout") = 300.0, py::arg("fork_timeout") = 30.0, py::arg("spares") = 4)
       .def(
           "spawn",
           [](Supervisor& s, const std::vector<int>& fds, std::array<int, 3> stdio, const std::string& executable,

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <map>
 #include <vector>
 
 #include "ringpool/block.hpp"
@@ -43,11 +44,14 @@ std::vector<int> open_fds() {
   return fds;
 }
 
-// The PROCESS request's payload: which stdio descriptors lead the attached ones.
+// The PROCESS request's payload (docs/design/spawner.md).
 struct ForkRequest {
   std::uint32_t stdio_mask;  // bit k: the next attached fd becomes descriptor k (k = 0, 1, 2)
+  std::uint32_t flags;       // kForkSpare
+  std::uint32_t spare_pid;   // nonzero: give the descriptors to this spare instead of forking
   std::uint32_t reserved;
 };
+constexpr std::uint32_t kForkSpare = 1;  // fork a spare that waits for a later request
 
 struct sigaction g_saved_sigint {};
 
@@ -117,13 +121,23 @@ void zygote_send_ready(int control, bool ok, const std::string& message) {
 
 namespace {
 
-// In the worker, right after the fork: descriptors into place, signals back, death with the parent.
-WorkerStart setup_worker(int control, pid_t parent, std::vector<UniqueFd>& received, std::uint32_t stdio_mask,
-                         int max_keep, int max_open) {
-  // Die with the parent (the user's process, whose thread started the zygote), also if it is
-  // already gone.
+// In a new worker or spare, right after the fork: die with the parent (the user's process,
+// whose supervisor thread started the zygote), also if it is already gone; SIGINT as Python set it.
+void after_fork_basics(pid_t parent) {
   if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) ::_exit(1);
   ::sigaction(SIGINT, &g_saved_sigint, nullptr);
+}
+
+// Puts the received descriptors in place: stdio per mask, the rest at base.. where base is above
+// every descriptor this process keeps; closes everything above them. Runs in the worker.
+WorkerStart place_fds(std::vector<UniqueFd>& received, std::uint32_t stdio_mask) {
+  int max_keep = 2, max_open = 2;
+  for (int fd : open_fds()) {
+    max_open = std::max(max_open, fd);
+    const bool transient =
+        std::any_of(received.begin(), received.end(), [fd](const UniqueFd& f) { return f.get() == fd; });
+    if (!transient) max_keep = std::max(max_keep, fd);
+  }
   std::size_t nstdio = 0;
   for (int k = 0; k < 3; ++k) nstdio += (stdio_mask >> k) & 1u;
   const int nworker = static_cast<int>(received.size() - nstdio);
@@ -135,7 +149,6 @@ WorkerStart setup_worker(int control, pid_t parent, std::vector<UniqueFd>& recei
     if (tmp[i] < 0) ::_exit(1);
   }
   for (auto& fd : received) fd.reset();
-  ::close(control);
   std::size_t i = 0;
   for (int k = 0; k < 3; ++k)
     if ((stdio_mask >> k) & 1u)
@@ -148,10 +161,102 @@ WorkerStart setup_worker(int control, pid_t parent, std::vector<UniqueFd>& recei
   return WorkerStart{base, nworker};
 }
 
+struct Zygote {
+  int control;
+  pid_t parent;
+  const ZygoteHooks& hooks;
+  std::map<pid_t, UniqueFd> spares;  // a spare's pid -> our end of its assignment socket
+
+  // Forks; in the child closes what only the zygote may hold (the control socket, the spares'
+  // sockets) and returns 0 there. In the zygote returns the pid and its pidfd.
+  pid_t fork_child(UniqueFd* pidfd) {
+    if (hooks.before_fork) hooks.before_fork();
+    pid_t pid;
+    try {
+      pid = fork_sibling(pidfd);
+    } catch (...) {
+      if (hooks.after_fork_parent) hooks.after_fork_parent();
+      throw;
+    }
+    if (pid == 0) {
+      after_fork_basics(parent);
+      ::close(control);
+      for (auto& [spid, sock] : spares) ::close(sock.release());
+      return 0;
+    }
+    if (hooks.after_fork_parent) hooks.after_fork_parent();
+    return pid;
+  }
+
+  // A new worker for this request, forked now. Child: its WorkerStart.
+  std::optional<WorkerStart> fork_now(std::uint64_t seq, std::vector<UniqueFd>& fds, std::uint32_t mask) {
+    UniqueFd pidfd;
+    const pid_t pid = fork_child(&pidfd);
+    if (pid == 0) {
+      WorkerStart w = place_fds(fds, mask);
+      if (hooks.after_fork_child) hooks.after_fork_child();
+      return w;
+    }
+    const int fd = pidfd.get();
+    send_control(control, Kind::PROCESS, seq, static_cast<std::uint32_t>(pid), {}, std::span<const int>(&fd, 1));
+    return std::nullopt;
+  }
+
+  // A spare: forked now, waiting for its assignment on a socket of its own. Child: blocks until
+  // assigned (then its WorkerStart) or until the zygote goes away (then it exits).
+  std::optional<WorkerStart> fork_spare(std::uint64_t seq) {
+    auto [ours, theirs] = control_socketpair();
+    UniqueFd pidfd;
+    const pid_t pid = fork_child(&pidfd);
+    if (pid == 0) {
+      ours.reset();
+      if (hooks.after_fork_child) hooks.after_fork_child();
+      std::optional<ControlMessage> m;
+      try {
+        m = recv_control(theirs.get());
+      } catch (...) {
+        ::_exit(0);
+      }
+      if (!m || m->kind() != Kind::PROCESS) ::_exit(0);  // the zygote stopped or died: not needed
+      std::uint32_t mask = 0;
+      if (m->payload.size() >= sizeof mask) std::memcpy(&mask, m->payload.data(), sizeof mask);
+      theirs.reset();
+      return place_fds(m->fds, mask);
+    }
+    theirs.reset();
+    spares.emplace(pid, std::move(ours));
+    const int fd = pidfd.get();
+    send_control(control, Kind::PROCESS, seq, static_cast<std::uint32_t>(pid), {}, std::span<const int>(&fd, 1));
+    return std::nullopt;
+  }
+
+  // Hands the request's descriptors to spare `pid`; answers with its pid and no descriptor. A
+  // spare that is gone is replaced by a fresh fork (answered with its pidfd, as fork_now does).
+  std::optional<WorkerStart> assign(std::uint64_t seq, pid_t pid, std::vector<UniqueFd>& fds, std::uint32_t mask) {
+    auto it = spares.find(pid);
+    if (it != spares.end()) {
+      UniqueFd sock = std::move(it->second);
+      spares.erase(it);
+      std::vector<int> raw;
+      for (auto& f : fds) raw.push_back(f.get());
+      const std::uint32_t payload[2] = {mask, 0};
+      try {
+        send_control(sock.get(), Kind::PROCESS, seq, 0,
+                     std::string_view(reinterpret_cast<const char*>(payload), sizeof payload), raw);
+        send_control(control, Kind::PROCESS, seq, static_cast<std::uint32_t>(pid), {});
+        return std::nullopt;
+      } catch (const std::system_error&) {
+        // The spare died (EPIPE): fork the worker now instead.
+      }
+    }
+    return fork_now(seq, fds, mask);
+  }
+};
+
 }  // namespace
 
 std::optional<WorkerStart> zygote_serve(int control, const ZygoteHooks& hooks) {
-  const pid_t parent = ::getppid();
+  Zygote z{control, ::getppid(), hooks, {}};
   struct sigaction ign {};
   ign.sa_handler = SIG_IGN;
   ::sigaction(SIGINT, &ign, &g_saved_sigint);
@@ -159,6 +264,7 @@ std::optional<WorkerStart> zygote_serve(int control, const ZygoteHooks& hooks) {
     auto m = recv_control(control);
     if (!m || m->kind() == Kind::SHUTDOWN) {
       ::sigaction(SIGINT, &g_saved_sigint, nullptr);
+      z.spares.clear();  // closing their sockets ends the spares
       return std::nullopt;
     }
     const std::uint64_t seq = m->header.seq;
@@ -169,30 +275,16 @@ std::optional<WorkerStart> zygote_serve(int control, const ZygoteHooks& hooks) {
       std::memcpy(&req, m->payload.data(), sizeof req);
       if ((req.stdio_mask & ~7u) != 0 || static_cast<std::size_t>(__builtin_popcount(req.stdio_mask)) > m->fds.size())
         throw ProtocolError("malformed PROCESS request (stdio mask)");
-      int max_keep = 2, max_open = control;
-      for (int fd : open_fds()) {
-        max_open = std::max(max_open, fd);
-        const bool transient =
-            fd == control || std::any_of(m->fds.begin(), m->fds.end(), [fd](const UniqueFd& f) { return f.get() == fd; });
-        if (!transient) max_keep = std::max(max_keep, fd);
+      std::optional<WorkerStart> w;
+      if (req.flags & kForkSpare) {
+        if (!m->fds.empty()) throw ProtocolError("a spare request carries no descriptors");
+        w = z.fork_spare(seq);
+      } else if (req.spare_pid != 0) {
+        w = z.assign(seq, static_cast<pid_t>(req.spare_pid), m->fds, req.stdio_mask);
+      } else {
+        w = z.fork_now(seq, m->fds, req.stdio_mask);
       }
-      UniqueFd pidfd;
-      if (hooks.before_fork) hooks.before_fork();
-      pid_t pid;
-      try {
-        pid = fork_sibling(&pidfd);
-      } catch (...) {
-        if (hooks.after_fork_parent) hooks.after_fork_parent();
-        throw;
-      }
-      if (pid == 0) {
-        WorkerStart w = setup_worker(control, parent, m->fds, req.stdio_mask, max_keep, max_open);
-        if (hooks.after_fork_child) hooks.after_fork_child();
-        return w;
-      }
-      if (hooks.after_fork_parent) hooks.after_fork_parent();
-      const int fd = pidfd.get();
-      send_control(control, Kind::PROCESS, seq, static_cast<std::uint32_t>(pid), {}, std::span<const int>(&fd, 1));
+      if (w) return w;  // in the worker
     } catch (const std::system_error& e) {
       send_control(control, Kind::ERROR, seq, static_cast<std::uint32_t>(e.code().value()), e.what());
     } catch (const std::exception& e) {

@@ -11,6 +11,8 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <deque>
+#include <map>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -76,26 +78,61 @@ class ZygoteSpawner final : public Spawner {
   };
 
   void pump() {
-    if (queue_.empty() || in_flight_) return;
+    if (in_flight_ != InFlight::none) return;
     if (state_ == State::down) {
-      launch();
+      if (!queue_.empty()) launch();
       return;
     }
     if (state_ != State::ready) return;
-    Pending& p = queue_.front();
     std::vector<int> fds;
-    std::uint32_t mask = 0;
-    for (int k = 0; k < 3; ++k)
-      if (p.req.stdio[k] >= 0) {
-        mask |= 1u << k;
-        fds.push_back(p.req.stdio[k]);
+    std::uint32_t payload[4] = {0, 0, 0, 0};  // stdio mask, flags, spare pid, reserved
+    if (!queue_.empty()) {
+      Pending& p = queue_.front();
+      for (int k = 0; k < 3; ++k)
+        if (p.req.stdio[k] >= 0) {
+          payload[0] |= 1u << k;
+          fds.push_back(p.req.stdio[k]);
+        }
+      fds.insert(fds.end(), p.req.fds.begin(), p.req.fds.end());
+      if (!spares_.empty()) {
+        assigned_.emplace(std::move(spares_.front()));
+        spares_.pop_front();
+        spare_watch_.erase(assigned_->pid());  // a worker now: the supervisor watches it
+        payload[2] = static_cast<std::uint32_t>(assigned_->pid());
       }
-    fds.insert(fds.end(), p.req.fds.begin(), p.req.fds.end());
-    const std::uint32_t payload[2] = {mask, 0};
+      in_flight_ = InFlight::request;
+      refill_due_ = false;
+    } else if (static_cast<int>(spares_.size()) < opt_.spares && !spares_failed_) {
+      if (!refill_due_) {
+        // Refill once starts have been quiet for a moment: a burst of start()s (a DataLoader's
+        // workers) should not wait behind the fork of a spare.
+        if (!refill_armed_) {
+          refill_armed_ = true;
+          refill_timer_.expires_after(std::chrono::milliseconds(100));
+          refill_timer_.async_wait([this](boost::system::error_code ec) {
+            refill_armed_ = false;
+            if (ec) return;
+            refill_due_ = true;
+            pump();
+          });
+        }
+        return;
+      }
+      payload[1] = 1;  // fork a spare
+      in_flight_ = InFlight::spare;
+    } else {
+      return;
+    }
     try {
       send_control(control_->native_handle(), Kind::PROCESS, ++seq_, 0,
                    std::string_view(reinterpret_cast<const char*>(payload), sizeof payload), fds);
     } catch (const std::length_error& e) {
+      in_flight_ = InFlight::none;
+      if (assigned_) {  // not sent: the spare stays a spare
+        watch_spare(*assigned_);
+        spares_.push_front(std::move(*assigned_));
+        assigned_.reset();
+      }
       finish_front(std::make_exception_ptr(std::invalid_argument(
           std::string("a worker cannot be given so many descriptors through the zygote: ") + e.what())));
       return pump();
@@ -103,9 +140,37 @@ class ZygoteSpawner final : public Spawner {
       kill_zygote(std::string("could not be sent a request: ") + e.what());
       return;
     }
-    in_flight_ = true;
     arm_timer(opt_.fork_timeout, "did not answer a fork request");
-    wait_control();
+  }
+
+  // A spare that ends unused (its zygote went away) is ours to reap.
+  void watch_spare(const ChildProcess& spare) {
+    const pid_t pid = spare.pid();
+    try {
+      auto sd = std::make_unique<asio::posix::stream_descriptor>(io_, open_pidfd(pid).release());
+      sd->async_wait(asio::posix::stream_descriptor::wait_read, [this, pid](boost::system::error_code ec) {
+        if (ec) return;  // cancelled: it became a worker
+        spare_watch_.erase(pid);
+        reap_spare(pid);
+      });
+      spare_watch_[pid] = std::move(sd);
+    } catch (const std::exception&) {
+    }
+  }
+
+  void reap_spare(pid_t pid) {
+    for (auto it = spares_.begin(); it != spares_.end(); ++it)
+      if (it->pid() == pid) {
+        it->poll();
+        spares_.erase(it);
+        return;
+      }
+    for (auto it = dead_spares_.begin(); it != dead_spares_.end(); ++it)
+      if (it->pid() == pid) {
+        it->poll();
+        dead_spares_.erase(it);
+        return;
+      }
   }
 
   void launch() {
@@ -183,24 +248,53 @@ class ZygoteSpawner final : public Spawner {
         return wait_control();
       }
       state_ = State::ready;
+      spares_failed_ = false;
+      refill_due_ = true;  // the first spares right away
       auto waiters = std::move(ready_waiters_);
       ready_waiters_.clear();
       for (auto& w : waiters) w(nullptr);
       pump();
       return wait_control();
     }
-    if (!in_flight_ || m->header.seq != seq_) {
+    if (in_flight_ == InFlight::none || m->header.seq != seq_) {
       kill_zygote("answered a request that was not asked");
       return;
     }
-    in_flight_ = false;
+    const InFlight what = in_flight_;
+    in_flight_ = InFlight::none;
     timer_.cancel();
-    if (m->kind() == Kind::PROCESS && m->fds.size() == 1) {
+    if (what == InFlight::spare) {
+      if (m->kind() == Kind::PROCESS && m->fds.size() == 1) {
+        ChildProcess spare(static_cast<pid_t>(m->header.aux), std::move(m->fds[0]));
+        watch_spare(spare);
+        spares_.push_back(std::move(spare));
+      } else {
+        spares_failed_ = true;  // not again for this incarnation; workers are forked on demand
+      }
+    } else if (m->kind() == Kind::PROCESS && m->fds.size() == 1) {
+      // Forked for this request (no spare, or the spare had died: reap it when it is gone).
+      if (assigned_) {
+        watch_spare(*assigned_);
+        dead_spares_.push_back(std::move(*assigned_));
+        assigned_.reset();
+      }
       Spawned s{ChildProcess(static_cast<pid_t>(m->header.aux), std::move(m->fds[0])), incarnation_};
       auto p = std::move(queue_.front());
       queue_.pop_front();
       p.done(nullptr, std::move(s));
+    } else if (m->kind() == Kind::PROCESS && m->fds.empty() && assigned_ &&
+               static_cast<pid_t>(m->header.aux) == assigned_->pid()) {
+      Spawned s{std::move(*assigned_), incarnation_};
+      assigned_.reset();
+      auto p = std::move(queue_.front());
+      queue_.pop_front();
+      p.done(nullptr, std::move(s));
     } else if (m->kind() == Kind::ERROR) {
+      if (assigned_) {
+        watch_spare(*assigned_);
+        dead_spares_.push_back(std::move(*assigned_));
+        assigned_.reset();
+      }
       const int err = static_cast<int>(m->header.aux);
       finish_front(err != 0 ? std::make_exception_ptr(SysError(err, "zygote fork: " + m->payload))
                             : std::make_exception_ptr(std::runtime_error("zygote fork: " + m->payload)));
@@ -221,7 +315,7 @@ class ZygoteSpawner final : public Spawner {
   void fail_all(std::exception_ptr err) {
     auto q = std::move(queue_);
     queue_.clear();
-    in_flight_ = false;
+    in_flight_ = InFlight::none;
     for (auto& p : q) p.done(err, {});
     auto waiters = std::move(ready_waiters_);
     ready_waiters_.clear();
@@ -249,12 +343,21 @@ class ZygoteSpawner final : public Spawner {
     std::string what = "ringpool zygote (pid " + std::to_string(pid) + ") ";
     what += death_reason_.empty() ? "exited with code " + std::to_string(code) : death_reason_;
     const auto err = std::make_exception_ptr(std::runtime_error(what));
+    // Its spares see their sockets close and exit; their watches reap them.
+    for (auto& sp : spares_) dead_spares_.push_back(std::move(sp));
+    spares_.clear();
+    spares_failed_ = false;
+    if (assigned_) {
+      dead_spares_.push_back(std::move(*assigned_));
+      assigned_.reset();
+    }
     if (!was_ready) {
       fail_all(err);  // it never came up: do not restart it for every queued request
-    } else if (in_flight_) {
-      in_flight_ = false;
+    } else if (in_flight_ == InFlight::request) {
+      in_flight_ = InFlight::none;
       finish_front(err);
     }
+    in_flight_ = InFlight::none;
     const bool orderly = stopping_ && was_ready;
     stopping_ = false;
     if (on_zygote_exit) on_zygote_exit(inc, orderly ? 0 : code);
@@ -270,7 +373,16 @@ class ZygoteSpawner final : public Spawner {
   asio::steady_timer timer_;
   std::deque<Pending> queue_;
   std::vector<ReadyHandler> ready_waiters_;
-  bool in_flight_ = false;
+  enum class InFlight { none, request, spare };
+  InFlight in_flight_ = InFlight::none;
+  std::deque<ChildProcess> spares_;                 // forked ahead, waiting in the zygote's hands
+  std::deque<ChildProcess> dead_spares_;            // ending unused: reaped when their pidfd fires
+  std::optional<ChildProcess> assigned_;            // the spare of the request in flight
+  std::map<pid_t, std::unique_ptr<asio::posix::stream_descriptor>> spare_watch_;
+  bool spares_failed_ = false;
+  bool refill_due_ = false;
+  bool refill_armed_ = false;
+  asio::steady_timer refill_timer_{io_};
   bool stopping_ = false;
   std::uint64_t incarnation_ = 0;
   std::uint64_t seq_ = 0;

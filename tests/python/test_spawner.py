@@ -249,3 +249,86 @@ def test_a_forked_child_gets_its_own_zygote(tmp_path):
 def test_zygote_protocol_errors_are_clear():
     with pytest.raises(OSError):
         _core.Supervisor.exec_mode().spawn([], [-1, -1, -1], "/nonexistent/python", ["x"], [], "")
+
+
+def _children():
+    """Our children, whichever of our threads is their parent (workers and spares: the
+    supervisor's thread)."""
+    kids = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            kids |= {int(t) for t in open(f"/proc/self/task/{task}/children").read().split()}
+        except FileNotFoundError:
+            pass
+    return kids
+
+
+def _zombies():
+    return [k for k in _children() if not _alive(k) and os.path.exists(f"/proc/{k}")]
+
+
+@pytest.mark.parametrize("spares", [0, 2])
+def test_spares_are_used_and_reaped(spares):
+    others = _children()  # other contexts' zygotes and spares
+    ctx = ringpool.RingpoolContext(spares=spares)
+    ctx.ensure_running()
+    zygote = ctx.zygote_pid()
+    me = os.getpid()
+
+    def kids():
+        return _children() - others
+
+    deadline = time.monotonic() + 10
+    while len(kids() - {zygote}) < spares and time.monotonic() < deadline:
+        time.sleep(0.02)
+    idle = kids() - {zygote}
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_state, args=(q,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    if spares:
+        # The first starts took the spares forked ahead (our children already, before start()).
+        assert {p.pid for p in procs} & idle
+    assert all(g["ppid"] == me for g in got)
+    ctx.shutdown()  # the zygote ends; unused spares follow it and are reaped
+    assert _wait_gone(zygote)
+    deadline = time.monotonic() + 10
+    while (_zombies() or (kids() & idle) - {p.pid for p in procs}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _zombies()
+    assert not (kids() & idle)
+    assert len(idle) == spares
+
+
+_MAIN_SCRIPT = textwrap.dedent(r"""
+    import os, sys
+    sys.path.insert(0, {bindings!r})
+    import ringpool
+
+    IMPORTED_IN = os.getpid()
+
+    def report(q):
+        import sys
+        q.put(sys.modules["__mp_main__"].IMPORTED_IN)
+
+    if __name__ == "__main__":
+        for preload_main in (True, False):
+            ctx = ringpool.RingpoolContext(preload_main=preload_main)
+            q = ctx.Queue()
+            p = ctx.Process(target=report, args=(q,)); p.start()
+            imported_in = q.get(timeout=60)
+            p.join(30)
+            print(preload_main, imported_in == ctx.zygote_pid(), imported_in == p.pid, flush=True)
+            ctx.shutdown()
+""")
+
+
+def test_the_zygote_imports_the_main_module_once(tmp_path):
+    script = tmp_path / "main_once.py"
+    script.write_text(_MAIN_SCRIPT.format(bindings=os.path.dirname(os.path.dirname(ringpool.__file__))))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert out.stdout.split("\n")[:2] == ["True True False", "False False True"], out.stdout + out.stderr

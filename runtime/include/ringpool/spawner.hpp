@@ -69,6 +69,9 @@ struct ZygoteOptions {
   std::string config;
   std::chrono::milliseconds ready_timeout{300'000};  // preload may import torch from a cold disk
   std::chrono::milliseconds fork_timeout{30'000};
+  // Workers the zygote forks ahead of time, each waiting for a request: start() then costs no
+  // fork. They are our children too, and are reaped when they end unused.
+  int spares = 4;
 };
 
 // The zygote's control descriptor number in the zygote.
