@@ -2,7 +2,8 @@
 
 Does what the stdlib's ``spawn._main`` does, reading from the worker's ringpool channel instead
 of a pipe: preparation data first (sys.path, cwd, the parent's ``__main__``, name, authkey, plus
-ringpool's own: the environment in zygote mode, torch's sharing strategy and thread count), then
+ringpool's own: the environment in zygote mode, torch's sharing strategy and thread count, and
+``ringpool._torch``'s recycled shared memory once torch is imported), then
 the process object, then ``_bootstrap`` with a pidfd of the parent as the parent sentinel.
 
 The worker's descriptors start at ``fd_base``: its channel (4 descriptors), then those the process
@@ -70,11 +71,18 @@ def _apply_state(state):
         os.environ.clear()
         os.environ.update(env)
     torch_state = state.get("torch")
-    if torch_state is not None:
-        if "torch" in sys.modules:
-            _apply_torch(torch_state, sys.modules["torch"])
-        else:
-            _after_import("torch", lambda torch: _apply_torch(torch_state, torch))
+
+    def on_torch(torch):
+        if torch_state is not None:
+            _apply_torch(torch_state, torch)
+        from . import _torch
+
+        _torch.install(torch)  # recycled shared memory for the storages collate makes
+
+    if "torch" in sys.modules:
+        on_torch(sys.modules["torch"])
+    else:
+        _after_import("torch", on_torch)
 
 
 def _apply_torch(state, torch):

@@ -287,13 +287,41 @@ def test_dataloader_persistent_workers_and_early_break(ctx):
 
     dl = DataLoader(_SquaresDataset(), batch_size=4, num_workers=2, multiprocessing_context=ctx,
                     persistent_workers=True)
-    for _ in range(2):
-        assert sum(len(y) for _, y in dl) == 40
+    pids = None
+    for epoch in range(3):
+        it = iter(dl)
+        assert sum(len(y) for _, y in it) == 40
+        now = [w.pid for w in it._workers]
+        assert pids is None or now == pids  # the same workers over 3 epochs
+        pids = now
+    workers = list(it._workers)
+    del dl, it
+    for w in workers:
+        w.join(6)
+        assert w.exitcode == 0
     it = iter(DataLoader(_SquaresDataset(), batch_size=4, num_workers=2, multiprocessing_context=ctx))
     next(it)
+    workers = list(it._workers)
     t0 = time.monotonic()
-    del it  # shuts its workers down
-    assert time.monotonic() - t0 < 5.0
+    del it  # an early break: shuts its workers down without terminate()
+    assert time.monotonic() - t0 < 2.0
+    for w in workers:
+        w.join(5)
+        assert w.exitcode == 0
+
+
+def test_two_dataloaders_and_an_executor_at_once(ctx):
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+        fut = ex.submit(_square, 12)
+        a = iter(DataLoader(_SquaresDataset(), batch_size=4, num_workers=1, multiprocessing_context=ctx))
+        b = iter(DataLoader(_SquaresDataset(), batch_size=8, num_workers=1, multiprocessing_context=ctx))
+        got_a = [int(x) for _, y in a for x in y]
+        got_b = [int(x) for _, y in b for x in y]
+        assert got_a == got_b == [i * i for i in range(40)]
+        assert fut.result(60) == 144
 
 
 class _DyingDataset:
