@@ -31,11 +31,9 @@ spawn; (b) time to first batch no worse than fork; throughput >= 1.5x fork on sm
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +47,9 @@ except ImportError:  # run from a checkout: use the in-tree package
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _machine  # noqa: E402
 from torch.utils.data import DataLoader, Dataset
 
 METHODS = ("fork", "spawn", "forkserver", "ringpool")
@@ -230,18 +231,7 @@ def bench_dataloader(quick, epochs):
 # -- report --------------------------------------------------------------------------------------
 
 def machine_info():
-    cpu, mem_kib = "?", 0
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-        with open("/proc/meminfo") as f:
-            mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / (1 << 20), 1),
-            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
-            "loadavg_at_start": list(os.getloadavg()),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    return {**_machine.machine_info(), "torch": torch.__version__}
 
 
 def _get(rows, **match):

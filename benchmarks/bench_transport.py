@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import gc
 import json
@@ -54,7 +53,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import platform
 import queue
 import signal
 import statistics
@@ -71,6 +69,9 @@ try:
 except ImportError:  # run from a checkout without PYTHONPATH: use the in-tree package
     sys.path.insert(0, str(HERE.parent / "bindings"))
     import ringpool
+
+sys.path.insert(0, str(HERE))
+import _machine  # noqa: E402
 
 CTX = multiprocessing.get_context("fork")
 
@@ -699,28 +700,12 @@ def log(msg):
 
 
 def machine_info():
-    cpu, mem_kib = "?", 0
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-        with open("/proc/meminfo") as f:
-            mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "memory_gib": round(mem_kib / (1 << 20), 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "python_executable": sys.executable,
+        **_machine.machine_info(),
         "numpy": np.__version__,
         "ringpool": getattr(ringpool, "__version__", "?"),
         "ringpool_path": str(Path(ringpool.__file__).parent),
         "start_method": CTX.get_start_method(),
-        "loadavg_at_start": list(os.getloadavg()),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
 
 

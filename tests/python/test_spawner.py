@@ -51,6 +51,18 @@ def _torch_state(q):
     q.put((tmp.get_sharing_strategy(), torch.get_num_threads()))
 
 
+def _start_reporting(ctx, q, n):
+    """Starts n workers that put their _state on q; returns (processes, states) once all joined."""
+    procs = [ctx.Process(target=_state, args=(q,)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    return procs, got
+
+
 @pytest.fixture
 def probe_dir(tmp_path, monkeypatch):
     """A module the zygote preloads, on a sys.path entry this process has when the zygote starts."""
@@ -65,13 +77,7 @@ def test_preload_runs_once_in_the_zygote_and_workers_are_our_children(probe_dir)
     ctx.ensure_running()
     zygote = ctx.zygote_pid()
     assert zygote is not None and _alive(zygote)
-    procs = [ctx.Process(target=_state, args=(q,)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    got = [q.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    procs, got = _start_reporting(ctx, q, 3)
     assert {g["pid"] for g in got} == {p.pid for p in procs}
     for g in got:
         assert g["ppid"] == os.getpid()  # forked as our child, not the zygote's
@@ -283,13 +289,7 @@ def test_spares_are_used_and_reaped(spares):
         time.sleep(0.02)
     idle = kids() - {zygote}
     q = ctx.Queue()
-    procs = [ctx.Process(target=_state, args=(q,)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    got = [q.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    procs, got = _start_reporting(ctx, q, 3)
     if spares:
         # The first starts took the spares forked ahead (our children already, before start()).
         assert {p.pid for p in procs} & idle
