@@ -310,6 +310,38 @@ def test_dataloader_persistent_workers_and_early_break(ctx):
         assert w.exitcode == 0
 
 
+def _file_system_strategy(worker_id):
+    import torch.multiprocessing
+
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+@pytest.mark.parametrize("workers, batch, prefetch", [(1, 1, 1), (3, None, 8), (2, 4, 8)])
+def test_dataloader_order_and_shared_batches_across_settings(ctx, workers, batch, prefetch):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(_SquaresDataset(), batch_size=batch, num_workers=workers, prefetch_factor=prefetch,
+                    multiprocessing_context=ctx)
+    labels, shared = [], True
+    for x, y in dl:
+        labels += [int(v) for v in (y if batch is not None else [y])]
+        shared &= x.is_shared()
+    assert labels == [i * i for i in range(40)]  # the baseline order
+    assert shared
+
+
+def test_dataloader_file_system_strategy_set_in_worker_init_fn(ctx):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(_SquaresDataset(), batch_size=8, num_workers=2, worker_init_fn=_file_system_strategy,
+                    multiprocessing_context=ctx)
+    batches = list(dl)
+    assert [int(v) for _, y in batches for v in y] == [i * i for i in range(40)]
+    assert torch.equal(batches[2][0][1], torch.full((3,), 17.0))
+
+
 def test_two_dataloaders_and_an_executor_at_once(ctx):
     pytest.importorskip("torch")
     from torch.utils.data import DataLoader
