@@ -149,44 +149,29 @@ def bench_startup(reps, spawn_reps):
 # few bytes: under spawn, forkserver and ringpool it is pickled to every worker, and a dataset of
 # stored tensors would carry one shared-memory descriptor per sample.
 
-class SmallDataset(Dataset):
-    def __init__(self, n):
-        self.n = n
+class GeneratedDataset(Dataset):
+    """n samples of one kind, each made from its index: ``small`` (a float tensor of 64),
+    ``images`` (uint8 3x224x224 from numpy), ``numpy`` (a float32 3x64x64 array); label = index."""
+
+    def __init__(self, kind, n):
+        self.kind, self.n = kind, n
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        return torch.full((64,), float(i)), i
-
-
-class ImageDataset(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return torch.from_numpy(np.full((3, 224, 224), i % 251, dtype=np.uint8)), i
-
-
-class NumpyDataset(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
+        if self.kind == "small":
+            return torch.full((64,), float(i)), i
+        if self.kind == "images":
+            return torch.from_numpy(np.full((3, 224, 224), i % 251, dtype=np.uint8)), i
         return np.full((3, 64, 64), float(i), dtype=np.float32), i
 
 
 DATASETS = {
-    # name: (class, samples per epoch, quick samples, batch size)
-    "small": (SmallDataset, 256 * 160, 256 * 40, 256),
-    "images": (ImageDataset, 32 * 60, 32 * 16, 32),
-    "numpy": (NumpyDataset, 64 * 120, 64 * 30, 64),
+    # name: (samples per epoch, quick samples, batch size)
+    "small": (256 * 160, 256 * 40, 256),
+    "images": (32 * 60, 32 * 16, 32),
+    "numpy": (64 * 120, 64 * 30, 64),
 }
 
 
@@ -209,8 +194,8 @@ def epoch(ds, batch, workers, ctx):
 
 def bench_dataloader(quick, epochs):
     rows = []
-    for name, (cls, n, nq, batch) in DATASETS.items():
-        ds = cls(nq if quick else n)
+    for name, (n, nq, batch) in DATASETS.items():
+        ds = GeneratedDataset(name, nq if quick else n)
         for workers in (2, 4):
             runs = {m: [] for m in METHODS}
             for _ in range(epochs):  # interleaved: the machine's drift touches every method alike
