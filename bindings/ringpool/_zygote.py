@@ -64,13 +64,14 @@ def main():
     if not ok:
         os._exit(1)
     # What the preload built is shared copy-on-write with every worker: keep the collector from
-    # touching (and so copying) those objects' pages in each worker.
+    # touching (and so copying) those objects' pages in each worker. The workers never unfreeze
+    # (the gc module's documented recipe for fork without exec): a collection there would walk
+    # every preloaded object and copy its page.
     gc.collect()
     gc.freeze()
     started = _core.zygote_serve(CONTROL_FD)
     if started is None:
         os._exit(0)
-    gc.unfreeze()
     fd_base, _nfds = started
     # A forked worker must never unwind into the zygote's code or run its interpreter's exit
     # (atexit handlers, buffered output): whatever happens, it leaves through os._exit.
