@@ -222,7 +222,7 @@ def _start_join_cycles(ctx, n):
     for task in os.listdir("/proc/self/task"):  # any of our threads may be a parent (the supervisor)
         try:
             children |= {int(t) for t in open(f"/proc/self/task/{task}/children").read().split()}
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             pass
     assert not [c for c in children if not _alive(c) and os.path.exists(f"/proc/{c}")], "zombie children left"
 
@@ -552,7 +552,7 @@ def _alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ")[1][0] not in "ZX"  # a zombie has exited
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped while we read
         return False
 
 

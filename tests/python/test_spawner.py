@@ -20,7 +20,7 @@ def _alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ")[1][0] not in "ZX"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped while we read
         return False
 
 
@@ -264,7 +264,7 @@ def _children():
     for task in os.listdir("/proc/self/task"):
         try:
             kids |= {int(t) for t in open(f"/proc/self/task/{task}/children").read().split()}
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             pass
     return kids
 
