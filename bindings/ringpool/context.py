@@ -38,6 +38,7 @@ import os
 import pickle
 import sys
 import threading
+import weakref
 from multiprocessing import context as _mp_context
 from multiprocessing import process as _mp_process
 from multiprocessing import spawn as _mp_spawn
@@ -89,9 +90,8 @@ class RingpoolContext(_mp_context.BaseContext):
         self.Process = type("RingpoolProcess", (RingpoolProcess,),
                             {"_ringpool_context": self, "__module__": __name__, "__qualname__": "RingpoolProcess"})
         self._sup = None
-        self._sup_pid = None
         self._lock = threading.Lock()
-        _mp_util.register_after_fork(self, RingpoolContext._after_fork)
+        _live_contexts.add(self)
 
     def __repr__(self):
         mode = f"zygote, preload={list(self.preload)}" if self.zygote else "exec"
@@ -101,7 +101,8 @@ class RingpoolContext(_mp_context.BaseContext):
         return (get_context, (self.preload, self.zygote))
 
     def _after_fork(self):
-        # A fork()ed child has its parent's objects but not its supervisor thread or zygote.
+        # A forked child (os.fork, a fork-context child, a zygote worker) has its parent's objects
+        # but not its supervisor thread or zygote; the old Supervisor knows and leaks itself.
         self._lock = threading.Lock()
         self._sup = None
 
@@ -112,7 +113,7 @@ class RingpoolContext(_mp_context.BaseContext):
 
     def _supervisor(self):
         with self._lock:
-            if self._sup is None or self._sup_pid != os.getpid():
+            if self._sup is None:
                 from . import _core
 
                 if self.zygote:
@@ -128,7 +129,6 @@ class RingpoolContext(_mp_context.BaseContext):
                                                              ready_timeout=self._ready_timeout, spares=self._spares)
                 else:
                     self._sup = _core.Supervisor.exec_mode()
-                self._sup_pid = os.getpid()
             return self._sup
 
     # -- ringpool's own ------------------------------------------------------------------------
@@ -141,14 +141,14 @@ class RingpoolContext(_mp_context.BaseContext):
 
     def zygote_pid(self):
         """The zygote's pid, or None (exec mode, or not started)."""
-        if self._sup is None or self._sup_pid != os.getpid():
+        if self._sup is None:
             return None
         pid = self._sup.zygote_pid
         return pid if pid > 0 else None
 
     def shutdown(self):
         """Stop the zygote (running workers go on); the next ``start()`` starts a new one."""
-        if self._sup is not None and self._sup_pid == os.getpid():
+        if self._sup is not None:
             self._sup.stop()
 
     # -- what differs from BaseContext -----------------------------------------------------------
@@ -181,6 +181,17 @@ class RingpoolContext(_mp_context.BaseContext):
 
 _contexts = {}
 _contexts_lock = threading.Lock()
+_live_contexts = weakref.WeakSet()
+
+
+def _reset_after_fork():
+    global _contexts_lock
+    _contexts_lock = threading.Lock()
+    for ctx in list(_live_contexts):
+        ctx._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def get_context(preload=(), zygote=True):

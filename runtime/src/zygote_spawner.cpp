@@ -243,7 +243,6 @@ class ZygoteSpawner final : public Spawner {
       timer_.cancel();
       if (m->header.aux != 0) {
         // The preload failed; the zygote exits on its own after saying why.
-        preload_error_ = m->payload;
         death_reason_ = "failed to preload:\n" + m->payload;
         return wait_control();
       }
@@ -387,7 +386,6 @@ class ZygoteSpawner final : public Spawner {
   std::uint64_t incarnation_ = 0;
   std::uint64_t seq_ = 0;
   std::string death_reason_;
-  std::string preload_error_;
 };
 
 }  // namespace

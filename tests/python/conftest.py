@@ -48,3 +48,24 @@ def no_shm_leak():
     # the stdlib resource tracker's to clean, at its own exit.
     leaked = {e for e in shm_entries() - before if not e.startswith("sem.mp-")}
     assert not leaked, f"left in /dev/shm: {leaked}"
+
+
+def alive(pid):
+    """True while pid runs (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] not in "ZX"
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped while we read
+        return False
+
+
+def our_children():
+    """Our children, whichever of our threads is their parent (ringpool's workers and spares:
+    the supervisor's thread)."""
+    kids = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            kids |= {int(t) for t in open(f"/proc/self/task/{task}/children").read().split()}
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return kids

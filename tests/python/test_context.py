@@ -14,6 +14,7 @@ from multiprocessing.context import BaseContext
 import pytest
 
 import ringpool
+from conftest import alive, our_children
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -218,13 +219,8 @@ def _start_join_cycles(ctx, n):
         p.close()
     time.sleep(0.5)
     assert len(os.listdir("/proc/self/fd")) <= before + 2
-    children = set()
-    for task in os.listdir("/proc/self/task"):  # any of our threads may be a parent (the supervisor)
-        try:
-            children |= {int(t) for t in open(f"/proc/self/task/{task}/children").read().split()}
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    assert not [c for c in children if not _alive(c) and os.path.exists(f"/proc/{c}")], "zombie children left"
+    children = our_children()  # any of our threads may be a parent (the supervisor's)
+    assert not [c for c in children if not alive(c) and os.path.exists(f"/proc/{c}")], "zombie children left"
 
 
 def test_many_start_join_cycles_keep_fds_stable(ctx):
@@ -548,12 +544,6 @@ if __name__ == "__main__":
 """
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] not in "ZX"  # a zombie has exited
-    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped while we read
-        return False
 
 
 def _run_parent(tmp_path, method, daemon, exit_normally):
@@ -571,22 +561,22 @@ def test_daemon_children_end_with_a_normal_exit(tmp_path):
     pids = [int(p) for p in parent.stdout.readline().split()]
     assert parent.wait(30) == 0
     deadline = time.monotonic() + 15
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
 def test_workers_die_with_a_sigkilled_parent(tmp_path):
     parent = _run_parent(tmp_path, "ringpool", daemon=False, exit_normally=False)
     try:
         pids = [int(p) for p in parent.stdout.readline().split()]
-        assert len(pids) == 3 and all(_alive(p) for p in pids)  # two workers, the zygote
+        assert len(pids) == 3 and all(alive(p) for p in pids)  # two workers, the zygote
         parent.kill()
         parent.wait(30)
         deadline = time.monotonic() + 15
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_alive(p) for p in pids), "a worker or the zygote outlived its SIGKILLed parent"
+        assert not any(alive(p) for p in pids), "a worker or the zygote outlived its SIGKILLed parent"
     finally:
         parent.kill()
 

@@ -11,24 +11,19 @@ import time
 import pytest
 
 import ringpool
+from conftest import alive, our_children
 from ringpool import _core
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] not in "ZX"
-    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped while we read
-        return False
 
 
 def _wait_gone(pid, timeout=10):
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not _alive(pid)
+    return not alive(pid)
 
 
 def _state(q):
@@ -76,7 +71,7 @@ def test_preload_runs_once_in_the_zygote_and_workers_are_our_children(probe_dir)
     q = ctx.Queue()
     ctx.ensure_running()
     zygote = ctx.zygote_pid()
-    assert zygote is not None and _alive(zygote)
+    assert zygote is not None and alive(zygote)
     procs, got = _start_reporting(ctx, q, 3)
     assert {g["pid"] for g in got} == {p.pid for p in procs}
     for g in got:
@@ -183,7 +178,7 @@ def test_the_zygote_ignores_ctrl_c_and_workers_do_not():
     p.join(10)
     assert p.exitcode == 1  # KeyboardInterrupt in the worker, like a spawn child
     time.sleep(0.2)
-    assert _alive(zygote)
+    assert alive(zygote)
     ctx.shutdown()
 
 
@@ -257,32 +252,22 @@ def test_zygote_protocol_errors_are_clear():
         _core.Supervisor.exec_mode().spawn([], [-1, -1, -1], "/nonexistent/python", ["x"], [], "")
 
 
-def _children():
-    """Our children, whichever of our threads is their parent (workers and spares: the
-    supervisor's thread)."""
-    kids = set()
-    for task in os.listdir("/proc/self/task"):
-        try:
-            kids |= {int(t) for t in open(f"/proc/self/task/{task}/children").read().split()}
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return kids
 
 
 def _zombies():
-    return [k for k in _children() if not _alive(k) and os.path.exists(f"/proc/{k}")]
+    return [k for k in our_children() if not alive(k) and os.path.exists(f"/proc/{k}")]
 
 
 @pytest.mark.parametrize("spares", [0, 2])
 def test_spares_are_used_and_reaped(spares):
-    others = _children()  # other contexts' zygotes and spares
+    others = our_children()  # other contexts' zygotes and spares
     ctx = ringpool.RingpoolContext(spares=spares)
     ctx.ensure_running()
     zygote = ctx.zygote_pid()
     me = os.getpid()
 
     def kids():
-        return _children() - others
+        return our_children() - others
 
     deadline = time.monotonic() + 10
     while len(kids() - {zygote}) < spares and time.monotonic() < deadline:
