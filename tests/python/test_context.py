@@ -383,11 +383,18 @@ def test_dataloader_reports_a_dead_worker_with_its_pid(ctx, how, tmp_path):
         # behind by that can wedge the rest of the session.
         pytest.skip("stdlib forkserver: a dead DataLoader worker is not reported the same way")
     path = tmp_path / "victim"
-    with pytest.raises(RuntimeError) as info:
+    ours = isinstance(ctx, ringpool.RingpoolContext)
+    # Under stdlib spawn a batch the victim queued before dying may carry a tensor fd that lives in
+    # the victim's resource_sharer; fetching it can fail (connection reset or refused) before
+    # DataLoader's SIGCHLD handler speaks. ringpool passes fds with the message, so it cannot.
+    with pytest.raises(RuntimeError if ours else (RuntimeError, OSError)) as info:
         for _ in DataLoader(_DyingDataset(str(path), how), batch_size=2, num_workers=2, multiprocessing_context=ctx):
             pass
     seen = time.time()
     pid, died = path.read_text().split()
+    if not ours and not isinstance(info.value, RuntimeError):
+        assert seen - float(died) < 1.0
+        return
     # Where DataLoader's SIGCHLD handler interrupts the main thread decides the wording: inside
     # the queue get, "(pid(s) N) exited unexpectedly" caused by the handler's error; elsewhere,
     # the handler's own error.
@@ -395,7 +402,7 @@ def test_dataloader_reports_a_dead_worker_with_its_pid(ctx, how, tmp_path):
     assert re.search(rf"DataLoader worker \(pid(\(s\))? {pid}\)", text), text
     # Direct children (spawn, ringpool) are seen by DataLoader's SIGCHLD handler at once.
     assert seen - float(died) < 1.0
-    if isinstance(ctx, ringpool.RingpoolContext):  # spawn's may break in resource_sharer first
+    if ours:
         assert ("killed by signal: Killed" if how == "kill" else "exit code 3") in text
 
 
