@@ -81,7 +81,7 @@ std::string describe_opcode(std::uint8_t code) {
   hex += kHex[code >> 4];
   hex += kHex[code & 0xf];
   const OpcodeInfo* info = find_opcode(code);
-  return info ? std::string(info->name) + " (" + hex + ")" : "unknown opcode " + hex;
+  return info ? std::string(info->name) + " (" + hex + ")" : hex;
 }
 
 // ---- dict keys: Python's hashability and equality ------------------------------------------
@@ -209,7 +209,7 @@ class Decoder {
     if (stack_.size() != 1) fail("the stack holds " + std::to_string(stack_.size()) + " values, not one");
     const std::uint32_t root = stack_.back();
     ++nodes_[root].uses;
-    return build(root, 0);
+    return build(root, 0, true);
   }
 
  private:
@@ -491,13 +491,14 @@ class Decoder {
     used_ += bytes;
   }
 
-  Value build(std::uint32_t id, std::size_t depth) {
+  // `alone` says every container on the path from the result has one reference, and then so
+  // does n if its own uses is 1: it is visited exactly once and may give its data away.
+  Value build(std::uint32_t id, std::size_t depth, bool alone) {
     Node& n = nodes_[id];
-    const bool last_use = --n.uses == 0;
+    alone = alone && n.uses == 1;
     if (n.type == Value::Type::str || n.type == Value::Type::bytes) {
       charge(sizeof(Value) + (n.type == Value::Type::str ? n.leaf.as_str().size() : n.leaf.as_bytes().size()), n);
-      // The only (or last) reference takes the data instead of copying it.
-      return last_use ? std::move(n.leaf) : n.leaf;
+      return alone ? std::move(n.leaf) : n.leaf;
     }
     charge(sizeof(Value), n);
     if (n.type != Value::Type::list && n.type != Value::Type::tuple && n.type != Value::Type::dict) return n.leaf;
@@ -512,15 +513,15 @@ class Decoder {
       Value::Dict entries;
       entries.reserve(n.kids.size() / 2);
       for (std::size_t i = 0; i + 1 < n.kids.size(); i += 2) {
-        Value key = build(n.kids[i], depth + 1);
-        entries.emplace_back(std::move(key), build(n.kids[i + 1], depth + 1));
+        Value key = build(n.kids[i], depth + 1, alone);
+        entries.emplace_back(std::move(key), build(n.kids[i + 1], depth + 1, alone));
       }
       if (std::string why = check_dict_keys(entries); !why.empty()) fail_node(n, why);
       out = Value::dict(std::move(entries));
     } else {
       Value::List items;
       items.reserve(n.kids.size());
-      for (std::uint32_t k : n.kids) items.push_back(build(k, depth + 1));
+      for (std::uint32_t k : n.kids) items.push_back(build(k, depth + 1, alone));
       out = n.type == Value::Type::list ? Value::list(std::move(items)) : Value::tuple(std::move(items));
     }
     n.on_path = false;

@@ -1,0 +1,261 @@
+// Pickle codec: CPython's pickles in proto/golden/pickle decode to the expected values, every
+// unsafe or malformed pickle there is refused, and what we write decodes back (by us here, by
+// CPython in tests/python/test_pickle_codec.py).
+#include <doctest/doctest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "ringpool/pickle.hpp"
+#include "ringpool/value.hpp"
+
+using namespace std::literals;
+using ringpool::PickleError;
+using ringpool::PickleLimits;
+using ringpool::Value;
+using ringpool::pickle_dumps;
+using ringpool::pickle_loads;
+
+namespace {
+
+const std::filesystem::path kGoldenDir = std::filesystem::path(RINGPOOL_SOURCE_DIR) / "proto" / "golden" / "pickle";
+
+std::string read_file(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  REQUIRE_MESSAGE(f.good(), "cannot open " << p);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+// Lines "<name>\t<text>" of a manifest written by generate.py.
+std::vector<std::pair<std::string, std::string>> read_manifest(const char* file) {
+  std::ifstream f(kGoldenDir / file);
+  REQUIRE_MESSAGE(f.good(), "cannot open " << file);
+  std::vector<std::pair<std::string, std::string>> out;
+  for (std::string line; std::getline(f, line);) {
+    const auto tab = line.find('\t');
+    REQUIRE_MESSAGE(tab != std::string::npos, file << ": no tab in '" << line.substr(0, 80) << "'");
+    out.emplace_back(line.substr(0, tab), line.substr(tab + 1));
+  }
+  REQUIRE(!out.empty());
+  return out;
+}
+
+bool holds_bytes(const Value& v) {
+  switch (v.type()) {
+    case Value::Type::bytes:
+      return true;
+    case Value::Type::list:
+    case Value::Type::tuple:
+      for (const Value& item : v.is_list() ? v.as_list() : v.as_tuple())
+        if (holds_bytes(item)) return true;
+      return false;
+    case Value::Type::dict:
+      for (const auto& [k, x] : v.as_dict())
+        if (holds_bytes(k) || holds_bytes(x)) return true;
+      return false;
+    default:
+      return false;
+  }
+}
+
+std::string error_of(std::string_view data, const PickleLimits& limits = {}) {
+  try {
+    Value v = pickle_loads(data, limits);
+    return "decoded to " + v.repr().substr(0, 200);
+  } catch (const PickleError& e) {
+    return e.what();
+  }
+}
+
+bool contains(const std::string& s, std::string_view part) { return s.find(part) != std::string::npos; }
+
+}  // namespace
+
+TEST_CASE("pickle: CPython's pickles of the golden values decode to the expected repr") {
+  std::size_t files = 0;
+  for (const auto& [name, expected] : read_manifest("expected.tsv")) {
+    CAPTURE(name);
+    std::vector<Value> decoded;
+    for (int protocol = 2; protocol <= 5; ++protocol) {
+      const auto path = kGoldenDir / (name + ".p" + std::to_string(protocol) + ".pkl");
+      if (!std::filesystem::exists(path)) {
+        // Only values holding bytes skip protocol 2 (CPython would REDUCE _codecs.encode).
+        CHECK(protocol == 2);
+        continue;
+      }
+      CAPTURE(protocol);
+      Value v;
+      REQUIRE_NOTHROW(v = pickle_loads(read_file(path)));
+      CHECK(v.repr() == expected);
+      decoded.push_back(std::move(v));
+      ++files;
+    }
+    REQUIRE(decoded.size() >= 3);
+    for (const Value& v : decoded) CHECK(v == decoded.front());
+
+    // What we write decodes back to the same Value at every protocol that can carry it.
+    const Value& v = decoded.front();
+    for (int protocol = holds_bytes(v) ? 3 : 2; protocol <= 5; ++protocol) {
+      CAPTURE(protocol);
+      CHECK(pickle_loads(pickle_dumps(v, protocol)) == v);
+    }
+  }
+  CHECK(files > 100);
+}
+
+TEST_CASE("pickle: every unsafe or malformed golden pickle is refused with a clear message") {
+  for (const auto& [file, message] : read_manifest("bad.tsv")) {
+    CAPTURE(file);
+    const std::string err = error_of(read_file(kGoldenDir / file));
+    CHECK_MESSAGE(contains(err, message), err);
+    CHECK(contains(err, "pickle: "));
+  }
+}
+
+TEST_CASE("pickle: every golden file is listed in a manifest") {
+  std::set<std::string> listed;
+  for (const auto& [name, repr] : read_manifest("expected.tsv"))
+    for (int p = 2; p <= 5; ++p) listed.insert(name + ".p" + std::to_string(p) + ".pkl");
+  for (const auto& [file, message] : read_manifest("bad.tsv")) listed.insert(file);
+  for (const auto& entry : std::filesystem::directory_iterator(kGoldenDir))
+    if (entry.path().extension() == ".pkl") CHECK_MESSAGE(listed.count(entry.path().filename().string()), entry.path());
+}
+
+TEST_CASE("pickle: refusals name the opcode and its offset") {
+  // os.system at protocol 2: PROTO, then GLOBAL at offset 2.
+  const std::string err = error_of("\x80\x02" "cposix\nsystem\nq\x00."sv);
+  CHECK(contains(err, "GLOBAL (0x63) at offset 2"));
+  CHECK(contains(err, "import"));
+  CHECK(contains(error_of("\x80\x02N)R."), "REDUCE (0x52) at offset 4"));
+}
+
+TEST_CASE("pickle: ints are written with the opcodes CPython chooses") {
+  // Bytes from CPython 3.11's pickle.dumps(v, 2): no memo or frame is involved for an int.
+  const std::pair<std::int64_t, std::string_view> cases[] = {
+      {0, "\x80\x02K\x00."sv},
+      {255, "\x80\x02K\xff."},
+      {256, "\x80\x02M\x00\x01."sv},
+      {65535, "\x80\x02M\xff\xff."},
+      {70000, "\x80\x02Jp\x11\x01\x00."sv},
+      {-1, "\x80\x02J\xff\xff\xff\xff."},
+      {2147483648, "\x80\x02\x8a\x05\x00\x00\x00\x80\x00."sv},
+      {INT64_MIN, "\x80\x02\x8a\x08\x00\x00\x00\x00\x00\x00\x00\x80."sv},
+  };
+  for (const auto& [v, bytes] : cases) {
+    CAPTURE(v);
+    CHECK(pickle_dumps(Value(v), 2) == bytes);
+  }
+  // The golden files of single ints at protocols 2 and 3 are exactly what we write.
+  for (const char* name : {"int_zero", "int_max", "int_min", "int_2_31"})
+    for (int p : {2, 3}) {
+      CAPTURE(name);
+      const std::string golden = read_file(kGoldenDir / (std::string(name) + ".p" + std::to_string(p) + ".pkl"));
+      CHECK(pickle_dumps(pickle_loads(golden), p) == golden);
+    }
+}
+
+TEST_CASE("pickle: opcodes CPython's pickler does not write for this subset but its unpickler reads") {
+  // Text PUT/GET, LIST from a MARK, POP.
+  CHECK(pickle_loads("(K\x01p7\n0g7\ng7\nl."sv) == Value::list({1, 1}));
+  // FRAME, TUPLE from a MARK, POP_MARK.
+  CHECK(pickle_loads("\x80\x04\x95\x0e\0\0\0\0\0\0\0(K\x01K\x02K\x03K\x04t(N1."sv) ==
+        Value::tuple({1, 2, 3, 4}));
+  CHECK(pickle_loads("\x80\x02(K\x01K\x02" "d.") == Value::dict({{1, 2}}));
+  CHECK(pickle_loads("\x80\x02\x8b\x02\0\0\0\0\x80."sv) == Value(-32768));
+  CHECK(pickle_loads("\x80\x04\x8d\x02\0\0\0\0\0\0\0hi\x8e\x01\0\0\0\0\0\0\0x\x86."sv) ==
+        Value::tuple({"hi", Value::bytes("x")}));
+  // LONG1 with redundant sign bytes still fits.
+  CHECK(pickle_loads("\x80\x02\x8a\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff."sv) == Value(-1));
+}
+
+TEST_CASE("pickle: a memo reference shares the object, as in Python") {
+  // L = []; M = [L]; then L.append(None) through a second GET: Python gives [[None]].
+  CHECK(pickle_loads("\x80\x02]q\x00" "0]h\x00" "ah\x00" "Na0."sv) ==
+        Value::list({Value::list({nullptr})}));
+}
+
+TEST_CASE("pickle: decoded size is bounded relative to the input") {
+  // Without shared subobjects every golden pickle stays under 48 times its size.
+  for (const auto& [name, expected] : read_manifest("expected.tsv")) {
+    if (name == "memo_shared") continue;
+    for (int p = 2; p <= 5; ++p) {
+      const auto path = kGoldenDir / (name + ".p" + std::to_string(p) + ".pkl");
+      if (!std::filesystem::exists(path)) continue;
+      CAPTURE(path);
+      CHECK_NOTHROW(pickle_loads(read_file(path), PickleLimits{.max_expansion = 48, .max_decoded_slack = 0}));
+    }
+  }
+  const std::string shared = read_file(kGoldenDir / "memo_shared.p4.pkl");
+  CHECK_NOTHROW(pickle_loads(shared));
+  CHECK(contains(error_of(shared, PickleLimits{.max_expansion = 1, .max_decoded_slack = 0}), "decoded size exceeds"));
+}
+
+TEST_CASE("pickle: nesting depth is bounded on both sides") {
+  Value v = Value::list();
+  for (int i = 1; i < 10; ++i) v = Value::list({v});  // 10 nested lists
+  const PickleLimits nine{.max_depth = 9};
+  const PickleLimits ten{.max_depth = 10};
+  CHECK_THROWS_AS(pickle_dumps(v, 5, nine), PickleError);
+  const std::string data = pickle_dumps(v, 5, ten);
+  CHECK(pickle_loads(data, ten) == v);
+  CHECK(contains(error_of(data, nine), "nesting deeper than 9"));
+  // Scalars do not count: a list of ints at the limit is fine.
+  CHECK(pickle_loads(pickle_dumps(Value::list({1}), 5, PickleLimits{.max_depth = 1}), PickleLimits{.max_depth = 1}) ==
+        Value::list({1}));
+}
+
+TEST_CASE("pickle: values Python could not hold or read back are refused when writing") {
+  const auto dumps_error = [](const Value& v, int protocol = 5) -> std::string {
+    try {
+      pickle_dumps(v, protocol);
+      return "no error";
+    } catch (const PickleError& e) {
+      return e.what();
+    }
+  };
+  CHECK(contains(dumps_error(Value("\xff")), "not valid UTF-8"));
+  CHECK(contains(dumps_error(Value("\xed\xa0\x80")), "not valid UTF-8"));  // a lone surrogate
+  CHECK(contains(dumps_error(Value::bytes("x"), 2), "protocol 3"));
+  CHECK(contains(dumps_error(Value::list({Value::bytes("x")}), 2), "protocol 3"));
+  CHECK(contains(dumps_error(Value::dict({{Value::list(), 1}})), "unhashable dict key of type list"));
+  CHECK(contains(dumps_error(Value::dict({{Value::tuple({1, Value::dict()}), 1}})), "unhashable dict key of type dict"));
+  CHECK(contains(dumps_error(Value::dict({{1, "a"}, {1.0, "b"}})), "repeats"));
+  CHECK(contains(dumps_error(Value::dict({{true, "a"}, {1, "b"}})), "repeats"));
+  CHECK(contains(dumps_error(Value::dict({{Value::tuple({0, "x"}), 1}, {Value::tuple({-0.0, "x"}), 2}})), "repeats"));
+  CHECK(dumps_error(Value::dict({{1, "a"}, {1.5, "b"}, {"1", "c"}, {Value::bytes("1"), "d"}})) == "no error");
+  CHECK_THROWS_AS(pickle_dumps(Value(), 1), std::invalid_argument);
+  CHECK_THROWS_AS(pickle_dumps(Value(), 6), std::invalid_argument);
+}
+
+TEST_CASE("pickle: large str and bytes pick the opcode for their size") {
+  const std::string s255(255, 'a'), s256(256, 'a');
+  // SHORT_BINUNICODE exists from protocol 4; protocol 3 always writes BINUNICODE.
+  CHECK(static_cast<unsigned char>(pickle_dumps(Value(s255), 4)[2]) == 0x8c);
+  CHECK(pickle_dumps(Value(s255), 3)[2] == 'X');
+  CHECK(pickle_dumps(Value(s256), 4)[2] == 'X');
+  CHECK(pickle_dumps(Value::bytes(s255), 3)[2] == 'C');
+  CHECK(pickle_dumps(Value::bytes(s256), 3)[2] == 'B');
+  const std::string big(70000, 'z');
+  CHECK(pickle_loads(pickle_dumps(Value::list({big, Value::bytes(big)}), 5)) == Value::list({big, Value::bytes(big)}));
+}
+
+TEST_CASE("pickle: every truncation of a valid pickle is refused, never read past") {
+  const Value v = Value::dict({{"a", Value::list({1, 2.5, Value::bytes("xy"), Value::tuple({nullptr, true})})},
+                               {"b", INT64_MIN}});
+  for (int protocol = 3; protocol <= 5; ++protocol) {
+    const std::string data = pickle_dumps(v, protocol);
+    for (std::size_t n = 0; n < data.size(); ++n) {
+      CAPTURE(n);
+      // A copy of exactly n bytes, so that ASan sees any read past the end.
+      const std::string prefix = data.substr(0, n);
+      CHECK_THROWS_AS(pickle_loads(prefix), PickleError);
+    }
+    CHECK(pickle_loads(data) == v);
+  }
+}
