@@ -25,5 +25,6 @@ void init_errors(pybind11::module_& m);
 void init_channel(pybind11::module_& m);
 void init_codec(pybind11::module_& m);
 void init_process(pybind11::module_& m);
+void init_pickle(pybind11::module_& m);
 
 }  // namespace ringpool::py_bindings
