@@ -8,23 +8,30 @@ Public API (this issue's layer: the transport):
 - ``reduction``: how objects, handles and buffers become frames.
 - ``get_context(preload=(), zygote=True)``: a ``multiprocessing`` context whose workers ringpool
   starts (forked by a preloaded zygote, or exec mode).
+- ``Executor``: a ``concurrent.futures`` process pool over per-worker rings (``WorkerDied``,
+  ``TaskTimeout``, ``RemoteTraceback``).
 """
 from . import reduction
 from ._core import ProtocolError
 from .connection import Connection, Pipe
 from .context import RingpoolContext, get_context, register_start_method
+from .executor import Executor, RemoteTraceback, TaskTimeout, WorkerDied
 from .queues import JoinableQueue, Queue, SimpleQueue
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Connection",
+    "Executor",
     "JoinableQueue",
     "Pipe",
     "ProtocolError",
+    "RemoteTraceback",
     "RingpoolContext",
     "Queue",
     "SimpleQueue",
+    "TaskTimeout",
+    "WorkerDied",
     "get_context",
     "register_start_method",
     "reduction",

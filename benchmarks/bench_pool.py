@@ -1,0 +1,216 @@
+#!/usr/bin/python3
+"""Task-pool benchmark: ringpool.Executor against the stdlib's pools and joblib, in one run.
+
+With 2 workers each, on this machine:
+
+(a) No-op throughput (tasks/s): ``map(noop, range(N), chunksize=c)`` for c = 1 and 64, results
+    consumed in order, for ringpool.Executor, concurrent.futures.ProcessPoolExecutor,
+    multiprocessing.Pool and joblib's Parallel (loky backend, ``batch_size=c``). Median of 3 runs
+    after a warm-up; N is sized so that each run takes about a second.
+(b) Latency: sequential submit -> result of a no-op (``submit(f).result()``; ``Pool.apply``;
+    a one-call ``Parallel`` batch), median and p99 over many calls after a warm-up.
+
+Targets (ratios from the same run): ringpool's chunksize-1 throughput >= 5x multiprocessing.Pool's
+and >= 15x ProcessPoolExecutor's; at chunksize 64 ahead of every peer; latency median <= 30 us.
+(The C++ Pool's rows come with ringpool::Pool.)
+
+    /usr/bin/python3 benchmarks/bench_pool.py [--quick] [--json PATH] [--markdown PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+try:
+    import ringpool
+except ImportError:  # run from a checkout: use the in-tree package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bindings"))
+    import ringpool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _machine  # noqa: E402
+
+WORKERS = 2
+POOLS = ("ringpool", "ProcessPoolExecutor", "multiprocessing.Pool", "joblib (loky)")
+
+
+def noop(x=None):
+    return x
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Peer:
+    """One pool under test: map(chunksize) throughput and one-call latency."""
+
+    def __init__(self, name):
+        self.name = name
+        if name == "ringpool":
+            self.pool = ringpool.Executor(WORKERS)
+        elif name == "ProcessPoolExecutor":
+            self.pool = cf.ProcessPoolExecutor(WORKERS)
+        elif name == "multiprocessing.Pool":
+            self.pool = mp.Pool(WORKERS)
+        else:
+            from joblib import Parallel
+
+            self.pool = Parallel(n_jobs=WORKERS, backend="loky")
+            self.pool.__enter__()
+            self._batches = {}
+
+    def map(self, n, chunksize):
+        if self.name in ("ringpool", "ProcessPoolExecutor"):
+            out = list(self.pool.map(noop, range(n), chunksize=chunksize))
+        elif self.name == "multiprocessing.Pool":
+            out = self.pool.map(noop, range(n), chunksize=chunksize)
+        else:
+            from joblib import Parallel, delayed
+
+            p = self._batches.get(chunksize)
+            if p is None:
+                p = self._batches[chunksize] = Parallel(n_jobs=WORKERS, backend="loky", batch_size=chunksize)
+                p.__enter__()
+            out = p(delayed(noop)(i) for i in range(n))
+        assert len(out) == n and out[-1] == n - 1
+        return out
+
+    def call(self, i):
+        if self.name in ("ringpool", "ProcessPoolExecutor"):
+            return self.pool.submit(noop, i).result()
+        if self.name == "multiprocessing.Pool":
+            return self.pool.apply(noop, (i,))
+        from joblib import delayed
+
+        return self.pool([delayed(noop)(i)])[0]
+
+    def close(self):
+        if self.name in ("ringpool", "ProcessPoolExecutor"):
+            self.pool.shutdown()
+        elif self.name == "multiprocessing.Pool":
+            self.pool.close()
+            self.pool.join()
+        else:
+            for p in self._batches.values():
+                p.__exit__(None, None, None)
+            self.pool.__exit__(None, None, None)
+
+
+def throughput(peer, chunksize, quick):
+    # Size N so one run takes about a second (less with --quick).
+    budget = 0.3 if quick else 1.0
+    n = 2000
+    while True:
+        t0 = time.perf_counter()
+        peer.map(n, chunksize)
+        dt = time.perf_counter() - t0
+        if dt >= budget / 4 or n >= 4_000_000:
+            break
+        n *= 4
+    n = max(1000, int(n * budget / dt))
+    rates = []
+    for _ in range(1 if quick else 3):
+        t0 = time.perf_counter()
+        peer.map(n, chunksize)
+        rates.append(n / (time.perf_counter() - t0))
+    return {"tasks": n, "tasks_per_s": statistics.median(rates), "runs": rates}
+
+
+def latency(peer, quick):
+    calls = 300 if quick else 3000
+    if peer.name == "joblib (loky)":
+        calls //= 5  # a Parallel call is slow; fewer keep the run short
+    for i in range(50):
+        peer.call(i)
+    lat = []
+    for i in range(calls):
+        t0 = time.perf_counter()
+        peer.call(i)
+        lat.append(time.perf_counter() - t0)
+    lat.sort()
+    return {"calls": calls, "median_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6}
+
+
+def run(quick):
+    rows = []
+    for name in POOLS:
+        log(f"  {name}")
+        peer = Peer(name)
+        try:
+            peer.map(200, 1)  # warm-up: workers started, code paths hot
+            row = {"pool": name}
+            for c in (1, 64):
+                row[f"chunksize_{c}"] = throughput(peer, c, quick)
+            row["latency"] = latency(peer, quick)
+            rows.append(row)
+        finally:
+            peer.close()
+    return rows
+
+
+def targets(rows):
+    by = {r["pool"]: r for r in rows}
+    rp = by["ringpool"]
+    out = []
+
+    def add(desc, value, ok, label, fmt):
+        out.append({"target": desc, "measured": fmt.format(value), "threshold": label, "passed": bool(ok)})
+
+    r1 = rp["chunksize_1"]["tasks_per_s"]
+    for peer, need in (("multiprocessing.Pool", 5), ("ProcessPoolExecutor", 15)):
+        ratio = r1 / by[peer]["chunksize_1"]["tasks_per_s"]
+        add(f"no-op map, chunksize 1: ringpool / {peer}", ratio, ratio >= need, f">= {need}x", "{:.1f}x")
+    r64 = rp["chunksize_64"]["tasks_per_s"]
+    best = max((r for r in rows if r["pool"] != "ringpool"), key=lambda r: r["chunksize_64"]["tasks_per_s"])
+    ratio = r64 / best["chunksize_64"]["tasks_per_s"]
+    add(f"no-op map, chunksize 64: ringpool / best peer ({best['pool']})", ratio, ratio > 1.0, "> 1.00x", "{:.2f}x")
+    med = rp["latency"]["median_us"]
+    add("submit -> result latency, median", med, med <= 30, "<= 30 us", "{:.1f} us")
+    return out
+
+
+def markdown(res):
+    m = res["machine"]
+    lines = [f"### Task-pool benchmark ({m['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+             f"Python {m['python']}; {WORKERS} workers per pool; load average at start "
+             f"{m['loadavg_at_start'][0]:.2f}.", "",
+             "| pool | no-op map, chunksize 1 (tasks/s) | chunksize 64 (tasks/s) | latency median (us) | p99 (us) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in res["pools"]:
+        lines.append(f"| {r['pool']} | {r['chunksize_1']['tasks_per_s']:,.0f} | {r['chunksize_64']['tasks_per_s']:,.0f}"
+                     f" | {r['latency']['median_us']:.1f} | {r['latency']['p99_us']:.1f} |")
+    lines += ["", "#### Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
+    for t in res["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} | {t['threshold']} | {'PASS' if t['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--json")
+    ap.add_argument("--markdown")
+    args = ap.parse_args()
+    res = {"machine": _machine.machine_info(), "quick": args.quick}
+    log("task pools")
+    res["pools"] = run(args.quick)
+    res["targets"] = targets(res["pools"])
+    md = markdown(res)
+    print(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    out = Path(args.json or Path(__file__).parent / "results" / f"bench_pool{'-quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

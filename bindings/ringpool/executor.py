@@ -1,0 +1,1013 @@
+"""ringpool.Executor: a ``concurrent.futures`` process pool over shared-memory rings.
+
+    submit/map ──► dispatcher (in the caller's thread, under the pool lock)
+                      │ picks the worker with the fewest tasks in flight, bounded per worker
+                      ▼
+                   per-worker call ring ──► worker: take one call, run it, put its result
+                                                                       │
+    futures / map ◄── collector thread ◄── one shared result ring ◄────┘
+                          ▲
+    watcher thread ───────┘ (worker sentinels, task deadlines: posts a DIED record)
+
+- Tasks never share a call queue: each worker has its own ring, so the parent always knows which
+  worker holds which task. A worker takes one call at a time, so when it dies, the ring's
+  ``consumed`` counter tells which of its tasks it had taken (those fail with ``WorkerDied``) and
+  which it had not (those go to other workers): a crash fails only the task that was running.
+- The bound on tasks in flight per worker adapts to the task duration the workers report: about
+  2 ms of queued work (between 2 and 256 tasks). Short tasks then travel in batches (one ring
+  synchronization per batch), long ones are not stuck behind a busy worker while another idles.
+- Only the collector thread reads the result ring, so a death is always handled after every
+  result the dead worker had published (the watcher posts the DIED record into the same ring).
+- ``map`` and ``imap_unordered`` do not make a Future per item.
+
+Deviations from ``concurrent.futures.ProcessPoolExecutor``:
+- A dead worker fails only the task it was running (``WorkerDied``, a ``BrokenProcessPool``
+  subclass naming the pid and the signal or exit code); the pool replaces it and goes on. Only an
+  initializer that fails breaks the pool (``BrokenProcessPool``), as in the stdlib.
+- ``task_timeout``: a task that runs longer fails with ``TaskTimeout`` and its worker is killed
+  and replaced.
+- Arguments that cannot be pickled raise in ``submit``/``map`` (the stdlib raises later, in a
+  thread); a result that cannot be pickled fails its future with the pickling error.
+- ``map`` takes ``progress=True`` (a tqdm bar); ``imap_unordered`` streams results of a large or
+  endless input in completion order, reading the input lazily.
+- A function may be given as a string ``"package.module:qualname"`` (resolved in the worker).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+import traceback
+import types
+import weakref
+from concurrent.futures import Executor as _Executor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as _FuturesTimeout
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import connection as _mp_connection
+from multiprocessing.reduction import DupFd
+
+from . import _core
+from .reduction import dumps
+
+__all__ = ["Executor", "WorkerDied", "TaskTimeout", "RemoteTraceback"]
+
+# Call records (parent -> worker): (op, tid, fn, args, kwargs)
+_CALL, _CHUNK, _PING, _STOP = 0, 1, 2, 3
+# Result records (-> parent): (wid, tid, status, value, elapsed)
+_OK, _ERR, _STARTED, _PONG, _INIT_FAILED, _DIED = 0, 1, 2, 3, 4, 5
+
+_CALL_CAPACITY = 1 << 20
+_RESULT_CAPACITY = 4 << 20
+_MIN_DEPTH, _MAX_DEPTH = 2, 256
+_QUEUED_WORK = 0.002  # seconds of work to keep queued per worker
+_NO_WAIT = _core.NO_BACKPRESSURE
+# Functions that travel once per worker and are then named by number (hashable, and the same
+# object on every call, unlike bound methods or partials).
+_TABLED = (types.FunctionType, types.BuiltinFunctionType, str)
+_MAX_FUNCTIONS = 4096
+
+
+class WorkerDied(BrokenProcessPool):
+    """The worker running this task died (killed by a signal, or exited) before finishing it."""
+
+    def __init__(self, pid, exitcode):
+        self.pid, self.exitcode = pid, exitcode
+        super().__init__(f"ringpool worker (pid {pid}) died while running this task: {_describe_exit(exitcode)}")
+
+    def __reduce__(self):
+        return (WorkerDied, (self.pid, self.exitcode))
+
+
+class TaskTimeout(TimeoutError):
+    """The task ran longer than the pool's ``task_timeout``; its worker was killed and replaced."""
+
+    def __init__(self, pid, timeout):
+        self.pid, self.timeout = pid, timeout
+        super().__init__(f"task ran longer than {timeout:g} s; ringpool killed its worker (pid {pid})")
+
+    def __reduce__(self):
+        return (TaskTimeout, (self.pid, self.timeout))
+
+
+class RemoteTraceback(Exception):
+    """The ``__cause__`` of an exception raised in a worker: its traceback there, as text."""
+
+    def __init__(self, tb):
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+def _describe_exit(code):
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+# -- the worker side ---------------------------------------------------------------------------
+
+class _ChannelRef:
+    """A channel as a Process argument: its descriptors travel with the process object."""
+
+    __slots__ = ("chan",)
+
+    def __init__(self, chan):
+        self.chan = chan
+
+    def __reduce__(self):
+        return (_attach_channel, (tuple(DupFd(fd) for fd in self.chan.handles()),))
+
+
+def _attach_channel(tokens):
+    return _ChannelRef(_core.Channel.attach(*(t.detach() for t in tokens)))
+
+
+def _resolve(spec):
+    """'package.module:qualname' -> the object."""
+    import importlib
+
+    mod, sep, qual = spec.partition(":")
+    if not sep or not mod or not qual:
+        raise ValueError(f"a task function given as a string must read 'module:qualname', not {spec!r}")
+    obj = importlib.import_module(mod)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _error_payload(exc):
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        pickle.dumps(exc)
+    except Exception as perr:
+        exc = RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception itself could not be pickled: {perr})")
+    return (exc, tb)
+
+
+class _FunctionTable(dict):
+    def __missing__(self, fid):
+        raise LookupError(f"task function #{fid} is unknown in this worker: the call that carried it did not "
+                          f"unpickle here (see that task's error)")
+
+
+def _serve(wid, calls_ref, results_ref, initializer, initargs, max_tasks, report_start):
+    """A worker's loop: one call at a time, each result published before the next call is taken."""
+    calls, results = calls_ref.chan, results_ref.chan
+    del calls_ref, results_ref
+
+    def put(rec):
+        p = results.put_obj(rec, 0)
+        while p is not None and not results.publish(p):
+            results.wait_writable(p.record_bytes, 0.05)
+
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException as exc:
+            put((wid, None, _INIT_FAILED, _error_payload(exc), 0.0))
+            return
+    done = 0
+    clock = time.perf_counter
+    functions = _FunctionTable()
+    get_objs = calls.get_objs
+    while True:
+        try:
+            batch = get_objs(64, None)
+        except Exception as exc:
+            # A call that does not unpickle here (its function or an argument's class does not
+            # exist in the worker); it is the oldest call the parent has not had an answer for.
+            put((wid, None, _ERR, _error_payload(exc), 0.0))
+            done += 1
+            if max_tasks and done >= max_tasks:
+                return
+            continue
+        for op, tid, fn, args, kwargs in batch:
+            if op == _STOP:
+                return
+            if op == _PING:
+                put((wid, tid, _PONG, None, 0.0))
+                continue
+            if report_start:
+                put((wid, tid, _STARTED, None, 0.0))
+            t0 = clock()
+            try:
+                if type(fn) is int:
+                    fn = functions[fn]
+                elif type(fn) is tuple:  # first use here: (id, function)
+                    fid, fn = fn
+                    if type(fn) is str:
+                        fn = _resolve(fn)
+                    functions[fid] = fn
+                elif type(fn) is str:
+                    fn = _resolve(fn)
+                if op == _CALL:
+                    value = fn(*args, **kwargs) if kwargs else fn(*args)
+                else:
+                    value = [fn(*a) for a in args]
+                rec = (wid, tid, _OK, value, clock() - t0)
+            except BaseException as exc:
+                rec = (wid, tid, _ERR, _error_payload(exc), clock() - t0)
+            fn = args = kwargs = value = None
+            try:
+                put(rec)
+            except Exception as exc:
+                err = pickle.PicklingError(f"the task's result could not be pickled: {exc}")
+                err.__cause__ = exc
+                put((wid, tid, _ERR, _error_payload(err), rec[4]))
+            rec = None
+            done += 1
+            if max_tasks and done >= max_tasks:
+                return
+        batch = None
+
+
+# -- the parent side ---------------------------------------------------------------------------
+
+class _Task:
+    __slots__ = ("tid", "op", "fn", "args", "kwargs", "sink", "index", "wid", "payload", "running")
+
+    def __init__(self, tid, op, fn, args, kwargs, sink, index):
+        self.tid, self.op, self.fn, self.args, self.kwargs = tid, op, fn, args, kwargs
+        self.sink, self.index, self.wid = sink, index, None
+        self.payload = None    # (payload, flags, fds) once pickled ahead of sending
+        self.running = False   # its Future was set running (it may still be sent again)
+
+    def record(self):
+        return (self.op, self.tid, self.fn, self.args, self.kwargs)
+
+
+class _Worker:
+    __slots__ = ("wid", "proc", "calls", "sent", "answered", "budget", "unpublished", "running", "timed_out",
+                 "retiring", "known")
+
+    def __init__(self, wid, proc, calls, budget):
+        self.wid, self.proc, self.calls = wid, proc, calls
+        self.sent = collections.deque()  # records sent and not answered, in order: _Task or _PING_MARK
+        self.answered = 0                # records answered (results and pongs)
+        self.budget = budget             # calls it may still be sent (max_tasks_per_child), or None
+        self.unpublished = collections.deque()  # Pendings accepted while its ring was full, in order
+        self.running = None              # (tid, deadline), with task_timeout
+        self.timed_out = None            # tid whose deadline passed (the worker is being killed)
+        self.retiring = False            # its budget is spent: it finishes what it has and exits
+        self.known = set()               # numbers of the functions it has been sent
+
+
+class _Batch:
+    """Results of one map/imap_unordered call, delivered by the collector without Futures."""
+
+    def __init__(self, ordered):
+        self.cond = threading.Condition(threading.Lock())
+        self.ordered = ordered
+        self.done = {} if ordered else collections.deque()
+        self.pending = 0   # tasks not delivered (pool lock)
+        self.failed = None  # set when the pool broke
+
+    def deliver(self, index, ok, value):
+        if self.ordered:
+            self.done[index] = (ok, value)
+        else:
+            self.done.append((ok, value))
+
+    def flush(self):
+        with self.cond:
+            self.cond.notify_all()
+
+
+_PING_MARK = object()
+
+
+class _Future(Future):
+    """A Future whose ``result``/``exception`` read the result ring themselves while the pool's
+    collector thread sleeps: one thread hand-off less on the way back."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self._pool = pool
+
+    def _wait_helping(self, timeout):
+        if self._state != "PENDING" and self._state != "RUNNING":
+            return timeout
+        if timeout is None:
+            self._pool._help(self, None)
+            return None
+        end = time.monotonic() + timeout
+        self._pool._help(self, timeout)
+        return max(end - time.monotonic(), 0.0)
+
+    def result(self, timeout=None):
+        return super().result(self._wait_helping(timeout))
+
+    def exception(self, timeout=None):
+        return super().exception(self._wait_helping(timeout))
+
+
+def _close_fds(*fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Executor(_Executor):
+    """A process pool whose tasks and results travel over shared-memory rings.
+
+    max_workers: number of workers (default: the CPUs this process may use).
+    preload: modules the zygote imports once before forking workers (e.g. ``("torch",)``).
+    initializer, initargs: run in each worker before its first task; if it raises, the pool is
+        broken (``BrokenProcessPool``), as in the stdlib.
+    max_tasks_per_child: a worker exits after this many tasks and a fresh one replaces it.
+    mp_context: the context that starts workers (default ``ringpool.get_context(preload, zygote)``).
+    zygote: False to start each worker as a fresh interpreter (exec mode).
+    task_timeout: seconds a task may run before its worker is killed (``TaskTimeout``).
+    """
+
+    def __init__(self, max_workers=None, preload=(), initializer=None, initargs=(), max_tasks_per_child=None, *,
+                 mp_context=None, zygote=True, task_timeout=None):
+        if max_workers is None:
+            max_workers = len(os.sched_getaffinity(0)) or 1
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int) or max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be a positive int")
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be positive")
+        if mp_context is None:
+            from .context import get_context
+
+            mp_context = get_context(preload, zygote)
+        self._ctx = mp_context
+        self._max_workers = int(max_workers)
+        self._initializer, self._initargs = initializer, tuple(initargs)
+        self._max_tasks = max_tasks_per_child
+        self._task_timeout = task_timeout
+
+        self._lock = threading.Lock()
+        self._reader = threading.Lock()  # the role of taking and handling result records
+        self._finished_flag = False
+        self._results = _core.Channel.create(_RESULT_CAPACITY)
+        self._workers = {}             # wid -> _Worker
+        self._tasks = {}               # tid -> _Task, every task not finished
+        self._backlog = collections.deque()  # tasks waiting for room in a worker
+        self._tids = itertools.count(1)
+        self._wids = itertools.count(1)
+        self._avg = 1e-4               # moving average of the task time the workers report
+        self._depth = _MIN_DEPTH
+        self._broken = None            # the reason, once broken
+        self._shutdown = False
+        self._closed = False           # workers stopped
+        self._fn_ids = {}              # function -> number (holds the function)
+        self._lost = []                # decode errors of results not yet matched to their task
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+
+        with self._lock:
+            for _ in range(self._max_workers):
+                self._start_worker()
+        self._collector = threading.Thread(target=self._collect, name="ringpool-executor-collector", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="ringpool-executor-watcher", daemon=True)
+        self._collector.start()
+        self._watcher.start()
+        # As the stdlib's pools do: at interpreter exit, finish submitted work, then stop.
+        ref = weakref.ref(self)
+        threading._register_atexit(lambda: ref() is not None and ref().shutdown(wait=True))
+
+    def __repr__(self):
+        state = "broken" if self._broken else "shut down" if self._shutdown else "running"
+        return f"<ringpool.Executor {state}, {self._max_workers} workers>"
+
+    # -- workers (pool lock held) ---------------------------------------------------------------
+    def _start_worker(self):
+        wid = next(self._wids)
+        calls = _core.Channel.create(_CALL_CAPACITY)
+        proc = self._ctx.Process(
+            target=_serve,
+            args=(wid, _ChannelRef(calls), _ChannelRef(self._results), self._initializer, self._initargs,
+                  self._max_tasks, self._task_timeout is not None),
+            name=f"ringpool-executor-{wid}", daemon=True)
+        proc.start()
+        self._workers[wid] = _Worker(wid, proc, calls, self._max_tasks)
+        self._wake_watcher()
+
+    def _wake_watcher(self):
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _open_workers(self):
+        return [w for w in self._workers.values() if not w.retiring]
+
+    def _spend(self, w, n):
+        if w.budget is not None:
+            w.budget -= n
+            if w.budget == 0:
+                w.retiring = True
+                if not self._shutdown and self._broken is None:
+                    self._start_worker()
+
+    # -- dispatch (pool lock held) ----------------------------------------------------------------
+    def _dispatch(self, done):
+        """Move backlog tasks to the least busy workers, up to the depth bound."""
+        backlog = self._backlog
+        depth = self._depth
+        while backlog:
+            workers = self._open_workers()
+            if not workers:
+                return
+            w = min(workers, key=lambda w: len(w.sent))
+            room = depth - len(w.sent)
+            if room <= 0:
+                return
+            if w.budget is not None:
+                room = min(room, w.budget)
+            batch = []
+            while backlog and len(batch) < room:
+                t = backlog.popleft()
+                if isinstance(t.sink, Future) and not t.running:
+                    if not t.sink.set_running_or_notify_cancel():
+                        self._tasks.pop(t.tid, None)  # cancelled while waiting
+                        continue
+                    t.running = True
+                batch.append(t)
+            if batch:
+                self._send(w, batch, done)
+
+    def _send(self, w, batch, done):
+        chan = w.calls
+        i, n = 0, len(batch)
+        fast = True
+        while i < n:
+            if fast and not w.unpublished and batch[i].payload is None:
+                # The fast path: plain records, pickled and published in batches.
+                records = [self._record(t, w) for t in batch[i:]]
+                before = chan.committed  # we are this ring's only producer
+                try:
+                    k = chan.put_objs(records, 0, _NO_WAIT)
+                except Exception:
+                    # One of them does not pickle: the rest go one at a time, failing only it.
+                    k = chan.committed - before
+                    fast = False
+                for r in records[k:]:  # not sent: the worker does not learn their functions
+                    if type(r[2]) is tuple:
+                        w.known.discard(r[2][0])
+                self._record_sent(w, batch[i:i + k])
+                i += k
+                if i == n:
+                    return
+            t = batch[i]
+            try:
+                if t.payload is not None:
+                    payload, flags, fds = t.payload
+                else:
+                    rec = self._record(t, w)
+                    try:
+                        payload, flags, fds = dumps(rec)
+                    except Exception:
+                        if type(rec[2]) is tuple:
+                            w.known.discard(rec[2][0])
+                        raise
+                p = (chan.stage(payload, flags, fds, 0) if w.unpublished
+                     else chan.put_payload(payload, flags, fds, _NO_WAIT))
+            except Exception as exc:
+                self._fail_unsent(t, exc, done)
+                i += 1
+                continue
+            t.payload = None
+            self._record_sent(w, (t,))
+            if p is not None:
+                w.unpublished.append(p)
+            i += 1
+
+    def _record(self, t, w):
+        """t's call record for w. A plain function travels once per worker; later calls carry its
+        number (pickling a function by reference costs more than the rest of the call)."""
+        fn = t.fn
+        if type(fn) in _TABLED:
+            fid = self._fn_ids.get(fn)
+            if fid is None and len(self._fn_ids) < _MAX_FUNCTIONS:
+                fid = self._fn_ids[fn] = len(self._fn_ids) + 1
+            if fid is not None:
+                if fid in w.known:
+                    fn = fid
+                else:
+                    w.known.add(fid)
+                    fn = (fid, fn)
+        return (t.op, t.tid, fn, t.args, t.kwargs)
+
+    def _record_sent(self, w, tasks):
+        for t in tasks:
+            t.wid = w.wid
+            w.sent.append(t)
+        self._spend(w, len(tasks))
+
+    def _fail_unsent(self, t, exc, done):
+        if self._tasks.pop(t.tid, None) is not None:
+            done.append((t, False, exc))
+
+    def _publish_pending(self):
+        for w in self._workers.values():
+            q = w.unpublished
+            while q and w.calls.publish(q[0]):
+                q.popleft()
+
+    # -- the caller's side ------------------------------------------------------------------------
+    def _check_open(self):
+        if self._broken is not None:
+            raise BrokenProcessPool(self._broken)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def submit(self, fn, /, *args, **kwargs):
+        """Schedule fn(*args, **kwargs); returns a Future. An argument that cannot be pickled
+        raises here and nothing is queued."""
+        f = _Future(self)
+        t = _Task(0, _CALL, fn, args, kwargs or None, f, 0)
+        with self._lock:
+            self._check_open()
+            t.tid = next(self._tids)
+            workers = self._open_workers()
+            w = min(workers, key=lambda w: len(w.sent)) if workers else None
+            if w is None or self._backlog or w.unpublished or len(w.sent) >= self._depth:
+                t.payload = dumps(t.record())  # pickle now: errors raise here
+                self._tasks[t.tid] = t
+                self._backlog.append(t)
+                done = []
+                self._dispatch(done)
+            else:
+                rec = self._record(t, w)
+                try:
+                    p = w.calls.put_obj(rec, _NO_WAIT)  # raises before anything is recorded
+                except Exception:
+                    if type(rec[2]) is tuple:
+                        w.known.discard(rec[2][0])
+                    raise
+                f.set_running_or_notify_cancel()
+                t.running = True
+                self._tasks[t.tid] = t
+                self._record_sent(w, (t,))
+                if p is not None:
+                    w.unpublished.append(p)
+                return f
+        self._deliver(done)
+        return f
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1, progress=False):
+        """Like ``Executor.map``: results in order, ``chunksize`` items per task; the iterables are
+        read at once. ``progress=True`` shows a tqdm bar."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        end = None if timeout is None else time.monotonic() + timeout
+        items = list(zip(*iterables))
+        batch = _Batch(ordered=True)
+        n = self._enqueue(fn, items, chunksize, batch, 0)
+        return self._ordered_results(batch, n, chunksize, end, len(items), progress)
+
+    def imap_unordered(self, fn, iterable, chunksize=1, progress=False, total=None):
+        """fn(item) for each item, in completion order. ``iterable`` is read lazily, with a bounded
+        number of tasks outstanding, so it may be large or endless."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        return self._unordered_results(fn, iter(iterable), chunksize, progress, total)
+
+    def _enqueue(self, fn, items, chunksize, batch, index):
+        tasks = []
+        for i in range(0, len(items), chunksize):
+            if chunksize == 1:
+                tasks.append(_Task(0, _CALL, fn, items[i], None, batch, index))
+            else:
+                tasks.append(_Task(0, _CHUNK, fn, items[i:i + chunksize], None, batch, index))
+            index += 1
+        done = []
+        with self._lock:
+            self._check_open()
+            for t in tasks:
+                t.tid = next(self._tids)
+                self._tasks[t.tid] = t
+            batch.pending += len(tasks)
+            self._backlog.extend(tasks)
+            self._dispatch(done)
+        self._deliver(done)
+        return len(tasks)
+
+    def _ordered_results(self, batch, n, chunksize, end, total, progress):
+        bar = _progress_bar(progress, total)
+        try:
+            for i in range(n):
+                ok, value = self._wait_item(batch, i, end)
+                if not ok:
+                    raise value
+                if chunksize == 1:
+                    if bar is not None:
+                        bar.update(1)
+                    yield value
+                else:
+                    if bar is not None:
+                        bar.update(len(value))
+                    yield from value
+        finally:
+            if bar is not None:
+                bar.close()
+            self._cancel_batch(batch)
+
+    def _wait_item(self, batch, i, end):
+        done = batch.done
+        item = done.pop(i, None)  # the collector inserts under the GIL: no lock needed to look
+        if item is not None:
+            return item
+        with batch.cond:
+            while i not in done:
+                remaining = None if end is None else end - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise _FuturesTimeout()
+                batch.cond.wait(remaining)
+            return done.pop(i)
+
+    def _unordered_results(self, fn, it, chunksize, progress, total):
+        batch = _Batch(ordered=False)
+        bar = _progress_bar(progress, total)
+        window = max(2 * self._max_workers * _MAX_DEPTH, 64)  # tasks outstanding at most
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and batch.pending < window:
+                    chunk = list(itertools.islice(it, chunksize * 64))
+                    if not chunk:
+                        exhausted = True
+                        break
+                    self._enqueue(fn, [(x,) for x in chunk], chunksize, batch, 0)
+                with batch.cond:
+                    while not batch.done:
+                        if exhausted and batch.pending == 0:
+                            return
+                        batch.cond.wait()
+                    got = list(batch.done)
+                    batch.done.clear()
+                for ok, value in got:
+                    if not ok:
+                        raise value
+                    if chunksize == 1:
+                        if bar is not None:
+                            bar.update(1)
+                        yield value
+                    else:
+                        if bar is not None:
+                            bar.update(len(value))
+                        yield from value
+        finally:
+            if bar is not None:
+                bar.close()
+            self._cancel_batch(batch)
+
+    def _cancel_batch(self, batch):
+        """Drop the batch's tasks still in the backlog (the caller stopped iterating)."""
+        with self._lock:
+            if batch.pending == 0:
+                return
+            keep = collections.deque()
+            for t in self._backlog:
+                if t.sink is batch:
+                    self._tasks.pop(t.tid, None)
+                    batch.pending -= 1
+                else:
+                    keep.append(t)
+            self._backlog = keep
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            first = not self._shutdown
+            self._shutdown = True
+            if cancel_futures:
+                keep = collections.deque()
+                for t in self._backlog:
+                    if isinstance(t.sink, Future) and not t.running and t.sink.cancel():
+                        self._tasks.pop(t.tid, None)
+                    else:
+                        keep.append(t)
+                self._backlog = keep
+        if first:
+            self._post((0, None, _DIED, None, 0.0))  # the collector notices shutdown
+        if wait:
+            self._collector.join()
+            self._watcher.join()
+
+    def _post(self, rec):
+        """A record from the parent itself into the result ring (it must not be lost)."""
+        p = self._results.put_obj(rec, _NO_WAIT)
+        while p is not None and not self._results.publish(p):
+            self._results.wait_writable(p.record_bytes, 0.05)
+
+    # -- delivery (pool lock not held: futures run callbacks) --------------------------------------
+    def _deliver(self, done, locked=False):
+        """Hand results to their futures and batches. Batches are filled under the pool lock
+        (held if locked); futures are set after it is released (they run callbacks), so call
+        again with locked=False for those: returns what is left."""
+        futures = []
+        sinks = set()
+        if not locked:
+            self._lock.acquire()
+        try:
+            for item in done:
+                sink = item[0].sink
+                if type(sink) is _Batch:
+                    t, ok, value = item
+                    sink.pending -= 1
+                    sink.deliver(t.index, ok, value)
+                    sinks.add(sink)
+                else:
+                    futures.append(item)
+        finally:
+            if not locked:
+                self._lock.release()
+        for s in sinks:
+            s.flush()
+        if locked:
+            return futures
+        for t, ok, value in futures:
+            sink = t.sink
+            if not t.running and not sink.set_running_or_notify_cancel():
+                continue
+            if ok:
+                sink.set_result(value)
+            else:
+                sink.set_exception(value)
+        return []
+
+    # -- the collector thread -----------------------------------------------------------------------
+    def _collect(self):
+        """The collector thread: waits for records without taking them, then takes the reader
+        role to handle them (a caller blocked in ``Future.result`` may hold the role instead)."""
+        results, reader = self._results, self._reader
+        try:
+            while True:
+                results.poll(1.0)
+                with reader:
+                    if self._drain(0.0):
+                        break
+        finally:
+            self._stop_workers()
+
+    def _help(self, f, timeout):
+        """Wait for f by reading results in this thread (saves the hop through the collector
+        thread); returns at once if another thread has the reader role."""
+        if not self._reader.acquire(False):
+            return
+        try:
+            end = None if timeout is None else time.monotonic() + timeout
+            while not f.done() and not self._finished_flag:
+                step = 0.05 if end is None else min(0.05, end - time.monotonic())
+                if step <= 0:
+                    return
+                self._drain(step)
+        finally:
+            self._reader.release()
+
+    def _drain(self, timeout):
+        """Take the waiting records (up to timeout for the first) and handle them, in ring order
+        (reader role held). True once the pool has finished: shut down with nothing left."""
+        try:
+            recs = self._results.get_objs(256, timeout)
+        except queue.Empty:
+            recs = ()
+        except Exception as exc:
+            self._result_decode_failed(exc)
+            return False
+        done = []
+        with self._lock:
+            workers, tasks, avg = self._workers, self._tasks, self._avg
+            sinks = set()
+            for rec in recs:
+                # The common case inline: a result for a live worker's oldest call.
+                wid, tid, status, value, elapsed = rec
+                w = workers.get(wid)
+                if status != _OK or w is None or not w.sent or w.sent[0] is _PING_MARK:
+                    self._avg = avg
+                    self._handle(rec, done)
+                    avg = self._avg
+                    continue
+                t = w.sent[0]
+                if t.tid != tid:
+                    self._avg = avg
+                    self._handle(rec, done)
+                    avg = self._avg
+                    continue
+                w.sent.popleft()
+                w.answered += 1
+                w.running = None
+                if tasks.pop(tid, None) is None:
+                    continue
+                avg += (elapsed - avg) * 0.05
+                sink = t.sink
+                if type(sink) is _Batch:
+                    sink.pending -= 1
+                    sink.deliver(t.index, True, value)
+                    sinks.add(sink)
+                else:
+                    done.append((t, True, value))
+            self._avg = avg
+            for sink in sinks:
+                sink.flush()
+            if recs:
+                self._depth = max(_MIN_DEPTH, min(_MAX_DEPTH, int(_QUEUED_WORK / (avg + 1e-5))))
+                self._dispatch(done)
+            self._publish_pending()
+            finished = (self._shutdown or self._broken is not None) and not self._tasks
+            if finished:
+                self._finished_flag = True
+            done = self._deliver(done, locked=True)
+        self._deliver(done)
+        return finished
+
+    def _handle(self, rec, done):
+        wid, tid, status, value, elapsed = rec
+        w = self._workers.get(wid)
+        if w is None:
+            return
+        if status == _OK or status == _ERR:
+            if tid is not None:
+                # Calls in front of this one that have no answer lost their results to a
+                # record that did not unpickle (the worker answers in order).
+                while w.sent and w.sent[0] is not _PING_MARK and w.sent[0].tid != tid:
+                    self._lost_result(w, done)
+            t = self._answer(w)
+            w.running = None
+            if t is None:
+                return
+            self._avg += (elapsed - self._avg) * 0.05
+            if status == _OK:
+                done.append((t, True, value))
+            else:
+                exc, tb = value
+                exc.__cause__ = RemoteTraceback(tb)
+                done.append((t, False, exc))
+        elif status == _STARTED:
+            if self._task_timeout is not None:
+                w.running = (tid, time.monotonic() + self._task_timeout)
+                self._wake_watcher()
+        elif status == _PONG:
+            self._pong(w, done)
+        elif status == _DIED:
+            self._died(w, done)
+        elif status == _INIT_FAILED:
+            exc, tb = value
+            self._break(f"a worker's initializer raised {type(exc).__name__}: {exc}", RemoteTraceback(tb), done)
+
+    def _answer(self, w):
+        """The oldest call w had not answered; its task if still unfinished."""
+        while w.sent:
+            t = w.sent.popleft()
+            w.answered += 1
+            if t is _PING_MARK:
+                continue
+            return t if self._tasks.pop(t.tid, None) is not None else None
+        return None
+
+    def _result_decode_failed(self, exc):
+        # A result that does not unpickle here (say its class exists only in the worker). Which
+        # worker sent it is unknown: each worker with calls in flight answers a ping after all
+        # its earlier results, and the call left unanswered in front of the ping is the one.
+        with self._lock:
+            self._lost.append(exc)
+            for w in self._workers.values():
+                if w.sent:
+                    w.sent.append(_PING_MARK)
+                    rec = (_PING, None, None, None, None)
+                    p = (w.calls.stage(*dumps(rec), 0) if w.unpublished else w.calls.put_obj(rec, _NO_WAIT))
+                    if p is not None:
+                        w.unpublished.append(p)
+
+    def _lost_result(self, w, done):
+        t = w.sent.popleft()
+        w.answered += 1
+        if self._tasks.pop(t.tid, None) is None:
+            return
+        cause = self._lost.pop(0) if self._lost else None
+        err = pickle.UnpicklingError(f"the task's result could not be unpickled here: {cause}")
+        err.__cause__ = cause
+        done.append((t, False, err))
+
+    def _pong(self, w, done):
+        # Sent after every earlier answer: calls still unanswered in front of the ping lost theirs.
+        while w.sent and w.sent[0] is not _PING_MARK:
+            self._lost_result(w, done)
+        if w.sent:
+            w.sent.popleft()  # the ping
+        w.answered += 1
+
+    def _died(self, w, done):
+        """w is gone: fail what it had taken, give what it had not to the other workers."""
+        proc = w.proc
+        proc.join(0)
+        code = proc.exitcode
+        del self._workers[w.wid]
+        # The worker takes a few calls at a time and runs them in order, answering each before the
+        # next: if it took any call it did not answer, the oldest unanswered one was running, and
+        # the others had not started. Those go to other workers.
+        running = w.calls.consumed > w.answered
+        retry = []
+        for i, t in enumerate(w.sent):
+            if t is _PING_MARK:
+                continue
+            if i == 0 and running:
+                if self._tasks.pop(t.tid, None) is not None:
+                    if w.timed_out == t.tid:
+                        err = TaskTimeout(proc.pid, self._task_timeout)
+                    else:
+                        err = WorkerDied(proc.pid, code)
+                    done.append((t, False, err))
+            else:
+                t.wid = None
+                retry.append(t)
+        w.sent.clear()
+        w.unpublished.clear()
+        self._backlog.extendleft(reversed(retry))
+        busy = self._tasks or not self._shutdown
+        if self._broken is None and busy and len(self._open_workers()) < self._max_workers:
+            self._start_worker()
+        self._wake_watcher()
+
+    def _break(self, reason, cause, done):
+        if self._broken is not None:
+            return
+        self._broken = reason
+        for t in self._tasks.values():
+            err = BrokenProcessPool(reason)
+            err.__cause__ = cause
+            done.append((t, False, err))
+        self._tasks.clear()
+        self._backlog.clear()
+        for w in self._workers.values():
+            w.sent.clear()
+            w.unpublished.clear()
+
+    def _stop_workers(self):
+        with self._lock:
+            workers = list(self._workers.values())
+            self._closed = True
+        for w in workers:
+            if w.proc.exitcode is None:
+                try:
+                    w.calls.put_obj((_STOP, None, None, None, None), _NO_WAIT)
+                except Exception:
+                    pass
+        deadline = time.monotonic() + 5.0
+        for w in workers:
+            w.proc.join(max(deadline - time.monotonic(), 0.0))
+            if w.proc.exitcode is None:
+                w.proc.kill()
+                w.proc.join(1.0)
+        self._wake_watcher()
+
+    # -- the watcher thread ---------------------------------------------------------------------------
+    def _watch(self):
+        wake = self._wake_r
+        posted = set()
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                sentinels = {w.proc.sentinel: w for w in self._workers.values() if w.wid not in posted}
+                deadline = min((w.running[1] for w in self._workers.values()
+                                if w.running is not None and w.timed_out is None), default=None)
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ready = _mp_connection.wait([wake, *sentinels], timeout)
+            if wake in ready:
+                try:
+                    os.read(wake, 4096)
+                except BlockingIOError:
+                    pass
+            if deadline is not None:
+                now = time.monotonic()
+                with self._lock:
+                    for w in self._workers.values():
+                        if w.running is not None and w.timed_out is None and w.running[1] <= now:
+                            w.timed_out = w.running[0]
+                            w.proc.kill()
+            for s in ready:
+                w = sentinels.get(s)
+                if w is not None:
+                    posted.add(w.wid)
+                    self._post((w.wid, None, _DIED, None, 0.0))
+
+
+def _progress_bar(progress, total):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="task")

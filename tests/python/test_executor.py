@@ -1,0 +1,317 @@
+"""ringpool.Executor: the concurrent.futures contract, crash isolation, timeouts, recycling."""
+import concurrent.futures as cf
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import types
+
+import pytest
+
+import ringpool
+from conftest import alive, our_children
+from ringpool import Executor, TaskTimeout, WorkerDied
+
+
+def _square(x):
+    return x * x
+
+
+def _add(a, b=0, *, c=0):
+    return a + b + c
+
+
+def _pid(_=None):
+    return os.getpid()
+
+
+def _sleep_pid(t):
+    time.sleep(t)
+    return os.getpid()
+
+
+def _raise(msg):
+    raise KeyError(msg)
+
+
+def _die_on(x, victim, how="kill"):
+    if x == victim:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(3)
+    time.sleep(0.002)
+    return x
+
+
+def _unpicklable_result(_):
+    return threading.Lock()
+
+
+def _result_only_the_worker_can_load(_):
+    mod = types.ModuleType("_ringpool_only_in_worker")
+    exec("class Thing:\n    pass\n", mod.__dict__)
+    sys.modules[mod.__name__] = mod
+    return mod.Thing()
+
+
+_state = {}
+
+
+def _init(v):
+    _state["v"] = v
+
+
+def _get_state(_):
+    return _state.get("v")
+
+
+def _bad_init():
+    raise RuntimeError("initializer broke")
+
+
+def _put_to(q, x):
+    q.put(("from worker", x))
+    return True
+
+
+def _echo(x):
+    return x
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with Executor(2) as ex:
+        yield ex
+
+
+def test_submit_map_and_imap_unordered(pool):
+    assert pool.submit(_square, 7).result(30) == 49
+    assert pool.submit(_add, 1, 2, c=3).result(30) == 6
+    assert list(pool.map(_square, range(50))) == [i * i for i in range(50)]
+    assert list(pool.map(_add, range(10), range(10))) == [2 * i for i in range(10)]
+    assert list(pool.map(_square, range(100), chunksize=7)) == [i * i for i in range(100)]
+    assert sorted(pool.imap_unordered(_square, iter(range(3000)))) == [i * i for i in range(3000)]
+    assert sorted(pool.imap_unordered(_square, range(100), chunksize=9)) == [i * i for i in range(100)]
+    assert list(pool.map(_square, [])) == []
+    # A function named by string, resolved in the worker.
+    assert pool.submit("os.path:join", "a", "b").result(30) == os.path.join("a", "b")
+    assert isinstance(pool, cf.Executor)
+
+
+def test_remote_exception_carries_its_traceback(pool):
+    f = pool.submit(_raise, "nope")
+    with pytest.raises(KeyError, match="nope") as info:
+        f.result(30)
+    cause = info.value.__cause__
+    assert isinstance(cause, ringpool.RemoteTraceback)
+    assert "_raise" in str(cause) and "test_executor.py" in str(cause)
+    assert isinstance(f.exception(1), KeyError)
+    with pytest.raises(KeyError):
+        list(pool.map(_raise, ["a"]))
+    assert pool.submit(_square, 3).result(30) == 9  # the worker goes on
+
+
+def test_futures_api_wait_as_completed_and_callbacks(pool):
+    seen = []
+    fs = [pool.submit(_square, i) for i in range(20)]
+    fs[0].add_done_callback(lambda f: seen.append(f.result()))
+    done, not_done = cf.wait(fs, timeout=30)
+    assert len(done) == 20 and not not_done
+    assert sorted(f.result() for f in cf.as_completed(fs, timeout=30)) == [i * i for i in range(20)]
+    assert seen == [0]
+
+
+def test_many_threads_submit_at_once(pool):
+    out = {}
+
+    def run(k):
+        out[k] = [pool.submit(_add, k, i).result(60) for i in range(200)]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(out[k] == [k + i for i in range(200)] for k in range(6))
+
+
+def test_unpicklable_argument_raises_in_submit_and_nothing_is_queued(pool):
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        pool.submit(_echo, lambda: 1)
+    with pytest.raises(TypeError):
+        pool.submit(_echo, threading.Lock())
+    # In map, only that item fails, at its position, as under the stdlib.
+    it = pool.map(_echo, [1, 2, threading.Lock(), 4])
+    assert next(it) == 1 and next(it) == 2
+    with pytest.raises(TypeError):
+        next(it)
+    assert pool.submit(_square, 5).result(30) == 25
+
+
+def test_unpicklable_result_fails_only_its_task(pool):
+    with pytest.raises(pickle.PicklingError, match="result could not be pickled"):
+        pool.submit(_unpicklable_result, 0).result(30)
+    assert pool.submit(_square, 6).result(30) == 36
+
+
+def test_result_that_does_not_unpickle_here_fails_only_its_task(pool):
+    fs = [pool.submit(_square, i) for i in range(5)]
+    bad = pool.submit(_result_only_the_worker_can_load, 0)
+    fs += [pool.submit(_square, i) for i in range(5, 10)]
+    with pytest.raises(pickle.UnpicklingError, match="could not be unpickled here"):
+        bad.result(30)
+    assert [f.result(30) for f in fs] == [i * i for i in range(10)]
+
+
+def test_function_the_worker_cannot_import(pool):
+    mod = types.ModuleType("_ringpool_only_in_parent")
+    exec("def f(x):\n    return x\n", mod.__dict__)
+    sys.modules[mod.__name__] = mod
+    try:
+        with pytest.raises(ModuleNotFoundError):
+            pool.submit(mod.f, 1).result(30)
+        # Sent again (by number on a worker that failed to load it, or in full on the other).
+        with pytest.raises((ModuleNotFoundError, LookupError)):
+            pool.submit(mod.f, 2).result(30)
+        assert pool.submit(_square, 4).result(30) == 16
+    finally:
+        del sys.modules[mod.__name__]
+
+
+def test_large_arguments_and_results_and_handles(pool):
+    blob = os.urandom(5 << 20)
+    assert pool.submit(_echo, blob).result(60) == blob
+    np = pytest.importorskip("numpy")
+    a = np.arange(1 << 20, dtype=np.float64)
+    assert (pool.submit(_echo, a).result(60) == a).all()
+    q = ringpool.Queue()
+    assert pool.submit(_put_to, q, 5).result(30) is True
+    assert q.get(timeout=30) == ("from worker", 5)
+
+
+@pytest.mark.parametrize("how,desc", [("kill", "killed by signal SIGKILL"), ("exit", "exit code 3")])
+def test_a_dead_worker_fails_only_its_task_and_is_replaced(how, desc):
+    with Executor(2) as ex:
+        before = set(ex.map(_sleep_pid, [0.05] * 4))
+        fs = [ex.submit(_die_on, i, 13, how) for i in range(60)]
+        failed = []
+        for i, f in enumerate(fs):
+            try:
+                assert f.result(60) == i
+            except WorkerDied as e:
+                failed.append((i, e))
+        assert [i for i, _ in failed] == [13]
+        err = failed[0][1]
+        assert isinstance(err, cf.process.BrokenProcessPool)
+        assert desc in str(err) and err.pid in before
+        assert err.exitcode == (-signal.SIGKILL if how == "kill" else 3)
+        after = set(ex.map(_sleep_pid, [0.05] * 8))
+        assert err.pid not in after and len(after) == 2
+
+
+def test_task_timeout_kills_and_replaces_its_worker():
+    with Executor(2, task_timeout=1.0) as ex:
+        slow = ex.submit(_sleep_pid, 30)
+        quick = [ex.submit(_square, i) for i in range(20)]
+        t0 = time.monotonic()
+        with pytest.raises(TaskTimeout) as info:
+            slow.result(30)
+        assert time.monotonic() - t0 < 10
+        assert isinstance(info.value, TimeoutError)
+        assert [f.result(30) for f in quick] == [i * i for i in range(20)]
+        assert not alive(info.value.pid)
+        assert ex.submit(_sleep_pid, 0.2).result(30) != info.value.pid
+
+
+def test_max_tasks_per_child_recycles_workers():
+    with Executor(2, max_tasks_per_child=5) as ex:
+        pids = [ex.submit(_pid).result(30) for _ in range(25)]
+        assert list(ex.map(_square, range(100))) == [i * i for i in range(100)]
+    counts = {p: pids.count(p) for p in set(pids)}
+    assert max(counts.values()) <= 5 and len(counts) >= 5
+
+
+def test_initializer_runs_in_every_worker():
+    with Executor(2, initializer=_init, initargs=("hello",)) as ex:
+        assert set(ex.map(_get_state, range(20))) == {"hello"}
+
+
+def test_failing_initializer_breaks_the_pool():
+    ex = Executor(2, initializer=_bad_init)
+    try:
+        f = ex.submit(_square, 2)
+        with pytest.raises(cf.process.BrokenProcessPool) as info:
+            f.result(60)
+        assert "initializer broke" in str(info.value)
+        with pytest.raises(cf.process.BrokenProcessPool):
+            ex.submit(_square, 3)
+    finally:
+        ex.shutdown()
+
+
+def test_shutdown_waits_cancels_and_refuses_new_work():
+    ex = Executor(1)
+    first = ex.submit(_sleep_pid, 0.5)
+    queued = [ex.submit(_sleep_pid, 0.5) for _ in range(5)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert first.done() and not first.cancelled()
+    assert any(f.cancelled() for f in queued)
+    assert all(f.done() for f in queued)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(_square, 1)
+
+    ex = Executor(2)
+    fs = [ex.submit(_square, i) for i in range(50)]
+    ex.shutdown(wait=True)
+    assert [f.result(0) for f in fs] == [i * i for i in range(50)]
+
+
+def test_map_timeout_and_early_break():
+    with Executor(2) as ex:
+        it = ex.map(_sleep_pid, [3, 3, 3], timeout=0.5)
+        with pytest.raises(cf.TimeoutError):
+            list(it)
+        # Leaving an unordered stream early leaves the pool usable.
+        for x in ex.imap_unordered(_square, range(100000)):
+            break
+        assert ex.submit(_square, 2).result(30) == 4
+
+
+def test_progress_bar(capsys):
+    pytest.importorskip("tqdm")
+    with Executor(2) as ex:
+        assert list(ex.map(_square, range(200), progress=True)) == [i * i for i in range(200)]
+    assert "200/200" in capsys.readouterr().err
+
+
+def test_exec_mode_and_no_leftovers(no_shm_leak):
+    before = our_children()
+    with Executor(2, zygote=False) as ex:
+        pids = set(ex.map(_sleep_pid, [0.1] * 6))
+        assert ex.submit(_square, 9).result(60) == 81
+    assert pids and not (pids & our_children())
+    assert not any(alive(p) for p in pids)
+    assert our_children() <= before | set(ringpool.get_context(zygote=False)._supervisor().live_workers())
+
+
+def test_pool_survives_its_zygote_dying():
+    ctx = ringpool.RingpoolContext(spares=0)
+    try:
+        with Executor(2, mp_context=ctx) as ex:
+            assert ex.submit(_square, 2).result(60) == 4
+            fs = [ex.submit(_sleep_pid, 0.3) for _ in range(6)]
+            time.sleep(0.1)
+            os.kill(ctx.zygote_pid(), signal.SIGKILL)
+            outcomes = []
+            for f in fs:
+                try:
+                    outcomes.append(f.result(60))
+                except WorkerDied:
+                    outcomes.append("died")
+            # The two running tasks die with the zygote's workers; the queued ones run elsewhere.
+            assert outcomes.count("died") <= 2 and len(outcomes) == 6
+            assert list(ex.map(_square, range(10))) == [i * i for i in range(10)]
+    finally:
+        ctx.shutdown()
