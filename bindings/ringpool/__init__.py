@@ -8,11 +8,15 @@ Public API (this issue's layer: the transport):
 - ``reduction``: how objects, handles and buffers become frames.
 - ``get_context(preload=(), zygote=True)``: a ``multiprocessing`` context whose workers ringpool
   starts (forked by a preloaded zygote, or exec mode).
+- ``import_module_from_path(name, path)``, ``register_module(module)``, ``reload(name)``:
+  packages imported from arbitrary folders, snapshotted so that workers can import them too
+  (``ringpool.modules``; docs/design/code-shipping.md).
 """
 from . import reduction
 from ._core import ProtocolError
 from .connection import Connection, Pipe
 from .context import RingpoolContext, get_context, register_start_method
+from .modules import import_module_from_path, register_module, reload
 from .queues import JoinableQueue, Queue, SimpleQueue
 
 __version__ = "0.1.0"
@@ -26,7 +30,10 @@ __all__ = [
     "Queue",
     "SimpleQueue",
     "get_context",
+    "import_module_from_path",
     "register_start_method",
     "reduction",
+    "register_module",
+    "reload",
     "__version__",
 ]
