@@ -10,12 +10,16 @@ Public API (this issue's layer: the transport):
   starts (forked by a preloaded zygote, or exec mode).
 - ``Executor``: a ``concurrent.futures`` process pool over per-worker rings (``WorkerDied``,
   ``TaskTimeout``, ``RemoteTraceback``).
+- ``import_module_from_path(name, path)``, ``register_module(module)``, ``reload(name)``:
+  packages imported from arbitrary folders, snapshotted so that workers can import them too
+  (``ringpool.modules``; docs/design/code-shipping.md).
 """
 from . import reduction
 from ._core import ProtocolError
 from .connection import Connection, Pipe
 from .context import RingpoolContext, get_context, register_start_method
 from .executor import Executor, RemoteTraceback, TaskTimeout, WorkerDied
+from .modules import import_module_from_path, register_module, reload
 from .queues import JoinableQueue, Queue, SimpleQueue
 
 __version__ = "0.1.0"
@@ -33,7 +37,10 @@ __all__ = [
     "TaskTimeout",
     "WorkerDied",
     "get_context",
+    "import_module_from_path",
     "register_start_method",
     "reduction",
+    "register_module",
+    "reload",
     "__version__",
 ]
