@@ -10,11 +10,15 @@ With 2 workers each, on this machine:
 (b) Latency: sequential submit -> result of a no-op (``submit(f).result()``; ``Pool.apply``;
     a one-call ``Parallel`` batch), median and p99 over many calls after a warm-up.
 
-Targets (ratios from the same run): ringpool's chunksize-1 throughput >= 5x multiprocessing.Pool's
-and >= 15x ProcessPoolExecutor's; at chunksize 64 ahead of every peer; latency median <= 30 us.
-(The C++ Pool's rows come with ringpool::Pool.)
+(c) The C++ ringpool::Pool (benchmarks/bench_pool_cpp.cpp, built by CMake): no-op throughput
+    with 1 and 4 service threads submitting (futures collected after submitting), and its
+    sequential latency; same workers, same task function (shipped as a registered package).
 
-    /usr/bin/python3 benchmarks/bench_pool.py [--quick] [--json PATH] [--markdown PATH]
+Targets (ratios from the same run): ringpool's chunksize-1 throughput >= 5x multiprocessing.Pool's
+and >= 15x ProcessPoolExecutor's; at chunksize 64 ahead of every peer; latency median <= 30 us;
+the C++ Pool's throughput (1 service thread) within 1.5x of the Executor's chunksize-1 throughput.
+
+    /usr/bin/python3 benchmarks/bench_pool.py [--quick] [--build DIR] [--json PATH] [--markdown PATH]
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ import argparse
 import concurrent.futures as cf
 import json
 import multiprocessing as mp
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -155,7 +161,19 @@ def run(quick):
     return rows
 
 
-def targets(rows):
+def run_cpp(build, quick):
+    exe = Path(build) / "benchmarks" / "bench_pool_cpp"
+    if not exe.exists():
+        log(f"  C++ Pool: {exe} not built; skipped")
+        return None
+    log("  ringpool::Pool (C++)")
+    src = Path(__file__).resolve().parent.parent
+    out = subprocess.run([str(exe), str(src), *(["--quick"] if quick else [])], capture_output=True, text=True,
+                         timeout=600, check=True)
+    return json.loads(out.stdout)
+
+
+def targets(rows, cpp=None):
     by = {r["pool"]: r for r in rows}
     rp = by["ringpool"]
     out = []
@@ -173,6 +191,10 @@ def targets(rows):
     add(f"no-op map, chunksize 64: ringpool / best peer ({best['pool']})", ratio, ratio > 1.0, "> 1.00x", "{:.2f}x")
     med = rp["latency"]["median_us"]
     add("submit -> result latency, median", med, med <= 30, "<= 30 us", "{:.1f} us")
+    if cpp:
+        ratio = r1 / cpp["threads_1"]["tasks_per_s"]
+        add("no-op throughput: Executor (chunksize 1) / C++ Pool (1 thread)", ratio, ratio <= 1.5, "<= 1.5x",
+            "{:.2f}x")
     return out
 
 
@@ -187,6 +209,12 @@ def markdown(res):
     for r in res["pools"]:
         lines.append(f"| {r['pool']} | {r['chunksize_1']['tasks_per_s']:,.0f} | {r['chunksize_64']['tasks_per_s']:,.0f}"
                      f" | {r['latency']['median_us']:.1f} | {r['latency']['p99_us']:.1f} |")
+    cpp = res.get("cpp_pool")
+    if cpp:
+        lines += ["", "C++ `ringpool::Pool` (same workers and task): "
+                  f"{cpp['threads_1']['tasks_per_s']:,.0f} tasks/s from 1 service thread, "
+                  f"{cpp['threads_4']['tasks_per_s']:,.0f} from 4; latency median {cpp['latency']['median_us']:.1f} us, "
+                  f"p99 {cpp['latency']['p99_us']:.1f} us."]
     lines += ["", "#### Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
     for t in res["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {t['threshold']} | {'PASS' if t['passed'] else 'FAIL'} |")
@@ -196,13 +224,16 @@ def markdown(res):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--build", default=os.environ.get("RINGPOOL_BUILD_DIR",
+                                                      str(Path(__file__).resolve().parent.parent / "build")))
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args()
     res = {"machine": _machine.machine_info(), "quick": args.quick}
     log("task pools")
     res["pools"] = run(args.quick)
-    res["targets"] = targets(res["pools"])
+    res["cpp_pool"] = run_cpp(args.build, args.quick)
+    res["targets"] = targets(res["pools"], res["cpp_pool"])
     md = markdown(res)
     print(md)
     if args.markdown:

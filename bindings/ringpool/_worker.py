@@ -44,6 +44,13 @@ def run(fd_base):
         os._exit(255)
     stream = io.BytesIO(frame)
     prep_data = reduction.pickle.load(stream)
+    if type(prep_data) is dict and "ringpool_pool" in prep_data:
+        # A worker of the C++ ringpool::Pool: a plain configuration instead of a process object,
+        # and the pool's result ring as the passed descriptors.
+        from .executor import serve_pool
+
+        results = _core.Channel.attach(*(passed_fd(i) for i in range(CHANNEL_FDS)))
+        os._exit(serve_pool(prep_data["ringpool_pool"], chan, results))
     _apply_state(prep_data.pop("ringpool", {}))
     if prep_data.get("start_method") == "ringpool":
         from .context import register_start_method

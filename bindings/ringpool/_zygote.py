@@ -45,10 +45,11 @@ def main():
     from . import _core
 
     config = pickle.loads(_core.zygote_receive_config(CONTROL_FD, 60.0))
-    ringpool_dir = sys.path[0]
-    sys.path[:] = list(config["sys_path"])
-    if ringpool_dir not in sys.path:
-        sys.path.append(ringpool_dir)
+    if "sys_path" in config:  # a Python parent's; the C++ Pool's zygote keeps its own
+        ringpool_dir = sys.path[0]
+        sys.path[:] = list(config["sys_path"])
+        if ringpool_dir not in sys.path:
+            sys.path.append(ringpool_dir)
     ok, message = True, ""
     try:
         for name in config["preload"]:

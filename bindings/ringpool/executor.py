@@ -40,6 +40,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -162,10 +163,78 @@ class _FunctionTable(dict):
                           f"unpickle here (see that task's error)")
 
 
-def _serve(wid, calls_ref, results_ref, initializer, initargs, max_tasks, report_start):
-    """A worker's loop: one call at a time, each result published before the next call is taken."""
+def _serve_refs(wid, calls_ref, results_ref, initializer, initargs, max_tasks, report_start):
+    """The target of an Executor's worker Process."""
     calls, results = calls_ref.chan, results_ref.chan
     del calls_ref, results_ref
+    _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, False)
+
+
+def serve_pool(config, calls, results):
+    """A worker of the C++ ``ringpool::Pool`` (started by ``_worker.run`` when its first frame is a
+    plain configuration): calls and results are plain data only. Returns the exit code."""
+    for p in reversed(config.get("sys_path_prepend") or ()):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    packages = config.get("packages") or ()
+    if packages:
+        from . import modules
+
+        for pkg in packages:
+            modules.install(modules.Snapshot(pkg["name"], pkg["root"], pkg["files"]))
+    _serve(config["wid"], calls, results, None, (), config.get("max_tasks"), bool(config.get("report_start")), True)
+    return 0
+
+
+_PLAIN_SCALARS = (type(None), bool, float, str, bytes)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _plain_problem(v, depth=0):
+    """Why v is not plain data the C++ codec reads (None when it is)."""
+    t = type(v)
+    if t is int:
+        return None if _INT64[0] <= v <= _INT64[1] else f"the int {v} does not fit in 64 bits"
+    if t is str:
+        if not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a str that is not valid UTF-8 (lone surrogates)"
+        return None
+    if t in _PLAIN_SCALARS:
+        return None
+    if depth >= 100:
+        return "nesting deeper than 100"
+    if t is list or t is tuple:
+        for x in v:
+            why = _plain_problem(x, depth + 1)
+            if why:
+                return why
+        return None
+    if t is dict:
+        for k, x in v.items():
+            if type(k) in (list, dict):
+                return "an unhashable dict key"
+            why = _plain_problem(k, depth + 1) or _plain_problem(x, depth + 1)
+            if why:
+                return why
+        return None
+    return f"a value of type {t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else \
+        f"a value of type {t.__qualname__}"
+
+
+def _plain_error(exc):
+    t = type(exc)
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    tb = "".join(traceback.format_exception(t, exc, exc.__traceback__))
+    return (name, str(exc), tb)
+
+
+def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, plain):
+    """A worker's loop: one call at a time, each result published before the next call is taken.
+    plain: the C++ Pool's worker (errors as (type, message, traceback), results plain data)."""
+    error_payload = _plain_error if plain else _error_payload
 
     def put(rec):
         p = results.put_obj(rec, 0)
@@ -176,11 +245,12 @@ def _serve(wid, calls_ref, results_ref, initializer, initargs, max_tasks, report
         try:
             initializer(*initargs)
         except BaseException as exc:
-            put((wid, None, _INIT_FAILED, _error_payload(exc), 0.0))
+            put((wid, None, _INIT_FAILED, error_payload(exc), 0.0))
             return
     done = 0
     clock = time.perf_counter
     functions = _FunctionTable()
+    resolved = {}
     get_objs = calls.get_objs
     while True:
         try:
@@ -188,7 +258,7 @@ def _serve(wid, calls_ref, results_ref, initializer, initargs, max_tasks, report
         except Exception as exc:
             # A call that does not unpickle here (its function or an argument's class does not
             # exist in the worker); it is the oldest call the parent has not had an answer for.
-            put((wid, None, _ERR, _error_payload(exc), 0.0))
+            put((wid, None, _ERR, error_payload(exc), 0.0))
             done += 1
             if max_tasks and done >= max_tasks:
                 return
@@ -210,22 +280,32 @@ def _serve(wid, calls_ref, results_ref, initializer, initargs, max_tasks, report
                     if type(fn) is str:
                         fn = _resolve(fn)
                     functions[fid] = fn
-                elif type(fn) is str:
-                    fn = _resolve(fn)
+                elif type(fn) is str:  # the C++ Pool names its functions
+                    f = resolved.get(fn)
+                    if f is None:
+                        f = resolved[fn] = _resolve(fn)
+                    fn = f
                 if op == _CALL:
                     value = fn(*args, **kwargs) if kwargs else fn(*args)
                 else:
                     value = [fn(*a) for a in args]
+                if plain:
+                    if type(value) in (bytearray, memoryview):
+                        value = bytes(value)
+                    why = _plain_problem(value)
+                    if why:
+                        raise TypeError(f"the task returned {why}; a ringpool::Pool task must return plain "
+                                        f"data (None, bool, int, float, str, bytes, list, tuple, dict)")
                 rec = (wid, tid, _OK, value, clock() - t0)
             except BaseException as exc:
-                rec = (wid, tid, _ERR, _error_payload(exc), clock() - t0)
+                rec = (wid, tid, _ERR, error_payload(exc), clock() - t0)
             fn = args = kwargs = value = None
             try:
                 put(rec)
             except Exception as exc:
                 err = pickle.PicklingError(f"the task's result could not be pickled: {exc}")
                 err.__cause__ = exc
-                put((wid, tid, _ERR, _error_payload(err), rec[4]))
+                put((wid, tid, _ERR, error_payload(err), rec[4]))
             rec = None
             done += 1
             if max_tasks and done >= max_tasks:
@@ -396,7 +476,7 @@ class Executor(_Executor):
         wid = next(self._wids)
         calls = _core.Channel.create(_CALL_CAPACITY)
         proc = self._ctx.Process(
-            target=_serve,
+            target=_serve_refs,
             args=(wid, _ChannelRef(calls), _ChannelRef(self._results), self._initializer, self._initargs,
                   self._max_tasks, self._task_timeout is not None),
             name=f"ringpool-executor-{wid}", daemon=True)

@@ -43,25 +43,29 @@ struct Supervisor::Impl {
     return fut.get();
   }
 
-  void watch(pid_t pid, std::uint64_t zygote) {
+  void watch(pid_t pid, std::uint64_t zygote, ExitHandler on_exit) {
     // A pidfd of our own (not a dup: Asio makes its descriptor non-blocking, and a dup would share
     // that flag with the owner's pidfd, whose blocking waitid would then fail with EAGAIN). The
     // worker is our child and not reaped yet, so its pid cannot have been reused.
     auto sd = std::make_unique<asio::posix::stream_descriptor>(io, open_pidfd(pid).release());
     auto* raw = sd.get();
     live[pid] = Worker{zygote, std::move(sd)};
-    raw->async_wait(asio::posix::stream_descriptor::wait_read, [this, pid, raw](boost::system::error_code ec) {
+    raw->async_wait(asio::posix::stream_descriptor::wait_read, [this, pid, raw, on_exit = std::move(on_exit)](
+                                                                     boost::system::error_code ec) {
       if (ec) return;
+      int code = -1;  // unknown (the owner reaped it first)
       siginfo_t si{};
       // WNOWAIT: observe, do not reap; the ChildProcess owner reaps (and DataLoader's SIGCHLD
       // handler, which also uses WNOWAIT, must still find the zombie).
       if (::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(raw->native_handle()), &si,
                    WEXITED | WNOHANG | WNOWAIT) == 0 &&
           si.si_pid != 0) {
-        exited[pid] = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
+        code = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
+        exited[pid] = code;
         if (exited.size() > 4096) exited.erase(exited.begin());
       }
       live.erase(pid);
+      if (on_exit) on_exit(pid, code);
     });
   }
 
@@ -118,18 +122,19 @@ void check_owner(pid_t owner) {
 }
 }  // namespace
 
-ChildProcess Supervisor::spawn(SpawnRequest req) {
+ChildProcess Supervisor::spawn(SpawnRequest req, ExitHandler on_exit) {
   check_owner(owner_);
   std::promise<ChildProcess> done;
   auto fut = done.get_future();
-  asio::post(impl_->io, [impl = impl_, &done, req = std::move(req)]() mutable {
-    impl->spawner->spawn(std::move(req), [impl, &done](std::exception_ptr err, Spawned s) {
+  asio::post(impl_->io, [impl = impl_, &done, req = std::move(req), on_exit = std::move(on_exit)]() mutable {
+    impl->spawner->spawn(std::move(req), [impl, &done, on_exit = std::move(on_exit)](std::exception_ptr err,
+                                                                                      Spawned s) mutable {
       if (err) {
         done.set_exception(err);
         return;
       }
       try {
-        impl->watch(s.process.pid(), s.zygote);
+        impl->watch(s.process.pid(), s.zygote, std::move(on_exit));
       } catch (...) {
         // Without a watch the worker still works; only its observation is lost.
       }

@@ -5,17 +5,20 @@
 // pidfd, or ERROR). The zygote's pidfd is watched: when it ends, the request in flight fails, and
 // if it never became ready every queued request fails with it (a preload that crashes would
 // otherwise be restarted forever); otherwise the next request starts a new incarnation.
+#include <poll.h>
 #include <signal.h>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <chrono>
 #include <deque>
 #include <map>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "ringpool/control.hpp"
 #include "ringpool/error.hpp"
@@ -39,6 +42,42 @@ class ZygoteSpawner final : public Spawner {
       try {
         send_control(control_->native_handle(), Kind::SHUTDOWN, 0, 0, {});
       } catch (...) {
+      }
+    }
+    control_.reset();  // unused spares exit when they see the zygote's sockets close
+    // The zygote and the unused spares are our children: reap them, so that a process that makes
+    // and drops supervisors (a C++ service recreating its Pool) keeps no zombies.
+    std::vector<ChildProcess*> kids;
+    if (zygote_) kids.push_back(&*zygote_);
+    if (assigned_) kids.push_back(&*assigned_);
+    for (auto& c : spares_) kids.push_back(&c);
+    for (auto& c : dead_spares_) kids.push_back(&c);
+    reap_within(kids, std::chrono::seconds(2));
+  }
+
+  // Waits for the children to exit and reaps them; SIGKILLs those still running at the deadline.
+  static void reap_within(const std::vector<ChildProcess*>& kids, std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    for (ChildProcess* c : kids) {
+      if (c->sentinel() < 0) continue;  // moved from
+      for (;;) {
+        try {
+          if (c->poll()) break;
+        } catch (const std::exception&) {
+          break;
+        }
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) {
+          c->send_signal(SIGKILL);
+          try {
+            for (int i = 0; i < 100 && !c->wait(); ++i) {  // EINTR
+            }
+          } catch (const std::exception&) {
+          }
+          break;
+        }
+        pollfd pfd{c->sentinel(), POLLIN, 0};
+        ::poll(&pfd, 1, static_cast<int>(std::min<std::int64_t>(left.count(), 100)));
       }
     }
   }

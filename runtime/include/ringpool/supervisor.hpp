@@ -39,8 +39,13 @@ class Supervisor {
   static std::unique_ptr<Supervisor> exec_mode();
   static std::unique_ptr<Supervisor> zygote_mode(ZygoteOptions options);
 
+  // Called on the supervisor's thread when a worker ends: (pid, exit code in Python's
+  // convention). It must not block and must not call back into the Supervisor.
+  using ExitHandler = std::function<void(pid_t, int)>;
+
   // Starts a worker and returns once it exists (its pid is final). Throws what the spawner threw.
-  ChildProcess spawn(SpawnRequest req);
+  // on_exit, if given, is called once when the worker ends (not reaped: the caller reaps).
+  ChildProcess spawn(SpawnRequest req, ExitHandler on_exit = {});
   // Brings the spawner up now (a zygote: started and preloaded); throws its error.
   void start();
   // The same without waiting.

@@ -1,0 +1,84 @@
+// The C++ Pool's part of benchmarks/bench_pool.py: no-op task throughput from 1 and 4 service
+// threads, and sequential submit -> result latency. Prints one JSON object.
+//
+//   bench_pool_cpp SOURCE_DIR [--quick]
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <future>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ringpool/pool.hpp"
+
+using namespace ringpool;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// n no-op tasks split over `threads` service threads, each submitting its share and then
+// collecting its futures; returns tasks/s.
+double throughput(Pool& pool, int threads, int n) {
+  std::vector<std::thread> ts;
+  std::atomic<int> bad{0};
+  const auto t0 = Clock::now();
+  for (int k = 0; k < threads; ++k) {
+    ts.emplace_back([&, k] {
+      const int mine = n / threads + (k < n % threads ? 1 : 0);
+      std::vector<std::future<Value>> fs;
+      fs.reserve(mine);
+      for (int i = 0; i < mine; ++i) fs.push_back(pool.submit("benchtasks:noop", {Value(i)}));
+      for (int i = 0; i < mine; ++i)
+        if (fs[i].get().as_int() != i) ++bad;
+    });
+  }
+  for (auto& t : ts) t.join();
+  const double dt = seconds_since(t0);
+  if (bad) std::fprintf(stderr, "bench_pool_cpp: %d wrong results\n", bad.load());
+  return n / dt;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: bench_pool_cpp SOURCE_DIR [--quick]\n");
+    return 2;
+  }
+  const std::string src = argv[1];
+  const bool quick = argc > 2 && std::strcmp(argv[2], "--quick") == 0;
+  PoolOptions o;
+  o.workers = 2;
+  o.python_path = {src + "/bindings"};
+  o.packages = {{"benchtasks", src + "/benchmarks/tasks/benchtasks"}};
+  Pool pool(o);
+  throughput(pool, 1, 2000);  // warm-up
+  std::printf("{");
+  for (int threads : {1, 4}) {
+    // Size n so that a run takes about a second (less with --quick).
+    const double budget = quick ? 0.3 : 1.0;
+    int n = 2000;
+    double rate = throughput(pool, threads, n);
+    n = std::max(1000, static_cast<int>(rate * budget));
+    std::vector<double> rates;
+    for (int r = 0; r < (quick ? 1 : 3); ++r) rates.push_back(throughput(pool, threads, n));
+    std::sort(rates.begin(), rates.end());
+    std::printf("\"threads_%d\": {\"tasks\": %d, \"tasks_per_s\": %.1f}, ", threads, n, rates[rates.size() / 2]);
+  }
+  const int calls = quick ? 300 : 3000;
+  std::vector<double> lat;
+  for (int i = 0; i < calls; ++i) {
+    const auto t0 = Clock::now();
+    pool.submit("benchtasks:noop", {Value(i)}).get();
+    lat.push_back(seconds_since(t0) * 1e6);
+  }
+  std::sort(lat.begin(), lat.end());
+  std::printf("\"latency\": {\"calls\": %d, \"median_us\": %.1f, \"p99_us\": %.1f}}\n", calls, lat[lat.size() / 2],
+              lat[lat.size() * 99 / 100]);
+  return 0;
+}

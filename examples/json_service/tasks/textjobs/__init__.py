@@ -1,0 +1,29 @@
+"""Functions the example JSON service dispatches (a package shipped to the workers by the pool)."""
+import os
+import time
+
+
+def word_count(text):
+    from textjobs.counting import count  # a deferred import, served from the shipped sources
+
+    return count(text)
+
+
+def fib(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+def slow(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def pid():
+    return os.getpid()
+
+
+def fail(message):
+    raise ValueError(message)

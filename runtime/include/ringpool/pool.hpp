@@ -1,0 +1,148 @@
+// Pool: run Python functions in a pool of worker processes from a C++ service, with no Python
+// linked into the service.
+//
+//   service threads ── submit("pkg.mod:fn", args) ──► per-worker call ring ──► Python worker
+//          ▲                                                                        │
+//          └── std::future<Value> ◄── collector thread ◄── shared result ring ◄─────┘
+//
+// Workers are the same as ringpool.Executor's (docs/design/pool.md): started by a Supervisor
+// (a preloaded zygote that forks them, or a fresh interpreter each), each with its own call ring,
+// all answering on one result ring. Calls and results are pickles of plain data written and read
+// by the C++ codec (pickle.hpp), which refuses anything that would import or call: a worker can
+// never make the service run code. A task's function is named "module:qualname" and imported in
+// the worker.
+//
+// Failures stay local: a Python exception fails its future with RemoteError (type, message,
+// traceback); a worker that dies fails only the task it was running (WorkerDied), the tasks
+// queued behind it go to other workers, and a replacement starts; a task past its deadline
+// (task_timeout) kills its worker and fails with TaskTimeout. If the zygote dies, its workers
+// are killed and replaced by the next zygote. Nothing outlives the service (PR_SET_PDEATHSIG).
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <future>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "ringpool/value.hpp"
+
+namespace ringpool {
+
+struct PoolOptions {
+  int workers = 2;
+  // The interpreter the workers run; it must be able to import ringpool (installed, or found
+  // through python_path).
+  std::string python = "/usr/bin/python3";
+  // Prepended to sys.path in the zygote and every worker.
+  std::vector<std::string> python_path;
+  // Modules the zygote imports once before forking workers (zygote mode only).
+  std::vector<std::string> preload;
+  // Packages to ship to the workers: (import name, folder holding its __init__.py). Their .py
+  // sources are read here at start and installed in each worker from memory (ringpool.modules),
+  // so workers import them without the folder being on their sys.path.
+  std::vector<std::pair<std::string, std::string>> packages;
+  // true: a preloaded zygote forks the workers; false: a fresh interpreter per worker.
+  bool zygote = true;
+  // The workers' environment ("KEY=value"); empty: this process's environment.
+  std::vector<std::string> env;
+  // A worker exits after this many tasks and a fresh one replaces it (0: never).
+  std::size_t max_tasks_per_child = 0;
+  // A task running longer fails with TaskTimeout and its worker is killed (0: no limit).
+  std::chrono::milliseconds task_timeout{0};
+  // How long the zygote's preload (and a worker's start) may take.
+  std::chrono::milliseconds start_timeout{120'000};
+};
+
+// A Python exception raised by the task.
+class RemoteError : public std::runtime_error {
+ public:
+  RemoteError(std::string type_name, std::string message, std::string traceback);
+  const std::string& type_name() const noexcept { return type_; }
+  const std::string& message() const noexcept { return message_; }
+  const std::string& traceback() const noexcept { return traceback_; }
+
+ private:
+  std::string type_, message_, traceback_;
+};
+
+// The worker running the task died (a signal, or an exit) before answering.
+class WorkerDied : public std::runtime_error {
+ public:
+  WorkerDied(pid_t pid, int exit_code);
+  pid_t pid() const noexcept { return pid_; }
+  // Python's convention: the exit status, or -N when killed by signal N.
+  int exit_code() const noexcept { return exit_code_; }
+
+ private:
+  pid_t pid_;
+  int exit_code_;
+};
+
+// The task ran longer than PoolOptions::task_timeout; its worker was killed.
+class TaskTimeout : public std::runtime_error {
+ public:
+  TaskTimeout(pid_t pid, std::chrono::milliseconds timeout);
+  pid_t pid() const noexcept { return pid_; }
+
+ private:
+  pid_t pid_;
+};
+
+// submit() after shutdown(), or the pool could not keep any worker running.
+class PoolClosed : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class Pool {
+ public:
+  // Starts the workers (and the zygote) and returns once they run; throws what failed.
+  explicit Pool(PoolOptions options);
+  // shutdown(true).
+  ~Pool();
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  // Calls function(*args, **kwargs) in a worker. function reads "package.module:qualname".
+  // Thread-safe. Throws PoolClosed after shutdown, PickleError for an argument that cannot be
+  // pickled (a str that is not UTF-8, ...); everything else arrives through the future:
+  // RemoteError, WorkerDied, TaskTimeout, PickleError (a result that is not plain data is
+  // refused in the worker and arrives as a RemoteError of type TypeError).
+  std::future<Value> submit(std::string function, std::vector<Value> args = {},
+                            std::vector<std::pair<std::string, Value>> kwargs = {});
+
+  // The callback form, for event-driven services (an Asio server posts the answer back to its
+  // io_context): done(nullptr, result) or done(error, {}) runs once on the pool's collector
+  // thread, so it must not block or call back into the pool's blocking members. Throws as submit.
+  using Callback = std::function<void(std::exception_ptr error, Value result)>;
+  void async_submit(std::string function, std::vector<Value> args, std::vector<std::pair<std::string, Value>> kwargs,
+                    Callback done);
+
+  // The raw form, for services that bring their own serialization: function(payload: bytes)
+  // must return bytes (or bytearray/memoryview), which arrive as a std::string.
+  std::future<std::string> submit_raw(std::string function, std::string payload);
+
+  // Stops taking tasks. wait: let every submitted task finish, then stop the workers; otherwise
+  // fail the tasks not yet answered with PoolClosed and stop the workers now.
+  void shutdown(bool wait = true);
+
+  // Pids of the running workers, and of the zygote (-1 in exec mode or when not running).
+  std::vector<pid_t> worker_pids();
+  pid_t zygote_pid();
+  // Workers started since the pool began (replacements included).
+  std::uint64_t workers_started();
+
+  struct Impl;
+
+ private:
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace ringpool

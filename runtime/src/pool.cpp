@@ -1,0 +1,661 @@
+#include "ringpool/pool.hpp"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+
+#include "ringpool/block.hpp"
+#include "ringpool/channel.hpp"
+#include "ringpool/error.hpp"
+#include "ringpool/pickle.hpp"
+#include "ringpool/ring.hpp"
+#include "ringpool/supervisor.hpp"
+
+extern char** environ;
+
+namespace ringpool {
+
+// -- errors ------------------------------------------------------------------------------------
+
+namespace {
+
+std::string describe_exit(int code) {
+  if (code < 0) {
+    const char* name = ::sigabbrev_np(-code);
+    return name ? "killed by signal SIG" + std::string(name) : "killed by signal " + std::to_string(-code);
+  }
+  return "exit code " + std::to_string(code);
+}
+
+}  // namespace
+
+RemoteError::RemoteError(std::string type_name, std::string message, std::string traceback)
+    : std::runtime_error(type_name + ": " + message),
+      type_(std::move(type_name)),
+      message_(std::move(message)),
+      traceback_(std::move(traceback)) {}
+
+WorkerDied::WorkerDied(pid_t pid, int exit_code)
+    : std::runtime_error("ringpool worker (pid " + std::to_string(pid) + ") died while running this task: " +
+                         describe_exit(exit_code)),
+      pid_(pid),
+      exit_code_(exit_code) {}
+
+TaskTimeout::TaskTimeout(pid_t pid, std::chrono::milliseconds timeout)
+    : std::runtime_error("task ran longer than " + std::to_string(timeout.count()) +
+                         " ms; ringpool killed its worker (pid " + std::to_string(pid) + ")"),
+      pid_(pid) {}
+
+// -- the pool ----------------------------------------------------------------------------------
+
+namespace {
+
+// Records shared with ringpool.executor (Python): calls (op, tid, fn, args, kwargs) and results
+// (wid, tid, status, value, elapsed).
+constexpr std::int64_t kOpCall = 0, kOpPing = 2, kOpStop = 3;
+constexpr std::int64_t kOk = 0, kErr = 1, kStarted = 2, kPong = 3, kInitFailed = 4;
+
+constexpr std::size_t kCallCapacity = std::size_t{1} << 20;
+constexpr std::size_t kResultCapacity = std::size_t{4} << 20;
+constexpr std::size_t kMinDepth = 2, kMaxDepth = 256;
+constexpr double kQueuedWork = 0.002;  // seconds of work kept queued per worker
+constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
+
+using Clock = std::chrono::steady_clock;
+
+struct Taken {
+  proto::FrameHeader header;
+  std::string payload;
+};
+
+struct ResultSink final : Ring::Sink {
+  std::vector<Taken> frames;
+  void take(const proto::FrameHeader& h, const std::uint8_t* p) override {
+    frames.push_back({h, std::string(reinterpret_cast<const char*>(p), h.payload_len)});
+  }
+};
+
+// "import sys; sys.path[:0] = [...]; from ringpool.<module> import main; main()"
+std::string bootstrap(const std::vector<std::string>& path, const char* module) {
+  Value::List items;
+  for (const auto& p : path) items.emplace_back(p);
+  return "import sys; sys.path[:0] = " + Value::list(std::move(items)).repr() + "; from ringpool." + module +
+         " import main; main()";
+}
+
+Value str_list(const std::vector<std::string>& v) {
+  Value::List items;
+  for (const auto& s : v) items.emplace_back(s);
+  return Value::list(std::move(items));
+}
+
+// A package's .py sources, read here and installed in the workers from memory.
+Value read_package(const std::string& name, const std::string& folder) {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::canonical(folder);
+  if (!fs::exists(root / "__init__.py"))
+    throw std::invalid_argument("ringpool::Pool: package " + name + ": no __init__.py in " + root.string());
+  Value::Dict files;
+  std::size_t total = 0;
+  for (auto it = fs::recursive_directory_iterator(root); it != fs::recursive_directory_iterator(); ++it) {
+    const fs::path& p = it->path();
+    const std::string leaf = p.filename().string();
+    if (it->is_directory()) {
+      // Only sub-packages: a folder without __init__.py is not part of the package.
+      if (leaf == "__pycache__" || leaf.starts_with(".") || !fs::exists(p / "__init__.py"))
+        it.disable_recursion_pending();
+      continue;
+    }
+    if (p.extension() != ".py" || !it->is_regular_file()) continue;
+    const fs::path real = fs::canonical(p);
+    const auto rel = real.lexically_relative(root);
+    if (rel.empty() || *rel.begin() == "..")
+      throw std::invalid_argument("ringpool::Pool: package " + name + ": " + p.string() + " leads outside " +
+                                  root.string());
+    std::ifstream in(real, std::ios::binary);
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    total += ss.str().size();
+    if (total > kMaxSourceBytes) throw std::invalid_argument("ringpool::Pool: package " + name + " is too large");
+    files.emplace_back(Value(p.lexically_relative(root).generic_string()), Value::bytes(ss.str()));
+  }
+  return Value::dict({{Value("name"), Value(name)}, {Value("root"), Value(root.string())},
+                      {Value("files"), Value::dict(std::move(files))}});
+}
+
+}  // namespace
+
+struct Pool::Impl {
+  struct Task {
+    std::uint64_t tid = 0;
+    std::string record;  // the pickled call
+    std::function<void(Value)> ok;
+    std::function<void(std::exception_ptr)> fail;
+  };
+
+  struct Worker {
+    int wid = 0;
+    ChildProcess proc;
+    std::shared_ptr<Ring> ring;
+    std::unique_ptr<Channel> calls;
+    std::deque<std::uint64_t> sent;   // unanswered records, in order (0: a ping)
+    std::uint64_t answered = 1;       // records answered; the start-up config counts as one
+    std::optional<std::size_t> budget;
+    bool retiring = false;
+    std::deque<std::unique_ptr<Pending>> unpublished;
+    std::optional<std::pair<std::uint64_t, Clock::time_point>> running;
+    std::uint64_t timed_out = 0;
+    std::optional<int> exit_code;     // from the supervisor
+    std::optional<std::uint64_t> death_barrier;  // result records to take before handling the death
+  };
+
+  PoolOptions opts;
+  std::unique_ptr<Supervisor> sup;
+  std::shared_ptr<Ring> results;
+  Value packages;  // list of package dicts, sent to every worker
+
+  std::mutex mu;
+  std::condition_variable drained;
+  std::map<int, std::unique_ptr<Worker>> workers;
+  std::unordered_map<std::uint64_t, Task> tasks;
+  std::deque<std::uint64_t> backlog;
+  std::atomic<std::uint64_t> next_tid{1};
+  int next_wid = 1;
+  std::uint64_t started = 0;
+  double avg = 1e-4;
+  std::size_t depth = kMinDepth;
+  std::deque<std::string> lost;  // decode errors not yet matched to their task
+  std::map<int, int> early_exits;  // exits of workers not yet recorded
+  bool shutting_down = false;
+  std::string broken;            // why no worker can run, once that is so
+  bool stop = false;
+  std::thread collector;
+
+  explicit Impl(PoolOptions o) : opts(std::move(o)) {
+    if (opts.workers <= 0) throw std::invalid_argument("ringpool::Pool: workers must be > 0");
+    if (opts.env.empty())
+      for (char** e = environ; e && *e; ++e) opts.env.emplace_back(*e);
+    Value::List pk;
+    for (const auto& [name, folder] : opts.packages) pk.push_back(read_package(name, folder));
+    packages = Value::list(std::move(pk));
+    results = Ring::create(RingOptions{kResultCapacity, 0, false});
+    if (opts.zygote) {
+      ZygoteOptions z;
+      z.launch.executable = opts.python;
+      z.launch.argv = {opts.python, "-c", bootstrap(opts.python_path, "_zygote")};
+      z.launch.env = opts.env;
+      z.config = pickle_dumps(Value::dict({{Value("preload"), str_list(opts.preload)},
+                                           {Value("main"), Value::dict()}}));
+      z.ready_timeout = opts.start_timeout;
+      z.spares = std::min(opts.workers, 4);
+      sup = Supervisor::zygote_mode(std::move(z));
+    } else {
+      if (!opts.preload.empty()) throw std::invalid_argument("ringpool::Pool: preload needs the zygote");
+      sup = Supervisor::exec_mode();
+    }
+  }
+
+  // -- workers -------------------------------------------------------------------------------
+  // Starts one worker (without mu: a spawn may wait for the zygote's preload).
+  std::unique_ptr<Worker> launch(int wid) {
+    auto w = std::make_unique<Worker>();
+    w->wid = wid;
+    w->ring = Ring::create(RingOptions{kCallCapacity, 0, false});
+    w->calls = std::make_unique<Channel>(w->ring);
+    if (opts.max_tasks_per_child) w->budget = opts.max_tasks_per_child;
+    Value max_tasks = opts.max_tasks_per_child ? Value(static_cast<std::int64_t>(opts.max_tasks_per_child)) : Value();
+    const std::string config = pickle_dumps(Value::dict({{Value("ringpool_pool"), Value::dict({
+        {Value("wid"), Value(wid)},
+        {Value("max_tasks"), max_tasks},
+        {Value("report_start"), Value(opts.task_timeout.count() > 0)},
+        {Value("sys_path_prepend"), str_list(opts.python_path)},
+        {Value("packages"), packages},
+    })}}));
+    Ring::Piece piece{config.data(), config.size()};
+    if (w->calls->put(proto::Kind::HELLO, 0, &piece, 1, nullptr, 0, 0))
+      throw std::runtime_error("ringpool::Pool: the worker's configuration does not fit its ring");
+    SpawnRequest req;
+    if (!opts.zygote) {
+      req.program.executable = opts.python;
+      req.program.argv = {opts.python, "-c", bootstrap(opts.python_path, "_worker")};
+      req.program.env = opts.env;
+    }
+    req.stdio = {0, 1, 2};
+    const RingHandles a = w->ring->handles(), b = results->handles();
+    req.fds = {a.memfd, a.tx, a.rx, a.event, b.memfd, b.tx, b.rx, b.event};
+    Impl* self = this;
+    w->proc = sup->spawn(std::move(req), [self, wid](pid_t, int code) { self->on_exit(wid, code); });
+    return w;
+  }
+
+  // On the supervisor's thread: note the death and wake the collector.
+  void on_exit(int wid, int code) {
+    {
+      std::lock_guard lk(mu);
+      auto it = workers.find(wid);
+      if (it != workers.end())
+        it->second->exit_code = code;
+      else
+        early_exits[wid] = code;  // it died before replenish() recorded it
+    }
+    nudge();
+  }
+
+  void nudge() {
+    // An empty HEARTBEAT frame wakes the collector; if the ring is full it is awake anyway.
+    static const char nothing = 0;
+    Ring::Piece none{&nothing, 0};
+    results->try_put(proto::Kind::HEARTBEAT, 0, &none, 1, nullptr, 0, 0);
+  }
+
+  std::size_t open_workers() const {
+    std::size_t n = 0;
+    for (auto& [_, w] : workers) n += !w->retiring;
+    return n;
+  }
+
+  // Starts workers until there are opts.workers open ones (mu held on entry and exit; released
+  // while spawning).
+  void replenish(std::unique_lock<std::mutex>& lk) {
+    while (!stop && broken.empty() && open_workers() < static_cast<std::size_t>(opts.workers) &&
+           (!shutting_down || !tasks.empty())) {
+      const int wid = next_wid++;
+      lk.unlock();
+      std::unique_ptr<Worker> w;
+      std::string err;
+      try {
+        w = launch(wid);
+      } catch (const std::exception& e) {
+        err = e.what();
+      }
+      lk.lock();
+      if (!w) {
+        if (open_workers() == 0) fail_everything("ringpool::Pool: could not start a worker: " + err);
+        return;
+      }
+      ++started;
+      if (auto e = early_exits.find(wid); e != early_exits.end()) {
+        w->exit_code = e->second;
+        early_exits.erase(e);
+      }
+      workers.emplace(wid, std::move(w));
+      dispatch();
+    }
+  }
+
+  void fail_everything(const std::string& why) {
+    broken = why;
+    for (auto& [tid, t] : tasks) t.fail(std::make_exception_ptr(PoolClosed(why)));
+    tasks.clear();
+    backlog.clear();
+    for (auto& [_, w] : workers) w->sent.clear();
+    drained.notify_all();
+  }
+
+  // -- dispatch (mu held) ------------------------------------------------------------------------
+  Worker* least_busy() {
+    Worker* best = nullptr;
+    for (auto& [_, w] : workers)
+      if (!w->retiring && !w->exit_code && (!best || w->sent.size() < best->sent.size())) best = w.get();
+    return best;
+  }
+
+  void dispatch() {
+    while (!backlog.empty()) {
+      Worker* w = least_busy();
+      if (!w || w->sent.size() >= depth) return;
+      std::size_t room = depth - w->sent.size();
+      if (w->budget) room = std::min(room, *w->budget);
+      while (room-- > 0 && !backlog.empty()) {
+        const std::uint64_t tid = backlog.front();
+        backlog.pop_front();
+        auto it = tasks.find(tid);
+        if (it == tasks.end()) continue;
+        send(*w, it->second.record);
+        w->sent.push_back(tid);
+        if (w->budget && --*w->budget == 0) {
+          w->retiring = true;
+          break;
+        }
+      }
+    }
+  }
+
+  void send(Worker& w, const std::string& record) {
+    Ring::Piece piece{record.data(), record.size()};
+    if (!w.unpublished.empty()) {
+      w.unpublished.push_back(w.calls->stage(proto::Kind::CALL, 0, &piece, 1, nullptr, 0));
+      return;
+    }
+    if (auto p = w.calls->put(proto::Kind::CALL, 0, &piece, 1, nullptr, 0, 0)) w.unpublished.push_back(std::move(p));
+  }
+
+  void publish_pending() {
+    for (auto& [_, w] : workers)
+      while (!w->unpublished.empty() && w->calls->publish(*w->unpublished.front(), 0)) w->unpublished.pop_front();
+  }
+
+  // -- results (collector thread, mu held) --------------------------------------------------------
+  void handle(Value rec) {
+    auto& f = rec.as_tuple();
+    if (f.size() != 5) throw PickleError("result record of the wrong shape");
+    const int wid = static_cast<int>(f[0].as_int());
+    auto wit = workers.find(wid);
+    if (wit == workers.end()) return;
+    Worker& w = *wit->second;
+    const std::int64_t status = f[2].as_int();
+    if (status == kOk || status == kErr) {
+      if (!f[1].is_none()) {
+        const std::uint64_t tid = static_cast<std::uint64_t>(f[1].as_int());
+        while (!w.sent.empty() && w.sent.front() != 0 && w.sent.front() != tid) lost_result(w);
+      }
+      while (!w.sent.empty() && w.sent.front() == 0) {  // pings are answered by pongs, not here
+        w.sent.pop_front();
+        ++w.answered;
+      }
+      if (w.sent.empty()) return;
+      const std::uint64_t tid = w.sent.front();
+      w.sent.pop_front();
+      ++w.answered;
+      w.running.reset();
+      auto it = tasks.find(tid);
+      if (it == tasks.end()) return;
+      Task t = std::move(it->second);
+      tasks.erase(it);
+      if (f[4].is_float()) avg += (f[4].as_float() - avg) * 0.05;
+      if (status == kOk) {
+        t.ok(std::move(f[3]));
+      } else {
+        const auto& e = f[3].as_tuple();
+        t.fail(std::make_exception_ptr(RemoteError(e.at(0).as_str(), e.at(1).as_str(), e.at(2).as_str())));
+      }
+    } else if (status == kStarted) {
+      if (opts.task_timeout.count() > 0 && !f[1].is_none())
+        w.running = {static_cast<std::uint64_t>(f[1].as_int()), Clock::now() + opts.task_timeout};
+    } else if (status == kPong) {
+      while (!w.sent.empty() && w.sent.front() != 0) lost_result(w);
+      if (!w.sent.empty()) w.sent.pop_front();
+      ++w.answered;
+    } else if (status == kInitFailed) {
+      // The C++ pool has no initializer; a worker that says so is broken: let it be replaced.
+      w.proc.send_signal(SIGKILL);
+    }
+  }
+
+  void lost_result(Worker& w) {
+    const std::uint64_t tid = w.sent.front();
+    w.sent.pop_front();
+    ++w.answered;
+    auto it = tasks.find(tid);
+    if (it == tasks.end()) return;
+    std::string why = lost.empty() ? "unknown error" : lost.front();
+    if (!lost.empty()) lost.pop_front();
+    it->second.fail(std::make_exception_ptr(PickleError("the task's result could not be decoded: " + why)));
+    tasks.erase(it);
+  }
+
+  // A record that does not decode names no task: ask each worker with calls in flight to answer
+  // a ping after its earlier results; the call left unanswered in front of it is the one.
+  void undecodable(const std::string& why) {
+    lost.push_back(why);
+    const std::string ping =
+        pickle_dumps(Value::tuple({Value(kOpPing), Value(), Value(), Value(), Value()}));
+    for (auto& [_, w] : workers) {
+      if (w->sent.empty()) continue;
+      send(*w, ping);
+      w->sent.push_back(0);
+    }
+  }
+
+  // The worker has exited and every result it published has been handled.
+  void died(Worker& w) {
+    int code = w.exit_code.value_or(-1);
+    if (auto reaped = w.proc.poll()) code = *reaped;
+    // It takes a few calls at a time and answers each before starting the next: if it took a
+    // call it did not answer, the oldest unanswered one was running; the rest never started.
+    const bool running = w.ring->consumed() > w.answered;
+    std::deque<std::uint64_t> retry;
+    bool first = true;
+    for (std::uint64_t tid : w.sent) {
+      if (tid == 0) {
+        first = false;
+        continue;
+      }
+      auto it = tasks.find(tid);
+      if (it == tasks.end()) continue;
+      if (first && running) {
+        if (w.timed_out == tid)
+          it->second.fail(std::make_exception_ptr(TaskTimeout(w.proc.pid(), opts.task_timeout)));
+        else
+          it->second.fail(std::make_exception_ptr(WorkerDied(w.proc.pid(), code)));
+        tasks.erase(it);
+      } else {
+        retry.push_back(tid);
+      }
+      first = false;
+    }
+    backlog.insert(backlog.begin(), retry.begin(), retry.end());
+    workers.erase(w.wid);
+  }
+
+  void collect() {
+    std::vector<UniqueFd> fds;
+    for (;;) {
+      ResultSink sink;
+      fds.clear();
+      std::size_t n = 0;
+      try {
+        n = results->try_get_many(sink, 256, fds);
+      } catch (const std::exception& e) {
+        std::lock_guard lk(mu);
+        undecodable(e.what());
+      }
+      std::unique_lock lk(mu);
+      std::size_t fd_pos = 0;
+      for (auto& fr : sink.frames) {
+        std::vector<UniqueFd> mine;
+        for (std::uint32_t i = 0; i < fr.header.nhandles && fd_pos < fds.size(); ++i) mine.push_back(std::move(fds[fd_pos++]));
+        if (fr.header.kind != static_cast<std::uint8_t>(proto::Kind::DATA)) continue;  // a nudge
+        try {
+          if (fr.header.flags & proto::flag::kOutOfBand) {
+            if (mine.empty() || fr.payload.size() < sizeof(proto::OobDescriptor))
+              throw PickleError("out-of-band result without its block");
+            proto::OobDescriptor d;
+            std::memcpy(&d, fr.payload.data(), sizeof d);
+            std::shared_ptr<Block> block = BlockCache::instance().open(std::move(mine[0]));
+            if (d.length > block->capacity()) throw PickleError("out-of-band result longer than its block");
+            Value rec = pickle_loads(std::string_view(reinterpret_cast<const char*>(block->data()), d.length));
+            block->mark_free();
+            handle(rec);
+          } else if (fr.header.flags != 0) {
+            throw PickleError("result frame with unexpected flags");
+          } else {
+            handle(pickle_loads(fr.payload));
+          }
+        } catch (const std::exception& e) {
+          undecodable(e.what());
+        }
+      }
+      // Deaths: handled once every record committed before the death was seen has been taken.
+      std::vector<Worker*> dead;
+      for (auto& [_, w] : workers) {
+        if (!w->exit_code) continue;
+        if (!w->death_barrier) w->death_barrier = results->committed();
+        if (results->consumed() >= *w->death_barrier) dead.push_back(w.get());
+      }
+      for (Worker* w : dead) died(*w);
+      // Timeouts.
+      auto next_deadline = Clock::time_point::max();
+      const auto now = Clock::now();
+      for (auto& [_, w] : workers) {
+        if (!w->running || w->timed_out == w->running->first) continue;
+        if (w->running->second <= now) {
+          w->timed_out = w->running->first;
+          w->proc.send_signal(SIGKILL);
+        } else {
+          next_deadline = std::min(next_deadline, w->running->second);
+        }
+      }
+      depth = std::clamp<std::size_t>(static_cast<std::size_t>(kQueuedWork / (avg + 1e-5)), kMinDepth, kMaxDepth);
+      if (open_workers() < static_cast<std::size_t>(opts.workers)) replenish(lk);
+      dispatch();
+      publish_pending();
+      if (tasks.empty()) drained.notify_all();
+      if (stop && workers.empty()) return;
+      bool retry_publish = false;
+      for (auto& [_, w] : workers) retry_publish |= !w->unpublished.empty();
+      lk.unlock();
+      if (n == 0) {
+        auto wait = std::chrono::nanoseconds(retry_publish ? 1'000'000 : 100'000'000);
+        if (next_deadline != Clock::time_point::max())
+          wait = std::min<std::chrono::nanoseconds>(wait, next_deadline - Clock::now());
+        results->wait_data(std::max<std::int64_t>(wait.count(), 0));
+      }
+    }
+  }
+
+  // -- the service's side ------------------------------------------------------------------------
+  void submit_record(std::uint64_t tid, std::string record, std::function<void(Value)> ok,
+                     std::function<void(std::exception_ptr)> fail) {
+    std::lock_guard lk(mu);
+    if (shutting_down) throw PoolClosed("ringpool::Pool: submit after shutdown");
+    if (!broken.empty()) throw PoolClosed(broken);
+    tasks.emplace(tid, Task{tid, std::move(record), std::move(ok), std::move(fail)});
+    backlog.push_back(tid);
+    dispatch();
+  }
+
+  std::string call_record(std::uint64_t tid, std::string function, std::vector<Value> args,
+                          std::vector<std::pair<std::string, Value>> kwargs) {
+    Value::Dict kw;
+    for (auto& [k, v] : kwargs) kw.emplace_back(Value(std::move(k)), std::move(v));
+    return pickle_dumps(Value::tuple({Value(kOpCall), Value(static_cast<std::int64_t>(tid)), Value(std::move(function)),
+                                      Value::tuple(std::move(args)), kw.empty() ? Value() : Value::dict(std::move(kw))}));
+  }
+
+  void shutdown(bool wait) {
+    {
+      std::unique_lock lk(mu);
+      if (stop) return;
+      shutting_down = true;
+      if (!wait) {
+        for (auto& [tid, t] : tasks) t.fail(std::make_exception_ptr(PoolClosed("ringpool::Pool: shut down")));
+        tasks.clear();
+        backlog.clear();
+      }
+      drained.wait(lk, [&] { return tasks.empty() || !broken.empty(); });
+      // Ask every worker to stop; the collector handles their exits and ends with the last.
+      const std::string stop_rec = pickle_dumps(Value::tuple({Value(kOpStop), Value(), Value(), Value(), Value()}));
+      for (auto& [_, w] : workers) send(*w, stop_rec);
+      stop = true;
+    }
+    nudge();
+    // Workers that do not stop within 5 s are killed.
+    const auto deadline = Clock::now() + std::chrono::seconds(5);
+    for (;;) {
+      {
+        std::lock_guard lk(mu);
+        if (workers.empty()) break;
+        if (Clock::now() > deadline)
+          for (auto& [_, w] : workers) w->proc.send_signal(SIGKILL);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    if (collector.joinable()) collector.join();
+    sup->stop();
+  }
+};
+
+Pool::Pool(PoolOptions options) : impl_(std::make_shared<Impl>(std::move(options))) {
+  Impl& im = *impl_;
+  if (im.opts.zygote) im.sup->start();  // the preload's error surfaces here
+  {
+    std::unique_lock lk(im.mu);
+    im.replenish(lk);
+    if (!im.broken.empty()) throw PoolClosed(im.broken);
+  }
+  im.collector = std::thread([&im] { im.collect(); });
+}
+
+Pool::~Pool() {
+  try {
+    shutdown(true);
+  } catch (...) {
+  }
+  impl_->sup.reset();  // joins the supervisor's thread before the rest goes
+}
+
+std::future<Value> Pool::submit(std::string function, std::vector<Value> args,
+                                std::vector<std::pair<std::string, Value>> kwargs) {
+  const std::uint64_t tid = impl_->next_tid.fetch_add(1);
+  std::string record = impl_->call_record(tid, std::move(function), std::move(args), std::move(kwargs));
+  auto promise = std::make_shared<std::promise<Value>>();
+  auto fut = promise->get_future();
+  impl_->submit_record(
+      tid, std::move(record), [promise](Value v) { promise->set_value(std::move(v)); },
+      [promise](std::exception_ptr e) { promise->set_exception(e); });
+  return fut;
+}
+
+void Pool::async_submit(std::string function, std::vector<Value> args,
+                        std::vector<std::pair<std::string, Value>> kwargs, Callback done) {
+  const std::uint64_t tid = impl_->next_tid.fetch_add(1);
+  std::string record = impl_->call_record(tid, std::move(function), std::move(args), std::move(kwargs));
+  auto cb = std::make_shared<Callback>(std::move(done));
+  impl_->submit_record(
+      tid, std::move(record), [cb](Value v) { (*cb)(nullptr, std::move(v)); },
+      [cb](std::exception_ptr e) { (*cb)(e, Value()); });
+}
+
+std::future<std::string> Pool::submit_raw(std::string function, std::string payload) {
+  const std::uint64_t tid = impl_->next_tid.fetch_add(1);
+  std::vector<Value> args;
+  args.push_back(Value::bytes(payload));
+  std::string record = impl_->call_record(tid, std::move(function), std::move(args), {});
+  auto promise = std::make_shared<std::promise<std::string>>();
+  auto fut = promise->get_future();
+  impl_->submit_record(
+      tid, std::move(record),
+      [promise](Value v) {
+        if (v.is_bytes()) {
+          promise->set_value(v.as_bytes());
+        } else {
+          promise->set_exception(std::make_exception_ptr(RemoteError(
+              "TypeError", "a raw task must return bytes, not " + std::string(v.type_name()), "")));
+        }
+      },
+      [promise](std::exception_ptr e) { promise->set_exception(e); });
+  return fut;
+}
+
+void Pool::shutdown(bool wait) { impl_->shutdown(wait); }
+
+std::vector<pid_t> Pool::worker_pids() {
+  std::lock_guard lk(impl_->mu);
+  std::vector<pid_t> v;
+  for (auto& [_, w] : impl_->workers)
+    if (!w->exit_code) v.push_back(w->proc.pid());
+  return v;
+}
+
+pid_t Pool::zygote_pid() { return impl_->sup ? impl_->sup->zygote_pid() : -1; }
+
+std::uint64_t Pool::workers_started() {
+  std::lock_guard lk(impl_->mu);
+  return impl_->started;
+}
+
+}  // namespace ringpool

@@ -1,0 +1,183 @@
+// ringpool::Pool: a C++ service running Python functions in worker processes.
+#include <doctest/doctest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <future>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ringpool/pickle.hpp"
+#include "ringpool/pool.hpp"
+
+using namespace ringpool;
+using namespace std::chrono_literals;
+
+namespace {
+
+PoolOptions options(bool zygote, int workers = 2) {
+  PoolOptions o;
+  o.workers = workers;
+  o.python = "/usr/bin/python3";
+  o.python_path = {RINGPOOL_SOURCE_DIR "/bindings"};
+  o.packages = {{"rp_tasks", RINGPOOL_SOURCE_DIR "/tests/cpp/pytasks/rp_tasks"}};
+  o.zygote = zygote;
+  return o;
+}
+
+template <class T>
+T get(std::future<T>& f) {
+  REQUIRE(f.wait_for(60s) == std::future_status::ready);
+  return f.get();
+}
+
+bool alive(pid_t pid) { return ::kill(pid, 0) == 0; }
+
+}  // namespace
+
+TEST_CASE("Pool runs plain-data calls in both start modes" * doctest::timeout(120)) {
+  for (bool zygote : {true, false}) {
+    CAPTURE(zygote);
+    Pool pool(options(zygote));
+    auto a = pool.submit("rp_tasks:add", {Value(2), Value(3)}, {{"c", Value(10)}});
+    CHECK(get(a) == Value(15));
+    Value nested = Value::dict({{Value("k"), Value::list({Value(1.5), Value::bytes("\x00\xff"), Value()})},
+                                {Value(7), Value::tuple({Value(true), Value("é")})}});
+    auto e = pool.submit("rp_tasks:echo", {nested});
+    CHECK(get(e) == nested);
+    auto j = pool.submit("os.path:join", {Value("a"), Value("b")});
+    CHECK(get(j) == Value("a/b"));
+    auto r = pool.submit_raw("rp_tasks:upper", "abc");
+    CHECK(get(r) == "ABC");
+    auto d = pool.submit("rp_tasks:deferred");
+    CHECK(get(d) == Value("rp_tasks.helpers"));
+    CHECK(pool.worker_pids().size() == 2);
+    CHECK((pool.zygote_pid() > 0) == zygote);
+  }
+}
+
+TEST_CASE("Pool reports Python errors, refuses non-plain results, keeps going" * doctest::timeout(120)) {
+  Pool pool(options(true));
+  auto b = pool.submit("rp_tasks:boom", {Value("nope")});
+  try {
+    get(b);
+    FAIL("no error");
+  } catch (const RemoteError& e) {
+    CHECK(e.type_name() == "ValueError");
+    CHECK(e.message() == "nope");
+    CHECK(e.traceback().find("rp_tasks/__init__.py") != std::string::npos);
+    CHECK(e.traceback().find("in boom") != std::string::npos);
+  }
+  auto np = pool.submit("rp_tasks:not_plain");
+  CHECK_THROWS_AS(get(np), RemoteError);
+  auto missing = pool.submit("rp_tasks:no_such_function");
+  CHECK_THROWS_AS(get(missing), RemoteError);
+  auto bad_name = pool.submit("no colon here");
+  CHECK_THROWS_AS(get(bad_name), RemoteError);
+  CHECK_THROWS_AS(pool.submit("rp_tasks:echo", {Value(std::string("\xff\xfe"))}), PickleError);
+  auto ok = pool.submit("rp_tasks:add", {Value(1), Value(1)});
+  CHECK(get(ok) == Value(2));
+}
+
+TEST_CASE("Pool: a dead worker fails only its task and is replaced" * doctest::timeout(120)) {
+  Pool pool(options(true));
+  std::vector<std::future<Value>> before;
+  for (int i = 0; i < 20; ++i) before.push_back(pool.submit("rp_tasks:add", {Value(i), Value(i)}));
+  auto victim = pool.submit("rp_tasks:die", {Value("kill")});
+  std::vector<std::future<Value>> after;
+  for (int i = 0; i < 20; ++i) after.push_back(pool.submit("rp_tasks:sleep_pid", {Value(0.01)}));
+  for (int i = 0; i < 20; ++i) CHECK(get(before[i]) == Value(2 * i));
+  pid_t dead = -1;
+  try {
+    get(victim);
+    FAIL("no error");
+  } catch (const WorkerDied& e) {
+    dead = e.pid();
+    CHECK(e.exit_code() == -SIGKILL);
+    CHECK(std::string(e.what()).find("SIGKILL") != std::string::npos);
+  }
+  for (auto& f : after) CHECK(get(f).as_int() != dead);
+  auto exit3 = pool.submit("rp_tasks:die", {Value("exit")});
+  try {
+    get(exit3);
+    FAIL("no error");
+  } catch (const WorkerDied& e) {
+    CHECK(e.exit_code() == 3);
+  }
+  auto ok = pool.submit("rp_tasks:add", {Value(20), Value(22)});
+  CHECK(get(ok) == Value(42));
+  // Both dead workers are replaced (the replacement starts after the failure is reported).
+  for (int i = 0; i < 1000 && pool.workers_started() < 4; ++i) std::this_thread::sleep_for(10ms);
+  CHECK(pool.workers_started() == 4);
+  CHECK(pool.worker_pids().size() == 2);
+}
+
+TEST_CASE("Pool: task timeout, max tasks per child, and many service threads" * doctest::timeout(180)) {
+  PoolOptions o = options(true);
+  o.task_timeout = 1000ms;
+  o.max_tasks_per_child = 50;
+  Pool pool(o);
+  auto slow = pool.submit("rp_tasks:sleep_pid", {Value(30)});
+  auto t0 = std::chrono::steady_clock::now();
+  CHECK_THROWS_AS(get(slow), TaskTimeout);
+  CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+
+  std::vector<std::thread> threads;
+  std::atomic<int> good{0};
+  for (int k = 0; k < 4; ++k) {
+    threads.emplace_back([&, k] {
+      for (int i = 0; i < 100; ++i) {
+        auto f = pool.submit("rp_tasks:add", {Value(k), Value(i)});
+        if (f.wait_for(60s) == std::future_status::ready && f.get() == Value(k + i)) ++good;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(good == 400);
+  CHECK(pool.workers_started() >= 400 / 50);
+}
+
+TEST_CASE("Pool survives its zygote dying, and leaves nothing running" * doctest::timeout(120)) {
+  std::vector<pid_t> pids;
+  pid_t zygote = -1;
+  {
+    Pool pool(options(true));
+    auto first = pool.submit("rp_tasks:pid");
+    get(first);
+    zygote = pool.zygote_pid();
+    REQUIRE(zygote > 0);
+    ::kill(zygote, SIGKILL);
+    std::vector<std::future<Value>> fs;
+    for (int i = 0; i < 10; ++i) fs.push_back(pool.submit("rp_tasks:sleep_pid", {Value(0.05)}));
+    int ok = 0;
+    for (auto& f : fs) {
+      try {
+        get(f);
+        ++ok;
+      } catch (const WorkerDied&) {
+      }
+    }
+    CHECK(ok >= 8);
+    CHECK(pool.zygote_pid() != zygote);
+    pids = pool.worker_pids();
+    pids.push_back(pool.zygote_pid());
+  }
+  std::this_thread::sleep_for(200ms);
+  for (pid_t p : pids) CHECK_FALSE(alive(p));
+}
+
+TEST_CASE("Pool shutdown: wait finishes the work, no-wait fails it, submit after is refused" * doctest::timeout(120)) {
+  Pool pool(options(true));
+  std::vector<std::future<Value>> fs;
+  for (int i = 0; i < 10; ++i) fs.push_back(pool.submit("rp_tasks:sleep_pid", {Value(0.02)}));
+  pool.shutdown(true);
+  for (auto& f : fs) CHECK(f.wait_for(0s) == std::future_status::ready);
+  CHECK_THROWS_AS(pool.submit("rp_tasks:pid"), PoolClosed);
+
+  Pool pool2(options(false, 1));
+  auto slow = pool2.submit("rp_tasks:sleep_pid", {Value(5)});
+  std::this_thread::sleep_for(100ms);
+  pool2.shutdown(false);
+  CHECK_THROWS_AS(get(slow), PoolClosed);
+}
