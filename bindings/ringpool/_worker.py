@@ -73,6 +73,11 @@ def run(fd_base):
 
 def _apply_state(state):
     """The parent's state at start() that spawn's preparation data does not carry."""
+    if state.get("modules"):  # before anything is unpickled: classes may come from these
+        from . import modules
+
+        for data in state["modules"]:
+            modules.install(modules.Snapshot.from_bytes(data))
     env = state.get("environ")
     if env is not None and env != dict(os.environ):
         os.environ.clear()

@@ -52,6 +52,11 @@ def main():
             sys.path.append(ringpool_dir)
     ok, message = True, ""
     try:
+        if config.get("modules"):  # registered packages: importable (and preloadable) from memory
+            from . import modules
+
+            for data in config["modules"]:
+                modules.install(modules.Snapshot.from_bytes(data))
         for name in config["preload"]:
             importlib.import_module(name)
         _check_threads(_core, f"preloading {list(config['preload'])}", "preload less")

@@ -90,6 +90,7 @@ class RingpoolContext(_mp_context.BaseContext):
         self.Process = type("RingpoolProcess", (RingpoolProcess,),
                             {"_ringpool_context": self, "__module__": __name__, "__qualname__": "RingpoolProcess"})
         self._sup = None
+        self._zygote_modules = {}  # name -> hash of the snapshots the zygote was started with
         self._lock = threading.Lock()
         _live_contexts.add(self)
 
@@ -124,7 +125,12 @@ class RingpoolContext(_mp_context.BaseContext):
                     if self._preload_main:
                         prep = _mp_spawn.get_preparation_data("zygote")
                         main = {k: prep[k] for k in ("init_main_from_path", "init_main_from_name") if k in prep}
-                    config = pickle.dumps({"sys_path": list(sys.path), "preload": self.preload, "main": main})
+                    from . import modules
+
+                    snaps = modules.snapshots()  # registered packages, installed before the preload
+                    self._zygote_modules = {s.name: s.hash for s in snaps}
+                    config = pickle.dumps({"sys_path": list(sys.path), "preload": self.preload, "main": main,
+                                           "modules": [s.to_bytes() for s in snaps]})
                     self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
                                                              ready_timeout=self._ready_timeout, spares=self._spares)
                 else:

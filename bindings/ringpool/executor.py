@@ -54,12 +54,13 @@ from multiprocessing import connection as _mp_connection
 from multiprocessing.reduction import DupFd
 
 from . import _core
+from . import modules as _modules
 from .reduction import dumps
 
 __all__ = ["Executor", "WorkerDied", "TaskTimeout", "RemoteTraceback"]
 
 # Call records (parent -> worker): (op, tid, fn, args, kwargs)
-_CALL, _CHUNK, _PING, _STOP = 0, 1, 2, 3
+_CALL, _CHUNK, _PING, _STOP, _MODULES = 0, 1, 2, 3, 4
 # Result records (-> parent): (wid, tid, status, value, elapsed)
 _OK, _ERR, _STARTED, _PONG, _INIT_FAILED, _DIED = 0, 1, 2, 3, 4, 5
 
@@ -155,6 +156,30 @@ def _error_payload(exc):
     except Exception as perr:
         exc = RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception itself could not be pickled: {perr})")
     return (exc, tb)
+
+
+def _install_modules(blobs):
+    from . import modules
+
+    for data in blobs:
+        try:
+            modules.install(modules.Snapshot.from_bytes(data))
+        except Exception as exc:  # the calls that need it will fail with their own import error
+            sys.stderr.write(f"ringpool worker {os.getpid()}: could not install a package: {exc}\n")
+    return len(blobs)
+
+
+class _ModulesNow:
+    """Package snapshots that install themselves when unpickled: a worker unpickles a batch of
+    records in order before running any, so the install must happen at that point."""
+
+    __slots__ = ("blobs",)
+
+    def __init__(self, blobs):
+        self.blobs = blobs
+
+    def __reduce__(self):
+        return (_install_modules, (self.blobs,))
 
 
 class _FunctionTable(dict):
@@ -269,6 +294,13 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
             if op == _PING:
                 put((wid, tid, _PONG, None, 0.0))
                 continue
+            if op == _MODULES:
+                # New versions of registered packages, installed while this record was unpickled
+                # (_ModulesNow), before the calls behind it in the same batch: those then resolve
+                # their functions and classes in the new code, and none mixes the two versions.
+                resolved.clear()
+                put((wid, tid, _PONG, None, 0.0))
+                continue
             if report_start:
                 put((wid, tid, _STARTED, None, 0.0))
             t0 = clock()
@@ -330,7 +362,7 @@ class _Task:
 
 class _Worker:
     __slots__ = ("wid", "proc", "calls", "sent", "answered", "budget", "unpublished", "running", "timed_out",
-                 "retiring", "known")
+                 "retiring", "known", "modver", "hashes")
 
     def __init__(self, wid, proc, calls, budget):
         self.wid, self.proc, self.calls = wid, proc, calls
@@ -342,6 +374,8 @@ class _Worker:
         self.timed_out = None            # tid whose deadline passed (the worker is being killed)
         self.retiring = False            # its budget is spent: it finishes what it has and exits
         self.known = set()               # numbers of the functions it has been sent
+        self.modver = -1                 # modules.registry_version() when its packages were synced
+        self.hashes = {}                 # name -> hash of the registered packages it has
 
 
 class _Batch:
@@ -475,13 +509,18 @@ class Executor(_Executor):
     def _start_worker(self):
         wid = next(self._wids)
         calls = _core.Channel.create(_CALL_CAPACITY)
+        # What the worker gets at start (read before it starts: a package registered meanwhile is
+        # sent again, which is harmless).
+        modver = _modules.registry_version()
+        hashes = {s.name: s.hash for s in _modules.snapshots()}
         proc = self._ctx.Process(
             target=_serve_refs,
             args=(wid, _ChannelRef(calls), _ChannelRef(self._results), self._initializer, self._initargs,
                   self._max_tasks, self._task_timeout is not None),
             name=f"ringpool-executor-{wid}", daemon=True)
         proc.start()
-        self._workers[wid] = _Worker(wid, proc, calls, self._max_tasks)
+        w = self._workers[wid] = _Worker(wid, proc, calls, self._max_tasks)
+        w.modver, w.hashes = modver, hashes
         self._wake_watcher()
 
     def _wake_watcher(self):
@@ -528,7 +567,24 @@ class Executor(_Executor):
             if batch:
                 self._send(w, batch, done)
 
+    def _sync_modules(self, w):
+        """Before w's next call: the registered packages that changed since w got them."""
+        v = _modules.registry_version()
+        w.modver = v
+        changed = [s for s in _modules.snapshots() if w.hashes.get(s.name) != s.hash]
+        if not changed:
+            return
+        rec = (_MODULES, None, None, _ModulesNow([s.to_bytes() for s in changed]), None)
+        p = w.calls.stage(*dumps(rec), 0) if w.unpublished else w.calls.put_obj(rec, _NO_WAIT)
+        if p is not None:
+            w.unpublished.append(p)
+        w.sent.append(_PING_MARK)  # answered with a PONG, in order
+        for snap in changed:
+            w.hashes[snap.name] = snap.hash
+
     def _send(self, w, batch, done):
+        if w.modver != _modules._version:
+            self._sync_modules(w)
         chan = w.calls
         i, n = 0, len(batch)
         fast = True
@@ -623,8 +679,13 @@ class Executor(_Executor):
             t.tid = next(self._tids)
             workers = self._open_workers()
             w = min(workers, key=lambda w: len(w.sent)) if workers else None
+            if w is not None and w.modver != _modules._version:
+                self._sync_modules(w)
             if w is None or self._backlog or w.unpublished or len(w.sent) >= self._depth:
-                t.payload = dumps(t.record())  # pickle now: errors raise here
+                try:
+                    t.payload = dumps(t.record())  # pickle now: errors raise here
+                except Exception as exc:
+                    _raise_call_error(fn, args, kwargs, exc)
                 self._tasks[t.tid] = t
                 self._backlog.append(t)
                 done = []
@@ -633,10 +694,10 @@ class Executor(_Executor):
                 rec = self._record(t, w)
                 try:
                     p = w.calls.put_obj(rec, _NO_WAIT)  # raises before anything is recorded
-                except Exception:
+                except Exception as exc:
                     if type(rec[2]) is tuple:
                         w.known.discard(rec[2][0])
-                    raise
+                    _raise_call_error(fn, args, kwargs, exc)
                 f.set_running_or_notify_cancel()
                 t.running = True
                 self._tasks[t.tid] = t
@@ -1083,6 +1144,18 @@ class Executor(_Executor):
                 if w is not None:
                     posted.add(w.wid)
                     self._post((w.wid, None, _DIED, None, 0.0))
+
+
+def _raise_call_error(fn, args, kwargs, exc):
+    """Re-raise a call's pickling error naming the argument path that failed (args[1].conf.lock)."""
+    from .reduction import explain_parts
+
+    parts = [("fn", fn), *((f"args[{i}]", a) for i, a in enumerate(args)),
+             *((f"kwargs[{k!r}]", v) for k, v in (kwargs or {}).items())]
+    better = explain_parts(parts, getattr(exc, "__cause__", None) or exc)
+    if better is exc or better is getattr(exc, "__cause__", None):
+        raise exc
+    raise better from exc
 
 
 def _progress_bar(progress, total):

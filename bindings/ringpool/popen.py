@@ -30,12 +30,13 @@ import signal
 import sys
 from multiprocessing import context as _mp_context
 from multiprocessing import connection as _mp_connection
-from multiprocessing import reduction as _mp_reduction
 from multiprocessing import spawn as _mp_spawn
 from multiprocessing import util as _mp_util
 
 from . import _core
 from . import _worker
+from . import modules as _modules
+from . import reduction as _reduction
 
 __all__ = ["Popen"]
 
@@ -67,11 +68,19 @@ def _stdio():
     return out
 
 
-def _ringpool_state(zygote):
+def _ringpool_state(context):
     state = {}
-    if zygote:
+    if context.zygote:
         # An exec'd worker gets the environment at exec; a forked one has the zygote's.
         state["environ"] = dict(os.environ)
+    # Registered packages the worker does not have yet: a zygote worker inherits the snapshots the
+    # zygote was started with, an exec'd one has none.
+    snaps = _modules.snapshots()
+    if snaps:
+        have = context._zygote_modules if context.zygote else {}
+        send = [s.to_bytes() for s in snaps if have.get(s.name) != s.hash]
+        if send:
+            state["modules"] = send
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):
         import torch.multiprocessing as tmp
@@ -98,21 +107,21 @@ class Popen:
         return len(self._fds) - 1
 
     def _launch(self, process_obj, context):
+        supervisor = context._supervisor()  # first: fixes what the zygote was started with
         prep_data = _mp_spawn.get_preparation_data(process_obj._name)
-        prep_data["ringpool"] = _ringpool_state(context.zygote)
+        prep_data["ringpool"] = _ringpool_state(context)
         buf = io.BytesIO()
         prev = _mp_context.get_spawning_popen()
         _mp_context.set_spawning_popen(self)
         try:
-            _mp_reduction.dump(prep_data, buf)
-            _mp_reduction.dump(process_obj, buf)
+            _reduction.dump(prep_data, buf)
+            _reduction.dump(process_obj, buf)  # the hybrid pickler: lambdas and __main__ by value
         finally:
             _mp_context.set_spawning_popen(prev)
         chan = _core.Channel.create(_BOOT_CAPACITY)
         if chan.put(buf.getvalue(), 0, None, 0) is not None:  # an empty ring always has room
             raise RuntimeError("ringpool: could not queue the process object for the worker")
         fds = [*chan.handles(), *self._fds]
-        supervisor = context._supervisor()
         if context.zygote:
             self._child = supervisor.spawn(fds, _stdio())
         else:

@@ -17,20 +17,38 @@ Buffers: pickle protocol 5 out-of-band buffers of at least ``OOB_BUFFER_MIN`` by
 PickleBuffer-aware types) are not copied into the pickle: the frame carries them after it
 (``FLAG_BUFFERS`` layout in docs/design/protocol.md), and the receiver rebuilds the objects over
 the received memory (for out-of-band frames: shared memory, no copy).
+
+The hybrid pickler (``Pickler``): one pickler for every ringpool channel and for process start,
+which decides how each function, class and object travels, in this order:
+
+1. Handle reducers: everything registered with ``ForkingPickler`` (the stdlib's, torch's tensor
+   and storage reducers, ``register()``), matched along the MRO, so a subclass of a registered
+   type is reduced as its registered base is. Their descriptors ride the frame.
+2. Functions and classes a worker can import by name (installed modules, and packages from the
+   ``ringpool.modules`` registry, whose sources every worker has): by reference.
+3. By value, through cloudpickle, what a worker cannot import: ``__main__``'s functions and
+   classes, lambdas, closures, classes defined in functions or interactively. Functions from one
+   module share one globals namespace within a message, as in a single cloudpickle dump.
+4. Everything else: plain pickle (protocol 5, large buffers out of band).
+
+An object that cannot be pickled raises ``PicklingError`` naming the attribute path of the part
+that failed (``obj.model.lock``), in the caller: nothing is queued and the channel stays usable.
 """
 from __future__ import annotations
 
 import copyreg
+import io
 import os
 import pickle
 import struct
 import threading
+import types
 from multiprocessing import context as _mp_context
 from multiprocessing.reduction import ForkingPickler
 
 from . import _core
 
-__all__ = ["dumps", "loads", "register", "OOB_BUFFER_MIN"]
+__all__ = ["Pickler", "dumps", "loads", "register", "OOB_BUFFER_MIN"]
 
 # Protocol-5 buffers smaller than this stay in the pickle: below it the table entry and the
 # 64-byte alignment cost more than the copy saves.
@@ -104,6 +122,162 @@ class _Writer:
     __slots__ = ("write",)
 
 
+try:
+    from cloudpickle import cloudpickle_fast as _cp
+except ImportError:  # pragma: no cover - Debian's python3-cloudpickle is a dependency
+    _cp = None
+
+_FunctionType = types.FunctionType
+_NO_REDUCER = object()
+
+
+def _handle_reducer(cache, t):
+    """The ForkingPickler reducer registered for t or its nearest base (None if none)."""
+    r = cache.get(t, _NO_REDUCER)
+    if r is _NO_REDUCER:
+        r = None
+        for base in t.__mro__:
+            r = _extra.get(base)
+            if r is not None:
+                break
+        cache[t] = r
+    return r
+
+
+class Pickler(ForkingPickler):
+    """ringpool's hybrid pickler (see the module docstring): ForkingPickler's handle reducers
+    first (along the MRO), then by reference, then by value through cloudpickle."""
+
+    def __init__(self, file, protocol=5, fix_imports=True, buffer_callback=None):
+        super().__init__(file, protocol, fix_imports, buffer_callback)
+        if _cp is not None:
+            # What a by-value function or class is made of (code objects, cells, modules, ...).
+            for k, v in _cp.CloudPickler._dispatch_table.items():
+                self.dispatch_table.setdefault(k, v)
+        self.globals_ref = {}  # cloudpickle's: id(func.__globals__) -> the shared namespace
+        self.proto = protocol
+        self._mro = {}
+        self._by_name = {}  # id -> function or class found importable by name
+
+    if _cp is not None:
+        _function_reduce = _cp.CloudPickler._function_reduce
+        _dynamic_function_reduce = _cp.CloudPickler._dynamic_function_reduce
+        _function_getnewargs = _cp.CloudPickler._function_getnewargs
+
+    def reducer_override(self, obj):
+        # Called by the C pickler for every object whose type is not a builtin atom or container.
+        t = type(obj)
+        r = self._mro.get(t, _NO_REDUCER)
+        if r is _NO_REDUCER:
+            r = _handle_reducer(self._mro, t)
+        if r is not None:
+            return r(obj)
+        if _cp is None:
+            return NotImplemented
+        if t is not _FunctionType and not isinstance(obj, type):
+            return NotImplemented
+        # Importable by name (the common case): remembered, since finding out walks sys.modules
+        # and costs more than pickling a small object.
+        if self._by_name.get(id(obj)) is obj:
+            return NotImplemented
+        if t is _FunctionType:
+            if len(self.globals_ref) > 256:  # ids of namespaces long gone must not be reused
+                self.globals_ref.clear()
+            r = self._function_reduce(obj)  # NotImplemented when importable by name
+        else:
+            r = _cp._class_reduce(obj)
+        if r is NotImplemented and len(self._by_name) < 4096:
+            self._by_name[id(obj)] = obj  # held: its id cannot be reused while it is here
+        return r
+
+
+def dump(obj, file, protocol=5):
+    """Pickle obj to file with the hybrid pickler (no handle collection: for process start,
+    where the spawning popen collects descriptors)."""
+    try:
+        Pickler(file, protocol).dump(obj)
+    except Exception as exc:
+        better = _explain(obj, exc)
+        if better is exc:
+            raise
+        raise better from exc
+
+
+def explain_parts(parts, exc):
+    """Like ``_explain`` for a call: parts is [(name, object)], e.g. [("args[0]", a), ...]; the
+    first part that does not pickle is searched, and its path is named from that name."""
+    for name, part in parts:
+        if _try_pickle(part) is not None:
+            better = _explain(part, exc, name)
+            return better
+    return exc
+
+
+def _explain(obj, exc, root="obj"):
+    """The pickling error of obj, naming the attribute path of the innermost part that fails.
+
+    Of the same type as the original when that type takes a message (so ``except TypeError``
+    still catches an unpicklable lock), else ``PicklingError``; the original is its cause."""
+    if getattr(exc, "_ringpool_path", None) is not None:
+        return exc
+    try:
+        path, part, err = _find_unpicklable(obj, root, 0)
+    except Exception:  # the search itself must never hide the original error
+        return exc
+    if path is None:
+        return exc
+    t = type(part)
+    msg = f"cannot pickle {path} (a {t.__module__}.{t.__qualname__}): {err}"
+    try:
+        better = type(exc)(msg)
+    except Exception:
+        better = pickle.PicklingError(msg)
+    better._ringpool_path = path
+    return better
+
+
+def _try_pickle(obj):
+    prev = getattr(_mp_tls, "spawning_popen", None)
+    _mp_tls.spawning_popen = _HandleCollector()  # descriptors are fine: they travel with frames
+    try:
+        Pickler(io.BytesIO(), 5, buffer_callback=lambda b: False).dump(obj)
+        return None
+    except Exception as e:
+        return e
+    finally:
+        _mp_tls.spawning_popen = prev
+
+
+def _children(obj):
+    t = type(obj)
+    if t is dict:
+        return [(f"[{k!r}]", v) for k, v in obj.items()]
+    if t in (list, tuple, set, frozenset):
+        return [(f"[{i}]", v) for i, v in enumerate(obj)]
+    out = []
+    d = getattr(obj, "__dict__", None)
+    if isinstance(d, dict):
+        out += [(f".{k}", v) for k, v in d.items()]
+    for cls in t.__mro__:
+        for name in getattr(cls, "__slots__", ()) if isinstance(getattr(cls, "__slots__", ()), (tuple, list)) else ():
+            if hasattr(obj, name):
+                out.append((f".{name}", getattr(obj, name)))
+    return out
+
+
+def _find_unpicklable(obj, path, depth):
+    """(path, part, error) of the innermost failing part of obj, or (None, None, None)."""
+    err = _try_pickle(obj)
+    if err is None:
+        return None, None, None
+    if depth < 16:
+        for suffix, child in _children(obj):
+            found = _find_unpicklable(child, path + suffix, depth + 1)
+            if found[0] is not None:
+                return found
+    return path, obj, err
+
+
 class _Dumper:
     """One per thread: a reusable ForkingPickler whose file is a list append (the C pickler flushes
     each dump in one write), a reusable handle collector, and the buffers of the dump in progress.
@@ -118,7 +292,7 @@ class _Dumper:
         w.write = self.out.append
         self.buffers = []
         self.collector = _HandleCollector()
-        self.pickler = ForkingPickler(w, 5, True, self._on_buffer)
+        self.pickler = Pickler(w, 5, True, self._on_buffer)
         self.dump = self.pickler.dump
         self.clear_memo = self.pickler.clear_memo
 

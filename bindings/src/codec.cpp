@@ -17,6 +17,7 @@ struct Globals {
   PyObject* dumper_class = nullptr;   // ringpool.reduction._Dumper
   PyObject* with_buffers = nullptr;   // ringpool.reduction._with_buffers
   PyObject* loads_item = nullptr;     // ringpool.reduction.loads
+  PyObject* explain = nullptr;        // ringpool.reduction._explain
   PyObject* pickle_loads = nullptr;   // _pickle.loads
   PyObject* mp_tls = nullptr;         // multiprocessing.context._tls
   PyObject* copyreg_table = nullptr;  // copyreg.dispatch_table
@@ -32,6 +33,7 @@ Globals& globals() {
     x.dumper_class = py::object(red.attr("_Dumper")).release().ptr();
     x.with_buffers = py::object(red.attr("_with_buffers")).release().ptr();
     x.loads_item = py::object(red.attr("loads")).release().ptr();
+    x.explain = py::object(red.attr("_explain")).release().ptr();
     x.pickle_loads = py::object(py::module_::import("_pickle").attr("loads")).release().ptr();
     x.mp_tls = py::object(py::module_::import("multiprocessing.context").attr("_tls")).release().ptr();
     x.copyreg_table = py::object(py::module_::import("copyreg").attr("dispatch_table")).release().ptr();
@@ -153,6 +155,31 @@ PyObject* take_output(PyObject* out) {
   return data;
 }
 
+// Replaces the pending pickling error of obj by one that names the attribute path of the part
+// that failed (ringpool.reduction._explain), chained to the original. Leaves an error set.
+void explain_pickling_error(const Globals& g, PyObject* obj) {
+  PyObject *et, *ev, *tb;
+  PyErr_Fetch(&et, &ev, &tb);
+  PyErr_NormalizeException(&et, &ev, &tb);
+  if (ev == nullptr || !PyErr_GivenExceptionMatches(et, PyExc_Exception)) {  // KeyboardInterrupt...
+    PyErr_Restore(et, ev, tb);
+    return;
+  }
+  if (tb != nullptr) PyException_SetTraceback(ev, tb);
+  PyObject* better = PyObject_CallFunctionObjArgs(g.explain, obj, ev, nullptr);
+  if (better == nullptr || better == ev) {
+    Py_XDECREF(better);
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    return;
+  }
+  PyException_SetCause(better, ev);  // steals our reference to ev
+  Py_XDECREF(tb);
+  Py_DECREF(et);
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(better)), better);
+  Py_DECREF(better);
+}
+
 }  // namespace
 
 void dump_object(PyObject* obj, Dumped& out) {
@@ -214,6 +241,8 @@ void dump_object(PyObject* obj, Dumped& out) {
     clear_list(d.out);
     clear_list(d.fds);
     clear_list(d.buffers);
+    busy.reset();  // the explanation pickles parts of obj with fresh picklers
+    explain_pickling_error(g, obj);
     throw py::error_already_set();
   }
   Py_DECREF(r);

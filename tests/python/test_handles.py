@@ -16,6 +16,7 @@ import queue
 import select
 import socket
 import stat
+import threading
 import time
 import traceback
 
@@ -648,7 +649,7 @@ def test_failed_pickling_leaves_no_descriptors_for_the_next_put():
         q = ringpool.Queue()
         r, w = os.pipe()
         with pytest.raises(Exception):
-            q.put([FdBox(w), lambda: None])  # lambdas do not pickle
+            q.put([FdBox(w), threading.Lock()])  # locks do not pickle
         os.close(r)
         os.close(w)
         q.put("plain")  # carries nothing: must not touch the closed descriptor
@@ -664,7 +665,7 @@ def test_failed_pickling_leaves_no_buffers_for_the_next_put():
         zeros = np.zeros(1 << 16, dtype=np.float32)  # 256 KiB: out of band
         ones = np.ones(1 << 16, dtype=np.float32)
         with pytest.raises(Exception):
-            q.put([zeros, lambda: None])
+            q.put([zeros, threading.Lock()])
         q.put(ones)
         got = q.get(timeout=10)
         assert np.array_equal(got, ones), f"sent ones, received {got[:4]}..."
