@@ -52,11 +52,15 @@ def main():
             sys.path.append(ringpool_dir)
     ok, message = True, ""
     try:
-        if config.get("modules"):  # registered packages: importable (and preloadable) from memory
+        if config.get("modules") or config.get("packages"):
+            # Registered packages (a Python parent's, as snapshot bytes; the C++ Pool's, as plain
+            # name/root/files): importable, and preloadable, from memory.
             from . import modules
 
-            for data in config["modules"]:
+            for data in config.get("modules") or ():
                 modules.install(modules.Snapshot.from_bytes(data))
+            for pkg in config.get("packages") or ():
+                modules.install(modules.Snapshot(pkg["name"], pkg["root"], pkg["files"]))
         for name in config["preload"]:
             importlib.import_module(name)
         _check_threads(_core, f"preloading {list(config['preload'])}", "preload less")

@@ -197,8 +197,10 @@ struct Pool::Impl {
       z.launch.executable = opts.python;
       z.launch.argv = {opts.python, "-c", bootstrap(opts.python_path, "_zygote")};
       z.launch.env = opts.env;
+      // The packages go to the zygote too: preload may name them, and its workers inherit them.
       z.config = pickle_dumps(Value::dict({{Value("preload"), str_list(opts.preload)},
-                                           {Value("main"), Value::dict()}}));
+                                           {Value("main"), Value::dict()},
+                                           {Value("packages"), packages}}));
       z.ready_timeout = opts.start_timeout;
       z.spares = std::min(opts.workers, 4);
       sup = Supervisor::zygote_mode(std::move(z));

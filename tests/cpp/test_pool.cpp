@@ -58,7 +58,9 @@ TEST_CASE("Pool runs plain-data calls in both start modes" * doctest::timeout(12
 }
 
 TEST_CASE("Pool reports Python errors, refuses non-plain results, keeps going" * doctest::timeout(120)) {
-  Pool pool(options(true));
+  PoolOptions o = options(true);
+  o.preload = {"rp_tasks"};  // a shipped package, preloaded by the zygote from memory
+  Pool pool(o);
   auto b = pool.submit("rp_tasks:boom", {Value("nope")});
   try {
     get(b);

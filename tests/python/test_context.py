@@ -329,6 +329,52 @@ def test_dataloader_order_and_shared_batches_across_settings(ctx, workers, batch
     assert shared
 
 
+@pytest.mark.parametrize("workers, batch, prefetch, modes", [(8, 1, 1, ("zygote", "exec")), (8, None, 8, ("zygote",))])
+def test_dataloader_eight_workers(workers, batch, prefetch, modes):
+    # Contract item 29 up to 8 workers (four times the cores), ringpool only: eight spawn workers
+    # each importing torch take most of a minute here (exec mode once, for the same reason).
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    ctxs = {"zygote": ringpool.get_context(preload=("torch",)), "exec": ringpool.get_context(zygote=False)}
+    for ctx in (ctxs[m] for m in modes):
+        dl = DataLoader(_SquaresDataset(), batch_size=batch, num_workers=workers, prefetch_factor=prefetch,
+                        multiprocessing_context=ctx)
+        labels, shared = [], True
+        for x, y in dl:
+            labels += [int(v) for v in (y if batch is not None else [y])]
+            shared &= x.is_shared()
+        assert labels == [i * i for i in range(40)]
+        assert shared
+
+
+class _WatchdogDataset:
+    """Each sample: the worker's parent pid and what DataLoader's ManagerWatchdog says."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        from torch.utils.data._utils.worker import ManagerWatchdog
+
+        return os.getppid(), ManagerWatchdog().is_alive()
+
+
+def test_dataloader_manager_watchdog_watches_the_main_process(ctx):
+    # ManagerWatchdog compares getppid() with its value at start: it must be the main process
+    # (CONTRACT §5), not a zygote or a fork server, or a dead main would go unnoticed.
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    got = list(DataLoader(_WatchdogDataset(), batch_size=None, num_workers=2, multiprocessing_context=ctx))
+    alive = all(ok for _, ok in got)
+    parents = {int(ppid) for ppid, _ in got}
+    if ctx.get_start_method() == "forkserver":
+        assert parents != {os.getpid()}  # the stdlib's trap: its workers are the server's children
+    else:
+        assert parents == {os.getpid()} and alive
+
+
 def test_dataloader_file_system_strategy_set_in_worker_init_fn(ctx):
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader
