@@ -790,7 +790,11 @@ class _QueueChannel(_Channel):
                            checksum_errors=self.checksum_errors)
 
     def invariants(self):
-        return check_queue_ledger(self.ledger())
+        led = self.ledger()
+        lost = led.consumed - sum(len(v) for v in led.delivered.values())
+        self.stats.notes.append(f"{len(led.finished)} producer incarnations finished, {len(led.killed)} killed; "
+                                f"{self.consumer_deaths} consumers killed, {lost} messages lost in flight with them")
+        return check_queue_ledger(led)
 
     def close(self):
         self.shared.close()
@@ -914,6 +918,8 @@ class _PipeChannel(_Channel):
 
     def invariants(self):
         t = self.totals
+        self.stats.notes.append(f"{self.inc} pairs, {t['lost']} pingers saw EOF, {t['sent'] - t['verified']} "
+                                f"messages in flight at a kill")
         return [
             Invariant("pipe: replies wrong (order, checksum, contents)", f"{t['errors']} (echoer saw {t['echo_errors']})",
                       t["errors"] == 0 and t["echo_errors"] == 0),
@@ -1022,6 +1028,7 @@ class _ExecutorChannel(_Channel):
     def invariants(self):
         dup = sum(n - 1 for n in self.died.values() if n > 1)
         nd = sum(self.died.values())
+        self.stats.notes.append(f"{self.submitted} tasks submitted, {self.completed} correct, {nd} failed with WorkerDied")
         return [
             Invariant("executor: futures that never completed", str(self.stuck), self.stuck == 0),
             Invariant("executor: wrong results", str(self.wrong), self.wrong == 0),
@@ -1111,6 +1118,8 @@ class _DataLoaderChannel(_Channel):
             self.epoch_faults += 1
 
     def invariants(self):
+        self.stats.notes.append(f"{self.epochs} epochs complete, {self.failed_expected} ended by a fault "
+                                f"(RuntimeError), {self.abandoned} cut short by the end of the run")
         return [
             Invariant("dataloader: epochs with an index missing, repeated or corrupt",
                       f"{len(self.bad_epochs)} of {self.epochs}" + (f" ({self.bad_epochs[0]})" if self.bad_epochs else ""),
@@ -1321,7 +1330,7 @@ def run(duration=30.0, faults=False, seed=None, channels=CHANNELS, max_size=MAX_
     invariants.append(Invariant("zombies", f"{len(zombies)} {zombies[:5]}" if zombies else "0", not zombies))
     leaked_fds, pooled, pooled_bytes = _new_fds(fds_before)
     pool_bytes = _core.block_pool_bytes()
-    invariants.append(Invariant("descriptors leaked in the runner (beyond ringpool's block pool)",
+    invariants.append(Invariant("descriptors leaked in the runner (besides out-of-band block caches)",
                                 f"{len(leaked_fds)} {leaked_fds[:4]}" if leaked_fds else f"0 ({len(fds_before)} before)",
                                 not leaked_fds))
     # The reader side keeps the mappings (and descriptors) of recently received blocks, up to its
