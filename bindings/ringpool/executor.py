@@ -505,6 +505,13 @@ class Executor(_Executor):
         state = "broken" if self._broken else "shut down" if self._shutdown else "running"
         return f"<ringpool.Executor {state}, {self._max_workers} workers>"
 
+    def worker_pids(self):
+        """The pids of the pool's current workers (a snapshot: a worker may die, or be replaced,
+        right after). Any thread may call it. A pid is only safe to signal while the process is
+        known to be alive: signal through ``os.pidfd_open`` after checking it is still a child."""
+        with self._lock:
+            return [w.proc.pid for w in self._workers.values() if w.proc.pid is not None]
+
     # -- workers (pool lock held) ---------------------------------------------------------------
     def _start_worker(self):
         wid = next(self._wids)

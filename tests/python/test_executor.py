@@ -316,3 +316,19 @@ def test_pool_survives_its_zygote_dying():
             assert list(ex.map(_square, range(10))) == [i * i for i in range(10)]
     finally:
         ctx.shutdown()
+
+
+def test_worker_pids_names_the_live_workers():
+    with Executor(2) as ex:
+        pids = set(ex.worker_pids())
+        assert len(pids) == 2 and pids <= our_children()
+        seen = {ex.submit(_sleep_pid, 0.05).result(60) for _ in range(20)}
+        assert seen <= pids
+        victim = next(iter(pids))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim in ex.worker_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert victim not in ex.worker_pids()
+        assert ex.submit(_square, 3).result(60) == 9
+        assert len(ex.worker_pids()) == 2
