@@ -62,13 +62,57 @@ def run(fd_base):
         self = reduction.pickle.load(stream)
     finally:
         del process.current_process()._inheriting
-    del chan, frame, stream
+    del frame, stream
+    # The boot channel stays: the parent sends new versions of registered packages on it, and
+    # every object-level get from a ringpool channel installs them before unpickling.
+    global _boot
+    _boot = chan
+    _core.set_modules_channel(chan, _install_pending_modules)
+    del chan
     try:
         parent_sentinel = os.pidfd_open(os.getppid())
     except OSError:
         parent_sentinel = None
     exitcode = self._bootstrap(parent_sentinel=parent_sentinel)
     os._exit(exitcode)
+
+
+_boot = None
+
+
+def _install_pending_modules():
+    """Install the package versions waiting on the boot channel (called from _core's gets)."""
+    chan = _boot
+    if chan is None:
+        return
+    try:
+        while True:
+            item = chan.get(0.0)
+            if item is None:
+                return
+            from .reduction import loads
+
+            kind, blobs = loads(item)
+            if kind == "modules":
+                from . import modules
+
+                for data in blobs:
+                    modules.install(modules.Snapshot.from_bytes(data))
+    except Exception as exc:
+        sys.stderr.write(f"ringpool worker {os.getpid()}: could not install a package update: {exc!r}\n")
+
+
+def _forget_boot_channel():
+    # A child forked from a worker must not take the worker's updates.
+    global _boot
+    if _boot is not None:
+        _boot = None
+        from . import _core
+
+        _core.set_modules_channel(None)
+
+
+os.register_at_fork(after_in_child=_forget_boot_channel)
 
 
 def _apply_state(state):

@@ -641,9 +641,24 @@ def _read_single(name, file):
     return Snapshot(name, root, {base: _read_file(root, file, name)})
 
 
+_listeners = []
+
+
+def add_listener(fn):
+    """Call fn() after every change of the registry or the installed table (under the registry's
+    lock, in the thread that made the change): ringpool's process layer pushes new versions to
+    running workers from it. fn must not block; its exceptions are ignored."""
+    _listeners.append(fn)
+
+
 def _bump():
     global _version
     _version += 1
+    for fn in list(_listeners):
+        try:
+            fn()
+        except Exception:
+            pass
 
 
 def _set_installed(name, snap):

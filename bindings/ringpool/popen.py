@@ -24,10 +24,13 @@ reducers collect (``duplicate_for_child``) follow them.
 """
 from __future__ import annotations
 
+import collections
 import io
 import os
+import pickle
 import signal
 import sys
+import weakref
 from multiprocessing import context as _mp_context
 from multiprocessing import connection as _mp_connection
 from multiprocessing import spawn as _mp_spawn
@@ -68,7 +71,7 @@ def _stdio():
     return out
 
 
-def _ringpool_state(context):
+def _ringpool_state(context, sent):
     state = {}
     if context.zygote:
         # An exec'd worker gets the environment at exec; a forked one has the zygote's.
@@ -78,15 +81,32 @@ def _ringpool_state(context):
     snaps = _modules.snapshots()
     if snaps:
         have = context._zygote_modules if context.zygote else {}
-        send = [s.to_bytes() for s in snaps if have.get(s.name) != s.hash]
+        send = [s for s in snaps if have.get(s.name) != s.hash]
         if send:
-            state["modules"] = send
+            state["modules"] = [s.to_bytes() for s in send]
+        sent.update({s.name: s.hash for s in snaps})
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):
         import torch.multiprocessing as tmp
 
         state["torch"] = {"sharing_strategy": tmp.get_sharing_strategy(), "num_threads": torch.get_num_threads()}
     return state
+
+
+_live = weakref.WeakSet()  # running Popens: new versions of registered packages go to them
+
+
+def _push_modules():
+    """After a registry change: every running worker gets the packages whose hash it lacks, on
+    its boot channel, before anything this process sends it afterwards (see _worker)."""
+    if not _live:
+        return
+    snaps = _modules.snapshots()
+    for p in list(_live):
+        p._push_modules(snaps)
+
+
+_modules.add_listener(_push_modules)
 
 
 class Popen:
@@ -109,7 +129,10 @@ class Popen:
     def _launch(self, process_obj, context):
         supervisor = context._supervisor()  # first: fixes what the zygote was started with
         prep_data = _mp_spawn.get_preparation_data(process_obj._name)
-        prep_data["ringpool"] = _ringpool_state(context)
+        modver = _modules.registry_version()
+        self._hashes = {}  # name -> hash of the registered packages the worker has
+        self._unsent = collections.deque()  # module updates waiting for room on the boot ring
+        prep_data["ringpool"] = _ringpool_state(context, self._hashes)
         buf = io.BytesIO()
         prev = _mp_context.get_spawning_popen()
         _mp_context.set_spawning_popen(self)
@@ -129,15 +152,32 @@ class Popen:
             argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", context._bootstrap("_worker")]
             env = [f"{k}={v}" for k, v in os.environ.items()]
             self._child = supervisor.spawn(fds, [-1, -1, -1], exe, argv, env, "")
-        self._chan = chan  # the worker's channel; later frames (modules, shutdown) go here
+        self._chan = chan  # the worker's channel; later frames (module updates) go here
         self.pid = self._child.pid
         self.sentinel = self._child.sentinel
         self.finalizer = _mp_util.Finalize(self, Popen._release, (self.__dict__,))
+        _live.add(self)
+        if _modules.registry_version() != modver:  # changed while we were starting it
+            self._push_modules(_modules.snapshots())
+
+    def _push_modules(self, snaps):
+        chan = self._chan
+        if chan is None or self.returncode is not None:
+            return
+        changed = [s for s in snaps if self._hashes.get(s.name) != s.hash]
+        if changed:
+            payload = pickle.dumps(("modules", [s.to_bytes() for s in changed]), protocol=5)
+            self._unsent.append(chan.stage(payload, 0, None, 0) if self._unsent else chan.put(payload, 0, None, 0))
+            for s in changed:
+                self._hashes[s.name] = s.hash
+        while self._unsent and (self._unsent[0] is None or chan.publish(self._unsent[0])):
+            self._unsent.popleft()
 
     @staticmethod
     def _release(state):
         state["_child"] = None
         state["_chan"] = None
+        state["_unsent"] = None
 
     # -- what BaseProcess uses ------------------------------------------------------------------
     def poll(self, flag=os.WNOHANG):

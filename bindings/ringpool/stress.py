@@ -1069,6 +1069,16 @@ class _DataLoaderChannel(_Channel):
             bad = 0
             try:
                 it = iter(loader)
+                # DataLoader registers its workers with torch's SIGCHLD handler, which runs in the
+                # main thread once any DataLoader there has installed it (earlier code in this
+                # process may have): a killed worker of this thread's loader would then raise in
+                # the main thread, wherever it is. This loader notices deaths itself (its status
+                # poll), so take its workers out of that table.
+                from torch.utils.data._utils import signal_handling
+
+                if getattr(it, "_worker_pids_set", False):
+                    signal_handling._remove_worker_pids(id(it))
+                    it._worker_pids_set = False  # so its shutdown does not remove them again
                 for batch in it:
                     idx = batch["index"].tolist()
                     with self.lock:
@@ -1303,7 +1313,18 @@ def run(duration=30.0, faults=False, seed=None, channels=CHANNELS, max_size=MAX_
     from . import _core
 
     machine = _machine()
-    gc.collect()
+    # Other contexts of this process (earlier work) refill their zygotes' spare workers about
+    # 100 ms after their last start: let that settle, so their spares and pidfds are part of the
+    # baseline and not counted as ours.
+    settle_end = time.monotonic() + 5.0
+    last = None
+    while time.monotonic() < settle_end:
+        gc.collect()
+        now = (_child_pids(), len(os.listdir("/proc/self/fd")))
+        if now == last:
+            break
+        last = now
+        time.sleep(0.5)
     fds_before = set(os.listdir("/proc/self/fd"))
     pool_before = _core.block_pool_bytes()  # blocks pooled by earlier work of this process
     shm_before = _shm_entries()

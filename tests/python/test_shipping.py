@@ -185,3 +185,37 @@ def test_zygote_preloads_a_registered_package(tmp_path):
             assert ex.submit(_versions, 0).result(60) == (7, 7)
     finally:
         ctx.shutdown()
+
+
+class _DeepVersion:
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        import shippedpkg.sub.deep  # resolved at each call: follows updates of the package
+
+        return shippedpkg.sub.deep.VERSION
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "exec"])
+def test_reload_reaches_running_workers_through_their_queues(tmp_path, zygote):
+    # A persistent DataLoader's workers keep running across the reload: the new version reaches
+    # them on their boot channel and is installed before their next index is unpickled.
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    _write_package(tmp_path, "shippedpkg", version=1)
+    ringpool.import_module_from_path("shippedpkg", str(tmp_path / "shippedpkg"))
+    ctx = ringpool.RingpoolContext(zygote=zygote, spares=0)
+    try:
+        loader = DataLoader(_DeepVersion(), batch_size=None, num_workers=2, persistent_workers=True,
+                            multiprocessing_context=ctx)
+        assert set(loader) == {1}
+        pids = {w.pid for w in loader._iterator._workers}
+        _write_package(tmp_path, "shippedpkg", version=2)
+        ringpool.reload("shippedpkg")
+        assert set(loader) == {2}
+        assert {w.pid for w in loader._iterator._workers} == pids  # the same workers
+        del loader
+    finally:
+        ctx.shutdown()

@@ -36,6 +36,9 @@ class Segment {
   std::uint8_t* base() const noexcept { return base_; }
   std::size_t size() const noexcept { return size_; }
   int fd() const noexcept { return fd_.get(); }
+  // Closes the descriptor and keeps the mapping (which keeps the memory): for readers that never
+  // pass the segment on, so a cache of mappings does not hold one descriptor each.
+  void close_fd() noexcept { fd_.reset(); }
 
  private:
   void unmap() noexcept;
