@@ -78,6 +78,10 @@ def _apply_state(state):
 
         for data in state["modules"]:
             modules.install(modules.Snapshot.from_bytes(data))
+    if state.get("bundle"):  # the context's bundle, when the zygote did not install it
+        from .bundle import _install_environment
+
+        _install_environment(*state["bundle"])
     env = state.get("environ")
     if env is not None and env != dict(os.environ):
         os.environ.clear()

@@ -57,6 +57,10 @@ def main():
 
             for data in config["modules"]:
                 modules.install(modules.Snapshot.from_bytes(data))
+        if config.get("bundle"):  # the context's bundle: the workers' environment, preloadable
+            from .bundle import _install_environment
+
+            _install_environment(*config["bundle"])
         for name in config["preload"]:
             importlib.import_module(name)
         _check_threads(_core, f"preloading {list(config['preload'])}", "preload less")

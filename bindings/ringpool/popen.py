@@ -81,6 +81,8 @@ def _ringpool_state(context):
         send = [s.to_bytes() for s in snaps if have.get(s.name) != s.hash]
         if send:
             state["modules"] = send
+    if context.bundle is not None and not context._zygote_has_bundle:
+        state["bundle"] = (context.bundle.path, context.bundle.data)  # installed before any unpickling
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):
         import torch.multiprocessing as tmp
