@@ -13,9 +13,13 @@ Public API (this issue's layer: the transport):
 - ``import_module_from_path(name, path)``, ``register_module(module)``, ``reload(name)``:
   packages imported from arbitrary folders, snapshotted so that workers can import them too
   (``ringpool.modules``; docs/design/code-shipping.md).
+- ``Bundle``, ``BundleWriter``: zip archives of packages, resources and pickles with
+  intern/extern/mock/deny rules, loaded in isolation or as the workers' environment
+  (``get_context(bundle=...)``).
 """
 from . import reduction
 from ._core import ProtocolError
+from .bundle import BadBundleError, Bundle, BundleError, BundleWriter
 from .connection import Connection, Pipe
 from .context import RingpoolContext, get_context, register_start_method
 from .executor import Executor, RemoteTraceback, TaskTimeout, WorkerDied
@@ -25,6 +29,10 @@ from .queues import JoinableQueue, Queue, SimpleQueue
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadBundleError",
+    "Bundle",
+    "BundleError",
+    "BundleWriter",
     "Connection",
     "Executor",
     "JoinableQueue",

@@ -42,6 +42,11 @@ def run(fd_base):
     if frame is None:
         sys.stderr.write("ringpool worker: no process object arrived from the parent\n")
         os._exit(255)
+    if type(frame) is not bytes:
+        # Larger than the ring's inline limit (a big process object, many or large registered
+        # packages, a bundle): the frame came out of band, as (flags, buffer, descriptors).
+        _flags, payload, _fds = frame
+        frame = bytes(payload)
     stream = io.BytesIO(frame)
     prep_data = reduction.pickle.load(stream)
     if type(prep_data) is dict and "ringpool_pool" in prep_data:
@@ -122,6 +127,10 @@ def _apply_state(state):
 
         for data in state["modules"]:
             modules.install(modules.Snapshot.from_bytes(data))
+    if state.get("bundle"):  # the context's bundle, when the zygote did not install it
+        from .bundle import _install_environment
+
+        _install_environment(*state["bundle"])
     env = state.get("environ")
     if env is not None and env != dict(os.environ):
         os.environ.clear()

@@ -61,6 +61,15 @@ def main():
                 modules.install(modules.Snapshot.from_bytes(data))
             for pkg in config.get("packages") or ():
                 modules.install(modules.Snapshot(pkg["name"], pkg["root"], pkg["files"]))
+        if config.get("bundle"):  # the context's bundle: the workers' environment, preloadable
+            from .bundle import _install_environment
+
+            _install_environment(*config["bundle"])
+        if config.get("bundle_file"):  # the C++ Pool's bundle, read here
+            from .bundle import _install_environment
+
+            with open(config["bundle_file"], "rb") as f:
+                _install_environment(config["bundle_file"], f.read())
         for name in config["preload"]:
             importlib.import_module(name)
         _check_threads(_core, f"preloading {list(config['preload'])}", "preload less")

@@ -1,4 +1,4 @@
-"""ringpool as a multiprocessing context: ``ringpool.get_context(preload=(), zygote=True)``.
+"""ringpool as a multiprocessing context: ``ringpool.get_context(preload=(), zygote=True, bundle=None)``.
 
 A ``multiprocessing.context.BaseContext`` subclass that overrides only what differs; everything
 else (Lock, RLock, Semaphore, BoundedSemaphore, Condition, Event, Barrier, Value, Array, Manager,
@@ -14,6 +14,11 @@ watches its workers, in one of two modes:
   children of this process until then;
 - exec (``zygote=False``): a fresh interpreter per worker, as spawn does.
 docs/design/spawner.md describes both.
+
+A context made with a ``bundle`` (``ringpool.Bundle`` or a path to one) installs the bundle's
+modules in the zygote (before its preload) or, when the archive does not fit in the zygote's
+configuration message or in exec mode, in each worker at its start, under their real names: in a
+worker the bundle is the environment (docs/design/code-shipping.md, "Bundles").
 
 Deviations from the stdlib contexts:
 - ``get_start_method()`` is ``"ringpool"``, never ``"fork"`` (SemLocks keep their names, so they
@@ -75,13 +80,17 @@ def _rebuild_process(cls):
 class RingpoolContext(_mp_context.BaseContext):
     _name = "ringpool"
 
-    def __init__(self, preload=(), zygote=True, ready_timeout=300.0, spares=4, preload_main=True):
+    def __init__(self, preload=(), zygote=True, ready_timeout=300.0, spares=4, preload_main=True, bundle=None):
         if isinstance(preload, str):
             preload = (preload,)
         self.preload = tuple(preload)
         self.zygote = bool(zygote)
         if self.preload and not self.zygote:
             raise ValueError("preload needs the zygote (zygote=True)")
+        from .bundle import _as_bundle
+
+        self.bundle = _as_bundle(bundle)
+        self._zygote_has_bundle = False  # set when the zygote's configuration carried it
         self._ready_timeout = float(ready_timeout)
         if int(spares) < 0:
             raise ValueError("spares must be >= 0")
@@ -96,9 +105,13 @@ class RingpoolContext(_mp_context.BaseContext):
 
     def __repr__(self):
         mode = f"zygote, preload={list(self.preload)}" if self.zygote else "exec"
+        if self.bundle is not None:
+            mode += f", bundle {self.bundle.hash[:12]}"
         return f"<ringpool context ({mode})>"
 
     def __reduce__(self):
+        if self.bundle is not None:
+            return (get_context, (self.preload, self.zygote, self.bundle))
         return (get_context, (self.preload, self.zygote))
 
     def _after_fork(self):
@@ -128,14 +141,35 @@ class RingpoolContext(_mp_context.BaseContext):
                     from . import modules
 
                     snaps = modules.snapshots()  # registered packages, installed before the preload
+                    self._check_bundle(snaps)
                     self._zygote_modules = {s.name: s.hash for s in snaps}
-                    config = pickle.dumps({"sys_path": list(sys.path), "preload": self.preload, "main": main,
-                                           "modules": [s.to_bytes() for s in snaps]})
+                    settings = {"sys_path": list(sys.path), "preload": self.preload, "main": main,
+                                "modules": [s.to_bytes() for s in snaps]}
+                    config = pickle.dumps(settings)
+                    self._zygote_has_bundle = False
+                    if self.bundle is not None:
+                        with_bundle = pickle.dumps({**settings, "bundle": (self.bundle.path, self.bundle.data)})
+                        if len(with_bundle) <= _ZYGOTE_CONFIG_MAX:
+                            config, self._zygote_has_bundle = with_bundle, True
+                        elif set(self.preload) & {n.partition(".")[0] for n in self.bundle.modules()}:
+                            raise ValueError(
+                                f"the bundle ({len(self.bundle.data)} bytes) does not fit in the zygote's "
+                                f"configuration ({_ZYGOTE_CONFIG_MAX} bytes), so its packages cannot be preloaded")
                     self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
                                                              ready_timeout=self._ready_timeout, spares=self._spares)
                 else:
+                    from . import modules
+
+                    self._check_bundle(modules.snapshots())
                     self._sup = _core.Supervisor.exec_mode()
             return self._sup
+
+    def _check_bundle(self, snaps):
+        if self.bundle is None:
+            return
+        clash = sorted({s.name for s in snaps} & {n.partition(".")[0] for n in self.bundle.modules()})
+        if clash:
+            raise ValueError(f"bundle {self.bundle.path} and the registered packages both provide {clash}")
 
     # -- ringpool's own ------------------------------------------------------------------------
     def ensure_running(self):
@@ -185,6 +219,10 @@ class RingpoolContext(_mp_context.BaseContext):
         raise ValueError("set the start method on the default context (multiprocessing.set_start_method)")
 
 
+# The zygote's configuration travels in one control message (kMaxControlPayload in
+# runtime/include/ringpool/control.hpp); a bundle that does not fit goes to each worker at its start.
+_ZYGOTE_CONFIG_MAX = (1 << 20) - 4096
+
 _contexts = {}
 _contexts_lock = threading.Lock()
 _live_contexts = weakref.WeakSet()
@@ -200,19 +238,24 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def get_context(preload=(), zygote=True):
+def get_context(preload=(), zygote=True, bundle=None):
     """The ringpool multiprocessing context for these settings (one per process and settings).
 
     preload: modules the zygote imports once, before forking any worker (e.g. ``("torch",)``).
     zygote: False for exec mode (a fresh interpreter per worker; no preload).
+    bundle: a ``ringpool.Bundle`` or a path to one: its modules are installed in every worker under
+        their real names (contexts are cached by the bundle's hash, so a path is read each call).
     """
+    from .bundle import _as_bundle
+
     if isinstance(preload, str):
         preload = (preload,)
-    key = (tuple(preload), bool(zygote))
+    bundle = _as_bundle(bundle)
+    key = (tuple(preload), bool(zygote), None if bundle is None else bundle.hash)
     with _contexts_lock:
         ctx = _contexts.get(key)
         if ctx is None:
-            ctx = _contexts[key] = RingpoolContext(*key)
+            ctx = _contexts[key] = RingpoolContext(key[0], key[1], bundle=bundle)
         return ctx
 
 

@@ -201,6 +201,11 @@ def serve_pool(config, calls, results):
     for p in reversed(config.get("sys_path_prepend") or ()):
         if p not in sys.path:
             sys.path.insert(0, p)
+    if config.get("bundle_file"):  # a no-op when the zygote installed it already
+        from .bundle import _install_environment
+
+        with open(config["bundle_file"], "rb") as f:
+            _install_environment(config["bundle_file"], f.read())
     packages = config.get("packages") or ()
     if packages:
         from . import modules

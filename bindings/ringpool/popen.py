@@ -85,6 +85,8 @@ def _ringpool_state(context, sent):
         if send:
             state["modules"] = [s.to_bytes() for s in send]
         sent.update({s.name: s.hash for s in snaps})
+    if context.bundle is not None and not context._zygote_has_bundle:
+        state["bundle"] = (context.bundle.path, context.bundle.data)  # installed before any unpickling
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):
         import torch.multiprocessing as tmp

@@ -188,6 +188,8 @@ struct Pool::Impl {
     if (opts.workers <= 0) throw std::invalid_argument("ringpool::Pool: workers must be > 0");
     if (opts.env.empty())
       for (char** e = environ; e && *e; ++e) opts.env.emplace_back(*e);
+    if (!opts.bundle.empty() && !std::filesystem::is_regular_file(opts.bundle))
+      throw std::invalid_argument("ringpool::Pool: no bundle file at " + opts.bundle);
     Value::List pk;
     for (const auto& [name, folder] : opts.packages) pk.push_back(read_package(name, folder));
     packages = Value::list(std::move(pk));
@@ -200,7 +202,8 @@ struct Pool::Impl {
       // The packages go to the zygote too: preload may name them, and its workers inherit them.
       z.config = pickle_dumps(Value::dict({{Value("preload"), str_list(opts.preload)},
                                            {Value("main"), Value::dict()},
-                                           {Value("packages"), packages}}));
+                                           {Value("packages"), packages},
+                                           {Value("bundle_file"), bundle_file()}}));
       z.ready_timeout = opts.start_timeout;
       z.spares = std::min(opts.workers, 4);
       sup = Supervisor::zygote_mode(std::move(z));
@@ -208,6 +211,12 @@ struct Pool::Impl {
       if (!opts.preload.empty()) throw std::invalid_argument("ringpool::Pool: preload needs the zygote");
       sup = Supervisor::exec_mode();
     }
+  }
+
+  // The bundle's absolute path (the workers read it), or None.
+  Value bundle_file() const {
+    if (opts.bundle.empty()) return Value();
+    return Value(std::filesystem::absolute(opts.bundle).string());
   }
 
   // -- workers -------------------------------------------------------------------------------
@@ -225,6 +234,7 @@ struct Pool::Impl {
         {Value("report_start"), Value(opts.task_timeout.count() > 0)},
         {Value("sys_path_prepend"), str_list(opts.python_path)},
         {Value("packages"), packages},
+        {Value("bundle_file"), bundle_file()},
     })}}));
     Ring::Piece piece{config.data(), config.size()};
     if (w->calls->put(proto::Kind::HELLO, 0, &piece, 1, nullptr, 0, 0))

@@ -1,6 +1,9 @@
 // ringpool::Pool: a C++ service running Python functions in worker processes.
 #include <doctest/doctest.h>
 #include <signal.h>
+#include <unistd.h>
+
+#include <cstdlib>
 
 #include <chrono>
 #include <future>
@@ -182,4 +185,32 @@ TEST_CASE("Pool shutdown: wait finishes the work, no-wait fails it, submit after
   std::this_thread::sleep_for(100ms);
   pool2.shutdown(false);
   CHECK_THROWS_AS(get(slow), PoolClosed);
+}
+
+TEST_CASE("Pool takes a bundle file as the workers' environment" * doctest::timeout(120)) {
+  const std::string bundle = "/tmp/ringpool-test-pool-" + std::to_string(::getpid()) + ".zip";
+  const std::string make =
+      "PYTHONPATH=" RINGPOOL_SOURCE_DIR "/bindings /usr/bin/python3 -c \""
+      "import ringpool\n"
+      "with ringpool.Bundle.writer('" + bundle + "', search_path=['" RINGPOOL_SOURCE_DIR "/tests/cpp/pytasks']) as w:\n"
+      "    w.intern('rp_tasks.**')\n"
+      "    w.save_module('rp_tasks')\n"
+      "    w.save_module('rp_tasks.helpers')\n\"";
+  REQUIRE(std::system(make.c_str()) == 0);
+  for (bool zygote : {true, false}) {
+    CAPTURE(zygote);
+    PoolOptions o = options(zygote);
+    o.packages.clear();  // the bundle alone provides rp_tasks
+    o.bundle = bundle;
+    if (zygote) o.preload = {"rp_tasks"};
+    Pool pool(o);
+    auto a = pool.submit("rp_tasks:add", {Value(40), Value(2)});
+    CHECK(get(a) == Value(42));
+    auto d = pool.submit("rp_tasks:deferred");
+    CHECK(get(d) == Value("rp_tasks.helpers"));
+  }
+  ::unlink(bundle.c_str());
+  PoolOptions bad = options(true);
+  bad.bundle = "/nonexistent/bundle.zip";
+  CHECK_THROWS_AS(Pool{bad}, std::invalid_argument);
 }

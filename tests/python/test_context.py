@@ -129,6 +129,19 @@ def test_exit_codes(ctx, target, args, code, capfd):
         assert "ValueError: raised in the child" in capfd.readouterr().err
 
 
+def _check_length(data, n):
+    sys.exit(0 if len(data) == n else 4)
+
+
+def test_large_process_object(ctx):
+    # Larger than the bootstrap ring's inline limit: ringpool sends it out of band.
+    data = os.urandom(300_000)
+    p = ctx.Process(target=_check_length, args=(data, len(data)))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+
+
 def test_kill_terminate_join_and_sentinel(ctx):
     p = ctx.Process(target=_sleep, args=(60,))
     p.start()

@@ -48,6 +48,9 @@ struct PoolOptions {
   // sources are read here at start and installed in each worker from memory (ringpool.modules),
   // so workers import them without the folder being on their sys.path.
   std::vector<std::pair<std::string, std::string>> packages;
+  // A bundle file (ringpool.Bundle: interned packages, mocks, resources) that becomes the workers'
+  // environment: its packages import under their real names in the zygote and every worker.
+  std::string bundle;
   // true: a preloaded zygote forks the workers; false: a fresh interpreter per worker.
   bool zygote = true;
   // The workers' environment ("KEY=value"); empty: this process's environment.
