@@ -603,7 +603,7 @@ class Executor(_Executor):
         while i < n:
             if fast and not w.unpublished and batch[i].payload is None:
                 # The fast path: plain records, pickled and published in batches.
-                records = [self._record(t, w) for t in batch[i:]]
+                records = self._records(batch, i, w)
                 before = chan.committed  # we are this ring's only producer
                 try:
                     k = chan.put_objs(records, 0, _NO_WAIT)
@@ -657,6 +657,22 @@ class Executor(_Executor):
                     w.known.add(fid)
                     fn = (fid, fn)
         return (t.op, t.tid, fn, t.args, t.kwargs)
+
+    def _records(self, batch, start, w):
+        """Call records for batch[start:] on w; a map's calls share their function, so its
+        number is looked up once for the run of calls that follows the first."""
+        out = []
+        fn = fid = None
+        for t in batch[start:]:
+            if t.fn is fn and fid is not None:
+                out.append((t.op, t.tid, fid, t.args, t.kwargs))
+                continue
+            rec = self._record(t, w)
+            out.append(rec)
+            fn = t.fn
+            f = rec[2]
+            fid = f if type(f) is int else f[0] if type(f) is tuple else None
+        return out
 
     def _record_sent(self, w, tasks):
         for t in tasks:
