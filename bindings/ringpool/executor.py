@@ -54,13 +54,12 @@ from multiprocessing import connection as _mp_connection
 from multiprocessing.reduction import DupFd
 
 from . import _core
-from . import modules as _modules
 from .reduction import dumps
 
 __all__ = ["Executor", "WorkerDied", "TaskTimeout", "RemoteTraceback"]
 
 # Call records (parent -> worker): (op, tid, fn, args, kwargs)
-_CALL, _CHUNK, _PING, _STOP, _MODULES = 0, 1, 2, 3, 4
+_CALL, _CHUNK, _PING, _STOP = 0, 1, 2, 3
 # Result records (-> parent): (wid, tid, status, value, elapsed)
 _OK, _ERR, _STARTED, _PONG, _INIT_FAILED, _DIED = 0, 1, 2, 3, 4, 5
 
@@ -156,30 +155,6 @@ def _error_payload(exc):
     except Exception as perr:
         exc = RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception itself could not be pickled: {perr})")
     return (exc, tb)
-
-
-def _install_modules(blobs):
-    from . import modules
-
-    for data in blobs:
-        try:
-            modules.install(modules.Snapshot.from_bytes(data))
-        except Exception as exc:  # the calls that need it will fail with their own import error
-            sys.stderr.write(f"ringpool worker {os.getpid()}: could not install a package: {exc}\n")
-    return len(blobs)
-
-
-class _ModulesNow:
-    """Package snapshots that install themselves when unpickled: a worker unpickles a batch of
-    records in order before running any, so the install must happen at that point."""
-
-    __slots__ = ("blobs",)
-
-    def __init__(self, blobs):
-        self.blobs = blobs
-
-    def __reduce__(self):
-        return (_install_modules, (self.blobs,))
 
 
 class _FunctionTable(dict):
@@ -280,7 +255,10 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
     done = 0
     clock = time.perf_counter
     functions = _FunctionTable()
-    resolved = {}
+    resolved = {}  # "module:qualname" -> function; forgotten when a package version is installed
+    from . import modules
+
+    modules.add_listener(resolved.clear)
     get_objs = calls.get_objs
     while True:
         try:
@@ -297,13 +275,6 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
             if op == _STOP:
                 return
             if op == _PING:
-                put((wid, tid, _PONG, None, 0.0))
-                continue
-            if op == _MODULES:
-                # New versions of registered packages, installed while this record was unpickled
-                # (_ModulesNow), before the calls behind it in the same batch: those then resolve
-                # their functions and classes in the new code, and none mixes the two versions.
-                resolved.clear()
                 put((wid, tid, _PONG, None, 0.0))
                 continue
             if report_start:
@@ -367,7 +338,7 @@ class _Task:
 
 class _Worker:
     __slots__ = ("wid", "proc", "calls", "sent", "answered", "budget", "unpublished", "running", "timed_out",
-                 "retiring", "known", "modver", "hashes")
+                 "retiring", "known")
 
     def __init__(self, wid, proc, calls, budget):
         self.wid, self.proc, self.calls = wid, proc, calls
@@ -379,8 +350,6 @@ class _Worker:
         self.timed_out = None            # tid whose deadline passed (the worker is being killed)
         self.retiring = False            # its budget is spent: it finishes what it has and exits
         self.known = set()               # numbers of the functions it has been sent
-        self.modver = -1                 # modules.registry_version() when its packages were synced
-        self.hashes = {}                 # name -> hash of the registered packages it has
 
 
 class _Batch:
@@ -521,18 +490,13 @@ class Executor(_Executor):
     def _start_worker(self):
         wid = next(self._wids)
         calls = _core.Channel.create(_CALL_CAPACITY)
-        # What the worker gets at start (read before it starts: a package registered meanwhile is
-        # sent again, which is harmless).
-        modver = _modules.registry_version()
-        hashes = {s.name: s.hash for s in _modules.snapshots()}
         proc = self._ctx.Process(
             target=_serve_refs,
             args=(wid, _ChannelRef(calls), _ChannelRef(self._results), self._initializer, self._initargs,
                   self._max_tasks, self._task_timeout is not None),
             name=f"ringpool-executor-{wid}", daemon=True)
         proc.start()
-        w = self._workers[wid] = _Worker(wid, proc, calls, self._max_tasks)
-        w.modver, w.hashes = modver, hashes
+        self._workers[wid] = _Worker(wid, proc, calls, self._max_tasks)
         self._wake_watcher()
 
     def _wake_watcher(self):
@@ -579,24 +543,7 @@ class Executor(_Executor):
             if batch:
                 self._send(w, batch, done)
 
-    def _sync_modules(self, w):
-        """Before w's next call: the registered packages that changed since w got them."""
-        v = _modules.registry_version()
-        w.modver = v
-        changed = [s for s in _modules.snapshots() if w.hashes.get(s.name) != s.hash]
-        if not changed:
-            return
-        rec = (_MODULES, None, None, _ModulesNow([s.to_bytes() for s in changed]), None)
-        p = w.calls.stage(*dumps(rec), 0) if w.unpublished else w.calls.put_obj(rec, _NO_WAIT)
-        if p is not None:
-            w.unpublished.append(p)
-        w.sent.append(_PING_MARK)  # answered with a PONG, in order
-        for snap in changed:
-            w.hashes[snap.name] = snap.hash
-
     def _send(self, w, batch, done):
-        if w.modver != _modules._version:
-            self._sync_modules(w)
         chan = w.calls
         i, n = 0, len(batch)
         fast = True
@@ -707,8 +654,6 @@ class Executor(_Executor):
             t.tid = next(self._tids)
             workers = self._open_workers()
             w = min(workers, key=lambda w: len(w.sent)) if workers else None
-            if w is not None and w.modver != _modules._version:
-                self._sync_modules(w)
             if w is None or self._backlog or w.unpublished or len(w.sent) >= self._depth:
                 try:
                     t.payload = dumps(t.record())  # pickle now: errors raise here
@@ -778,17 +723,7 @@ class Executor(_Executor):
         bar = _progress_bar(progress, total)
         try:
             for i in range(n):
-                ok, value = self._wait_item(batch, i, end)
-                if not ok:
-                    raise value
-                if chunksize == 1:
-                    if bar is not None:
-                        bar.update(1)
-                    yield value
-                else:
-                    if bar is not None:
-                        bar.update(len(value))
-                    yield from value
+                yield from _emit(*self._wait_item(batch, i, end), chunksize, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -828,16 +763,7 @@ class Executor(_Executor):
                     got = list(batch.done)
                     batch.done.clear()
                 for ok, value in got:
-                    if not ok:
-                        raise value
-                    if chunksize == 1:
-                        if bar is not None:
-                            bar.update(1)
-                        yield value
-                    else:
-                        if bar is not None:
-                            bar.update(len(value))
-                        yield from value
+                    yield from _emit(ok, value, chunksize, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -1172,6 +1098,20 @@ class Executor(_Executor):
                 if w is not None:
                     posted.add(w.wid)
                     self._post((w.wid, None, _DIED, None, 0.0))
+
+
+def _emit(ok, value, chunksize, bar):
+    """The results one map task delivered: its value, or a chunk's values; its error raised."""
+    if not ok:
+        raise value
+    if chunksize == 1:
+        if bar is not None:
+            bar.update(1)
+        yield value
+    else:
+        if bar is not None:
+            bar.update(len(value))
+        yield from value
 
 
 def _raise_call_error(fn, args, kwargs, exc):

@@ -107,7 +107,7 @@ class Snapshot:
     Immutable, so it may be shared between threads and installed into several processes.
     """
 
-    __slots__ = ("name", "root", "files", "hash")
+    __slots__ = ("name", "root", "files", "hash", "_bytes")
 
     def __init__(self, name, root, files):
         _check_top_name(name)
@@ -148,7 +148,12 @@ class Snapshot:
         return os.path.join(self.root, *rel.split("/"))
 
     def to_bytes(self):
-        """A compact, versioned encoding; ``Snapshot.from_bytes`` reverses it."""
+        """A compact, versioned encoding; ``Snapshot.from_bytes`` reverses it. Made once: a
+        snapshot goes to every worker started or updated, unchanged."""
+        try:
+            return self._bytes
+        except AttributeError:
+            pass
         parts = [_HEAD.pack(_MAGIC, _FORMAT_VERSION, 0, len(self.files), bytes.fromhex(self.hash))]
         for field in (self.name.encode(), os.fsencode(self.root)):
             parts += (_LEN.pack(len(field)), field)
@@ -156,7 +161,9 @@ class Snapshot:
             data = self.files[rel]
             enc = rel.encode()
             parts += (_LEN.pack(len(enc)), enc, _LEN.pack(len(data)), data)
-        return b"".join(parts)
+        data = b"".join(parts)
+        object.__setattr__(self, "_bytes", data)
+        return data
 
     @classmethod
     def from_bytes(cls, data):

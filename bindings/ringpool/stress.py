@@ -641,7 +641,32 @@ class _Channel:
         return True
 
 
-class _QueueChannel(_Channel):
+class _ProcChannel(_Channel):
+    """A channel whose processes (_Proc) it starts itself; faults kill them, one at a time."""
+
+    def _procs(self):
+        """The _Procs that may be killed now."""
+        raise NotImplementedError
+
+    def victims(self):
+        return [(p.role, lambda p=p: self._kill(p)) for p in self._procs()
+                if p.proc.exitcode is None and not p.killed]
+
+    def _kill(self, p):
+        with self.run.lock:
+            p.killed = True
+        p.proc.kill()
+        self.fault(p.role)
+
+    def kill_all(self):
+        for p in self._procs():
+            if p.proc.exitcode is None:
+                with self.run.lock:
+                    p.killed = True
+                p.proc.kill()
+
+
+class _QueueChannel(_ProcChannel):
     name = "queue"
 
     def __init__(self, run, producers=2, consumers=2):
@@ -762,25 +787,8 @@ class _QueueChannel(_Channel):
             if restart and not self.run.stop.is_set():
                 self._spawn(p.role, p.slot)
 
-    def victims(self):
-        out = []
-        for p in list(self.procs.values()):
-            if p.proc.exitcode is None and not p.killed:
-                out.append((p.role, lambda p=p: self._kill(p)))
-        return out
-
-    def _kill(self, p):
-        with self.run.lock:
-            p.killed = True
-        p.proc.kill()
-        self.fault(p.role)
-
-    def kill_all(self):
-        for p in list(self.procs.values()):
-            if p.proc.exitcode is None:
-                with self.run.lock:
-                    p.killed = True
-                p.proc.kill()
+    def _procs(self):
+        return list(self.procs.values())
 
     def ledger(self):
         return QueueLedger(delivered=dict(self.delivered), finished=dict(self.finished),
@@ -801,7 +809,7 @@ class _QueueChannel(_Channel):
         self.q = self.reports = None
 
 
-class _PipeChannel(_Channel):
+class _PipeChannel(_ProcChannel):
     name = "pipe"
 
     def __init__(self, run):
@@ -892,29 +900,9 @@ class _PipeChannel(_Channel):
         if restart and not self.run.stop.is_set():
             self._spawn()
 
-    def victims(self):
-        if self.pair is None:
-            return []
-        out = []
-        for p in self.pair[:2]:
-            if p.proc.exitcode is None and not p.killed:
-                out.append((p.role, lambda p=p: self._kill(p)))
-        return out
-
-    def _kill(self, p):
-        with self.run.lock:
-            p.killed = True
-        p.proc.kill()
-        self.fault(p.role)
-
-    def kill_all(self):
+    def _procs(self):
         pair = self.pair
-        if pair is not None:
-            for p in pair[:2]:
-                if p.proc.exitcode is None:
-                    with self.run.lock:
-                        p.killed = True
-                    p.proc.kill()
+        return [] if pair is None else list(pair[:2])
 
     def invariants(self):
         t = self.totals

@@ -334,8 +334,11 @@ def test_dataloader_order_and_shared_batches_across_settings(ctx, workers, batch
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader
 
-    dl = DataLoader(_SquaresDataset(), batch_size=batch, num_workers=workers, prefetch_factor=prefetch,
-                    multiprocessing_context=ctx)
+    _check_order_and_sharing(DataLoader(_SquaresDataset(), batch_size=batch, num_workers=workers,
+                                        prefetch_factor=prefetch, multiprocessing_context=ctx), batch)
+
+
+def _check_order_and_sharing(dl, batch):
     labels, shared = [], True
     for x, y in dl:
         labels += [int(v) for v in (y if batch is not None else [y])]
@@ -353,14 +356,8 @@ def test_dataloader_eight_workers(workers, batch, prefetch, modes):
 
     ctxs = {"zygote": ringpool.get_context(preload=("torch",)), "exec": ringpool.get_context(zygote=False)}
     for ctx in (ctxs[m] for m in modes):
-        dl = DataLoader(_SquaresDataset(), batch_size=batch, num_workers=workers, prefetch_factor=prefetch,
-                        multiprocessing_context=ctx)
-        labels, shared = [], True
-        for x, y in dl:
-            labels += [int(v) for v in (y if batch is not None else [y])]
-            shared &= x.is_shared()
-        assert labels == [i * i for i in range(40)]
-        assert shared
+        _check_order_and_sharing(DataLoader(_SquaresDataset(), batch_size=batch, num_workers=workers,
+                                            prefetch_factor=prefetch, multiprocessing_context=ctx), batch)
 
 
 class _WatchdogDataset:
