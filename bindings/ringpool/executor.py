@@ -58,16 +58,22 @@ from .reduction import dumps
 
 __all__ = ["Executor", "WorkerDied", "TaskTimeout", "RemoteTraceback"]
 
-# Call records (parent -> worker): (op, tid, fn, args, kwargs)
-_CALL, _CHUNK, _PING, _STOP = 0, 1, 2, 3
+# Call records (parent -> worker): (op, tid, fn, args, kwargs). A _RUN record carries a map's
+# calls to one worker: args is a list of argument tuples, item k has task id tid + k, and each item
+# is answered with its own result record, as a _CALL is.
+_CALL, _CHUNK, _PING, _STOP, _RUN = 0, 1, 2, 3, 4
 # Result records (-> parent): (wid, tid, status, value, elapsed)
 _OK, _ERR, _STARTED, _PONG, _INIT_FAILED, _DIED = 0, 1, 2, 3, 4, 5
 
 _CALL_CAPACITY = 1 << 20
 _RESULT_CAPACITY = 4 << 20
-_MIN_DEPTH, _MAX_DEPTH = 2, 256
+_MIN_DEPTH, _MAX_DEPTH = 2, 1024
 _QUEUED_WORK = 0.002  # seconds of work to keep queued per worker
 _NO_WAIT = _core.NO_BACKPRESSURE
+# A caller waiting for a result reads the result ring itself, in steps of _HELP_STEP seconds; the
+# collector thread leaves the ring to it while it has read within _HELP_GRACE seconds.
+_HELP_STEP = 0.05
+_HELP_GRACE = 0.003
 # Functions that travel once per worker and are then named by number (hashable, and the same
 # object on every call, unlike bound methods or partials).
 _TABLED = (types.FunctionType, types.BuiltinFunctionType, str)
@@ -260,12 +266,55 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
 
     modules.add_listener(resolved.clear)
     get_objs = calls.get_objs
+
+    def run(tid, fn, args, kwargs, op):
+        """One call (or chunk), its result published. Returns fn resolved, for a run's next item."""
+        if report_start:
+            put((wid, tid, _STARTED, None, 0.0))
+        t0 = clock()
+        try:
+            if type(fn) is int:
+                fn = functions[fn]
+            elif type(fn) is tuple:  # first use here: (id, function)
+                fid, f = fn
+                if type(f) is str:
+                    f = _resolve(f)
+                fn = functions[fid] = f
+            elif type(fn) is str:  # the C++ Pool names its functions
+                f = resolved.get(fn)
+                if f is None:
+                    f = resolved[fn] = _resolve(fn)
+                fn = f
+            if op == _CHUNK:
+                value = [fn(*a) for a in args]
+            else:
+                value = fn(*args, **kwargs) if kwargs else fn(*args)
+            if plain:
+                if type(value) in (bytearray, memoryview):
+                    value = bytes(value)
+                why = _plain_problem(value)
+                if why:
+                    raise TypeError(f"the task returned {why}; a ringpool::Pool task must return plain "
+                                    f"data (None, bool, int, float, str, bytes, list, tuple, dict)")
+            rec = (wid, tid, _OK, value, clock() - t0)
+        except BaseException as exc:
+            rec = (wid, tid, _ERR, error_payload(exc), clock() - t0)
+        value = None
+        try:
+            put(rec)
+        except Exception as exc:
+            err = pickle.PicklingError(f"the task's result could not be pickled: {exc}")
+            err.__cause__ = exc
+            put((wid, tid, _ERR, error_payload(err), rec[4]))
+        return fn
+
     while True:
         try:
             batch = get_objs(64, None)
         except Exception as exc:
             # A call that does not unpickle here (its function or an argument's class does not
             # exist in the worker); it is the oldest call the parent has not had an answer for.
+            # (The parent sends a run that fails so again one call at a time.)
             put((wid, None, _ERR, error_payload(exc), 0.0))
             done += 1
             if max_tasks and done >= max_tasks:
@@ -277,45 +326,15 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
             if op == _PING:
                 put((wid, tid, _PONG, None, 0.0))
                 continue
-            if report_start:
-                put((wid, tid, _STARTED, None, 0.0))
-            t0 = clock()
-            try:
-                if type(fn) is int:
-                    fn = functions[fn]
-                elif type(fn) is tuple:  # first use here: (id, function)
-                    fid, fn = fn
-                    if type(fn) is str:
-                        fn = _resolve(fn)
-                    functions[fid] = fn
-                elif type(fn) is str:  # the C++ Pool names its functions
-                    f = resolved.get(fn)
-                    if f is None:
-                        f = resolved[fn] = _resolve(fn)
-                    fn = f
-                if op == _CALL:
-                    value = fn(*args, **kwargs) if kwargs else fn(*args)
-                else:
-                    value = [fn(*a) for a in args]
-                if plain:
-                    if type(value) in (bytearray, memoryview):
-                        value = bytes(value)
-                    why = _plain_problem(value)
-                    if why:
-                        raise TypeError(f"the task returned {why}; a ringpool::Pool task must return plain "
-                                        f"data (None, bool, int, float, str, bytes, list, tuple, dict)")
-                rec = (wid, tid, _OK, value, clock() - t0)
-            except BaseException as exc:
-                rec = (wid, tid, _ERR, error_payload(exc), clock() - t0)
-            fn = args = kwargs = value = None
-            try:
-                put(rec)
-            except Exception as exc:
-                err = pickle.PicklingError(f"the task's result could not be pickled: {exc}")
-                err.__cause__ = exc
-                put((wid, tid, _ERR, error_payload(err), rec[4]))
-            rec = None
-            done += 1
+            if op == _RUN:  # a map's calls: item k has task id tid + k (never cut by max_tasks)
+                for a in args:
+                    fn = run(tid, fn, a, None, _CALL)
+                    tid += 1
+                done += len(args)
+            else:
+                run(tid, fn, args, kwargs, op)
+                done += 1
+            fn = args = kwargs = None
             if max_tasks and done >= max_tasks:
                 return
         batch = None
@@ -324,25 +343,43 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
 # -- the parent side ---------------------------------------------------------------------------
 
 class _Task:
-    __slots__ = ("tid", "op", "fn", "args", "kwargs", "sink", "index", "wid", "payload", "running")
+    """A call, a chunk, or a run: n consecutive calls of a map (op _RUN), items index..index+n-1 of
+    the argument tuples in args, with task ids tid..tid+n-1, delivered to their batch one by one."""
 
-    def __init__(self, tid, op, fn, args, kwargs, sink, index):
+    __slots__ = ("tid", "op", "fn", "args", "kwargs", "sink", "index", "wid", "payload", "running", "n", "k")
+
+    def __init__(self, tid, op, fn, args, kwargs, sink, index, n=1):
         self.tid, self.op, self.fn, self.args, self.kwargs = tid, op, fn, args, kwargs
         self.sink, self.index, self.wid = sink, index, None
         self.payload = None    # (payload, flags, fds) once pickled ahead of sending
         self.running = False   # its Future was set running (it may still be sent again)
+        self.n = n             # results it delivers
+        self.k = 0             # of those, answered (a sent run)
 
     def record(self):
         return (self.op, self.tid, self.fn, self.args, self.kwargs)
 
+    def item(self, j):
+        """Item j of a run, as a task of its own."""
+        t = _Task(self.tid + j, _CALL, self.fn, self.args[self.index + j], None, self.sink, self.index + j)
+        t.running = True
+        return t
+
+    def rest(self, j):
+        """Items j.. of a run, as a run of their own."""
+        t = _Task(self.tid + j, _RUN, self.fn, self.args, None, self.sink, self.index + j, self.n - j)
+        t.running = True
+        return t
+
 
 class _Worker:
-    __slots__ = ("wid", "proc", "calls", "sent", "answered", "budget", "unpublished", "running", "timed_out",
+    __slots__ = ("wid", "proc", "calls", "sent", "load", "answered", "budget", "unpublished", "running", "timed_out",
                  "retiring", "known")
 
     def __init__(self, wid, proc, calls, budget):
         self.wid, self.proc, self.calls = wid, proc, calls
         self.sent = collections.deque()  # records sent and not answered, in order: _Task or _PING_MARK
+        self.load = 0                    # calls sent and not answered (a run counts its items)
         self.answered = 0                # records answered (results and pongs)
         self.budget = budget             # calls it may still be sent (max_tasks_per_child), or None
         self.unpublished = collections.deque()  # Pendings accepted while its ring was full, in order
@@ -374,6 +411,10 @@ class _Batch:
 
 
 _PING_MARK = object()
+
+
+def _load(w):
+    return w.load
 
 
 class _Future(Future):
@@ -447,12 +488,13 @@ class Executor(_Executor):
 
         self._lock = threading.Lock()
         self._reader = threading.Lock()  # the role of taking and handling result records
+        self._helped_at = 0.0            # when a waiting caller last read results itself
         self._finished_flag = False
         self._results = _core.Channel.create(_RESULT_CAPACITY)
         self._workers = {}             # wid -> _Worker
         self._tasks = {}               # tid -> _Task, every task not finished
         self._backlog = collections.deque()  # tasks waiting for room in a worker
-        self._tids = itertools.count(1)
+        self._next_tid = 1             # task ids (pool lock); a run takes one per item
         self._wids = itertools.count(1)
         self._avg = 1e-4               # moving average of the task time the workers report
         self._depth = _MIN_DEPTH
@@ -525,21 +567,38 @@ class Executor(_Executor):
             workers = self._open_workers()
             if not workers:
                 return
-            w = min(workers, key=lambda w: len(w.sent))
-            room = depth - len(w.sent)
+            w = min(workers, key=_load)
+            room = depth - w.load
             if room <= 0:
                 return
             if w.budget is not None:
                 room = min(room, w.budget)
             batch = []
-            while backlog and len(batch) < room:
-                t = backlog.popleft()
+            while backlog and room > 0:
+                t = backlog[0]
+                if t.op == _RUN:
+                    if t.n > room:  # the worker takes the run's first items; the rest wait
+                        head = t.rest(0)
+                        head.n = room
+                        self._tasks[head.tid] = head  # in t's place
+                        t.tid += room
+                        t.index += room
+                        t.n -= room
+                        self._tasks[t.tid] = t
+                        t = head
+                    else:
+                        backlog.popleft()
+                    batch.append(t)
+                    room -= t.n
+                    continue
+                backlog.popleft()
                 if isinstance(t.sink, Future) and not t.running:
                     if not t.sink.set_running_or_notify_cancel():
                         self._tasks.pop(t.tid, None)  # cancelled while waiting
                         continue
                     t.running = True
                 batch.append(t)
+                room -= 1
             if batch:
                 self._send(w, batch, done)
 
@@ -580,7 +639,11 @@ class Executor(_Executor):
                 p = (chan.stage(payload, flags, fds, 0) if w.unpublished
                      else chan.put_payload(payload, flags, fds, _NO_WAIT))
             except Exception as exc:
-                self._fail_unsent(t, exc, done)
+                if t.op == _RUN:
+                    # One of its items does not pickle: they go one call at a time, failing only it.
+                    self._send(w, self._split_run(t), done)
+                else:
+                    self._fail_unsent(t, exc, done)
                 i += 1
                 continue
             t.payload = None
@@ -603,7 +666,7 @@ class Executor(_Executor):
                 else:
                     w.known.add(fid)
                     fn = (fid, fn)
-        return (t.op, t.tid, fn, t.args, t.kwargs)
+        return (t.op, t.tid, fn, t.args[t.index:t.index + t.n] if t.op == _RUN else t.args, t.kwargs)
 
     def _records(self, batch, start, w):
         """Call records for batch[start:] on w; a map's calls share their function, so its
@@ -612,7 +675,7 @@ class Executor(_Executor):
         fn = fid = None
         for t in batch[start:]:
             if t.fn is fn and fid is not None:
-                out.append((t.op, t.tid, fid, t.args, t.kwargs))
+                out.append((t.op, t.tid, fid, t.args[t.index:t.index + t.n] if t.op == _RUN else t.args, t.kwargs))
                 continue
             rec = self._record(t, w)
             out.append(rec)
@@ -622,10 +685,21 @@ class Executor(_Executor):
         return out
 
     def _record_sent(self, w, tasks):
+        n = 0
         for t in tasks:
             t.wid = w.wid
             w.sent.append(t)
-        self._spend(w, len(tasks))
+            n += t.n
+        w.load += n
+        self._spend(w, n)
+
+    def _split_run(self, t):
+        """A run not yet sent, as one task per item (each registered in its place)."""
+        del self._tasks[t.tid]
+        items = [t.item(j) for j in range(t.n)]
+        for it in items:
+            self._tasks[it.tid] = it
+        return items
 
     def _fail_unsent(self, t, exc, done):
         if self._tasks.pop(t.tid, None) is not None:
@@ -651,14 +725,15 @@ class Executor(_Executor):
         t = _Task(0, _CALL, fn, args, kwargs or None, f, 0)
         with self._lock:
             self._check_open()
-            t.tid = next(self._tids)
+            t.tid = self._next_tid
             workers = self._open_workers()
-            w = min(workers, key=lambda w: len(w.sent)) if workers else None
-            if w is None or self._backlog or w.unpublished or len(w.sent) >= self._depth:
+            w = min(workers, key=_load) if workers else None
+            if w is None or self._backlog or w.unpublished or w.load >= self._depth:
                 try:
                     t.payload = dumps(t.record())  # pickle now: errors raise here
                 except Exception as exc:
                     _raise_call_error(fn, args, kwargs, exc)
+                self._next_tid += 1
                 self._tasks[t.tid] = t
                 self._backlog.append(t)
                 done = []
@@ -671,6 +746,7 @@ class Executor(_Executor):
                     if type(rec[2]) is tuple:
                         w.known.discard(rec[2][0])
                     _raise_call_error(fn, args, kwargs, exc)
+                self._next_tid += 1
                 f.set_running_or_notify_cancel()
                 t.running = True
                 self._tasks[t.tid] = t
@@ -689,7 +765,7 @@ class Executor(_Executor):
         end = None if timeout is None else time.monotonic() + timeout
         items = list(zip(*iterables))
         batch = _Batch(ordered=True)
-        n = self._enqueue(fn, items, chunksize, batch, 0)
+        n = self._enqueue(fn, items, chunksize, batch)
         return self._ordered_results(batch, n, chunksize, end, len(items), progress)
 
     def imap_unordered(self, fn, iterable, chunksize=1, progress=False, total=None):
@@ -699,31 +775,45 @@ class Executor(_Executor):
             raise ValueError("chunksize must be >= 1")
         return self._unordered_results(fn, iter(iterable), chunksize, progress, total)
 
-    def _enqueue(self, fn, items, chunksize, batch, index):
-        tasks = []
-        for i in range(0, len(items), chunksize):
-            if chunksize == 1:
-                tasks.append(_Task(0, _CALL, fn, items[i], None, batch, index))
-            else:
-                tasks.append(_Task(0, _CHUNK, fn, items[i:i + chunksize], None, batch, index))
-            index += 1
+    def _enqueue(self, fn, items, chunksize, batch):
+        """Queue fn over items (argument tuples), each result delivered to batch at its position
+        (a chunk's at the chunk's). Returns the number of results to come."""
+        if chunksize == 1 and self._max_tasks is None:
+            # One run for all of them: the dispatcher cuts it into pieces as workers have room.
+            # (With max_tasks_per_child, one task per call keeps each worker's count exact.)
+            tasks = [_Task(0, _RUN, fn, items, None, batch, 0, len(items))] if items else []
+        elif chunksize == 1:
+            tasks = [_Task(0, _CALL, fn, a, None, batch, i) for i, a in enumerate(items)]
+        else:
+            tasks = [_Task(0, _CHUNK, fn, items[i:i + chunksize], None, batch, i // chunksize)
+                     for i in range(0, len(items), chunksize)]
+        n = 0
         done = []
         with self._lock:
             self._check_open()
             for t in tasks:
-                t.tid = next(self._tids)
+                t.tid = self._next_tid
+                self._next_tid += t.n
                 self._tasks[t.tid] = t
-            batch.pending += len(tasks)
+                n += t.n
+            batch.pending += n
             self._backlog.extend(tasks)
             self._dispatch(done)
         self._deliver(done)
-        return len(tasks)
+        return n
 
     def _ordered_results(self, batch, n, chunksize, end, total, progress):
         bar = _progress_bar(progress, total)
+        done = batch.done
         try:
             for i in range(n):
-                yield from _emit(*self._wait_item(batch, i, end), chunksize, bar)
+                item = done.pop(i, None)  # results are inserted under the GIL: no lock to look
+                if item is None:
+                    item = self._wait_item(batch, i, end)
+                if item[0] and chunksize == 1 and bar is None:
+                    yield item[1]
+                else:
+                    yield from _emit(item[0], item[1], chunksize, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -731,16 +821,33 @@ class Executor(_Executor):
 
     def _wait_item(self, batch, i, end):
         done = batch.done
-        item = done.pop(i, None)  # the collector inserts under the GIL: no lock needed to look
-        if item is not None:
-            return item
-        with batch.cond:
-            while i not in done:
-                remaining = None if end is None else end - time.monotonic()
-                if remaining is not None and remaining <= 0:
+        while True:
+            item = done.pop(i, None)
+            if item is not None:
+                return item
+            step = _HELP_STEP
+            if end is not None:
+                step = min(step, end - time.monotonic())
+                if step <= 0:
                     raise _FuturesTimeout()
-                batch.cond.wait(remaining)
-            return done.pop(i)
+            self._await(batch, lambda: i in done, step)
+
+    def _await(self, batch, ready, step):
+        """One step of waiting for batch's results: read the result ring in this thread when no
+        other thread has the reader role (no hand-off through the collector thread), else wait
+        to be handed them."""
+        reader = self._reader
+        if reader.acquire(False):
+            try:
+                if not ready():
+                    self._helped_at = time.monotonic()
+                    self._drain(step)
+            finally:
+                reader.release()
+            return
+        with batch.cond:
+            if not ready():
+                batch.cond.wait(step)
 
     def _unordered_results(self, fn, it, chunksize, progress, total):
         batch = _Batch(ordered=False)
@@ -750,20 +857,22 @@ class Executor(_Executor):
         try:
             while True:
                 while not exhausted and batch.pending < window:
-                    chunk = list(itertools.islice(it, chunksize * 64))
+                    chunk = list(itertools.islice(it, chunksize * 256))
                     if not chunk:
                         exhausted = True
                         break
-                    self._enqueue(fn, [(x,) for x in chunk], chunksize, batch, 0)
-                with batch.cond:
-                    while not batch.done:
-                        if exhausted and batch.pending == 0:
-                            return
-                        batch.cond.wait()
-                    got = list(batch.done)
-                    batch.done.clear()
-                for ok, value in got:
-                    yield from _emit(ok, value, chunksize, bar)
+                    self._enqueue(fn, [(x,) for x in chunk], chunksize, batch)
+                done = batch.done  # appended to by the reader (deque operations are atomic)
+                while not done:
+                    if exhausted and batch.pending == 0:
+                        return
+                    self._await(batch, lambda: done or (exhausted and batch.pending == 0), _HELP_STEP)
+                while done:
+                    ok, value = done.popleft()
+                    if ok and chunksize == 1 and bar is None:
+                        yield value
+                    else:
+                        yield from _emit(ok, value, chunksize, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -778,7 +887,7 @@ class Executor(_Executor):
             for t in self._backlog:
                 if t.sink is batch:
                     self._tasks.pop(t.tid, None)
-                    batch.pending -= 1
+                    batch.pending -= t.n
                 else:
                     keep.append(t)
             self._backlog = keep
@@ -848,9 +957,16 @@ class Executor(_Executor):
         """The collector thread: waits for records without taking them, then takes the reader
         role to handle them (a caller blocked in ``Future.result`` may hold the role instead)."""
         results, reader = self._results, self._reader
+        monotonic = time.monotonic
         try:
             while True:
                 results.poll(1.0)
+                # A caller iterating a map (or waiting on a future) reads results itself between
+                # its items; leave them to it unless it has not for a while (its loop is slow).
+                idle = monotonic() - self._helped_at
+                if idle < _HELP_GRACE:
+                    time.sleep(_HELP_GRACE - idle)
+                    continue
                 with reader:
                     if self._drain(0.0):
                         break
@@ -865,9 +981,10 @@ class Executor(_Executor):
         try:
             end = None if timeout is None else time.monotonic() + timeout
             while not f.done() and not self._finished_flag:
-                step = 0.05 if end is None else min(0.05, end - time.monotonic())
+                step = _HELP_STEP if end is None else min(_HELP_STEP, end - time.monotonic())
                 if step <= 0:
                     return
+                self._helped_at = time.monotonic()
                 self._drain(step)
         finally:
             self._reader.release()
@@ -896,17 +1013,30 @@ class Executor(_Executor):
                     avg = self._avg
                     continue
                 t = w.sent[0]
-                if t.tid != tid:
+                k = t.k
+                if t.tid + k != tid:
                     self._avg = avg
                     self._handle(rec, done)
                     avg = self._avg
                     continue
+                w.load -= 1
+                w.running = None
+                avg += (elapsed - avg) * 0.05
+                if t.op == _RUN:  # one of a run's items: the run stays until its last
+                    t.k = k = k + 1
+                    if k == t.n:
+                        w.sent.popleft()
+                        w.answered += 1
+                        tasks.pop(t.tid, None)
+                    sink = t.sink
+                    sink.pending -= 1
+                    sink.deliver(t.index + k - 1, True, value)
+                    sinks.add(sink)
+                    continue
                 w.sent.popleft()
                 w.answered += 1
-                w.running = None
                 if tasks.pop(tid, None) is None:
                     continue
-                avg += (elapsed - avg) * 0.05
                 sink = t.sink
                 if type(sink) is _Batch:
                     sink.pending -= 1
@@ -918,7 +1048,7 @@ class Executor(_Executor):
             for sink in sinks:
                 sink.flush()
             if recs:
-                self._depth = max(_MIN_DEPTH, min(_MAX_DEPTH, int(_QUEUED_WORK / (avg + 1e-5))))
+                self._depth = max(_MIN_DEPTH, min(_MAX_DEPTH, int(_QUEUED_WORK / (avg + 2e-6))))
                 self._dispatch(done)
             self._publish_pending()
             finished = (self._shutdown or self._broken is not None) and not self._tasks
@@ -937,8 +1067,25 @@ class Executor(_Executor):
             if tid is not None:
                 # Calls in front of this one that have no answer lost their results to a
                 # record that did not unpickle (the worker answers in order).
-                while w.sent and w.sent[0] is not _PING_MARK and w.sent[0].tid != tid:
+                while w.sent and w.sent[0] is not _PING_MARK and w.sent[0].tid + w.sent[0].k != tid:
                     self._lost_result(w, done)
+            elif w.sent and w.sent[0] is not _PING_MARK:
+                # The oldest call did not unpickle in the worker. If it carried its function's
+                # first use there, the worker did not learn it: the next call carries it again.
+                fn = w.sent[0].fn
+                if type(fn) in _TABLED and fn in self._fn_ids:
+                    w.known.discard(self._fn_ids[fn])
+            if tid is None and w.sent and w.sent[0] is not _PING_MARK and w.sent[0].op == _RUN \
+                    and w.sent[0].k == 0:
+                # A run that did not unpickle in the worker: its calls go again one at a time, so
+                # that only the one at fault fails.
+                t = w.sent.popleft()
+                w.answered += 1
+                w.load -= t.n
+                w.running = None
+                t.wid = None
+                self._backlog.extendleft(reversed(self._split_run(t)))
+                return
             t = self._answer(w)
             w.running = None
             if t is None:
@@ -963,12 +1110,25 @@ class Executor(_Executor):
             self._break(f"a worker's initializer raised {type(exc).__name__}: {exc}", RemoteTraceback(tb), done)
 
     def _answer(self, w):
-        """The oldest call w had not answered; its task if still unfinished."""
+        """The oldest call w had not answered; its task if still unfinished (a run's item: a
+        task of its own)."""
         while w.sent:
-            t = w.sent.popleft()
-            w.answered += 1
+            t = w.sent[0]
             if t is _PING_MARK:
+                w.sent.popleft()
+                w.answered += 1
                 continue
+            w.load -= 1
+            if t.op == _RUN:
+                item = t.item(t.k)
+                t.k += 1
+                if t.k == t.n:
+                    w.sent.popleft()
+                    w.answered += 1
+                    self._tasks.pop(t.tid, None)
+                return item
+            w.sent.popleft()
+            w.answered += 1
             return t if self._tasks.pop(t.tid, None) is not None else None
         return None
 
@@ -987,9 +1147,8 @@ class Executor(_Executor):
                         w.unpublished.append(p)
 
     def _lost_result(self, w, done):
-        t = w.sent.popleft()
-        w.answered += 1
-        if self._tasks.pop(t.tid, None) is None:
+        t = self._answer(w)
+        if t is None:
             return
         cause = self._lost.pop(0) if self._lost else None
         err = pickle.UnpicklingError(f"the task's result could not be unpickled here: {cause}")
@@ -1020,6 +1179,12 @@ class Executor(_Executor):
                 continue
             if i == 0 and running:
                 if self._tasks.pop(t.tid, None) is not None:
+                    if t.op == _RUN:  # its item k was running; the ones after it had not started
+                        if t.k + 1 < t.n:
+                            rest = t.rest(t.k + 1)
+                            self._tasks[rest.tid] = rest
+                            retry.append(rest)
+                        t = t.item(t.k)
                     if w.timed_out == t.tid:
                         err = TaskTimeout(proc.pid, self._task_timeout)
                     else:
@@ -1029,6 +1194,7 @@ class Executor(_Executor):
                 t.wid = None
                 retry.append(t)
         w.sent.clear()
+        w.load = 0
         w.unpublished.clear()
         self._backlog.extendleft(reversed(retry))
         busy = self._tasks or not self._shutdown
@@ -1041,13 +1207,15 @@ class Executor(_Executor):
             return
         self._broken = reason
         for t in self._tasks.values():
-            err = BrokenProcessPool(reason)
-            err.__cause__ = cause
-            done.append((t, False, err))
+            for item in (t.item(j) for j in range(t.k, t.n)) if t.op == _RUN else (t,):
+                err = BrokenProcessPool(reason)
+                err.__cause__ = cause
+                done.append((item, False, err))
         self._tasks.clear()
         self._backlog.clear()
         for w in self._workers.values():
             w.sent.clear()
+            w.load = 0
             w.unpublished.clear()
 
     def _stop_workers(self):

@@ -212,6 +212,93 @@ def test_a_dead_worker_fails_only_its_task_and_is_replaced(how, desc):
         assert err.pid not in after and len(after) == 2
 
 
+class _OnlyInParent:
+    """Pickled by reference to a module the workers cannot import (set up by the test)."""
+
+
+def _item(job):
+    """One call of a map: does job's action, then logs its index (O_APPEND: one line per call)."""
+    i, action, log = job
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "hang":
+        time.sleep(60)
+    time.sleep(0.0005)
+    with open(log, "a") as f:
+        f.write(f"{i}\n")
+    return _result_only_the_worker_can_load(i) if action == "alien" else i
+
+
+@pytest.fixture
+def one_run(monkeypatch):
+    """Workers take up to 1000 calls at a time, so a map of a few hundred goes to one worker as
+    one run record and its bad item sits in the middle of it."""
+    from ringpool import executor
+
+    monkeypatch.setattr(executor, "_MIN_DEPTH", 1000)
+    monkeypatch.setattr(executor, "_MAX_DEPTH", 1000)
+
+
+def _map_with_one_bad_item(ex, tmp_path, n, bad, action):
+    """map(_item) over n jobs, item `bad` doing `action`: the results before it, its error, and
+    how many times each item ran. The map is left only once every other item has run (leaving
+    it cancels the calls not yet sent, as the stdlib's map does)."""
+    log = str(tmp_path / "ran")
+    jobs = [(i, action if i == bad else "ok", log) for i in range(n)]
+    it = ex.map(_item, jobs)
+    got = [next(it) for _ in range(bad)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with open(log) as f:
+            ran = [int(line) for line in f]
+        if len(ran) >= n - 1:
+            break
+        time.sleep(0.05)
+    with pytest.raises(Exception) as info:
+        next(it)
+    counts = {i: ran.count(i) for i in set(ran)}
+    return got, info.value, counts
+
+
+@pytest.mark.parametrize("action", ["kill", "alien"])
+def test_a_maps_bad_item_fails_alone_and_every_other_item_runs_once(action, tmp_path, one_run):
+    # A map's calls travel to a worker many to a record: one of them dying with its worker, or
+    # returning a result the parent cannot load, still fails only that item.
+    with Executor(2) as ex:
+        got, err, counts = _map_with_one_bad_item(ex, tmp_path, 400, 237, action)
+        assert got == list(range(237))
+        if action == "kill":
+            assert isinstance(err, WorkerDied) and "SIGKILL" in str(err)
+            assert 237 not in counts
+        else:
+            assert isinstance(err, pickle.UnpicklingError)
+            assert counts.pop(237) == 1
+        assert counts == {i: 1 for i in range(400) if i != 237}
+        assert list(ex.map(_square, range(300))) == [i * i for i in range(300)]
+        assert len(ex.worker_pids()) == 2
+
+
+def test_a_map_item_whose_argument_does_not_unpickle_in_the_worker_fails_alone(tmp_path, one_run):
+    mod = types.ModuleType("_ringpool_only_in_parent_args")
+    mod.Thing = type("Thing", (), {"__module__": mod.__name__})
+    sys.modules[mod.__name__] = mod
+    try:
+        with Executor(2) as ex:
+            got, err, counts = _map_with_one_bad_item(ex, tmp_path, 300, 150, mod.Thing())
+            assert got == list(range(150)) and isinstance(err, ModuleNotFoundError)
+            assert counts == {i: 1 for i in range(300) if i != 150}
+            assert list(ex.map(_square, range(300))) == [i * i for i in range(300)]
+    finally:
+        del sys.modules[mod.__name__]
+
+
+def test_a_map_item_that_times_out_fails_alone(tmp_path, one_run):
+    with Executor(2, task_timeout=1.0) as ex:
+        got, err, counts = _map_with_one_bad_item(ex, tmp_path, 200, 77, "hang")
+        assert got == list(range(77)) and isinstance(err, TaskTimeout)
+        assert counts == {i: 1 for i in range(200) if i != 77}
+
+
 def test_task_timeout_kills_and_replaces_its_worker():
     with Executor(2, task_timeout=1.0) as ex:
         slow = ex.submit(_sleep_pid, 30)
