@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -188,6 +189,7 @@ class Decoder {
     budget_ = n > (max - limits.max_decoded_slack) / (limits.max_expansion ? limits.max_expansion : 1)
                   ? max
                   : n * limits.max_expansion + limits.max_decoded_slack;
+    nodes_.reserve(16);
     // Singletons, as in Python: NONE, NEWFALSE and NEWTRUE never allocate.
     add_leaf(Value(), Value::Type::none);
     add_leaf(Value(false), Value::Type::boolean);
@@ -541,6 +543,277 @@ class Decoder {
   std::size_t used_ = 0;
 };
 
+// ---- the tree decoder: pickles that never read their memo ---------------------------------------
+
+// Nearly every pickle that carries plain data (a task's call or result record) stores into its
+// memo but never reads from it: no value is shared, so there is no graph to build. This decoder
+// builds the Values directly on a stack. It accepts a strict subset of what Decoder accepts and
+// gives up (nullopt) on anything else: a memo read, a rarely used opcode, or any error. Decoder
+// then decodes the input again, and reports the error if there is one, so both paths give the
+// same Value or the same PickleError (tests/fuzz/fuzz_pickle.cpp checks that they agree).
+class TreeDecoder {
+ public:
+  TreeDecoder(std::string_view in, const PickleLimits& limits) : in_(in), limits_(limits) {
+    const std::size_t n = in.size();
+    const std::size_t max = std::numeric_limits<std::size_t>::max();
+    budget_ = n > (max - limits.max_decoded_slack) / (limits.max_expansion ? limits.max_expansion : 1)
+                  ? max
+                  : n * limits.max_expansion + limits.max_decoded_slack;
+    stack_.reserve(8);
+  }
+
+  std::optional<Value> run() {
+    for (;;) {
+      if (pos_ >= in_.size()) return std::nullopt;
+      const auto op = static_cast<std::uint8_t>(in_[pos_++]);
+      if (op == op::STOP) break;
+      if (!step(op)) return std::nullopt;
+    }
+    if (pos_ != in_.size() || !marks_.empty() || stack_.size() != 1) return std::nullopt;
+    if (stack_.back().type == Value::Type::dict && !dict_ok(stack_.back())) return std::nullopt;
+    return finish(std::move(stack_.back()));
+  }
+
+ private:
+  // A value on the stack; a list, tuple or dict keeps its items apart until it is finished
+  // (lists and dicts still receive APPEND and SETITEM while they sit on the stack).
+  struct Item {
+    Value value;
+    Value::List kids;          // container items; dict keys and values interleaved
+    Value::Type type = Value::Type::none;
+    std::size_t depth = 0;     // container nesting ([[1]]: 2; a scalar: 0)
+  };
+
+  bool take(std::size_t n, std::string_view& out) {
+    if (n > in_.size() - pos_) return false;
+    out = in_.substr(pos_, n);
+    pos_ += n;
+    return true;
+  }
+  bool read_le(std::size_t n, std::uint64_t& v) {
+    std::string_view s;
+    if (!take(n, s)) return false;
+    v = 0;
+    for (std::size_t i = 0; i < n; ++i) v |= std::uint64_t{static_cast<unsigned char>(s[i])} << (8 * i);
+    return true;
+  }
+  bool charge(std::size_t bytes) {
+    if (bytes > budget_ - used_) return false;
+    used_ += bytes;
+    return true;
+  }
+  bool push_scalar(Value v, Value::Type t, std::size_t extra = 0) {
+    if (!charge(sizeof(Value) + extra)) return false;
+    Item it;
+    it.value = std::move(v);
+    it.type = t;
+    stack_.push_back(std::move(it));
+    return true;
+  }
+  bool push_container(Value::Type t, Value::List kids) {
+    if (limits_.max_depth <= 1 || !charge(sizeof(Value))) return false;
+    Item it;
+    it.type = t;
+    it.depth = 1;
+    it.kids = std::move(kids);
+    stack_.push_back(std::move(it));
+    return true;
+  }
+  std::size_t fence() const { return marks_.empty() ? 0 : marks_.back(); }
+
+  // The finished Value of an item; a container's depth was checked as its items arrived.
+  static Value finish(Item&& it) {
+    switch (it.type) {
+      case Value::Type::list:
+        return Value::list(std::move(it.kids));
+      case Value::Type::tuple:
+        return Value::tuple(std::move(it.kids));
+      case Value::Type::dict: {
+        Value::Dict entries;
+        entries.reserve(it.kids.size() / 2);
+        for (std::size_t i = 0; i + 1 < it.kids.size(); i += 2)
+          entries.emplace_back(std::move(it.kids[i]), std::move(it.kids[i + 1]));
+        return Value::dict(std::move(entries));
+      }
+      default:
+        return std::move(it.value);
+    }
+  }
+  // Moves stack_[from..] into the container `into` (a stack index below from).
+  bool adopt(std::size_t into, std::size_t from) { return absorb(stack_[into], from); }
+  bool absorb(Item& c, std::size_t from) {
+    c.kids.reserve(c.kids.size() + (stack_.size() - from));
+    for (std::size_t i = from; i < stack_.size(); ++i) {
+      Item& k = stack_[i];
+      // Decoder refuses a container nested deeper than max_depth; giving up one level earlier
+      // leaves that boundary to it.
+      c.depth = std::max(c.depth, k.depth + 1);
+      if (c.depth >= limits_.max_depth) return false;
+      if (k.type == Value::Type::dict && !dict_ok(k)) return false;
+      c.kids.push_back(finish(std::move(k)));
+    }
+    stack_.resize(from);
+    return true;
+  }
+  static bool dict_ok(const Item& d) {
+    if (d.kids.size() % 2) return false;
+    for (std::size_t i = 0; i < d.kids.size(); i += 2) {
+      const Value::Type t = d.kids[i].type();
+      if (t == Value::Type::list || t == Value::Type::dict || t == Value::Type::tuple) return false;
+    }
+    Value::Dict probe;  // the full check (repeated keys) only when a dict has several keys
+    if (d.kids.size() > 2) {
+      probe.reserve(d.kids.size() / 2);
+      for (std::size_t i = 0; i < d.kids.size(); i += 2) probe.emplace_back(d.kids[i], Value());
+      return check_dict_keys(probe).empty();
+    }
+    return true;
+  }
+  // A new container from the items above the last MARK.
+  bool from_mark(Value::Type t) {
+    if (marks_.empty()) return false;
+    const std::size_t m = marks_.back();
+    marks_.pop_back();
+    return collect(t, m) && (t != Value::Type::dict || stack_[m].kids.size() % 2 == 0);
+  }
+  // The items from stack index m up become a new container of type t, in their place.
+  bool collect(Value::Type t, std::size_t m) {
+    if (limits_.max_depth <= 1 || !charge(sizeof(Value))) return false;
+    Item c;
+    c.type = t;
+    c.depth = 1;
+    if (!absorb(c, m)) return false;
+    stack_.push_back(std::move(c));
+    return true;
+  }
+  // APPEND/SETITEM: the items from `from` up go into the container just below them, which must
+  // sit above the last MARK too.
+  bool extend(std::size_t from, Value::Type want) {
+    if (from == 0 || from <= fence()) return false;
+    if (stack_[from - 1].type != want) return false;
+    return adopt(from - 1, from);
+  }
+
+  bool step(std::uint8_t op) {
+    std::uint64_t v = 0;
+    std::string_view b;
+    switch (op) {
+      case op::PROTO:
+        return read_le(1, v) && v <= 5;
+      case op::FRAME:
+        return read_le(8, v) && v <= in_.size() - pos_;
+      case op::MARK:
+        marks_.push_back(stack_.size());
+        return true;
+      case op::NONE:
+        return push_scalar(Value(), Value::Type::none);
+      case op::NEWFALSE:
+        return push_scalar(Value(false), Value::Type::boolean);
+      case op::NEWTRUE:
+        return push_scalar(Value(true), Value::Type::boolean);
+      case op::BININT:
+        return read_le(4, v) &&
+               push_scalar(Value(std::int64_t{static_cast<std::int32_t>(static_cast<std::uint32_t>(v))}),
+                           Value::Type::integer);
+      case op::BININT1:
+        return read_le(1, v) && push_scalar(Value(static_cast<std::int64_t>(v)), Value::Type::integer);
+      case op::BININT2:
+        return read_le(2, v) && push_scalar(Value(static_cast<std::int64_t>(v)), Value::Type::integer);
+      case op::LONG1: {
+        if (!read_le(1, v) || v > 8 || !take(static_cast<std::size_t>(v), b)) return false;
+        const std::size_t n = b.size();
+        if (n == 0) return push_scalar(Value(std::int64_t{0}), Value::Type::integer);
+        const bool negative = static_cast<unsigned char>(b[n - 1]) & 0x80;
+        std::uint64_t u = 0;
+        for (std::size_t i = 0; i < n; ++i) u |= std::uint64_t{static_cast<unsigned char>(b[i])} << (8 * i);
+        if (n < 8 && negative) u |= ~std::uint64_t{0} << (8 * n);
+        if (n == 8 && static_cast<bool>(u >> 63) != negative) return false;
+        return push_scalar(Value(static_cast<std::int64_t>(u)), Value::Type::integer);
+      }
+      case op::BINFLOAT: {
+        if (!take(8, b)) return false;
+        std::uint64_t bits = 0;
+        for (char c : b) bits = (bits << 8) | static_cast<unsigned char>(c);
+        double d;
+        std::memcpy(&d, &bits, sizeof d);
+        return push_scalar(Value(d), Value::Type::floating);
+      }
+      case op::SHORT_BINUNICODE:
+        return read_le(1, v) && str(v);
+      case op::BINUNICODE:
+        return read_le(4, v) && str(v);
+      case op::BINUNICODE8:
+        return read_le(8, v) && str(v);
+      case op::SHORT_BINBYTES:
+        return read_le(1, v) && bytes(v);
+      case op::BINBYTES:
+        return read_le(4, v) && bytes(v);
+      case op::BINBYTES8:
+        return read_le(8, v) && bytes(v);
+      case op::EMPTY_LIST:
+        return push_container(Value::Type::list, {});
+      case op::EMPTY_TUPLE:
+        return push_container(Value::Type::tuple, {});
+      case op::EMPTY_DICT:
+        return push_container(Value::Type::dict, {});
+      case op::LIST:
+        return from_mark(Value::Type::list);
+      case op::TUPLE:
+        return from_mark(Value::Type::tuple);
+      case op::DICT:
+        return from_mark(Value::Type::dict);
+      case op::TUPLE1:
+      case op::TUPLE2:
+      case op::TUPLE3: {
+        const std::size_t n = op == op::TUPLE1 ? 1 : op == op::TUPLE2 ? 2 : 3;
+        if (stack_.size() - fence() < n) return false;
+        return collect(Value::Type::tuple, stack_.size() - n);
+      }
+      case op::APPEND:
+        return stack_.size() >= 2 && extend(stack_.size() - 1, Value::Type::list);
+      case op::SETITEM:
+        return stack_.size() >= 3 && extend(stack_.size() - 2, Value::Type::dict);
+      case op::APPENDS:
+      case op::SETITEMS: {
+        if (marks_.empty()) return false;
+        const std::size_t m = marks_.back();
+        marks_.pop_back();
+        if (op == op::SETITEMS && (stack_.size() - m) % 2) return false;
+        if (m == 0 || m <= fence()) return false;
+        if (stack_[m - 1].type != (op == op::APPENDS ? Value::Type::list : Value::Type::dict)) return false;
+        return adopt(m - 1, m);
+      }
+      case op::MEMOIZE:
+        return !stack_.empty() && stack_.size() > fence();
+      case op::BINPUT:
+        return read_le(1, v) && !stack_.empty() && stack_.size() > fence();
+      case op::LONG_BINPUT:
+        return read_le(4, v) && !stack_.empty() && stack_.size() > fence();
+      default:
+        return false;  // memo reads, POP, PUT/GET text forms, refused opcodes: the full decoder
+    }
+  }
+  bool str(std::uint64_t n) {
+    std::string_view s;
+    if (!take(static_cast<std::size_t>(n), s)) return false;
+    if (detail::utf8_invalid_offset(s) != s.size()) return false;
+    return push_scalar(Value(s), Value::Type::str, s.size());
+  }
+  bool bytes(std::uint64_t n) {
+    std::string_view s;
+    if (!take(static_cast<std::size_t>(n), s)) return false;
+    return push_scalar(Value::bytes(s), Value::Type::bytes, s.size());
+  }
+
+  std::string_view in_;
+  PickleLimits limits_;
+  std::size_t pos_ = 0;
+  std::vector<Item> stack_;
+  std::vector<std::size_t> marks_;
+  std::size_t budget_ = 0;
+  std::size_t used_ = 0;
+};
+
 // ---- encoder ---------------------------------------------------------------------------------
 
 // CPython's pickler writes lists and dicts in batches of this many items (pickle._BATCHSIZE),
@@ -708,6 +981,13 @@ std::string pickle_dumps(const Value& v, int protocol, const PickleLimits& limit
   return Encoder(protocol, limits).run(v);
 }
 
-Value pickle_loads(std::string_view data, const PickleLimits& limits) { return Decoder(data, limits).run(); }
+Value pickle_loads(std::string_view data, const PickleLimits& limits) {
+  if (std::optional<Value> v = TreeDecoder(data, limits).run()) return std::move(*v);
+  return Decoder(data, limits).run();
+}
+
+namespace detail {
+Value pickle_loads_graph(std::string_view data, const PickleLimits& limits) { return Decoder(data, limits).run(); }
+}  // namespace detail
 
 }  // namespace ringpool

@@ -1,5 +1,6 @@
 #include "ringpool/pool.hpp"
 
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@
 #include <sstream>
 #include <thread>
 #include <unordered_map>
+#include <variant>
 
 #include "ringpool/block.hpp"
 #include "ringpool/channel.hpp"
@@ -70,8 +72,9 @@ constexpr std::int64_t kOk = 0, kErr = 1, kStarted = 2, kPong = 3, kInitFailed =
 
 constexpr std::size_t kCallCapacity = std::size_t{1} << 20;
 constexpr std::size_t kResultCapacity = std::size_t{4} << 20;
-constexpr std::size_t kMinDepth = 2, kMaxDepth = 256;
+constexpr std::size_t kMinDepth = 2, kMaxDepth = 1024;
 constexpr double kQueuedWork = 0.002;  // seconds of work kept queued per worker
+constexpr std::int64_t kCollectorSpinNs = 50'000;  // the collector polls this long before sleeping
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
 
 using Clock = std::chrono::steady_clock;
@@ -139,11 +142,34 @@ Value read_package(const std::string& name, const std::string& folder) {
 }  // namespace
 
 struct Pool::Impl {
+  // A task and where its outcome goes: a future's promise (submit), a promise of bytes
+  // (submit_raw) or a callback (async_submit).
   struct Task {
     std::uint64_t tid = 0;
     std::string record;  // the pickled call
-    std::function<void(Value)> ok;
-    std::function<void(std::exception_ptr)> fail;
+    std::variant<std::promise<Value>, std::promise<std::string>, Callback> sink;
+
+    void ok(Value v) {
+      if (auto* p = std::get_if<std::promise<Value>>(&sink)) {
+        p->set_value(std::move(v));
+      } else if (auto* r = std::get_if<std::promise<std::string>>(&sink)) {
+        if (v.is_bytes())
+          r->set_value(v.as_bytes());
+        else
+          r->set_exception(std::make_exception_ptr(
+              RemoteError("TypeError", "a raw task must return bytes, not " + std::string(v.type_name()), "")));
+      } else {
+        std::get<Callback>(sink)(nullptr, std::move(v));
+      }
+    }
+    void fail(std::exception_ptr e) {
+      if (auto* p = std::get_if<std::promise<Value>>(&sink))
+        p->set_exception(e);
+      else if (auto* r = std::get_if<std::promise<std::string>>(&sink))
+        r->set_exception(e);
+      else
+        std::get<Callback>(sink)(e, Value());
+    }
   };
 
   struct Worker {
@@ -178,6 +204,15 @@ struct Pool::Impl {
   double avg = 1e-4;
   std::size_t depth = kMinDepth;
   std::deque<std::string> lost;  // decode errors not yet matched to their task
+  // Results handled and not yet handed to their futures or callbacks: the collector hands them
+  // over after releasing mu, so a callback may submit more work and submitters are not held up.
+  struct Completion {
+    Task task;
+    Value value;
+    std::exception_ptr error;
+  };
+  std::vector<Completion> completions;
+  std::size_t completing = 0;    // being handed over (shutdown waits for them too)
   std::map<int, int> early_exits;  // exits of workers not yet recorded
   bool shutting_down = false;
   std::string broken;            // why no worker can run, once that is so
@@ -403,10 +438,12 @@ struct Pool::Impl {
       tasks.erase(it);
       if (f[4].is_float()) avg += (f[4].as_float() - avg) * 0.05;
       if (status == kOk) {
-        t.ok(std::move(f[3]));
+        completions.push_back({std::move(t), std::move(f[3]), nullptr});
       } else {
         const auto& e = f[3].as_tuple();
-        t.fail(std::make_exception_ptr(RemoteError(e.at(0).as_str(), e.at(1).as_str(), e.at(2).as_str())));
+        completions.push_back(
+            {std::move(t), Value(),
+             std::make_exception_ptr(RemoteError(e.at(0).as_str(), e.at(1).as_str(), e.at(2).as_str()))});
       }
     } else if (status == kStarted) {
       if (opts.task_timeout.count() > 0 && !f[1].is_none())
@@ -489,7 +526,13 @@ struct Pool::Impl {
         std::lock_guard lk(mu);
         undecodable(e.what());
       }
-      std::unique_lock lk(mu);
+      // Decode without mu (submitters keep going meanwhile); handle in ring order under it.
+      struct Decoded {
+        Value rec;
+        std::string error;  // why it did not decode, if it did not
+      };
+      std::vector<Decoded> decoded;
+      decoded.reserve(sink.frames.size());
       std::size_t fd_pos = 0;
       for (auto& fr : sink.frames) {
         std::vector<UniqueFd> mine;
@@ -505,12 +548,22 @@ struct Pool::Impl {
             if (d.length > block->capacity()) throw PickleError("out-of-band result longer than its block");
             Value rec = pickle_loads(std::string_view(reinterpret_cast<const char*>(block->data()), d.length));
             block->mark_free();
-            handle(rec);
+            decoded.push_back({std::move(rec), {}});
           } else if (fr.header.flags != 0) {
             throw PickleError("result frame with unexpected flags");
           } else {
-            handle(pickle_loads(fr.payload));
+            decoded.push_back({pickle_loads(fr.payload), {}});
           }
+        } catch (const std::exception& e) {
+          decoded.push_back({Value(), e.what()});
+          if (decoded.back().error.empty()) decoded.back().error = "unknown error";
+        }
+      }
+      std::unique_lock lk(mu);
+      for (auto& d : decoded) {
+        try {
+          if (!d.error.empty()) throw PickleError(d.error);
+          handle(std::move(d.rec));
         } catch (const std::exception& e) {
           undecodable(e.what());
         }
@@ -535,31 +588,55 @@ struct Pool::Impl {
           next_deadline = std::min(next_deadline, w->running->second);
         }
       }
-      depth = std::clamp<std::size_t>(static_cast<std::size_t>(kQueuedWork / (avg + 1e-5)), kMinDepth, kMaxDepth);
+      depth = std::clamp<std::size_t>(static_cast<std::size_t>(kQueuedWork / (avg + 2e-6)), kMinDepth, kMaxDepth);
       if (open_workers() < static_cast<std::size_t>(opts.workers)) replenish(lk);
       dispatch();
       publish_pending();
-      if (tasks.empty()) drained.notify_all();
+      std::vector<Completion> ready;
+      ready.swap(completions);
+      completing = ready.size();
+      if (tasks.empty() && completing == 0) drained.notify_all();
       if (stop && workers.empty()) return;
       bool retry_publish = false;
       for (auto& [_, w] : workers) retry_publish |= !w->unpublished.empty();
       lk.unlock();
+      if (!ready.empty()) {
+        for (auto& c : ready) {
+          if (c.error)
+            c.task.fail(c.error);
+          else
+            c.task.ok(std::move(c.value));
+        }
+        ready.clear();
+        lk.lock();
+        completing = 0;
+        if (tasks.empty()) drained.notify_all();
+        lk.unlock();
+      }
       if (n == 0) {
         auto wait = std::chrono::nanoseconds(retry_publish ? 1'000'000 : 100'000'000);
         if (next_deadline != Clock::time_point::max())
           wait = std::min<std::chrono::nanoseconds>(wait, next_deadline - Clock::now());
-        results->wait_data(std::max<std::int64_t>(wait.count(), 0));
+        // A futex wake-up costs tens of microseconds on these VMs: poll a little first.
+        const std::int64_t t0 = futex::now_ns();
+        for (std::int64_t t = t0; !results->readable() && t - t0 < kCollectorSpinNs; t = futex::now_ns()) {
+          if (t - t0 < 2000)
+            __builtin_ia32_pause();
+          else
+            ::sched_yield();
+        }
+        if (!results->readable()) results->wait_data(std::max<std::int64_t>(wait.count(), 0));
       }
     }
   }
 
   // -- the service's side ------------------------------------------------------------------------
-  void submit_record(std::uint64_t tid, std::string record, std::function<void(Value)> ok,
-                     std::function<void(std::exception_ptr)> fail) {
+  void submit_task(Task t) {
     std::lock_guard lk(mu);
     if (shutting_down) throw PoolClosed("ringpool::Pool: submit after shutdown");
     if (!broken.empty()) throw PoolClosed(broken);
-    tasks.emplace(tid, Task{tid, std::move(record), std::move(ok), std::move(fail)});
+    const std::uint64_t tid = t.tid;
+    tasks.emplace(tid, std::move(t));
     backlog.push_back(tid);
     dispatch();
   }
@@ -582,7 +659,7 @@ struct Pool::Impl {
         tasks.clear();
         backlog.clear();
       }
-      drained.wait(lk, [&] { return tasks.empty() || !broken.empty(); });
+      drained.wait(lk, [&] { return (tasks.empty() && completing == 0) || !broken.empty(); });
       // Ask every worker to stop; the collector handles their exits and ends with the last.
       const std::string stop_rec = pickle_dumps(Value::tuple({Value(kOpStop), Value(), Value(), Value(), Value()}));
       for (auto& [_, w] : workers) send(*w, stop_rec);
@@ -626,44 +703,31 @@ Pool::~Pool() {
 
 std::future<Value> Pool::submit(std::string function, std::vector<Value> args,
                                 std::vector<std::pair<std::string, Value>> kwargs) {
-  const std::uint64_t tid = impl_->next_tid.fetch_add(1);
-  std::string record = impl_->call_record(tid, std::move(function), std::move(args), std::move(kwargs));
-  auto promise = std::make_shared<std::promise<Value>>();
-  auto fut = promise->get_future();
-  impl_->submit_record(
-      tid, std::move(record), [promise](Value v) { promise->set_value(std::move(v)); },
-      [promise](std::exception_ptr e) { promise->set_exception(e); });
+  Impl::Task t;
+  t.tid = impl_->next_tid.fetch_add(1);
+  t.record = impl_->call_record(t.tid, std::move(function), std::move(args), std::move(kwargs));
+  auto fut = std::get<std::promise<Value>>(t.sink).get_future();
+  impl_->submit_task(std::move(t));
   return fut;
 }
 
 void Pool::async_submit(std::string function, std::vector<Value> args,
                         std::vector<std::pair<std::string, Value>> kwargs, Callback done) {
-  const std::uint64_t tid = impl_->next_tid.fetch_add(1);
-  std::string record = impl_->call_record(tid, std::move(function), std::move(args), std::move(kwargs));
-  auto cb = std::make_shared<Callback>(std::move(done));
-  impl_->submit_record(
-      tid, std::move(record), [cb](Value v) { (*cb)(nullptr, std::move(v)); },
-      [cb](std::exception_ptr e) { (*cb)(e, Value()); });
+  Impl::Task t;
+  t.tid = impl_->next_tid.fetch_add(1);
+  t.record = impl_->call_record(t.tid, std::move(function), std::move(args), std::move(kwargs));
+  t.sink = std::move(done);
+  impl_->submit_task(std::move(t));
 }
 
 std::future<std::string> Pool::submit_raw(std::string function, std::string payload) {
-  const std::uint64_t tid = impl_->next_tid.fetch_add(1);
+  Impl::Task t;
+  t.tid = impl_->next_tid.fetch_add(1);
   std::vector<Value> args;
-  args.push_back(Value::bytes(payload));
-  std::string record = impl_->call_record(tid, std::move(function), std::move(args), {});
-  auto promise = std::make_shared<std::promise<std::string>>();
-  auto fut = promise->get_future();
-  impl_->submit_record(
-      tid, std::move(record),
-      [promise](Value v) {
-        if (v.is_bytes()) {
-          promise->set_value(v.as_bytes());
-        } else {
-          promise->set_exception(std::make_exception_ptr(RemoteError(
-              "TypeError", "a raw task must return bytes, not " + std::string(v.type_name()), "")));
-        }
-      },
-      [promise](std::exception_ptr e) { promise->set_exception(e); });
+  args.push_back(Value::bytes(std::move(payload)));
+  t.record = impl_->call_record(t.tid, std::move(function), std::move(args), {});
+  auto fut = t.sink.emplace<std::promise<std::string>>().get_future();
+  impl_->submit_task(std::move(t));
   return fut;
 }
 

@@ -214,3 +214,35 @@ TEST_CASE("Pool takes a bundle file as the workers' environment" * doctest::time
   bad.bundle = "/nonexistent/bundle.zip";
   CHECK_THROWS_AS(Pool{bad}, std::invalid_argument);
 }
+
+TEST_CASE("Pool callbacks run outside the pool's lock: a callback may submit the next step" * doctest::timeout(120)) {
+  Pool pool(options(true));
+  // A chain of 200 calls, each submitted from the callback of the one before (on the collector
+  // thread), and a raw task whose result is not bytes.
+  std::promise<Value> finished;
+  std::function<void(std::exception_ptr, Value)> step = [&](std::exception_ptr err, Value v) {
+    if (err) {
+      finished.set_exception(err);
+      return;
+    }
+    if (v.as_int() >= 200) {
+      finished.set_value(v);
+      return;
+    }
+    pool.async_submit("rp_tasks:add", {v, Value(1)}, {}, step);
+  };
+  pool.async_submit("rp_tasks:add", {Value(0), Value(1)}, {}, step);
+  auto f = finished.get_future();
+  CHECK(get(f) == Value(200));
+  auto r = pool.submit_raw("rp_tasks:echo", "abc");
+  REQUIRE(r.wait_for(60s) == std::future_status::ready);
+  CHECK(get(r) == "abc");  // bytes in, the same bytes back
+  auto bad = pool.submit_raw("builtins:len", "four");
+  REQUIRE(bad.wait_for(60s) == std::future_status::ready);
+  try {
+    bad.get();
+    FAIL("a raw task returning an int must fail");
+  } catch (const RemoteError& e) {
+    CHECK(std::string(e.what()).find("must return bytes") != std::string::npos);
+  }
+}

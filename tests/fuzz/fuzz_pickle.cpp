@@ -5,7 +5,8 @@
 //   mkdir corpus && cp proto/golden/pickle/*.pkl corpus/ && ./fuzz_pickle -max_total_time=10 corpus
 //
 // ctest runs it as fuzz.pickle_codec (tests/CMakeLists.txt). The decoder may refuse an input
-// only with PickleError. Whatever it accepts must survive the way back: encoding it succeeds at
+// only with PickleError, and what it accepts, its general (memo graph) decoder alone accepts too,
+// as an equal Value. Whatever it accepts must survive the way back: encoding it succeeds at
 // every protocol that can carry it, decodes to an equal Value, and encodes again to the same
 // bytes. Any broken property traps, which libFuzzer reports as a crash.
 #include <cstddef>
@@ -54,6 +55,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     return 0;
   } catch (...) {
     require(false);  // any other exception is a bug
+  }
+  // The fast path (pickles that never read their memo) and the general decoder agree.
+  try {
+    require(ringpool::detail::pickle_loads_graph(input, kLimits) == v);
+  } catch (...) {
+    require(false);
   }
 
   (void)v.repr();

@@ -54,4 +54,10 @@ std::string pickle_dumps(const Value& v, int protocol = 5, const PickleLimits& l
 // dict key, or a limit exceeded.
 Value pickle_loads(std::string_view data, const PickleLimits& limits = {});
 
+namespace detail {
+// pickle_loads without its fast path for pickles that never read their memo: the general
+// decoder alone (the fuzz target checks that both agree).
+Value pickle_loads_graph(std::string_view data, const PickleLimits& limits = {});
+}  // namespace detail
+
 }  // namespace ringpool

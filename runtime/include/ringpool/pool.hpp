@@ -123,7 +123,8 @@ class Pool {
 
   // The callback form, for event-driven services (an Asio server posts the answer back to its
   // io_context): done(nullptr, result) or done(error, {}) runs once on the pool's collector
-  // thread, so it must not block or call back into the pool's blocking members. Throws as submit.
+  // thread, outside the pool's lock: it may submit more tasks (async_submit, or submit without
+  // waiting on the future), but must not block, and must not call shutdown. Throws as submit.
   using Callback = std::function<void(std::exception_ptr error, Value result)>;
   void async_submit(std::string function, std::vector<Value> args, std::vector<std::pair<std::string, Value>> kwargs,
                     Callback done);
