@@ -14,13 +14,15 @@ namespace ringpool {
 namespace {
 
 // Holds a robust, process-shared mutex. If the previous owner died holding it (EOWNERDEAD), the
-// protected state is still consistent by construction (see ring.hpp): mark it so and go on.
+// data it protects is still consistent by construction (see ring.hpp); recovered() says so, and
+// the caller repairs the frame counters from the intent its predecessor left.
 class RobustLock {
  public:
   explicit RobustLock(pthread_mutex_t* m) : m_(m) {
     int r = ::pthread_mutex_lock(m_);
     if (r == EOWNERDEAD) {
       ::pthread_mutex_consistent(m_);
+      recovered_ = true;
     } else if (r != 0) {
       throw SysError(r, "pthread_mutex_lock(ring)");
     }
@@ -28,10 +30,24 @@ class RobustLock {
   ~RobustLock() { ::pthread_mutex_unlock(m_); }
   RobustLock(const RobustLock&) = delete;
   RobustLock& operator=(const RobustLock&) = delete;
+  bool recovered() const noexcept { return recovered_; }
 
  private:
   pthread_mutex_t* m_;
+  bool recovered_ = false;
 };
+
+// A producer died inside a put: if it did not publish, the frames it counted were not committed.
+void repair_producer_side(RingControl* c) noexcept {
+  if (c->tail.load(std::memory_order_relaxed) != c->prod_intent_tail.load(std::memory_order_relaxed))
+    c->committed.store(c->prod_intent_committed.load(std::memory_order_relaxed), std::memory_order_relaxed);
+}
+
+// A consumer died taking a frame: if it did not move head, it did not take the frame.
+void repair_consumer_side(RingControl* c) noexcept {
+  if (c->head.load(std::memory_order_relaxed) != c->cons_intent_head.load(std::memory_order_relaxed))
+    c->consumed.store(c->cons_intent_consumed.load(std::memory_order_relaxed), std::memory_order_relaxed);
+}
 
 void init_robust_mutex(pthread_mutex_t* m) {
   pthread_mutexattr_t a;
@@ -126,6 +142,7 @@ Ring::PutStatus Ring::try_put(proto::Kind kind, std::uint8_t flags, const Piece*
   if (rec > capacity_ || nfds > proto::kMaxHandles) return PutStatus::too_large;
   {
     RobustLock lock(&ctl_->prod_lock);
+    if (lock.recovered()) repair_producer_side(ctl_);
     const std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);  // only written under this lock
     // head_cache lags head, so it only ever understates the room: reading head (the consumers'
     // cache line) is needed only when the cached value says the record does not fit.
@@ -153,7 +170,10 @@ Ring::PutStatus Ring::try_put(proto::Kind kind, std::uint8_t flags, const Piece*
     }
     if ((accounting & kCountItem) && counts_items_) ctl_->items.fetch_add(1, std::memory_order_relaxed);
     if (accounting & kCountTask) ctl_->unfinished.fetch_add(1, std::memory_order_relaxed);
-    ctl_->committed.store(ctl_->committed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    const std::uint64_t c = ctl_->committed.load(std::memory_order_relaxed);
+    ctl_->prod_intent_committed.store(c, std::memory_order_relaxed);
+    ctl_->prod_intent_tail.store(t + rec, std::memory_order_relaxed);
+    ctl_->committed.store(c + 1, std::memory_order_relaxed);
     // The publish. Release pairs with the consumer's acquire load of tail: the record bytes (and
     // the accounting above) are visible before the cursor that exposes them.
     ctl_->tail.store(t + rec, std::memory_order_release);
@@ -167,6 +187,7 @@ std::size_t Ring::try_put_many(proto::Kind kind, std::uint8_t flags, const Piece
   std::size_t done = 0;
   {
     RobustLock lock(&ctl_->prod_lock);
+    if (lock.recovered()) repair_producer_side(ctl_);
     std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);
     const std::uint64_t h = ctl_->head.load(std::memory_order_acquire);  // as in try_put
     ctl_->head_cache.store(h, std::memory_order_relaxed);
@@ -185,7 +206,10 @@ std::size_t Ring::try_put_many(proto::Kind kind, std::uint8_t flags, const Piece
     if ((accounting & kCountItem) && counts_items_)
       ctl_->items.fetch_add(static_cast<std::int64_t>(done), std::memory_order_relaxed);
     if (accounting & kCountTask) ctl_->unfinished.fetch_add(static_cast<std::int64_t>(done), std::memory_order_relaxed);
-    ctl_->committed.store(ctl_->committed.load(std::memory_order_relaxed) + done, std::memory_order_relaxed);
+    const std::uint64_t c = ctl_->committed.load(std::memory_order_relaxed);
+    ctl_->prod_intent_committed.store(c, std::memory_order_relaxed);
+    ctl_->prod_intent_tail.store(t, std::memory_order_relaxed);
+    ctl_->committed.store(c + done, std::memory_order_relaxed);
     // One publish for the whole batch (release: pairs with the consumer's acquire of tail).
     ctl_->tail.store(t, std::memory_order_release);
   }
@@ -199,6 +223,7 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
   std::size_t got = 0;
   {
     RobustLock lock(&ctl_->cons_lock);
+    if (lock.recovered()) repair_consumer_side(ctl_);
     std::uint64_t h = ctl_->head.load(std::memory_order_relaxed);  // only written under this lock
     // tail_cache lags tail, so it only ever understates what is published; read tail (the
     // producers' cache line) only when the cached value says the ring is empty.
@@ -222,7 +247,10 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
       h += rsize;
       ++got;
       if (counts_items_) ctl_->items.fetch_sub(1, std::memory_order_relaxed);
-      ctl_->consumed.store(ctl_->consumed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+      const std::uint64_t c = ctl_->consumed.load(std::memory_order_relaxed);
+      ctl_->cons_intent_consumed.store(c, std::memory_order_relaxed);
+      ctl_->cons_intent_head.store(h, std::memory_order_relaxed);
+      ctl_->consumed.store(c + 1, std::memory_order_relaxed);
       // Release pairs with the producer's acquire load of head: we are done reading these bytes.
       ctl_->head.store(h, std::memory_order_release);
       // After the head moved: if we die here the packets are orphans the next consumer drops.

@@ -182,6 +182,57 @@ TEST_CASE("ring: a consumer that died holding the lock does not wedge the others
   CHECK(get_str(*r) == "kept");
 }
 
+TEST_CASE("ring: frame counters stay exact when a consumer or producer dies between its stores") {
+  auto r = Ring::create({64 * 1024, 0});
+  RingControl* ctl = r->control_for_testing();
+  CHECK(put_str(*r, "one") == Ring::PutStatus::ok);
+  CHECK(put_str(*r, "two") == Ring::PutStatus::ok);
+  CHECK(get_str(*r) == "one");
+  // A consumer killed after counting the next frame as consumed, before moving head past it.
+  pid_t pid = spawn([&] {
+    ::pthread_mutex_lock(&ctl->cons_lock);
+    const std::uint64_t c = ctl->consumed.load();
+    ctl->cons_intent_consumed.store(c);
+    ctl->cons_intent_head.store(ctl->head.load() + 64);  // where head was going
+    ctl->consumed.store(c + 1);
+    return 0;
+  });
+  CHECK(wait_exit(pid) == 0);
+  CHECK(get_str(*r) == "two");  // the frame is still there, taken once
+  CHECK(ctl->consumed.load() == 2);
+  CHECK(ctl->committed.load() == 2);
+  // A producer killed after counting a frame as committed, before publishing it.
+  pid = spawn([&] {
+    ::pthread_mutex_lock(&ctl->prod_lock);
+    const std::uint64_t c = ctl->committed.load();
+    ctl->prod_intent_committed.store(c);
+    ctl->prod_intent_tail.store(ctl->tail.load() + 64);
+    ctl->committed.store(c + 1);
+    return 0;
+  });
+  CHECK(wait_exit(pid) == 0);
+  CHECK_FALSE(r->readable());
+  CHECK(put_str(*r, "three") == Ring::PutStatus::ok);
+  CHECK(ctl->committed.load() == 3);
+  CHECK(get_str(*r) == "three");
+  CHECK(ctl->consumed.load() == ctl->committed.load());
+  // A consumer killed after moving head (the frame was taken): nothing to roll back.
+  CHECK(put_str(*r, "four") == Ring::PutStatus::ok);
+  pid = spawn([&] {
+    StringSink sink;
+    std::vector<UniqueFd> fds;
+    if (!r->try_get(sink, fds)) return 1;
+    ::pthread_mutex_lock(&ctl->cons_lock);  // and dies holding the lock
+    return 0;
+  });
+  CHECK(wait_exit(pid) == 0);
+  CHECK_FALSE(r->readable());
+  CHECK(put_str(*r, "five") == Ring::PutStatus::ok);
+  CHECK(get_str(*r) == "five");
+  CHECK(ctl->consumed.load() == 5);
+  CHECK(ctl->committed.load() == 5);
+}
+
 TEST_CASE("ring: blocking waits time out and wake up") {
   auto r = Ring::create({4096, 0});
   auto t0 = futex::now_ns();

@@ -30,7 +30,7 @@
 namespace ringpool {
 
 inline constexpr std::uint32_t kRingMagic = 0x474e4952u;  // "RING"
-inline constexpr std::uint32_t kRingLayoutVersion = 1;
+inline constexpr std::uint32_t kRingLayoutVersion = 2;
 
 // The control block at offset 0 of a ring segment. It lives in shared memory: no pointers, fixed
 // offsets, lock-free atomics only, a version and reserved bytes.
@@ -51,10 +51,19 @@ struct RingControl {
   std::atomic<std::uint64_t> next_seq;              // next frame sequence number
   std::atomic<std::uint64_t> committed;             // frames ever published
   std::atomic<std::uint64_t> head_cache;            // last head seen by a producer (may lag)
+  // What the put in progress is about to make of `tail` and `committed`: a producer that finds
+  // prod_lock EOWNERDEAD and `tail` short of intent_tail rolls `committed` back (the dead one
+  // may have counted frames it never published).
+  std::atomic<std::uint64_t> prod_intent_tail;
+  std::atomic<std::uint64_t> prod_intent_committed; // committed before that put
   // -- consumer side: written under cons_lock --------------------------------------------------
   alignas(64) std::atomic<std::uint64_t> head;      // bytes ever consumed
   std::atomic<std::uint64_t> consumed;              // frames ever consumed
   std::atomic<std::uint64_t> tail_cache;            // last tail seen by a consumer (may lag)
+  // The same for the frame being taken: a consumer that finds cons_lock EOWNERDEAD and `head`
+  // short of cons_intent_head rolls `consumed` back (the frame was not taken after all).
+  std::atomic<std::uint64_t> cons_intent_head;
+  std::atomic<std::uint64_t> cons_intent_consumed;  // consumed before that frame
   // -- wait words ------------------------------------------------------------------------------
   alignas(64) std::atomic<std::uint32_t> data_futex;    // bumped when frames are published
   std::atomic<std::uint32_t> data_waiters;              // threads sleeping on data_futex
