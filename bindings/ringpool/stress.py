@@ -268,7 +268,9 @@ class QueueLedger:
     """What the queue channel saw. ``delivered`` maps a producer incarnation (slot, inc) to every
     seq delivered for it (duplicates included); ``finished`` maps the incarnations that ended
     normally to their message count; ``killed`` maps killed ones to their count of puts that had
-    returned; ``committed``/``consumed`` are the ring's frame counters at the end."""
+    returned, or to (that count, the end of the seqs of the call that was running: a ``put_many``
+    killed midway may have published several); ``committed``/``consumed`` are the ring's frame
+    counters at the end."""
     delivered: dict
     finished: dict
     killed: dict
@@ -314,14 +316,15 @@ def check_queue_ledger(led):
             missing += n - sum(1 for s in seqs if 0 <= s < n)
             known += n
         else:
-            returned = led.killed.get(key, 0)
+            k = led.killed.get(key, 0)
+            returned, bound = (k, k + 1) if isinstance(k, int) else k
             m = max(seqs) + 1 if seqs else 0
-            # The put that was running when it died may have published (seq == returned).
-            if m > returned + 1 or any(s < 0 for s in seqs):
+            # The call that was running when it died may have published (seqs returned..bound-1).
+            if m > bound or any(s < 0 for s in seqs):
                 beyond += 1
             missing += m - len(seqs)
             known += m
-            tail_room += max(returned + 1 - m, 0)
+            tail_room += max(bound - m, 0)
     tail = led.committed - known
     inv.append(Invariant("queue: messages delivered that no producer put", str(beyond), beyond == 0))
     inv.append(Invariant("queue: published past killed producers' last delivery (0 <= tail <= room)",
@@ -354,6 +357,7 @@ def _queue_producer(slot, inc, q, reports, shared, idx, seed, max_size, stop_idx
                 msgs.append((slot, inc, seq, size, _crc(p, slot, inc, seq), p))
                 seq += 1
                 nbytes += size
+            shared[idx + 2] = seq      # the seqs this call may publish end here
             q.put_many(msgs)
         else:
             size = draw_size(rng, max_size)
@@ -365,6 +369,7 @@ def _queue_producer(slot, inc, q, reports, shared, idx, seed, max_size, stop_idx
             crc = _crc(p, slot, inc, seq)
             if np is not None and size >= 64 * 1024 and seq % 2:
                 p = np.frombuffer(p, dtype=np.uint8)  # travels as an out-of-band buffer
+            shared[idx + 2] = seq + 1
             q.put((slot, inc, seq, size, crc, p))
             seq += 1
             nbytes += size
@@ -676,8 +681,9 @@ class _QueueChannel(_ProcChannel):
         self.np, self.nc = producers, consumers
         self.q = ringpool.Queue()
         self.reports = ringpool.SimpleQueue()
-        # slots: 0 stop producers, 1 consumers finish, then 2 per producer, then 2 per consumer
-        self.shared = _Shared(2 + 2 * (producers + consumers))
+        # slots: 0 stop producers, 1 consumers finish, then 3 per producer (puts returned, bytes,
+        # end of the running call's seqs), then 3 per consumer (the third unused)
+        self.shared = _Shared(2 + 3 * (producers + consumers))
         self.procs = {}                   # (role, slot) -> _Proc
         self.incs = collections.Counter()
         self.delivered = collections.defaultdict(list)
@@ -688,7 +694,7 @@ class _QueueChannel(_ProcChannel):
         self.finishing = False
 
     def _idx(self, role, slot):
-        return 2 + 2 * slot if role == "producer" else 2 + 2 * (self.np + slot)
+        return 2 + 3 * slot if role == "producer" else 2 + 3 * (self.np + slot)
 
     def _spawn(self, role, slot):
         inc = self.incs[(role, slot)]
@@ -696,6 +702,7 @@ class _QueueChannel(_ProcChannel):
         idx = self._idx(role, slot)
         self.shared[idx] = 0
         self.shared[idx + 1] = 0
+        self.shared[idx + 2] = 0
         r = self.run
         if role == "producer":
             args = (slot, inc, self.q, self.reports, self.shared, idx, r.seed, r.max_size, 0)
@@ -777,7 +784,8 @@ class _QueueChannel(_ProcChannel):
                 if not self.run.expected_death(p, code):
                     self.run.unexpected.append(f"queue {p.role} {p.slot}.{p.inc}: exit code {code}")
                 if p.role == "producer":
-                    self.killed[(p.slot, p.inc)] = self.shared[idx]
+                    returned = self.shared[idx]
+                    self.killed[(p.slot, p.inc)] = (returned, max(returned + 1, self.shared[idx + 2]))
                 else:
                     self.consumer_deaths += 1
             elif not self.finishing:

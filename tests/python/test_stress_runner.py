@@ -73,6 +73,21 @@ def test_ledger_killed_producer_prefix_and_tail():
     assert any("no producer put" in f for f in _failed(led))
 
 
+def test_ledger_killed_producer_inside_put_many():
+    # Killed inside a put_many of seqs 30..39 after 30 puts had returned: it may have published
+    # the whole batch, but nothing past it.
+    led = QueueLedger(delivered={(0, 0): list(range(40))}, finished={}, killed={(0, 0): (30, 40)},
+                      committed=40, consumed=40)
+    assert _failed(led) == []
+    led = QueueLedger(delivered={(0, 0): list(range(41))}, finished={}, killed={(0, 0): (30, 40)},
+                      committed=41, consumed=41)
+    assert any("no producer put" in f for f in _failed(led))
+    # Counted as a plain put instead, the same batch is reported.
+    led = QueueLedger(delivered={(0, 0): list(range(40))}, finished={}, killed={(0, 0): 30},
+                      committed=40, consumed=40)
+    assert any("no producer put" in f for f in _failed(led))
+
+
 def test_ledger_unconsumed_frames_and_order_and_checksums():
     led = _clean()
     led.committed += 2
