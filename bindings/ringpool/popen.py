@@ -111,6 +111,11 @@ def _push_modules():
 _modules.add_listener(_push_modules)
 
 
+# A spawn whose zygote dies meanwhile is asked again of the zygote that replaces it, this many
+# times in all.
+_ZYGOTE_ATTEMPTS = 3
+
+
 class Popen:
     method = "ringpool"
     DupFd = _InheritedFd
@@ -143,12 +148,33 @@ class Popen:
             _reduction.dump(process_obj, buf)  # the hybrid pickler: lambdas and __main__ by value
         finally:
             _mp_context.set_spawning_popen(prev)
-        chan = _core.Channel.create(_BOOT_CAPACITY)
-        if chan.put(buf.getvalue(), 0, None, 0) is not None:  # an empty ring always has room
-            raise RuntimeError("ringpool: could not queue the process object for the worker")
+        boot = buf.getvalue()
+
+        def boot_channel():
+            chan = _core.Channel.create(_BOOT_CAPACITY)
+            if chan.put(boot, 0, None, 0) is not None:  # an empty ring always has room
+                raise RuntimeError("ringpool: could not queue the process object for the worker")
+            return chan
+
+        chan = boot_channel()
         fds = [*chan.handles(), *self._fds]
         if context.zygote:
-            self._child = supervisor.spawn(fds, _stdio())
+            for attempt in range(_ZYGOTE_ATTEMPTS):
+                try:
+                    self._child = supervisor.spawn(fds, _stdio())
+                    break
+                except RuntimeError as exc:
+                    # The zygote died while serving this request (killed, out of memory): the
+                    # supervisor starts a new one, which can take the request again. Only if no
+                    # process took the boot frame: a child the zygote forked just before dying
+                    # (too late to report it) would run the target; taking the frame back first
+                    # makes sure the target runs at most once.
+                    if attempt + 1 == _ZYGOTE_ATTEMPTS or not str(exc).startswith("ringpool zygote (pid"):
+                        raise
+                    if chan.get(0.0) is None:
+                        raise  # a child the zygote forked took it: it may be running the target
+                    chan = boot_channel()
+                    fds = [*chan.handles(), *self._fds]
         else:
             exe = _mp_spawn.get_executable()
             argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", context._bootstrap("_worker")]

@@ -162,6 +162,67 @@ def test_sigkilled_zygote_ends_its_workers_and_a_new_one_takes_over():
     ctx.shutdown()
 
 
+def test_a_start_whose_zygote_dies_meanwhile_is_served_by_the_next_zygote():
+    # The zygote dies while it serves a start (killed at that moment): the start goes to the
+    # zygote that replaces it, with a fresh boot channel, instead of failing.
+    ctx = ringpool.RingpoolContext()
+    try:
+        warm = ctx.Process(target=_sleep, args=(0,))
+        warm.start()  # the zygote is up
+        warm.join(30)
+        sup = ctx._supervisor()
+        calls = []
+
+        class DyingOnce:
+            def __getattr__(self, name):
+                return getattr(sup, name)
+
+            def spawn(self, fds, *rest):
+                calls.append(list(fds))
+                if len(calls) == 1:
+                    os.kill(ctx.zygote_pid(), signal.SIGKILL)  # a real death, then its error
+                    raise RuntimeError(f"ringpool zygote (pid {ctx.zygote_pid()}) exited with code -9")
+                return sup.spawn(fds, *rest)
+
+        ctx._supervisor = lambda: DyingOnce()
+        q = ctx.Queue()
+        p = ctx.Process(target=_state, args=(q,))
+        p.start()
+        assert q.get(timeout=60)["pid"] == p.pid
+        p.join(30)
+        assert p.exitcode == 0
+        assert len(calls) >= 2 and calls[0][:4] != calls[-1][:4]  # asked again, with a new boot channel
+        # A child the dying zygote forked (too late to report) took the boot frame: it may be
+        # running the target, so the start is not asked again (the target runs at most once).
+        class TakenThenDied:
+            def spawn(self, fds, *rest):
+                calls.append(list(fds))
+                child_side = _core.Channel.attach(*(os.dup(fd) for fd in fds[:4]))
+                assert child_side.get(0.0) is not None
+                raise RuntimeError("ringpool zygote (pid 1) exited with code -9")
+
+        calls.clear()
+        ctx._supervisor = lambda: TakenThenDied()
+        with pytest.raises(RuntimeError, match="exited with code -9"):
+            ctx.Process(target=_sleep, args=(1,)).start()
+        assert len(calls) == 1
+        # Any other spawn error is not retried.
+        attempts = []
+
+        class Broken:
+            def spawn(self, fds, *rest):
+                attempts.append(1)
+                raise RuntimeError("ringpool: could not start the zygote: no such interpreter")
+
+        ctx._supervisor = lambda: Broken()
+        with pytest.raises(RuntimeError, match="no such interpreter"):
+            ctx.Process(target=_sleep, args=(1,)).start()
+        assert attempts == [1]
+    finally:
+        del ctx._supervisor
+        ctx.shutdown()
+
+
 def _started_then_sleep(q):
     q.put("running")
     time.sleep(60)
