@@ -49,6 +49,7 @@ import weakref
 from concurrent.futures import Executor as _Executor
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FuturesTimeout
+from concurrent.futures._base import RUNNING as _RUNNING
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import connection as _mp_connection
 from multiprocessing.reduction import DupFd
@@ -60,10 +61,13 @@ __all__ = ["Executor", "WorkerDied", "TaskTimeout", "RemoteTraceback"]
 
 # Call records (parent -> worker): (op, tid, fn, args, kwargs). A _RUN record carries a map's
 # calls to one worker: args is a list of argument tuples, item k has task id tid + k, and each item
-# is answered with its own result record, as a _CALL is.
+# is answered with its own result record, as a _CALL is. A _RUN or _CHUNK record whose kwargs is
+# _SINGLE carries single arguments instead of tuples (a map over one iterable: no 1-tuples to
+# build, pickle and memoize).
 _CALL, _CHUNK, _PING, _STOP, _RUN = 0, 1, 2, 3, 4
 # Result records (-> parent): (wid, tid, status, value, elapsed)
 _OK, _ERR, _STARTED, _PONG, _INIT_FAILED, _DIED = 0, 1, 2, 3, 4, 5
+_SINGLE = 1
 
 _CALL_CAPACITY = 1 << 20
 _RESULT_CAPACITY = 4 << 20
@@ -73,6 +77,11 @@ _NO_WAIT = _core.NO_BACKPRESSURE
 # A caller waiting for a result reads the result ring itself, in steps of _HELP_STEP seconds; the
 # collector thread leaves the ring to it while it has read within _HELP_GRACE seconds.
 _HELP_STEP = 0.05
+_POLL_ITEMS = 256  # a consumer with results in hand reads the ring every this many items
+# A replacement worker that fails to start is retried every _SPAWN_RETRY seconds; after
+# _SPAWN_ATTEMPTS failures in a row the pool is broken (BrokenProcessPool), never left hanging.
+_SPAWN_RETRY = 0.2
+_SPAWN_ATTEMPTS = 25
 _HELP_GRACE = 0.003
 # Functions that travel once per worker and are then named by number (hashable, and the same
 # object on every call, unlike bound methods or partials).
@@ -286,7 +295,7 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
                     f = resolved[fn] = _resolve(fn)
                 fn = f
             if op == _CHUNK:
-                value = [fn(*a) for a in args]
+                value = [fn(a) for a in args] if kwargs == _SINGLE else [fn(*a) for a in args]
             else:
                 value = fn(*args, **kwargs) if kwargs else fn(*args)
             if plain:
@@ -327,8 +336,9 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
                 put((wid, tid, _PONG, None, 0.0))
                 continue
             if op == _RUN:  # a map's calls: item k has task id tid + k (never cut by max_tasks)
+                single = kwargs == _SINGLE
                 for a in args:
-                    fn = run(tid, fn, a, None, _CALL)
+                    fn = run(tid, fn, (a,) if single else a, None, _CALL)
                     tid += 1
                 done += len(args)
             else:
@@ -361,13 +371,15 @@ class _Task:
 
     def item(self, j):
         """Item j of a run, as a task of its own."""
-        t = _Task(self.tid + j, _CALL, self.fn, self.args[self.index + j], None, self.sink, self.index + j)
+        a = self.args[self.index + j]
+        t = _Task(self.tid + j, _CALL, self.fn, (a,) if self.kwargs == _SINGLE else a, None, self.sink,
+                  self.index + j)
         t.running = True
         return t
 
     def rest(self, j):
         """Items j.. of a run, as a run of their own."""
-        t = _Task(self.tid + j, _RUN, self.fn, self.args, None, self.sink, self.index + j, self.n - j)
+        t = _Task(self.tid + j, _RUN, self.fn, self.args, self.kwargs, self.sink, self.index + j, self.n - j)
         t.running = True
         return t
 
@@ -506,9 +518,10 @@ class Executor(_Executor):
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
+        self._spawn_failures = 0        # replacement starts that failed in a row
         with self._lock:
             for _ in range(self._max_workers):
-                self._start_worker()
+                self._start_worker(initial=True)
         self._collector = threading.Thread(target=self._collect, name="ringpool-executor-collector", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="ringpool-executor-watcher", daemon=True)
         self._collector.start()
@@ -529,7 +542,10 @@ class Executor(_Executor):
             return [w.proc.pid for w in self._workers.values() if w.proc.pid is not None]
 
     # -- workers (pool lock held) ---------------------------------------------------------------
-    def _start_worker(self):
+    def _start_worker(self, initial=False, watcher=False):
+        """Start one worker. A replacement that fails to start (its zygote was killed at that
+        moment, say) is not an error here: the watcher thread tries again shortly, and breaks the
+        pool only after _SPAWN_ATTEMPTS failures in a row. At construction the error raises."""
         wid = next(self._wids)
         calls = _core.Channel.create(_CALL_CAPACITY)
         proc = self._ctx.Process(
@@ -537,9 +553,24 @@ class Executor(_Executor):
             args=(wid, _ChannelRef(calls), _ChannelRef(self._results), self._initializer, self._initargs,
                   self._max_tasks, self._task_timeout is not None),
             name=f"ringpool-executor-{wid}", daemon=True)
-        proc.start()
+        try:
+            proc.start()
+        except Exception as exc:
+            if initial:
+                raise
+            self._spawn_failures += 1
+            self._spawn_error = exc
+            if not watcher:
+                self._wake_watcher()  # it retries (on its own schedule)
+            return
+        self._spawn_failures = 0
         self._workers[wid] = _Worker(wid, proc, calls, self._max_tasks)
         self._wake_watcher()
+
+    def _short_of_workers(self):
+        """Fewer open workers than asked for, with work to do or to come (pool lock held)."""
+        return (self._broken is None and not self._closed and len(self._open_workers()) < self._max_workers
+                and (self._tasks or not self._shutdown))
 
     def _wake_watcher(self):
         try:
@@ -726,8 +757,10 @@ class Executor(_Executor):
         with self._lock:
             self._check_open()
             t.tid = self._next_tid
-            workers = self._open_workers()
-            w = min(workers, key=_load) if workers else None
+            w = None
+            for x in self._workers.values():  # the least busy open worker
+                if not x.retiring and (w is None or x.load < w.load):
+                    w = x
             if w is None or self._backlog or w.unpublished or w.load >= self._depth:
                 try:
                     t.payload = dumps(t.record())  # pickle now: errors raise here
@@ -747,10 +780,14 @@ class Executor(_Executor):
                         w.known.discard(rec[2][0])
                     _raise_call_error(fn, args, kwargs, exc)
                 self._next_tid += 1
-                f.set_running_or_notify_cancel()
+                f._state = _RUNNING  # nobody has seen f yet: set_running_or_notify_cancel's effect
                 t.running = True
                 self._tasks[t.tid] = t
-                self._record_sent(w, (t,))
+                t.wid = w.wid
+                w.sent.append(t)
+                w.load += 1
+                if w.budget is not None:
+                    self._spend(w, 1)
                 if p is not None:
                     w.unpublished.append(p)
                 return f
@@ -763,9 +800,10 @@ class Executor(_Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         end = None if timeout is None else time.monotonic() + timeout
-        items = list(zip(*iterables))
+        single = len(iterables) == 1
+        items = list(iterables[0]) if single else list(zip(*iterables))
         batch = _Batch(ordered=True)
-        n = self._enqueue(fn, items, chunksize, batch)
+        n = self._enqueue(fn, items, chunksize, batch, single)
         return self._ordered_results(batch, n, chunksize, end, len(items), progress)
 
     def imap_unordered(self, fn, iterable, chunksize=1, progress=False, total=None):
@@ -775,17 +813,19 @@ class Executor(_Executor):
             raise ValueError("chunksize must be >= 1")
         return self._unordered_results(fn, iter(iterable), chunksize, progress, total)
 
-    def _enqueue(self, fn, items, chunksize, batch):
-        """Queue fn over items (argument tuples), each result delivered to batch at its position
-        (a chunk's at the chunk's). Returns the number of results to come."""
+    def _enqueue(self, fn, items, chunksize, batch, single):
+        """Queue fn over items (argument tuples; single arguments if single), each result
+        delivered to batch at its position (a chunk's at the chunk's). Returns the number of
+        results to come."""
+        flag = _SINGLE if single else None
         if chunksize == 1 and self._max_tasks is None:
             # One run for all of them: the dispatcher cuts it into pieces as workers have room.
             # (With max_tasks_per_child, one task per call keeps each worker's count exact.)
-            tasks = [_Task(0, _RUN, fn, items, None, batch, 0, len(items))] if items else []
+            tasks = [_Task(0, _RUN, fn, items, flag, batch, 0, len(items))] if items else []
         elif chunksize == 1:
-            tasks = [_Task(0, _CALL, fn, a, None, batch, i) for i, a in enumerate(items)]
+            tasks = [_Task(0, _CALL, fn, (a,) if single else a, None, batch, i) for i, a in enumerate(items)]
         else:
-            tasks = [_Task(0, _CHUNK, fn, items[i:i + chunksize], None, batch, i // chunksize)
+            tasks = [_Task(0, _CHUNK, fn, items[i:i + chunksize], flag, batch, i // chunksize)
                      for i in range(0, len(items), chunksize)]
         n = 0
         done = []
@@ -805,19 +845,37 @@ class Executor(_Executor):
     def _ordered_results(self, batch, n, chunksize, end, total, progress):
         bar = _progress_bar(progress, total)
         done = batch.done
+        every = max(1, _POLL_ITEMS // chunksize)
         try:
             for i in range(n):
                 item = done.pop(i, None)  # results are inserted under the GIL: no lock to look
                 if item is None:
                     item = self._wait_item(batch, i, end)
-                if item[0] and chunksize == 1 and bar is None:
-                    yield item[1]
+                elif i % every == 0:
+                    self._poll_results()
+                if item[0] and bar is None:
+                    if chunksize == 1:
+                        yield item[1]
+                    else:
+                        yield from item[1]
                 else:
                     yield from _emit(item[0], item[1], chunksize, bar)
         finally:
             if bar is not None:
                 bar.close()
             self._cancel_batch(batch)
+
+    def _poll_results(self):
+        """Handle the results waiting, if no other thread has the reader role. A consumer that
+        has results in hand calls this every _POLL_ITEMS items, so the workers are topped up
+        from its own thread (a collector thread taking over meanwhile would wait for the GIL
+        while the consumer runs)."""
+        if self._reader.acquire(False):
+            try:
+                self._helped_at = time.monotonic()
+                self._drain(0.0)
+            finally:
+                self._reader.release()
 
     def _wait_item(self, batch, i, end):
         done = batch.done
@@ -861,16 +919,24 @@ class Executor(_Executor):
                     if not chunk:
                         exhausted = True
                         break
-                    self._enqueue(fn, [(x,) for x in chunk], chunksize, batch)
+                    self._enqueue(fn, chunk, chunksize, batch, True)
                 done = batch.done  # appended to by the reader (deque operations are atomic)
                 while not done:
                     if exhausted and batch.pending == 0:
                         return
                     self._await(batch, lambda: done or (exhausted and batch.pending == 0), _HELP_STEP)
+                every = max(1, _POLL_ITEMS // chunksize)
+                k = 0
                 while done:
                     ok, value = done.popleft()
-                    if ok and chunksize == 1 and bar is None:
-                        yield value
+                    k += 1
+                    if k % every == 0:
+                        self._poll_results()
+                    if ok and bar is None:
+                        if chunksize == 1:
+                            yield value
+                        else:
+                            yield from value
                     else:
                         yield from _emit(ok, value, chunksize, bar)
         finally:
@@ -921,25 +987,30 @@ class Executor(_Executor):
         """Hand results to their futures and batches. Batches are filled under the pool lock
         (held if locked); futures are set after it is released (they run callbacks), so call
         again with locked=False for those: returns what is left."""
+        if not done:
+            return []
         futures = []
         sinks = set()
-        if not locked:
-            self._lock.acquire()
-        try:
-            for item in done:
-                sink = item[0].sink
-                if type(sink) is _Batch:
-                    t, ok, value = item
-                    sink.pending -= 1
-                    sink.deliver(t.index, ok, value)
-                    sinks.add(sink)
-                else:
-                    futures.append(item)
-        finally:
+        if not locked and all(type(item[0].sink) is not _Batch for item in done):
+            futures = done  # only futures: no batch to fill under the pool lock
+        else:
             if not locked:
-                self._lock.release()
-        for s in sinks:
-            s.flush()
+                self._lock.acquire()
+            try:
+                for item in done:
+                    sink = item[0].sink
+                    if type(sink) is _Batch:
+                        t, ok, value = item
+                        sink.pending -= 1
+                        sink.deliver(t.index, ok, value)
+                        sinks.add(sink)
+                    else:
+                        futures.append(item)
+            finally:
+                if not locked:
+                    self._lock.release()
+            for s in sinks:
+                s.flush()
         if locked:
             return futures
         for t, ok, value in futures:
@@ -1241,13 +1312,30 @@ class Executor(_Executor):
         wake = self._wake_r
         posted = set()
         while True:
+            done = []
             with self._lock:
                 if self._closed:
                     return
+                if self._short_of_workers():
+                    if self._spawn_failures >= _SPAWN_ATTEMPTS:
+                        err = self._spawn_error
+                        self._break(f"no worker could be started ({_SPAWN_ATTEMPTS} attempts): "
+                                    f"{type(err).__name__}: {err}", err, done)
+                    else:
+                        self._start_worker(watcher=True)
+                        self._dispatch(done)  # the backlog waited for it
+                        self._publish_pending()
+                short = self._short_of_workers()
                 sentinels = {w.proc.sentinel: w for w in self._workers.values() if w.wid not in posted}
                 deadline = min((w.running[1] for w in self._workers.values()
                                 if w.running is not None and w.timed_out is None), default=None)
+            if done:
+                self._deliver(done)
+                if self._broken is not None:
+                    self._post((0, None, _DIED, None, 0.0))  # the collector notices the pool broke
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if short:  # a replacement failed to start: try again soon
+                timeout = _SPAWN_RETRY if timeout is None else min(timeout, _SPAWN_RETRY)
             ready = _mp_connection.wait([wake, *sentinels], timeout)
             if wake in ready:
                 try:

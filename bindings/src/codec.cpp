@@ -19,6 +19,8 @@ struct Globals {
   PyObject* loads_item = nullptr;     // ringpool.reduction.loads
   PyObject* explain = nullptr;        // ringpool.reduction._explain
   PyObject* pickle_loads = nullptr;   // _pickle.loads
+  PyObject* pickle_dumps = nullptr;   // _pickle.dumps
+  PyObject* protocol = nullptr;       // 5, the protocol of every ringpool pickle
   PyObject* mp_tls = nullptr;         // multiprocessing.context._tls
   PyObject* copyreg_table = nullptr;  // copyreg.dispatch_table
   PyObject* extra_reducers = nullptr; // ForkingPickler._extra_reducers
@@ -35,6 +37,8 @@ Globals& globals() {
     x.loads_item = py::object(red.attr("loads")).release().ptr();
     x.explain = py::object(red.attr("_explain")).release().ptr();
     x.pickle_loads = py::object(py::module_::import("_pickle").attr("loads")).release().ptr();
+    x.pickle_dumps = py::object(py::module_::import("_pickle").attr("dumps")).release().ptr();
+    x.protocol = PyLong_FromLong(5);
     x.mp_tls = py::object(py::module_::import("multiprocessing.context").attr("_tls")).release().ptr();
     x.copyreg_table = py::object(py::module_::import("copyreg").attr("dispatch_table")).release().ptr();
     x.extra_reducers =
@@ -184,6 +188,17 @@ void explain_pickling_error(const Globals& g, PyObject* obj) {
 
 void dump_object(PyObject* obj, Dumped& out) {
   const Globals& g = globals();
+  if (plain(obj, 2)) {
+    // Plain data pickles the same with any pickler (a reducer_override is never asked about
+    // it), so the C module's dumps does it in one call, without the thread's dumper.
+    out.flags = 0;
+    out.fds.clear();
+    PyObject* args[2] = {obj, g.protocol};
+    PyObject* r = PyObject_Vectorcall(g.pickle_dumps, args, 2, nullptr);
+    if (r == nullptr) throw py::error_already_set();
+    out.payload = py::reinterpret_steal<py::object>(r);
+    return;
+  }
   // A reducer may pickle with ringpool again on this thread (or a finalizer run by the GC in the
   // middle of a dump may): a C pickler is not re-entrant, so a nested dump gets a fresh dumper.
   // Either way the dumper is held strongly for the whole dump, so a reducer registered meanwhile
@@ -203,20 +218,6 @@ void dump_object(PyObject* obj, Dumped& out) {
   if (!reentered) busy.emplace(tl.busy);
   out.flags = 0;
   out.fds.clear();
-  if (plain(obj, 2)) {
-    PyObject* r = PyObject_CallOneArg(d.dump, obj);
-    PyObject* cm = PyObject_CallNoArgs(d.clear_memo);
-    Py_XDECREF(cm);
-    if (r == nullptr) {
-      clear_list(d.out);
-      throw py::error_already_set();
-    }
-    Py_DECREF(r);
-    PyObject* data = take_output(d.out);
-    if (data == nullptr) throw py::error_already_set();
-    out.payload = py::reinterpret_steal<py::object>(data);
-    return;
-  }
   // Make multiprocessing.reduction.DupFd attach descriptors to our frame (see reduction.py).
   PyObject* prev = PyObject_GetAttr(g.mp_tls, g.spawning_popen);
   if (prev == nullptr) {

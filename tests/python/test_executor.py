@@ -405,6 +405,59 @@ def test_pool_survives_its_zygote_dying():
         ctx.shutdown()
 
 
+class _FlakyStarts:
+    """A context whose next `fail` Process starts raise, as a start does when the zygote is
+    killed at that moment."""
+
+    def __init__(self, fail=0):
+        self._ctx = ringpool.get_context()
+        self.fail = fail
+
+    def Process(self, *args, **kwargs):
+        p = self._ctx.Process(*args, **kwargs)
+        if self.fail > 0:
+            self.fail -= 1
+
+            def start():
+                raise RuntimeError("ringpool zygote (pid 1) exited with code -9")
+
+            p.start = start
+        return p
+
+
+@pytest.mark.parametrize("failures", [3, 10_000])
+def test_a_replacement_that_fails_to_start_is_retried_or_breaks_the_pool(failures):
+    ctx = _FlakyStarts()
+    with Executor(2, mp_context=ctx) as ex:
+        assert sorted(ex.map(_pid, range(4))) and len(ex.worker_pids()) == 2
+        ctx.fail = failures
+        victim = ex.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        fs = [ex.submit(_square, i) for i in range(50)]
+        if failures < 100:
+            # Retried until a start succeeds: every task completes, the pool is whole again.
+            assert [f.result(60) for f in fs] == [i * i for i in range(50)]
+            deadline = time.monotonic() + 30
+            while len(ex.worker_pids()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(ex.worker_pids()) == 2 and victim not in ex.worker_pids()
+        else:
+            # The surviving worker runs the tasks; the missing one never starts, and after its
+            # attempts the pool breaks: nothing waits forever.
+            done, pending = cf.wait(fs, timeout=60)
+            assert not pending
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    ex.submit(_square, 2)
+                except cf.process.BrokenProcessPool as e:
+                    assert "no worker could be started" in str(e)
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the pool neither replaced its worker nor broke")
+
+
 def test_worker_pids_names_the_live_workers():
     with Executor(2) as ex:
         pids = set(ex.worker_pids())
