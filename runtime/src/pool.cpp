@@ -76,6 +76,7 @@ constexpr std::size_t kMinDepth = 2, kMaxDepth = 1024;
 constexpr double kQueuedWork = 0.002;  // seconds of work kept queued per worker
 constexpr std::int64_t kCollectorSpinNs = 50'000;  // the collector polls this long before sleeping
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
+constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on it
 
 using Clock = std::chrono::steady_clock;
 
@@ -323,10 +324,14 @@ struct Pool::Impl {
       lk.unlock();
       std::unique_ptr<Worker> w;
       std::string err;
-      try {
-        w = launch(wid);
-      } catch (const std::exception& e) {
-        err = e.what();
+      // A zygote killed while it serves the spawn fails it; the supervisor starts a new zygote
+      // for the next request, so a few attempts ride that out (each with a fresh call ring).
+      for (int attempt = 0; attempt < kSpawnAttempts && !w; ++attempt) {
+        try {
+          w = launch(wid);
+        } catch (const std::exception& e) {
+          err = e.what();
+        }
       }
       lk.lock();
       if (!w) {
