@@ -77,12 +77,12 @@ _NO_WAIT = _core.NO_BACKPRESSURE
 # A caller waiting for a result reads the result ring itself, in steps of _HELP_STEP seconds; the
 # collector thread leaves the ring to it while it has read within _HELP_GRACE seconds.
 _HELP_STEP = 0.05
+_HELP_GRACE = 0.003
 _POLL_ITEMS = 256  # a consumer with results in hand reads the ring every this many items
 # A replacement worker that fails to start is retried every _SPAWN_RETRY seconds; after
 # _SPAWN_ATTEMPTS failures in a row the pool is broken (BrokenProcessPool), never left hanging.
 _SPAWN_RETRY = 0.2
 _SPAWN_ATTEMPTS = 25
-_HELP_GRACE = 0.003
 # Functions that travel once per worker and are then named by number (hashable, and the same
 # object on every call, unlike bound methods or partials).
 _TABLED = (types.FunctionType, types.BuiltinFunctionType, str)
