@@ -367,7 +367,11 @@ class _Task:
         self.k = 0             # of those, answered (a sent run)
 
     def record(self):
-        return (self.op, self.tid, self.fn, self.args, self.kwargs)
+        return (self.op, self.tid, self.fn, self.call_args(), self.kwargs)
+
+    def call_args(self):
+        """What the record's args slot carries: a run's slice of the argument list."""
+        return self.args[self.index:self.index + self.n] if self.op == _RUN else self.args
 
     def item(self, j):
         """Item j of a run, as a task of its own."""
@@ -697,7 +701,7 @@ class Executor(_Executor):
                 else:
                     w.known.add(fid)
                     fn = (fid, fn)
-        return (t.op, t.tid, fn, t.args[t.index:t.index + t.n] if t.op == _RUN else t.args, t.kwargs)
+        return (t.op, t.tid, fn, t.call_args(), t.kwargs)
 
     def _records(self, batch, start, w):
         """Call records for batch[start:] on w; a map's calls share their function, so its
@@ -706,7 +710,7 @@ class Executor(_Executor):
         fn = fid = None
         for t in batch[start:]:
             if t.fn is fn and fid is not None:
-                out.append((t.op, t.tid, fid, t.args[t.index:t.index + t.n] if t.op == _RUN else t.args, t.kwargs))
+                out.append((t.op, t.tid, fid, t.call_args(), t.kwargs))
                 continue
             rec = self._record(t, w)
             out.append(rec)
@@ -852,7 +856,7 @@ class Executor(_Executor):
                 if item is None:
                     item = self._wait_item(batch, i, end)
                 elif i % every == 0:
-                    self._poll_results()
+                    self._read_here(0.0)
                 if item[0] and bar is None:
                     if chunksize == 1:
                         yield item[1]
@@ -865,17 +869,21 @@ class Executor(_Executor):
                 bar.close()
             self._cancel_batch(batch)
 
-    def _poll_results(self):
-        """Handle the results waiting, if no other thread has the reader role. A consumer that
-        has results in hand calls this every _POLL_ITEMS items, so the workers are topped up
-        from its own thread (a collector thread taking over meanwhile would wait for the GIL
-        while the consumer runs)."""
-        if self._reader.acquire(False):
-            try:
+    def _read_here(self, timeout, ready=None):
+        """Read and handle results in this thread for up to timeout (until ready() if given), if
+        no other thread has the reader role; returns whether it had it. The collector thread
+        stays back while callers do this (_HELP_GRACE): results then reach a waiting caller
+        without a thread hand-off, and a consumer with results in hand (every _POLL_ITEMS items)
+        tops the workers up from its own thread instead of handing the GIL to the collector."""
+        if not self._reader.acquire(False):
+            return False
+        try:
+            if ready is None or not ready():
                 self._helped_at = time.monotonic()
-                self._drain(0.0)
-            finally:
-                self._reader.release()
+                self._drain(timeout)
+        finally:
+            self._reader.release()
+        return True
 
     def _wait_item(self, batch, i, end):
         done = batch.done
@@ -891,17 +899,8 @@ class Executor(_Executor):
             self._await(batch, lambda: i in done, step)
 
     def _await(self, batch, ready, step):
-        """One step of waiting for batch's results: read the result ring in this thread when no
-        other thread has the reader role (no hand-off through the collector thread), else wait
-        to be handed them."""
-        reader = self._reader
-        if reader.acquire(False):
-            try:
-                if not ready():
-                    self._helped_at = time.monotonic()
-                    self._drain(step)
-            finally:
-                reader.release()
+        """One step of waiting for batch's results: read them here, or be handed them."""
+        if self._read_here(step, ready):
             return
         with batch.cond:
             if not ready():
@@ -931,7 +930,7 @@ class Executor(_Executor):
                     ok, value = done.popleft()
                     k += 1
                     if k % every == 0:
-                        self._poll_results()
+                        self._read_here(0.0)
                     if ok and bar is None:
                         if chunksize == 1:
                             yield value
@@ -1046,19 +1045,13 @@ class Executor(_Executor):
 
     def _help(self, f, timeout):
         """Wait for f by reading results in this thread (saves the hop through the collector
-        thread); returns at once if another thread has the reader role."""
-        if not self._reader.acquire(False):
-            return
-        try:
-            end = None if timeout is None else time.monotonic() + timeout
-            while not f.done() and not self._finished_flag:
-                step = _HELP_STEP if end is None else min(_HELP_STEP, end - time.monotonic())
-                if step <= 0:
-                    return
-                self._helped_at = time.monotonic()
-                self._drain(step)
-        finally:
-            self._reader.release()
+        thread); returns once another thread has the reader role (the Future's own wait then
+        takes over)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not f.done() and not self._finished_flag:
+            step = _HELP_STEP if end is None else min(_HELP_STEP, end - time.monotonic())
+            if step <= 0 or not self._read_here(step, f.done):
+                return
 
     def _drain(self, timeout):
         """Take the waiting records (up to timeout for the first) and handle them, in ring order

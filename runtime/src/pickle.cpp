@@ -181,14 +181,18 @@ std::string check_dict_keys(const Value::Dict& entries) {
 
 // ---- decoder ---------------------------------------------------------------------------------
 
+// The most a pickle of n bytes may decode to (PickleLimits::max_expansion), saturating.
+std::size_t decoded_budget(std::size_t n, const PickleLimits& limits) {
+  const std::size_t max = std::numeric_limits<std::size_t>::max();
+  return n > (max - limits.max_decoded_slack) / (limits.max_expansion ? limits.max_expansion : 1)
+             ? max
+             : n * limits.max_expansion + limits.max_decoded_slack;
+}
+
 class Decoder {
  public:
-  Decoder(std::string_view in, const PickleLimits& limits) : in_(in), limits_(limits) {
-    const std::size_t n = in.size();
-    const std::size_t max = std::numeric_limits<std::size_t>::max();
-    budget_ = n > (max - limits.max_decoded_slack) / (limits.max_expansion ? limits.max_expansion : 1)
-                  ? max
-                  : n * limits.max_expansion + limits.max_decoded_slack;
+  Decoder(std::string_view in, const PickleLimits& limits)
+      : in_(in), limits_(limits), budget_(decoded_budget(in.size(), limits)) {
     nodes_.reserve(16);
     // Singletons, as in Python: NONE, NEWFALSE and NEWTRUE never allocate.
     add_leaf(Value(), Value::Type::none);
@@ -553,12 +557,8 @@ class Decoder {
 // same Value or the same PickleError (tests/fuzz/fuzz_pickle.cpp checks that they agree).
 class TreeDecoder {
  public:
-  TreeDecoder(std::string_view in, const PickleLimits& limits) : in_(in), limits_(limits) {
-    const std::size_t n = in.size();
-    const std::size_t max = std::numeric_limits<std::size_t>::max();
-    budget_ = n > (max - limits.max_decoded_slack) / (limits.max_expansion ? limits.max_expansion : 1)
-                  ? max
-                  : n * limits.max_expansion + limits.max_decoded_slack;
+  TreeDecoder(std::string_view in, const PickleLimits& limits)
+      : in_(in), limits_(limits), budget_(decoded_budget(in.size(), limits)) {
     stack_.reserve(8);
   }
 
@@ -610,13 +610,19 @@ class TreeDecoder {
     stack_.push_back(std::move(it));
     return true;
   }
-  bool push_container(Value::Type t, Value::List kids) {
-    if (limits_.max_depth <= 1 || !charge(sizeof(Value))) return false;
+  // An empty container (false when the limits refuse it): EMPTY_LIST/TUPLE/DICT push it as is,
+  // the others fill it from the stack first.
+  std::optional<Item> container(Value::Type t) {
+    if (limits_.max_depth <= 1 || !charge(sizeof(Value))) return std::nullopt;
     Item it;
     it.type = t;
     it.depth = 1;
-    it.kids = std::move(kids);
-    stack_.push_back(std::move(it));
+    return it;
+  }
+  bool push_container(Value::Type t) {
+    std::optional<Item> c = container(t);
+    if (!c) return false;
+    stack_.push_back(std::move(*c));
     return true;
   }
   std::size_t fence() const { return marks_.empty() ? 0 : marks_.back(); }
@@ -678,16 +684,13 @@ class TreeDecoder {
   }
   // The items from stack index m up become a new container of type t, in their place.
   bool collect(Value::Type t, std::size_t m) {
-    if (limits_.max_depth <= 1 || !charge(sizeof(Value))) return false;
-    Item c;
-    c.type = t;
-    c.depth = 1;
-    if (!absorb(c, m)) return false;
-    stack_.push_back(std::move(c));
+    std::optional<Item> c = container(t);
+    if (!c || !absorb(*c, m)) return false;
+    stack_.push_back(std::move(*c));
     return true;
   }
-  // APPEND/SETITEM: the items from `from` up go into the container just below them, which must
-  // sit above the last MARK too.
+  // APPEND(S)/SETITEM(S): the items from `from` up go into the container just below them, which
+  // must sit above the last MARK too.
   bool extend(std::size_t from, Value::Type want) {
     if (from == 0 || from <= fence()) return false;
     if (stack_[from - 1].type != want) return false;
@@ -751,11 +754,11 @@ class TreeDecoder {
       case op::BINBYTES8:
         return read_le(8, v) && bytes(v);
       case op::EMPTY_LIST:
-        return push_container(Value::Type::list, {});
+        return push_container(Value::Type::list);
       case op::EMPTY_TUPLE:
-        return push_container(Value::Type::tuple, {});
+        return push_container(Value::Type::tuple);
       case op::EMPTY_DICT:
-        return push_container(Value::Type::dict, {});
+        return push_container(Value::Type::dict);
       case op::LIST:
         return from_mark(Value::Type::list);
       case op::TUPLE:
@@ -774,14 +777,12 @@ class TreeDecoder {
       case op::SETITEM:
         return stack_.size() >= 3 && extend(stack_.size() - 2, Value::Type::dict);
       case op::APPENDS:
-      case op::SETITEMS: {
+      case op::SETITEMS: {  // the items above the last MARK (which goes) into the container below it
         if (marks_.empty()) return false;
         const std::size_t m = marks_.back();
         marks_.pop_back();
         if (op == op::SETITEMS && (stack_.size() - m) % 2) return false;
-        if (m == 0 || m <= fence()) return false;
-        if (stack_[m - 1].type != (op == op::APPENDS ? Value::Type::list : Value::Type::dict)) return false;
-        return adopt(m - 1, m);
+        return extend(m, op == op::APPENDS ? Value::Type::list : Value::Type::dict);
       }
       case op::MEMOIZE:
         return !stack_.empty() && stack_.size() > fence();

@@ -43,6 +43,15 @@ void repair_producer_side(RingControl* c) noexcept {
     c->committed.store(c->prod_intent_committed.load(std::memory_order_relaxed), std::memory_order_relaxed);
 }
 
+// Counts n frames the put in progress is about to publish up to new_tail; the intent comes
+// first, so that a producer killed before the tail store is undone by repair_producer_side.
+void count_committed(RingControl* c, std::uint64_t n, std::uint64_t new_tail) noexcept {
+  const std::uint64_t before = c->committed.load(std::memory_order_relaxed);
+  c->prod_intent_committed.store(before, std::memory_order_relaxed);
+  c->prod_intent_tail.store(new_tail, std::memory_order_relaxed);
+  c->committed.store(before + n, std::memory_order_relaxed);
+}
+
 // A consumer died taking a frame: if it did not move head, it did not take the frame.
 void repair_consumer_side(RingControl* c) noexcept {
   if (c->head.load(std::memory_order_relaxed) != c->cons_intent_head.load(std::memory_order_relaxed))
@@ -170,10 +179,7 @@ Ring::PutStatus Ring::try_put(proto::Kind kind, std::uint8_t flags, const Piece*
     }
     if ((accounting & kCountItem) && counts_items_) ctl_->items.fetch_add(1, std::memory_order_relaxed);
     if (accounting & kCountTask) ctl_->unfinished.fetch_add(1, std::memory_order_relaxed);
-    const std::uint64_t c = ctl_->committed.load(std::memory_order_relaxed);
-    ctl_->prod_intent_committed.store(c, std::memory_order_relaxed);
-    ctl_->prod_intent_tail.store(t + rec, std::memory_order_relaxed);
-    ctl_->committed.store(c + 1, std::memory_order_relaxed);
+    count_committed(ctl_, 1, t + rec);
     // The publish. Release pairs with the consumer's acquire load of tail: the record bytes (and
     // the accounting above) are visible before the cursor that exposes them.
     ctl_->tail.store(t + rec, std::memory_order_release);
@@ -206,10 +212,7 @@ std::size_t Ring::try_put_many(proto::Kind kind, std::uint8_t flags, const Piece
     if ((accounting & kCountItem) && counts_items_)
       ctl_->items.fetch_add(static_cast<std::int64_t>(done), std::memory_order_relaxed);
     if (accounting & kCountTask) ctl_->unfinished.fetch_add(static_cast<std::int64_t>(done), std::memory_order_relaxed);
-    const std::uint64_t c = ctl_->committed.load(std::memory_order_relaxed);
-    ctl_->prod_intent_committed.store(c, std::memory_order_relaxed);
-    ctl_->prod_intent_tail.store(t, std::memory_order_relaxed);
-    ctl_->committed.store(c + done, std::memory_order_relaxed);
+    count_committed(ctl_, done, t);
     // One publish for the whole batch (release: pairs with the consumer's acquire of tail).
     ctl_->tail.store(t, std::memory_order_release);
   }

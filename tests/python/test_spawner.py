@@ -143,6 +143,16 @@ def test_a_preload_that_starts_threads_is_refused(tmp_path, monkeypatch):
         ctx.ensure_running()
 
 
+def _start_and_check(ctx):
+    """A process of ctx starts, reports its own pid and exits cleanly."""
+    q = ctx.Queue()
+    p = ctx.Process(target=_state, args=(q,))
+    p.start()
+    assert q.get(timeout=60)["pid"] == p.pid
+    p.join(30)
+    assert p.exitcode == 0
+
+
 def test_sigkilled_zygote_ends_its_workers_and_a_new_one_takes_over():
     ctx = ringpool.RingpoolContext()
     p = ctx.Process(target=_sleep, args=(60,))
@@ -152,12 +162,7 @@ def test_sigkilled_zygote_ends_its_workers_and_a_new_one_takes_over():
     p.join(10)
     assert p.exitcode == -signal.SIGKILL  # killed with its zygote: join() returned
     assert p.sentinel is not None
-    q = ctx.Queue()
-    p2 = ctx.Process(target=_state, args=(q,))
-    p2.start()
-    assert q.get(timeout=60)["pid"] == p2.pid
-    p2.join(30)
-    assert p2.exitcode == 0
+    _start_and_check(ctx)
     assert ctx.zygote_pid() not in (None, zygote)
     ctx.shutdown()
 
@@ -185,12 +190,7 @@ def test_a_start_whose_zygote_dies_meanwhile_is_served_by_the_next_zygote():
                 return sup.spawn(fds, *rest)
 
         ctx._supervisor = lambda: DyingOnce()
-        q = ctx.Queue()
-        p = ctx.Process(target=_state, args=(q,))
-        p.start()
-        assert q.get(timeout=60)["pid"] == p.pid
-        p.join(30)
-        assert p.exitcode == 0
+        _start_and_check(ctx)
         assert len(calls) >= 2 and calls[0][:4] != calls[-1][:4]  # asked again, with a new boot channel
         # A child the dying zygote forked (too late to report) took the boot frame: it may be
         # running the target, so the start is not asked again (the target runs at most once).
