@@ -18,10 +18,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "bindings.h"
 #include "codec.h"
+#include "plain_pickle.h"
 #include "ringpool/channel.hpp"
 #include "ringpool/error.hpp"
 
@@ -364,26 +366,39 @@ class PyChannel {
   std::size_t put_objs(const py::sequence& objs, std::size_t start, unsigned accounting) {
     const std::size_t n = objs.size();
     constexpr std::size_t kChunk = 256;
-    std::vector<py::object> keep;
+    std::string buf;                 // the chunk's pickles, back to back
+    std::vector<std::size_t> ends;   // pickle k is buf[ends[k-1], ends[k])
     std::vector<Ring::Piece> pieces;
-    keep.reserve(kChunk);
+    buf.reserve(kChunk * 64);
+    ends.reserve(kChunk);
     pieces.reserve(kChunk);
     std::size_t i = start;
     while (i < n) {
-      keep.clear();
-      pieces.clear();
+      buf.clear();
+      ends.clear();
       bool stop = false;
-      for (; i < n && pieces.size() < kChunk; ++i) {
-        Dumped d;
-        dump_object(objs[i].ptr(), d);
-        if (d.flags != 0 || !d.fds.empty() || !PyBytes_CheckExact(d.payload.ptr()) ||
-            ch_.out_of_band(static_cast<std::size_t>(PyBytes_GET_SIZE(d.payload.ptr())))) {
-          stop = true;  // the caller puts this one through put() and calls us again after it
+      for (; i < n && ends.size() < kChunk; ++i) {
+        py::object o = objs[i];
+        const std::size_t before = buf.size();
+        if (!encode_plain(o.ptr(), buf)) {
+          Dumped d;
+          dump_object(o.ptr(), d);
+          if (d.flags != 0 || !d.fds.empty() || !PyBytes_CheckExact(d.payload.ptr())) {
+            stop = true;  // the caller puts this one through put() and calls us again after it
+            break;
+          }
+          buf.append(PyBytes_AS_STRING(d.payload.ptr()), static_cast<std::size_t>(PyBytes_GET_SIZE(d.payload.ptr())));
+        }
+        if (ch_.out_of_band(buf.size() - before)) {
+          buf.resize(before);
+          stop = true;
           break;
         }
-        pieces.push_back({PyBytes_AS_STRING(d.payload.ptr()), static_cast<std::size_t>(PyBytes_GET_SIZE(d.payload.ptr()))});
-        keep.push_back(std::move(d.payload));
+        ends.push_back(buf.size());
       }
+      pieces.clear();
+      for (std::size_t k = 0, from = 0; k < ends.size(); from = ends[k++])
+        pieces.push_back({buf.data() + from, ends[k] - from});
       const std::size_t first = i - pieces.size();
       const bool may_wait = !(accounting & kNoBackpressure);
       accounting &= ~kNoBackpressure;

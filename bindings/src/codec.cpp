@@ -1,8 +1,10 @@
 #include "codec.h"
 
 #include <optional>
+#include <string>
 
 #include "bindings.h"
+#include "plain_pickle.h"
 
 namespace py = pybind11;
 
@@ -113,6 +115,9 @@ class BusyScope {
   bool& flag_;
 };
 
+// dump_object's encoding buffer is kept between calls up to this capacity.
+constexpr std::size_t kKeepEncodeBuffer = 256 * 1024;
+
 void clear_list(PyObject* l) { PyList_SetSlice(l, 0, PyList_GET_SIZE(l), nullptr); }
 
 // Whether pickling obj can never reach a reducer (so no handle can be collected and the spawning
@@ -188,9 +193,25 @@ void explain_pickling_error(const Globals& g, PyObject* obj) {
 
 void dump_object(PyObject* obj, Dumped& out) {
   const Globals& g = globals();
-  if (plain(obj, 2)) {
+  {
     // Plain data pickles the same with any pickler (a reducer_override is never asked about
-    // it), so the C module's dumps does it in one call, without the thread's dumper.
+    // it): written here, with no pickler at all. The buffer never holds a Python reference and
+    // encode_plain runs no Python code, so no re-entrant call can see it half-written.
+    thread_local std::string buf;
+    buf.clear();
+    if (encode_plain(obj, buf)) {
+      PyObject* b = PyBytes_FromStringAndSize(buf.data(), static_cast<Py_ssize_t>(buf.size()));
+      if (buf.capacity() > kKeepEncodeBuffer) std::string().swap(buf);
+      if (b == nullptr) throw py::error_already_set();
+      out.flags = 0;
+      out.fds.clear();
+      out.payload = py::reinterpret_steal<py::object>(b);
+      return;
+    }
+  }
+  if (plain(obj, 2)) {
+    // Plain but declined above (an int beyond 64 bits, a list reached twice...): the C module's
+    // dumps in one call, without the thread's dumper.
     out.flags = 0;
     out.fds.clear();
     PyObject* args[2] = {obj, g.protocol};
@@ -268,11 +289,36 @@ void dump_object(PyObject* obj, Dumped& out) {
 
 PyObject* load_item(PyObject* item) {
   const Globals& g = globals();
-  if (PyBytes_CheckExact(item)) return PyObject_CallOneArg(g.pickle_loads, item);
+  if (PyBytes_CheckExact(item)) {
+    if (PyObject* r = decode_plain(PyBytes_AS_STRING(item), static_cast<std::size_t>(PyBytes_GET_SIZE(item))))
+      return r;
+    return PyObject_CallOneArg(g.pickle_loads, item);
+  }
   return PyObject_CallOneArg(g.loads_item, item);
 }
 
 void init_codec(py::module_& m) {
+  // The plain-data fast path on its own, for tests: _plain_dumps gives None when it declines,
+  // _plain_loads gives (accepted, object).
+  m.def(
+      "_plain_dumps",
+      [](py::handle obj) -> py::object {
+        std::string buf;
+        if (!encode_plain(obj.ptr(), buf)) return py::none();
+        return py::bytes(buf);
+      },
+      py::arg("obj"));
+  m.def(
+      "_plain_loads",
+      [](const py::bytes& data) -> py::object {
+        char* p = nullptr;
+        Py_ssize_t n = 0;
+        PyBytes_AsStringAndSize(data.ptr(), &p, &n);
+        PyObject* r = decode_plain(p, static_cast<std::size_t>(n));
+        if (r == nullptr) return py::make_tuple(false, py::none());
+        return py::make_tuple(true, py::reinterpret_steal<py::object>(r));
+      },
+      py::arg("data"));
   m.def(
       "dumps",
       [](py::handle obj) {
