@@ -3,8 +3,9 @@
 Does what the stdlib's ``spawn._main`` does, reading from the worker's ringpool channel instead
 of a pipe: preparation data first (sys.path, cwd, the parent's ``__main__``, name, authkey, plus
 ringpool's own: the environment in zygote mode, torch's sharing strategy and thread count, and
-``ringpool._torch``'s recycled shared memory once torch is imported), then
-the process object, then ``_bootstrap`` with a pidfd of the parent as the parent sentinel.
+``ringpool._torch``'s recycled shared memory once torch is imported; see ``_retain_heap`` for
+the worker's malloc settings), then the process object, then ``_bootstrap`` with a pidfd of the
+parent as the parent sentinel.
 
 The worker's descriptors start at ``fd_base``: its channel (4 descriptors), then those the process
 object's reducers collected (``Popen.duplicate_for_child``), which ``_InheritedFd.detach`` finds
@@ -17,6 +18,13 @@ import sys
 EXEC_FD_BASE = 3
 CHANNEL_FDS = 4
 _fd_base = EXEC_FD_BASE
+
+# Freed heap memory a worker keeps for reuse, in bytes (``RINGPOOL_WORKER_HEAP`` overrides; 0
+# keeps glibc's defaults). See _retain_heap.
+WORKER_HEAP_DEFAULT = 64 << 20
+# glibc settings that, when the user made them, are theirs to keep.
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+_MALLOC_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold", "glibc.malloc.top_pad")
 
 
 def passed_fd(index):
@@ -135,6 +143,7 @@ def _apply_state(state):
     if env is not None and env != dict(os.environ):
         os.environ.clear()
         os.environ.update(env)
+    _retain_heap(os.environ)
     torch_state = state.get("torch")
 
     def on_torch(torch):
@@ -148,6 +157,37 @@ def _apply_state(state):
         on_torch(sys.modules["torch"])
     else:
         _after_import("torch", on_torch)
+
+
+def _retain_heap(env):
+    """Let this worker reuse the memory it frees instead of giving it back to the kernel.
+
+    A data-loading worker allocates and frees about the same memory for every batch (decoded
+    samples, the arrays collate stacks). glibc's defaults hand a freed heap top of more than
+    ~2x the largest recent block back to the kernel, and serve large blocks by mmap, so every
+    batch writes to fresh pages, which the kernel zero-fills on first touch (about 2.5 us per
+    4 KiB on these VMs: more than the batch's own work, see docs/design/spawner.md). A worker
+    keeps up to WORKER_HEAP_DEFAULT of freed memory instead (``RINGPOOL_WORKER_HEAP`` in the
+    parent's environment sets the amount, 0 turns it off); what it holds at any moment is never
+    more than its own peak. Malloc settings the user made (glibc's environment variables or
+    tunables) are left alone.
+    """
+    if any(k in env for k in _MALLOC_ENV) or any(t in env.get("GLIBC_TUNABLES", "") for t in _MALLOC_TUNABLES):
+        return False
+    value = env.get("RINGPOOL_WORKER_HEAP")
+    nbytes = WORKER_HEAP_DEFAULT
+    if value is not None:
+        try:
+            nbytes = int(value)
+        except ValueError:
+            sys.stderr.write(f"ringpool worker: RINGPOOL_WORKER_HEAP={value!r} is not a number of bytes; "
+                             f"glibc's malloc defaults kept\n")
+            return False
+    if nbytes <= 0:
+        return False
+    from . import _core
+
+    return _core.retain_heap(nbytes)
 
 
 def _apply_torch(state, torch):

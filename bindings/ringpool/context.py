@@ -36,6 +36,12 @@ Deviations from the stdlib contexts:
   zygote dies, the workers it forked are killed (their exit code is -9) and the next ``start()``
   brings up a new zygote.
 - A worker's stdin, stdout and stderr are this process's descriptors 0-2 at ``start()``.
+- Memory in a worker is reused rather than fresh: torch storages made with ``_new_shared`` (what
+  DataLoader's collate makes in a worker) come from recycled shared-memory files
+  (``ringpool/_torch.py``, ``RINGPOOL_RECYCLE_SHARED=0`` turns it off), and glibc's malloc keeps
+  up to 64 MiB of freed heap for reuse instead of returning it to the kernel
+  (``ringpool/_worker.py:_retain_heap``; ``RINGPOOL_WORKER_HEAP`` sets the amount, 0 turns it off;
+  the user's own ``MALLOC_*`` settings are left alone).
 """
 from __future__ import annotations
 

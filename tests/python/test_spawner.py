@@ -124,6 +124,53 @@ def test_torch_sharing_strategy_and_threads_are_propagated(zygote):
         ctx.shutdown()
 
 
+def _heap_probe(q):
+    """Whether a 24 MiB malloc came from the heap, and whether its memory stayed there once freed
+    (glibc's mallinfo2: hblkhd counts mmap-served bytes, keepcost the releasable heap top)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    n = 24 << 20
+    before = libc.mallinfo2().hblkhd
+    p = libc.malloc(n)
+    from_heap = libc.mallinfo2().hblkhd - before < n
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+    q.put((from_heap, libc.mallinfo2().keepcost >= n))
+
+
+@pytest.mark.parametrize("zygote", [True, False])
+@pytest.mark.parametrize("env, expected", [
+    ({}, (True, True)),                                  # kept for reuse: no fresh pages next time
+    ({"RINGPOOL_WORKER_HEAP": "0"}, (False, False)),     # glibc's defaults
+    ({"MALLOC_TOP_PAD_": "0"}, (False, False)),          # the user tuned malloc: left alone
+    ({"RINGPOOL_WORKER_HEAP": "lots"}, (False, False)),  # not a number: reported, defaults kept
+])
+def test_workers_keep_the_memory_they_free_unless_told_otherwise(zygote, env, expected, monkeypatch):
+    for k in ("RINGPOOL_WORKER_HEAP", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.delenv(k, raising=False)
+    ctx = ringpool.RingpoolContext(zygote=zygote)
+    try:
+        ctx.Process(target=_sleep, args=(0,)).start()  # the zygote starts without the variables
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        q = ctx.SimpleQueue()
+        p = ctx.Process(target=_heap_probe, args=(q,))
+        p.start()
+        assert q.get() == expected
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        ctx.shutdown()
+
+
 def test_a_failed_preload_raises_in_start_with_the_zygotes_traceback():
     ctx = ringpool.RingpoolContext(preload=["rp_no_such_module_anywhere"])
     p = ctx.Process(target=_sleep, args=(0,))
