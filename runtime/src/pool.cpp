@@ -82,13 +82,22 @@ using Clock = std::chrono::steady_clock;
 
 struct Taken {
   proto::FrameHeader header;
-  std::string payload;
+  std::size_t offset;  // of its payload in ResultSink::bytes
 };
 
+// The collector's: kept between rounds, so a round allocates nothing once they have grown (a
+// vector of a few hundred records freed every round made glibc consolidate its free lists).
 struct ResultSink final : Ring::Sink {
   std::vector<Taken> frames;
+  std::string bytes;  // the payloads, back to back
   void take(const proto::FrameHeader& h, const std::uint8_t* p) override {
-    frames.push_back({h, std::string(reinterpret_cast<const char*>(p), h.payload_len)});
+    frames.push_back({h, bytes.size()});
+    bytes.append(reinterpret_cast<const char*>(p), h.payload_len);
+  }
+  std::string_view payload(const Taken& t) const { return std::string_view(bytes).substr(t.offset, t.header.payload_len); }
+  void clear() {
+    frames.clear();
+    bytes.clear();
   }
 };
 
@@ -521,8 +530,16 @@ struct Pool::Impl {
 
   void collect() {
     std::vector<UniqueFd> fds;
+    ResultSink sink;
+    struct Decoded {
+      Value rec;
+      std::string error;  // why it did not decode, if it did not
+    };
+    std::vector<Decoded> decoded;
+    std::vector<Completion> ready;
     for (;;) {
-      ResultSink sink;
+      sink.clear();
+      decoded.clear();
       fds.clear();
       std::size_t n = 0;
       try {
@@ -532,12 +549,6 @@ struct Pool::Impl {
         undecodable(e.what());
       }
       // Decode without mu (submitters keep going meanwhile); handle in ring order under it.
-      struct Decoded {
-        Value rec;
-        std::string error;  // why it did not decode, if it did not
-      };
-      std::vector<Decoded> decoded;
-      decoded.reserve(sink.frames.size());
       std::size_t fd_pos = 0;
       for (auto& fr : sink.frames) {
         std::vector<UniqueFd> mine;
@@ -545,10 +556,10 @@ struct Pool::Impl {
         if (fr.header.kind != static_cast<std::uint8_t>(proto::Kind::DATA)) continue;  // a nudge
         try {
           if (fr.header.flags & proto::flag::kOutOfBand) {
-            if (mine.empty() || fr.payload.size() < sizeof(proto::OobDescriptor))
+            if (mine.empty() || fr.header.payload_len < sizeof(proto::OobDescriptor))
               throw PickleError("out-of-band result without its block");
             proto::OobDescriptor d;
-            std::memcpy(&d, fr.payload.data(), sizeof d);
+            std::memcpy(&d, sink.payload(fr).data(), sizeof d);
             std::shared_ptr<Block> block = BlockCache::instance().open(std::move(mine[0]));
             if (d.length > block->capacity()) throw PickleError("out-of-band result longer than its block");
             Value rec = pickle_loads(std::string_view(reinterpret_cast<const char*>(block->data()), d.length));
@@ -557,7 +568,7 @@ struct Pool::Impl {
           } else if (fr.header.flags != 0) {
             throw PickleError("result frame with unexpected flags");
           } else {
-            decoded.push_back({pickle_loads(fr.payload), {}});
+            decoded.push_back({pickle_loads(sink.payload(fr)), {}});
           }
         } catch (const std::exception& e) {
           decoded.push_back({Value(), e.what()});
@@ -597,8 +608,7 @@ struct Pool::Impl {
       if (open_workers() < static_cast<std::size_t>(opts.workers)) replenish(lk);
       dispatch();
       publish_pending();
-      std::vector<Completion> ready;
-      ready.swap(completions);
+      ready.swap(completions);  // both empty before: completions keeps ready's old capacity
       completing = ready.size();
       if (tasks.empty() && completing == 0) drained.notify_all();
       if (stop && workers.empty()) return;
