@@ -171,6 +171,17 @@ def test_workers_keep_the_memory_they_free_unless_told_otherwise(zygote, env, ex
         ctx.shutdown()
 
 
+def test_the_modules_the_zygote_imports_for_its_workers_exist():
+    # _zygote imports them before forking and skips what fails to import: a misspelt name would
+    # quietly bring back their import (milliseconds of CPU) into every worker's start.
+    import importlib
+
+    from ringpool import _zygote
+
+    for name in _zygote._WORKER_MODULES:
+        importlib.import_module(name)
+
+
 def test_a_failed_preload_raises_in_start_with_the_zygotes_traceback():
     ctx = ringpool.RingpoolContext(preload=["rp_no_such_module_anywhere"])
     p = ctx.Process(target=_sleep, args=(0,))
