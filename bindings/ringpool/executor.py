@@ -299,9 +299,12 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
             else:
                 value = fn(*args, **kwargs) if kwargs else fn(*args)
             if plain:
-                if type(value) in (bytearray, memoryview):
+                t = type(value)
+                if t is bytearray or t is memoryview:
                     value = bytes(value)
-                why = _plain_problem(value)
+                # (the common scalars answered here; everything else by _plain_problem)
+                why = None if value is None or t is float or t is bool or (
+                    t is int and _INT64[0] <= value <= _INT64[1]) else _plain_problem(value)
                 if why:
                     raise TypeError(f"the task returned {why}; a ringpool::Pool task must return plain "
                                     f"data (None, bool, int, float, str, bytes, list, tuple, dict)")

@@ -76,6 +76,14 @@ TEST_CASE("Pool reports Python errors, refuses non-plain results, keeps going" *
   }
   auto np = pool.submit("rp_tasks:not_plain");
   CHECK_THROWS_AS(get(np), RemoteError);
+  auto big = pool.submit("rp_tasks:add", {Value(std::int64_t{1} << 62), Value(std::int64_t{1} << 62)});  // 2**63
+  try {
+    get(big);
+    FAIL("no error");
+  } catch (const RemoteError& e) {
+    CHECK(e.type_name() == "TypeError");
+    CHECK(e.message().find("does not fit in 64 bits") != std::string::npos);
+  }
   auto missing = pool.submit("rp_tasks:no_such_function");
   CHECK_THROWS_AS(get(missing), RemoteError);
   auto bad_name = pool.submit("no colon here");
