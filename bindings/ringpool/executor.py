@@ -49,7 +49,6 @@ import weakref
 from concurrent.futures import Executor as _Executor
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FuturesTimeout
-from concurrent.futures._base import RUNNING as _RUNNING
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import connection as _mp_connection
 from multiprocessing.reduction import DupFd
@@ -787,14 +786,10 @@ class Executor(_Executor):
                         w.known.discard(rec[2][0])
                     _raise_call_error(fn, args, kwargs, exc)
                 self._next_tid += 1
-                f._state = _RUNNING  # nobody has seen f yet: set_running_or_notify_cancel's effect
+                f.set_running_or_notify_cancel()
                 t.running = True
                 self._tasks[t.tid] = t
-                t.wid = w.wid
-                w.sent.append(t)
-                w.load += 1
-                if w.budget is not None:
-                    self._spend(w, 1)
+                self._record_sent(w, (t,))
                 if p is not None:
                     w.unpublished.append(p)
                 return f

@@ -267,10 +267,10 @@ def _machine():
 class QueueLedger:
     """What the queue channel saw. ``delivered`` maps a producer incarnation (slot, inc) to every
     seq delivered for it (duplicates included); ``finished`` maps the incarnations that ended
-    normally to their message count; ``killed`` maps killed ones to their count of puts that had
-    returned, or to (that count, the end of the seqs of the call that was running: a ``put_many``
-    killed midway may have published several); ``committed``/``consumed`` are the ring's frame
-    counters at the end."""
+    normally to their message count; ``killed`` maps killed ones to (their count of puts that had
+    returned, the end of the seqs of the call that was running: a ``put_many`` killed midway may
+    have published several); ``committed``/``consumed`` are the ring's frame counters at the
+    end."""
     delivered: dict
     finished: dict
     killed: dict
@@ -316,8 +316,7 @@ def check_queue_ledger(led):
             missing += n - sum(1 for s in seqs if 0 <= s < n)
             known += n
         else:
-            k = led.killed.get(key, 0)
-            returned, bound = (k, k + 1) if isinstance(k, int) else k
+            returned, bound = led.killed.get(key, (0, 1))
             m = max(seqs) + 1 if seqs else 0
             # The call that was running when it died may have published (seqs returned..bound-1).
             if m > bound or any(s < 0 for s in seqs):

@@ -382,7 +382,7 @@ class PyChannel {
         const std::size_t before = buf.size();
         if (!encode_plain(o.ptr(), buf)) {
           Dumped d;
-          dump_object(o.ptr(), d);
+          dump_general(o.ptr(), d);
           if (d.flags != 0 || !d.fds.empty() || !PyBytes_CheckExact(d.payload.ptr())) {
             stop = true;  // the caller puts this one through put() and calls us again after it
             break;

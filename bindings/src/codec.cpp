@@ -21,8 +21,6 @@ struct Globals {
   PyObject* loads_item = nullptr;     // ringpool.reduction.loads
   PyObject* explain = nullptr;        // ringpool.reduction._explain
   PyObject* pickle_loads = nullptr;   // _pickle.loads
-  PyObject* pickle_dumps = nullptr;   // _pickle.dumps
-  PyObject* protocol = nullptr;       // 5, the protocol of every ringpool pickle
   PyObject* mp_tls = nullptr;         // multiprocessing.context._tls
   PyObject* copyreg_table = nullptr;  // copyreg.dispatch_table
   PyObject* extra_reducers = nullptr; // ForkingPickler._extra_reducers
@@ -39,8 +37,6 @@ Globals& globals() {
     x.loads_item = py::object(red.attr("loads")).release().ptr();
     x.explain = py::object(red.attr("_explain")).release().ptr();
     x.pickle_loads = py::object(py::module_::import("_pickle").attr("loads")).release().ptr();
-    x.pickle_dumps = py::object(py::module_::import("_pickle").attr("dumps")).release().ptr();
-    x.protocol = PyLong_FromLong(5);
     x.mp_tls = py::object(py::module_::import("multiprocessing.context").attr("_tls")).release().ptr();
     x.copyreg_table = py::object(py::module_::import("copyreg").attr("dispatch_table")).release().ptr();
     x.extra_reducers =
@@ -120,35 +116,6 @@ constexpr std::size_t kKeepEncodeBuffer = 256 * 1024;
 
 void clear_list(PyObject* l) { PyList_SetSlice(l, 0, PyList_GET_SIZE(l), nullptr); }
 
-// Whether pickling obj can never reach a reducer (so no handle can be collected and the spawning
-// popen need not be set): exact builtin scalars, and small tuples/lists/dicts of them, two levels
-// deep. The C pickler handles these types itself, before any dispatch table. Anything else takes
-// the general path; this only skips work that would have been a no-op.
-bool plain(PyObject* o, int depth) {
-  PyTypeObject* t = Py_TYPE(o);
-  if (o == Py_None || t == &PyLong_Type || t == &PyFloat_Type || t == &PyUnicode_Type || t == &PyBytes_Type ||
-      t == &PyBool_Type)
-    return true;
-  if (depth == 0) return false;
-  if (t == &PyTuple_Type || t == &PyList_Type) {
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-    if (n > 16) return false;
-    PyObject** items = PySequence_Fast_ITEMS(o);
-    for (Py_ssize_t i = 0; i < n; ++i)
-      if (!plain(items[i], depth - 1)) return false;
-    return true;
-  }
-  if (t == &PyDict_Type) {
-    if (PyDict_GET_SIZE(o) > 16) return false;
-    Py_ssize_t pos = 0;
-    PyObject *k, *v;
-    while (PyDict_Next(o, &pos, &k, &v))
-      if (!plain(k, 0) || !plain(v, depth - 1)) return false;
-    return true;
-  }
-  return false;
-}
-
 // Collects the pickler's output into one bytes object and empties the list.
 PyObject* take_output(PyObject* out) {
   const Py_ssize_t n = PyList_GET_SIZE(out);
@@ -192,34 +159,22 @@ void explain_pickling_error(const Globals& g, PyObject* obj) {
 }  // namespace
 
 void dump_object(PyObject* obj, Dumped& out) {
+  // Plain data pickles the same with any pickler (a reducer_override is never asked about it):
+  // written here, with no pickler at all. The buffer never holds a Python reference and
+  // encode_plain runs no Python code, so no re-entrant call can see it half-written.
+  thread_local std::string buf;
+  buf.clear();
+  if (!encode_plain(obj, buf)) return dump_general(obj, out);
+  PyObject* b = PyBytes_FromStringAndSize(buf.data(), static_cast<Py_ssize_t>(buf.size()));
+  if (buf.capacity() > kKeepEncodeBuffer) std::string().swap(buf);
+  if (b == nullptr) throw py::error_already_set();
+  out.flags = 0;
+  out.fds.clear();
+  out.payload = py::reinterpret_steal<py::object>(b);
+}
+
+void dump_general(PyObject* obj, Dumped& out) {
   const Globals& g = globals();
-  {
-    // Plain data pickles the same with any pickler (a reducer_override is never asked about
-    // it): written here, with no pickler at all. The buffer never holds a Python reference and
-    // encode_plain runs no Python code, so no re-entrant call can see it half-written.
-    thread_local std::string buf;
-    buf.clear();
-    if (encode_plain(obj, buf)) {
-      PyObject* b = PyBytes_FromStringAndSize(buf.data(), static_cast<Py_ssize_t>(buf.size()));
-      if (buf.capacity() > kKeepEncodeBuffer) std::string().swap(buf);
-      if (b == nullptr) throw py::error_already_set();
-      out.flags = 0;
-      out.fds.clear();
-      out.payload = py::reinterpret_steal<py::object>(b);
-      return;
-    }
-  }
-  if (plain(obj, 2)) {
-    // Plain but declined above (an int beyond 64 bits, a list reached twice...): the C module's
-    // dumps in one call, without the thread's dumper.
-    out.flags = 0;
-    out.fds.clear();
-    PyObject* args[2] = {obj, g.protocol};
-    PyObject* r = PyObject_Vectorcall(g.pickle_dumps, args, 2, nullptr);
-    if (r == nullptr) throw py::error_already_set();
-    out.payload = py::reinterpret_steal<py::object>(r);
-    return;
-  }
   // A reducer may pickle with ringpool again on this thread (or a finalizer run by the GC in the
   // middle of a dump may): a C pickler is not re-entrant, so a nested dump gets a fresh dumper.
   // Either way the dumper is held strongly for the whole dump, so a reducer registered meanwhile

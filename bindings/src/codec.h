@@ -17,7 +17,11 @@ struct Dumped {
 };
 
 // Pickles obj; throws error_already_set with the pickling error (nothing half-done remains).
+// Plain data goes through encode_plain (plain_pickle.h), the rest through dump_general.
 void dump_object(PyObject* obj, Dumped& out);
+
+// The thread's ForkingPickler under the handle collector, for what encode_plain declined.
+void dump_general(PyObject* obj, Dumped& out);
 
 // Unpickles an item as Channel.get returns it (bytes, or (flags, payload, fds)). New reference,
 // or nullptr with a Python error set.

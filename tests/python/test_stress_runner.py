@@ -62,13 +62,13 @@ def test_ledger_losses_by_a_killed_consumer_are_bounded():
 def test_ledger_killed_producer_prefix_and_tail():
     # Killed after 30 puts returned; 25 delivered; seqs 25..30 may have been published and taken
     # by a killed consumer (tail), or never published (lost with the producer's local buffer).
-    led = QueueLedger(delivered={(0, 0): list(range(25))}, finished={}, killed={(0, 0): 30},
+    led = QueueLedger(delivered={(0, 0): list(range(25))}, finished={}, killed={(0, 0): (30, 31)},
                       committed=28, consumed=28, consumer_deaths=1)
     assert _failed(led) == []
     led.consumer_deaths = 0
     assert _failed(led)               # 3 published frames vanished without a consumer death
     # A delivery past what the producer could have put is never acceptable.
-    led = QueueLedger(delivered={(0, 0): [0, 1, 2, 40]}, finished={}, killed={(0, 0): 30},
+    led = QueueLedger(delivered={(0, 0): [0, 1, 2, 40]}, finished={}, killed={(0, 0): (30, 31)},
                       committed=4, consumed=4)
     assert any("no producer put" in f for f in _failed(led))
 
@@ -83,7 +83,7 @@ def test_ledger_killed_producer_inside_put_many():
                       committed=41, consumed=41)
     assert any("no producer put" in f for f in _failed(led))
     # Counted as a plain put instead, the same batch is reported.
-    led = QueueLedger(delivered={(0, 0): list(range(40))}, finished={}, killed={(0, 0): 30},
+    led = QueueLedger(delivered={(0, 0): list(range(40))}, finished={}, killed={(0, 0): (30, 31)},
                       committed=40, consumed=40)
     assert any("no producer put" in f for f in _failed(led))
 
