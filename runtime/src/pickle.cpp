@@ -823,15 +823,16 @@ constexpr std::size_t kBatchSize = 1000;
 
 class Encoder {
  public:
-  Encoder(int protocol, const PickleLimits& limits) : protocol_(protocol), limits_(limits) {}
+  // Appends to out.
+  Encoder(int protocol, const PickleLimits& limits, std::string& out) : protocol_(protocol), limits_(limits), out_(out) {}
 
-  std::string run(const Value& v) {
+  void run(const Value& v) {
     out_ += static_cast<char>(op::PROTO);
     out_ += static_cast<char>(protocol_);
     save(v, 0);
     out_ += static_cast<char>(op::STOP);
-    return std::move(out_);
   }
+  void ops(const Value& v) { save(v, 0); }
 
  private:
   [[noreturn]] static void fail(const std::string& why) { throw PickleError("pickle_dumps: " + why); }
@@ -971,15 +972,33 @@ class Encoder {
 
   int protocol_;
   PickleLimits limits_;
-  std::string out_;
+  std::string& out_;
 };
+
+void check_protocol(int protocol) {
+  if (protocol < 2 || protocol > 5)
+    throw std::invalid_argument("pickle_dumps: protocol " + std::to_string(protocol) + " is not in 2..5");
+}
 
 }  // namespace
 
 std::string pickle_dumps(const Value& v, int protocol, const PickleLimits& limits) {
-  if (protocol < 2 || protocol > 5)
-    throw std::invalid_argument("pickle_dumps: protocol " + std::to_string(protocol) + " is not in 2..5");
-  return Encoder(protocol, limits).run(v);
+  check_protocol(protocol);
+  std::string out;
+  out.reserve(64);  // a small value in one allocation
+  Encoder(protocol, limits, out).run(v);
+  return out;
+}
+
+void pickle_dump_ops(std::string& out, const Value& v, int protocol, const PickleLimits& limits) {
+  check_protocol(protocol);
+  const std::size_t size = out.size();
+  try {
+    Encoder(protocol, limits, out).ops(v);
+  } catch (...) {
+    out.resize(size);
+    throw;
+  }
 }
 
 Value pickle_loads(std::string_view data, const PickleLimits& limits) {

@@ -11,6 +11,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -66,8 +67,11 @@ TaskTimeout::TaskTimeout(pid_t pid, std::chrono::milliseconds timeout)
 namespace {
 
 // Records shared with ringpool.executor (Python): calls (op, tid, fn, args, kwargs) and results
-// (wid, tid, status, value, elapsed).
-constexpr std::int64_t kOpCall = 0, kOpPing = 2, kOpStop = 3;
+// (wid, tid, status, value, elapsed). A RUN record carries several calls of one function: args is
+// a list of argument tuples (of bare arguments when kwargs is kSingle), item k has task id tid + k,
+// and each item is answered with its own result.
+constexpr std::int64_t kOpCall = 0, kOpPing = 2, kOpStop = 3, kOpRun = 4;
+constexpr std::int64_t kSingle = 1;
 constexpr std::int64_t kOk = 0, kErr = 1, kStarted = 2, kPong = 3, kInitFailed = 4;
 
 constexpr std::size_t kCallCapacity = std::size_t{1} << 20;
@@ -77,6 +81,9 @@ constexpr double kQueuedWork = 0.002;  // seconds of work kept queued per worker
 constexpr std::int64_t kCollectorSpinNs = 50'000;  // the collector polls this long before sleeping
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
 constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on it
+// Most calls in one RUN record. CPython's pickler writes a list's items in batches of 1000, and
+// a worker's fast unpickler takes what CPython writes.
+constexpr std::size_t kMaxRun = 1000;
 
 using Clock = std::chrono::steady_clock;
 
@@ -100,6 +107,118 @@ struct ResultSink final : Ring::Sink {
     bytes.clear();
   }
 };
+
+// A worker's answer: the record (wid, tid, status, value, elapsed) that ringpool.executor's
+// worker loop writes.
+struct Result {
+  int wid = 0;
+  std::optional<std::uint64_t> tid;  // None for a start-up failure or an undecodable call
+  std::int64_t status = 0;
+  Value value;
+  std::optional<double> elapsed;
+};
+
+Result result_from(Value rec) {
+  auto& f = rec.as_tuple();
+  if (f.size() != 5) throw PickleError("result record of the wrong shape");
+  Result r;
+  r.wid = static_cast<int>(f[0].as_int());
+  if (!f[1].is_none()) r.tid = static_cast<std::uint64_t>(f[1].as_int());
+  r.status = f[2].as_int();
+  r.value = std::move(f[3]);
+  if (f[4].is_float()) r.elapsed = f[4].as_float();
+  return r;
+}
+
+// Reads the integer opcode CPython writes for a small int (BININT1, BININT2, BININT, or LONG1
+// of up to 8 bytes) at p; false for anything else.
+bool read_small_int(std::string_view s, std::size_t& p, std::int64_t& out) {
+  if (p >= s.size()) return false;
+  const auto u8 = [&](std::size_t i) { return std::uint64_t{static_cast<unsigned char>(s[i])}; };
+  const std::uint8_t op = static_cast<std::uint8_t>(s[p]);
+  std::size_t n = 0;
+  if (op == 'K') n = 1;
+  else if (op == 'M') n = 2;
+  else if (op == 'J') n = 4;
+  else if (op == 0x8a && p + 1 < s.size() && u8(p + 1) <= 8) n = u8(p + 1);
+  else return false;
+  const std::size_t at = p + 1 + (op == 0x8a);
+  if (at + n > s.size()) return false;
+  std::uint64_t v = 0;
+  for (std::size_t i = 0; i < n; ++i) v |= u8(at + i) << (8 * i);
+  if (op == 'J') {
+    out = static_cast<std::int32_t>(static_cast<std::uint32_t>(v));
+  } else if (op == 0x8a) {
+    if (n == 0) {
+      v = 0;
+    } else {
+      const bool negative = u8(at + n - 1) & 0x80;
+      if (n < 8 && negative) v |= ~std::uint64_t{0} << (8 * n);
+    }
+    out = static_cast<std::int64_t>(v);
+  } else {
+    out = static_cast<std::int64_t>(v);
+  }
+  p = at + n;
+  return true;
+}
+
+// The answer's own fields read straight from the record as the worker's pickler writes it
+//   PROTO [FRAME] MARK <wid> <tid|NONE> <status> <value ops> BINFLOAT <elapsed> TUPLE [MEMOIZE] STOP
+// with only <value> decoded as a pickle (an int or None inline; anything else from a copy of its
+// opcodes between PROTO and STOP, `scratch` being the reused buffer). Nothing before <value>
+// stores into the memo, so the value's memo indices are those of a pickle of its own. nullopt
+// when the record has another shape, or its value does not decode alone: the caller decodes the
+// whole record then, which gives the same Result or the error to report.
+std::optional<Result> read_result(std::string_view s, std::string& scratch) {
+  constexpr std::size_t kFragmentLimit = 64 * 1024;  // larger values: no copy, the whole record
+  std::size_t p = 0;
+  if (s.size() < 16 || static_cast<std::uint8_t>(s[0]) != 0x80 || static_cast<std::uint8_t>(s[1]) > 5) return std::nullopt;
+  p = 2;
+  if (static_cast<std::uint8_t>(s[p]) == 0x95) p += 9;  // FRAME
+  if (p >= s.size() || s[p] != '(') return std::nullopt;
+  ++p;
+  Result r;
+  std::int64_t v = 0;
+  if (!read_small_int(s, p, v)) return std::nullopt;
+  r.wid = static_cast<int>(v);
+  if (p < s.size() && s[p] == 'N') {
+    ++p;
+  } else {
+    if (!read_small_int(s, p, v)) return std::nullopt;
+    r.tid = static_cast<std::uint64_t>(v);
+  }
+  if (!read_small_int(s, p, r.status)) return std::nullopt;
+  // The tail: BINFLOAT (9 bytes), TUPLE, an optional MEMOIZE, STOP.
+  std::size_t end = s.size() - 1;
+  if (s[end] != '.') return std::nullopt;
+  if (static_cast<std::uint8_t>(s[end - 1]) == 0x94) --end;
+  if (s[end - 1] != 't') return std::nullopt;
+  end -= 1 + 9;
+  if (end <= p || s[end] != 'G') return std::nullopt;
+  std::uint64_t bits = 0;
+  for (std::size_t i = 1; i <= 8; ++i) bits = (bits << 8) | static_cast<unsigned char>(s[end + i]);
+  double elapsed;
+  std::memcpy(&elapsed, &bits, sizeof elapsed);
+  r.elapsed = elapsed;
+  std::size_t q = p;
+  if (s[p] == 'N' && p + 1 == end) {
+    r.value = Value();
+  } else if (read_small_int(s, q, v) && q == end) {
+    r.value = Value(v);
+  } else {
+    if (end - p > kFragmentLimit) return std::nullopt;
+    scratch.assign("\x80\x05", 2);
+    scratch.append(s.substr(p, end - p));
+    scratch.push_back('.');
+    try {
+      r.value = pickle_loads(scratch);
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  }
+  return r;
+}
 
 // "import sys; sys.path[:0] = [...]; from ringpool.<module> import main; main()"
 std::string bootstrap(const std::vector<std::string>& path, const char* module) {
@@ -153,11 +272,22 @@ Value read_package(const std::string& name, const std::string& folder) {
 
 struct Pool::Impl {
   // A task and where its outcome goes: a future's promise (submit), a promise of bytes
-  // (submit_raw) or a callback (async_submit).
+  // (submit_raw) or a callback (async_submit). A task lives in the backlog until it is sent, then
+  // in its worker's `sent` queue until answered, so an answer finds it at the front of that queue
+  // (no lookup by id). Nothing (monostate): a ping, or a task already failed while its call is
+  // still out (shutdown without waiting): its answer is taken and dropped.
   struct Task {
-    std::uint64_t tid = 0;
-    std::string record;  // the pickled call
-    std::variant<std::promise<Value>, std::promise<std::string>, Callback> sink;
+    std::uint64_t tid = 0;  // 0: a ping
+    std::string record;     // the pickled call
+    // Where the function's and the argument tuple's opcodes stand in `record` (a run record is
+    // put together from them), the number of arguments, and whether the call may join a run.
+    std::uint32_t fn_at = 0, fn_len = 0, args_at = 0, args_len = 0, nargs = 0;
+    bool runnable = false;        // no keyword arguments
+    bool alone = false;           // sent as a call of its own (its run did not unpickle)
+    bool last_of_record = true;   // the last call of the record that carried it
+    std::variant<std::monostate, std::promise<Value>, std::promise<std::string>, Callback> sink;
+
+    bool pending() const noexcept { return sink.index() != 0; }
 
     void ok(Value v) {
       if (auto* p = std::get_if<std::promise<Value>>(&sink)) {
@@ -168,8 +298,8 @@ struct Pool::Impl {
         else
           r->set_exception(std::make_exception_ptr(
               RemoteError("TypeError", "a raw task must return bytes, not " + std::string(v.type_name()), "")));
-      } else {
-        std::get<Callback>(sink)(nullptr, std::move(v));
+      } else if (auto* c = std::get_if<Callback>(&sink)) {
+        (*c)(nullptr, std::move(v));
       }
     }
     void fail(std::exception_ptr e) {
@@ -177,8 +307,8 @@ struct Pool::Impl {
         p->set_exception(e);
       else if (auto* r = std::get_if<std::promise<std::string>>(&sink))
         r->set_exception(e);
-      else
-        std::get<Callback>(sink)(e, Value());
+      else if (auto* c = std::get_if<Callback>(&sink))
+        (*c)(e, Value());
     }
   };
 
@@ -187,7 +317,7 @@ struct Pool::Impl {
     ChildProcess proc;
     std::shared_ptr<Ring> ring;
     std::unique_ptr<Channel> calls;
-    std::deque<std::uint64_t> sent;   // unanswered records, in order (0: a ping)
+    std::deque<Task> sent;            // unanswered records, in order (tid 0: a ping)
     std::uint64_t answered = 1;       // records answered; the start-up config counts as one
     std::optional<std::size_t> budget;
     bool retiring = false;
@@ -206,8 +336,8 @@ struct Pool::Impl {
   std::mutex mu;
   std::condition_variable drained;
   std::map<int, std::unique_ptr<Worker>> workers;
-  std::unordered_map<std::uint64_t, Task> tasks;
-  std::deque<std::uint64_t> backlog;
+  std::deque<Task> backlog;       // submitted, not yet sent to a worker
+  std::size_t outstanding = 0;   // tasks not yet answered or failed (backlog and in flight)
   std::atomic<std::uint64_t> next_tid{1};
   int next_wid = 1;
   std::uint64_t started = 0;
@@ -222,6 +352,11 @@ struct Pool::Impl {
     std::exception_ptr error;
   };
   std::vector<Completion> completions;
+  std::vector<Ring::Piece> dispatch_batch;  // dispatch()'s, kept between calls
+  std::deque<std::string> run_records;      // dispatch()'s RUN records (a deque: none moves)
+  // Calls travel in RUN records unless max_tasks_per_child is set (a worker then counts exactly
+  // the calls it was sent, one record each, as ringpool.Executor does).
+  bool runs_allowed = true;
   std::size_t completing = 0;    // being handed over (shutdown waits for them too)
   std::map<int, int> early_exits;  // exits of workers not yet recorded
   bool shutting_down = false;
@@ -231,6 +366,7 @@ struct Pool::Impl {
 
   explicit Impl(PoolOptions o) : opts(std::move(o)) {
     if (opts.workers <= 0) throw std::invalid_argument("ringpool::Pool: workers must be > 0");
+    runs_allowed = opts.max_tasks_per_child == 0;
     if (opts.env.empty())
       for (char** e = environ; e && *e; ++e) opts.env.emplace_back(*e);
     if (!opts.bundle.empty() && !std::filesystem::is_regular_file(opts.bundle))
@@ -328,7 +464,7 @@ struct Pool::Impl {
   // while spawning).
   void replenish(std::unique_lock<std::mutex>& lk) {
     while (!stop && broken.empty() && open_workers() < static_cast<std::size_t>(opts.workers) &&
-           (!shutting_down || !tasks.empty())) {
+           (!shutting_down || outstanding > 0)) {
       const int wid = next_wid++;
       lk.unlock();
       std::unique_ptr<Worker> w;
@@ -359,11 +495,21 @@ struct Pool::Impl {
 
   void fail_everything(const std::string& why) {
     broken = why;
-    for (auto& [tid, t] : tasks) t.fail(std::make_exception_ptr(PoolClosed(why)));
-    tasks.clear();
-    backlog.clear();
+    fail_all(std::make_exception_ptr(PoolClosed(why)));
     for (auto& [_, w] : workers) w->sent.clear();
     drained.notify_all();
+  }
+
+  // Fails every task not yet answered; calls still out stay in `sent`, answered by nothing.
+  void fail_all(std::exception_ptr e) {
+    for (Task& t : backlog) t.fail(e);
+    backlog.clear();
+    for (auto& [_, w] : workers)
+      for (Task& t : w->sent) {
+        t.fail(e);
+        t.sink = std::monostate{};
+      }
+    outstanding = 0;
   }
 
   // -- dispatch (mu held) ------------------------------------------------------------------------
@@ -375,26 +521,38 @@ struct Pool::Impl {
   }
 
   void dispatch() {
-    std::vector<Ring::Piece> batch;
-    std::vector<std::uint64_t> tids;
+    std::vector<Ring::Piece>& batch = dispatch_batch;
     while (!backlog.empty()) {
       Worker* w = least_busy();
       if (!w || w->sent.size() >= depth) return;
       std::size_t room = depth - w->sent.size();
       if (w->budget) room = std::min(room, *w->budget);
-      batch.clear();
-      tids.clear();
+      const std::size_t first = w->sent.size();
       while (room-- > 0 && !backlog.empty()) {
-        const std::uint64_t tid = backlog.front();
+        w->sent.push_back(std::move(backlog.front()));
         backlog.pop_front();
-        auto it = tasks.find(tid);
-        if (it == tasks.end()) continue;
-        batch.push_back({it->second.record.data(), it->second.record.size()});
-        tids.push_back(tid);
         if (w->budget && --*w->budget == 0) {
           w->retiring = true;
           break;
         }
+      }
+      // The new calls as records: consecutive calls of one function travel as one RUN record
+      // (the worker decodes one record, not one per call, and resolves the function once).
+      batch.clear();
+      std::size_t runs = 0;
+      for (std::size_t i = first; i < w->sent.size();) {
+        std::size_t j = i + 1;
+        while (j < w->sent.size() && j - i < kMaxRun && joins_run(w->sent[j - 1], w->sent[j])) ++j;
+        if (j - i == 1) {
+          const std::string& r = w->sent[i].record;  // a deque's push_back moves no element
+          batch.push_back({r.data(), r.size()});
+        } else {
+          if (runs == run_records.size()) run_records.emplace_back();
+          const std::string& r = run_record(run_records[runs++], w->sent, i, j);
+          batch.push_back({r.data(), r.size()});
+        }
+        for (std::size_t k = i; k < j; ++k) w->sent[k].last_of_record = k + 1 == j;
+        i = j;
       }
       // One ring critical section (and at most one wake-up) for the records that fit inline;
       // the rest (large, or the ring full) one at a time, in order.
@@ -403,14 +561,46 @@ struct Pool::Impl {
       for (const auto& p : batch) inline_only = inline_only && !w->calls->out_of_band(p.len);
       if (inline_only && !batch.empty())
         done = w->ring->try_put_many(proto::Kind::CALL, 0, batch.data(), batch.size(), 0);
-      for (std::size_t i = done; i < batch.size(); ++i)
-        send(*w, std::string(static_cast<const char*>(batch[i].data), batch[i].len));
-      w->sent.insert(w->sent.end(), tids.begin(), tids.end());
+      for (std::size_t i = done; i < batch.size(); ++i) send(*w, batch[i]);
     }
   }
 
-  void send(Worker& w, const std::string& record) {
-    Ring::Piece piece{record.data(), record.size()};
+  // b may follow a in one RUN record.
+  bool joins_run(const Task& a, const Task& b) const {
+    return runs_allowed && a.runnable && b.runnable && !a.alone && !b.alone && b.tid == a.tid + 1 &&
+           std::string_view(a.record).substr(a.fn_at, a.fn_len) == std::string_view(b.record).substr(b.fn_at, b.fn_len);
+  }
+
+  // (kOpRun, tid of the first, function, [args, ...], None or kSingle) for calls[i, j), written
+  // from the opcodes of their own records.
+  static const std::string& run_record(std::string& out, const std::deque<Task>& calls, std::size_t i, std::size_t j) {
+    bool single = true;
+    std::size_t size = 32;
+    for (std::size_t k = i; k < j; ++k) {
+      single = single && calls[k].nargs == 1;
+      size += calls[k].args_len;
+    }
+    const Task& head = calls[i];
+    out.clear();
+    out.reserve(size + head.fn_len);
+    out += "\x80\x05(";  // PROTO 5, MARK
+    pickle_dump_ops(out, Value(kOpRun));
+    pickle_dump_ops(out, Value(static_cast<std::int64_t>(head.tid)));
+    out.append(head.record, head.fn_at, head.fn_len);
+    out += "](";  // EMPTY_LIST, MARK
+    for (std::size_t k = i; k < j; ++k)  // a 1-tuple is its item's opcodes and TUPLE1
+      out.append(calls[k].record, calls[k].args_at, calls[k].args_len - (single ? 1 : 0));
+    out += 'e';  // APPENDS
+    if (single)
+      pickle_dump_ops(out, Value(kSingle));
+    else
+      out += 'N';
+    out += "t.";  // TUPLE, STOP
+    return out;
+  }
+
+  void send(Worker& w, const std::string& record) { send(w, Ring::Piece{record.data(), record.size()}); }
+  void send(Worker& w, Ring::Piece piece) {
     if (!w.unpublished.empty()) {
       w.unpublished.push_back(w.calls->stage(proto::Kind::CALL, 0, &piece, 1, nullptr, 0));
       return;
@@ -424,64 +614,75 @@ struct Pool::Impl {
   }
 
   // -- results (collector thread, mu held) --------------------------------------------------------
-  void handle(Value rec) {
-    auto& f = rec.as_tuple();
-    if (f.size() != 5) throw PickleError("result record of the wrong shape");
-    const int wid = static_cast<int>(f[0].as_int());
-    auto wit = workers.find(wid);
+  void handle(Result&& r) {
+    auto wit = workers.find(r.wid);
     if (wit == workers.end()) return;
     Worker& w = *wit->second;
-    const std::int64_t status = f[2].as_int();
-    if (status == kOk || status == kErr) {
-      if (!f[1].is_none()) {
-        const std::uint64_t tid = static_cast<std::uint64_t>(f[1].as_int());
-        while (!w.sent.empty() && w.sent.front() != 0 && w.sent.front() != tid) lost_result(w);
+    if (r.status == kOk || r.status == kErr) {
+      if (r.tid) {
+        while (!w.sent.empty() && w.sent.front().tid != 0 && w.sent.front().tid != *r.tid) lost_result(w);
       }
-      while (!w.sent.empty() && w.sent.front() == 0) {  // pings are answered by pongs, not here
-        w.sent.pop_front();
-        ++w.answered;
-      }
+      while (!w.sent.empty() && w.sent.front().tid == 0) pop_answered(w);  // pings: answered by pongs
       if (w.sent.empty()) return;
-      const std::uint64_t tid = w.sent.front();
-      w.sent.pop_front();
-      ++w.answered;
+      if (!r.tid && !w.sent.front().last_of_record) unpickle_failed(w);
+      Task t = pop_answered(w);
       w.running.reset();
-      auto it = tasks.find(tid);
-      if (it == tasks.end()) return;
-      Task t = std::move(it->second);
-      tasks.erase(it);
-      if (f[4].is_float()) avg += (f[4].as_float() - avg) * 0.05;
-      if (status == kOk) {
-        completions.push_back({std::move(t), std::move(f[3]), nullptr});
+      if (!t.pending()) return;
+      --outstanding;
+      if (r.elapsed) avg += (*r.elapsed - avg) * 0.05;
+      if (r.status == kOk) {
+        completions.push_back({std::move(t), std::move(r.value), nullptr});
       } else {
-        const auto& e = f[3].as_tuple();
+        const auto& e = r.value.as_tuple();
         completions.push_back(
             {std::move(t), Value(),
              std::make_exception_ptr(RemoteError(e.at(0).as_str(), e.at(1).as_str(), e.at(2).as_str()))});
       }
-    } else if (status == kStarted) {
-      if (opts.task_timeout.count() > 0 && !f[1].is_none())
-        w.running = {static_cast<std::uint64_t>(f[1].as_int()), Clock::now() + opts.task_timeout};
-    } else if (status == kPong) {
-      while (!w.sent.empty() && w.sent.front() != 0) lost_result(w);
-      if (!w.sent.empty()) w.sent.pop_front();
-      ++w.answered;
-    } else if (status == kInitFailed) {
+    } else if (r.status == kStarted) {
+      if (opts.task_timeout.count() > 0 && r.tid) w.running = {*r.tid, Clock::now() + opts.task_timeout};
+    } else if (r.status == kPong) {
+      while (!w.sent.empty() && w.sent.front().tid != 0) lost_result(w);
+      if (!w.sent.empty())
+        pop_answered(w);  // the ping
+      else
+        ++w.answered;
+    } else if (r.status == kInitFailed) {
       // The C++ pool has no initializer; a worker that says so is broken: let it be replaced.
       w.proc.send_signal(SIGKILL);
     }
   }
 
-  void lost_result(Worker& w) {
-    const std::uint64_t tid = w.sent.front();
+  // The oldest unanswered call of w, now answered (a record is answered with its last call).
+  static Task pop_answered(Worker& w) {
+    Task t = std::move(w.sent.front());
     w.sent.pop_front();
-    ++w.answered;
-    auto it = tasks.find(tid);
-    if (it == tasks.end()) return;
+    if (t.last_of_record) ++w.answered;
+    return t;
+  }
+
+  // The worker could not unpickle the record in front (its answer names no task): that call
+  // fails with the worker's error; the other calls of a RUN record go back to the backlog, each
+  // to be sent alone, so that only a call at fault fails.
+  void unpickle_failed(Worker& w) {
+    std::size_t end = 0;
+    while (!w.sent[end].last_of_record) ++end;
+    for (std::size_t k = end; k > 0; --k) {
+      Task t = std::move(w.sent[k]);
+      t.alone = true;
+      t.last_of_record = true;
+      backlog.push_front(std::move(t));
+    }
+    w.sent.erase(w.sent.begin() + 1, w.sent.begin() + static_cast<std::ptrdiff_t>(end) + 1);
+    w.sent.front().last_of_record = true;
+  }
+
+  void lost_result(Worker& w) {
+    Task t = pop_answered(w);
+    if (!t.pending()) return;
     std::string why = lost.empty() ? "unknown error" : lost.front();
     if (!lost.empty()) lost.pop_front();
-    it->second.fail(std::make_exception_ptr(PickleError("the task's result could not be decoded: " + why)));
-    tasks.erase(it);
+    t.fail(std::make_exception_ptr(PickleError("the task's result could not be decoded: " + why)));
+    --outstanding;
   }
 
   // A record that does not decode names no task: ask each worker with calls in flight to answer
@@ -493,7 +694,7 @@ struct Pool::Impl {
     for (auto& [_, w] : workers) {
       if (w->sent.empty()) continue;
       send(*w, ping);
-      w->sent.push_back(0);
+      w->sent.emplace_back();
     }
   }
 
@@ -504,27 +705,23 @@ struct Pool::Impl {
     // It takes a few calls at a time and answers each before starting the next: if it took a
     // call it did not answer, the oldest unanswered one was running; the rest never started.
     const bool running = w.ring->consumed() > w.answered;
-    std::deque<std::uint64_t> retry;
+    std::deque<Task> retry;
     bool first = true;
-    for (std::uint64_t tid : w.sent) {
-      if (tid == 0) {
-        first = false;
-        continue;
-      }
-      auto it = tasks.find(tid);
-      if (it == tasks.end()) continue;
-      if (first && running) {
-        if (w.timed_out == tid)
-          it->second.fail(std::make_exception_ptr(TaskTimeout(w.proc.pid(), opts.task_timeout)));
-        else
-          it->second.fail(std::make_exception_ptr(WorkerDied(w.proc.pid(), code)));
-        tasks.erase(it);
-      } else {
-        retry.push_back(tid);
+    for (Task& t : w.sent) {
+      if (t.pending()) {
+        if (first && running) {
+          if (w.timed_out == t.tid)
+            t.fail(std::make_exception_ptr(TaskTimeout(w.proc.pid(), opts.task_timeout)));
+          else
+            t.fail(std::make_exception_ptr(WorkerDied(w.proc.pid(), code)));
+          --outstanding;
+        } else if (t.tid != 0) {
+          retry.push_back(std::move(t));
+        }
       }
       first = false;
     }
-    backlog.insert(backlog.begin(), retry.begin(), retry.end());
+    backlog.insert(backlog.begin(), std::make_move_iterator(retry.begin()), std::make_move_iterator(retry.end()));
     workers.erase(w.wid);
   }
 
@@ -532,9 +729,10 @@ struct Pool::Impl {
     std::vector<UniqueFd> fds;
     ResultSink sink;
     struct Decoded {
-      Value rec;
+      Result rec;
       std::string error;  // why it did not decode, if it did not
     };
+    std::string scratch;
     std::vector<Decoded> decoded;
     std::vector<Completion> ready;
     for (;;) {
@@ -564,14 +762,16 @@ struct Pool::Impl {
             if (d.length > block->capacity()) throw PickleError("out-of-band result longer than its block");
             Value rec = pickle_loads(std::string_view(reinterpret_cast<const char*>(block->data()), d.length));
             block->mark_free();
-            decoded.push_back({std::move(rec), {}});
+            decoded.push_back({result_from(std::move(rec)), {}});
           } else if (fr.header.flags != 0) {
             throw PickleError("result frame with unexpected flags");
+          } else if (std::optional<Result> r = read_result(sink.payload(fr), scratch)) {
+            decoded.push_back({std::move(*r), {}});
           } else {
-            decoded.push_back({pickle_loads(sink.payload(fr)), {}});
+            decoded.push_back({result_from(pickle_loads(sink.payload(fr))), {}});
           }
         } catch (const std::exception& e) {
-          decoded.push_back({Value(), e.what()});
+          decoded.push_back({Result(), e.what()});
           if (decoded.back().error.empty()) decoded.back().error = "unknown error";
         }
       }
@@ -610,7 +810,7 @@ struct Pool::Impl {
       publish_pending();
       ready.swap(completions);  // both empty before: completions keeps ready's old capacity
       completing = ready.size();
-      if (tasks.empty() && completing == 0) drained.notify_all();
+      if (outstanding == 0 && completing == 0) drained.notify_all();
       if (stop && workers.empty()) return;
       bool retry_publish = false;
       for (auto& [_, w] : workers) retry_publish |= !w->unpublished.empty();
@@ -625,7 +825,7 @@ struct Pool::Impl {
         ready.clear();
         lk.lock();
         completing = 0;
-        if (tasks.empty()) drained.notify_all();
+        if (outstanding == 0) drained.notify_all();
         lk.unlock();
       }
       if (n == 0) {
@@ -650,18 +850,40 @@ struct Pool::Impl {
     std::lock_guard lk(mu);
     if (shutting_down) throw PoolClosed("ringpool::Pool: submit after shutdown");
     if (!broken.empty()) throw PoolClosed(broken);
-    const std::uint64_t tid = t.tid;
-    tasks.emplace(tid, std::move(t));
-    backlog.push_back(tid);
+    ++outstanding;
+    backlog.push_back(std::move(t));
     dispatch();
   }
 
-  std::string call_record(std::uint64_t tid, std::string function, std::vector<Value> args,
+  // t.record = the pickle of (kOpCall, tid, function, args, kwargs or None), written without
+  // building that tuple as a Value; t's offsets say where its parts stand.
+  static void encode_call(Task& t, std::string function, std::vector<Value> args,
                           std::vector<std::pair<std::string, Value>> kwargs) {
-    Value::Dict kw;
-    for (auto& [k, v] : kwargs) kw.emplace_back(Value(std::move(k)), std::move(v));
-    return pickle_dumps(Value::tuple({Value(kOpCall), Value(static_cast<std::int64_t>(tid)), Value(std::move(function)),
-                                      Value::tuple(std::move(args)), kw.empty() ? Value() : Value::dict(std::move(kw))}));
+    std::string& out = t.record;
+    out.reserve(48 + function.size() + 12 * args.size());
+    out += "\x80\x05(";  // PROTO 5, MARK
+    pickle_dump_ops(out, Value(kOpCall));
+    pickle_dump_ops(out, Value(static_cast<std::int64_t>(t.tid)));
+    const std::size_t fn_at = out.size();
+    pickle_dump_ops(out, Value(std::move(function)));
+    const std::size_t args_at = out.size();
+    t.nargs = static_cast<std::uint32_t>(args.size());
+    pickle_dump_ops(out, Value::tuple(std::move(args)));
+    const std::size_t args_end = out.size();
+    if (kwargs.empty()) {
+      out += 'N';
+    } else {
+      Value::Dict kw;
+      for (auto& [k, v] : kwargs) kw.emplace_back(Value(std::move(k)), std::move(v));
+      pickle_dump_ops(out, Value::dict(std::move(kw)));
+    }
+    out += "t.";  // TUPLE, STOP
+    // Offsets in 32 bits: a call too large for them is never part of a run.
+    t.runnable = kwargs.empty() && out.size() <= std::numeric_limits<std::uint32_t>::max();
+    t.fn_at = static_cast<std::uint32_t>(fn_at);
+    t.fn_len = static_cast<std::uint32_t>(args_at - fn_at);
+    t.args_at = static_cast<std::uint32_t>(args_at);
+    t.args_len = static_cast<std::uint32_t>(args_end - args_at);
   }
 
   void shutdown(bool wait) {
@@ -669,12 +891,8 @@ struct Pool::Impl {
       std::unique_lock lk(mu);
       if (stop) return;
       shutting_down = true;
-      if (!wait) {
-        for (auto& [tid, t] : tasks) t.fail(std::make_exception_ptr(PoolClosed("ringpool::Pool: shut down")));
-        tasks.clear();
-        backlog.clear();
-      }
-      drained.wait(lk, [&] { return (tasks.empty() && completing == 0) || !broken.empty(); });
+      if (!wait) fail_all(std::make_exception_ptr(PoolClosed("ringpool::Pool: shut down")));
+      drained.wait(lk, [&] { return (outstanding == 0 && completing == 0) || !broken.empty(); });
       // Ask every worker to stop; the collector handles their exits and ends with the last.
       const std::string stop_rec = pickle_dumps(Value::tuple({Value(kOpStop), Value(), Value(), Value(), Value()}));
       for (auto& [_, w] : workers) send(*w, stop_rec);
@@ -720,8 +938,8 @@ std::future<Value> Pool::submit(std::string function, std::vector<Value> args,
                                 std::vector<std::pair<std::string, Value>> kwargs) {
   Impl::Task t;
   t.tid = impl_->next_tid.fetch_add(1);
-  t.record = impl_->call_record(t.tid, std::move(function), std::move(args), std::move(kwargs));
-  auto fut = std::get<std::promise<Value>>(t.sink).get_future();
+  Impl::encode_call(t, std::move(function), std::move(args), std::move(kwargs));
+  auto fut = t.sink.emplace<std::promise<Value>>().get_future();
   impl_->submit_task(std::move(t));
   return fut;
 }
@@ -730,7 +948,7 @@ void Pool::async_submit(std::string function, std::vector<Value> args,
                         std::vector<std::pair<std::string, Value>> kwargs, Callback done) {
   Impl::Task t;
   t.tid = impl_->next_tid.fetch_add(1);
-  t.record = impl_->call_record(t.tid, std::move(function), std::move(args), std::move(kwargs));
+  Impl::encode_call(t, std::move(function), std::move(args), std::move(kwargs));
   t.sink = std::move(done);
   impl_->submit_task(std::move(t));
 }
@@ -740,7 +958,7 @@ std::future<std::string> Pool::submit_raw(std::string function, std::string payl
   t.tid = impl_->next_tid.fetch_add(1);
   std::vector<Value> args;
   args.push_back(Value::bytes(std::move(payload)));
-  t.record = impl_->call_record(t.tid, std::move(function), std::move(args), {});
+  Impl::encode_call(t, std::move(function), std::move(args), {});
   auto fut = t.sink.emplace<std::promise<std::string>>().get_future();
   impl_->submit_task(std::move(t));
   return fut;

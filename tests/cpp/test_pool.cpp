@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <future>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -57,6 +58,31 @@ TEST_CASE("Pool runs plain-data calls in both start modes" * doctest::timeout(12
     CHECK(get(d) == Value("rp_tasks.helpers"));
     CHECK(pool.worker_pids().size() == 2);
     CHECK((pool.zygote_pid() > 0) == zygote);
+  }
+}
+
+TEST_CASE("Pool results of every shape arrive intact" * doctest::timeout(120)) {
+  // The collector reads a result's own fields straight from the record and decodes only the
+  // value (ints and None inline, other small values as a pickle of their own, large ones with
+  // the whole record): every kind of value must come back equal, whichever way it is read.
+  Pool pool(options(true, 1));
+  Value::List many;
+  for (int i = 0; i < 300; ++i) many.emplace_back(i * 1000);
+  const std::int64_t lo = std::numeric_limits<std::int64_t>::min(), hi = std::numeric_limits<std::int64_t>::max();
+  const std::vector<Value> values = {
+      Value(), Value(true), Value(false), Value(0), Value(-1), Value(255), Value(256), Value(65535), Value(65536),
+      Value(std::int64_t{-2147483648}), Value(std::int64_t{2147483648}), Value(lo), Value(hi), Value(1.5),
+      Value(-0.0), Value(""), Value(std::string(300, 'x')), Value("ends like a record G12345678t."),
+      Value::bytes(std::string(100'000, '\x07')),  // more than the value a record is split for
+      Value::bytes(std::string(3 << 20, 'b')),      // out of band
+      Value::list(), Value::tuple(), Value::dict(), Value::list(many),
+      Value::dict({{Value("a"), Value::tuple({Value(1), Value::list({Value("b"), Value()})})}, {Value(2), Value(2.5)}}),
+  };
+  std::vector<std::future<Value>> fs;
+  for (const Value& v : values) fs.push_back(pool.submit("rp_tasks:echo", {v}));
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    CAPTURE(i);
+    CHECK(get(fs[i]) == values[i]);
   }
 }
 

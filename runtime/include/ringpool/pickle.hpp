@@ -48,6 +48,12 @@ struct PickleLimits {
 // and True are the same key); nesting deeper than limits.max_depth.
 std::string pickle_dumps(const Value& v, int protocol = 5, const PickleLimits& limits = {});
 
+// Appends to out the opcodes with which pickle_dumps(v, protocol) pushes v, without its PROTO
+// and STOP: a piece of a larger pickle that a caller writes itself (a task's call record). They
+// use no memo, so they fit anywhere a value may stand. On a throw (as pickle_dumps) out is as it
+// was.
+void pickle_dump_ops(std::string& out, const Value& v, int protocol = 5, const PickleLimits& limits = {});
+
 // Unpickles data, which must hold exactly one pickle (no bytes after STOP). Throws PickleError
 // for any opcode outside the plain-data subset, truncated or malformed input, an int that does
 // not fit in int64, a str that is not UTF-8, a recursive structure, an unhashable or repeated
