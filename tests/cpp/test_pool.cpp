@@ -152,6 +152,58 @@ TEST_CASE("Pool: a dead worker fails only its task and is replaced" * doctest::t
   CHECK(pool.worker_pids().size() == 2);
 }
 
+TEST_CASE("Pool: calls travel in runs, and a death in a run fails only the call that was running" * doctest::timeout(120)) {
+  // Consecutive calls of one function go to a worker as one RUN record; each is still a task of
+  // its own: a SIGKILL while item 57 runs fails that item alone, and the items after it (taken
+  // by the dead worker in the same record) run on the other worker or the replacement.
+  // Runs form when calls wait in the backlog: slow calls first keep the depth bound small (about
+  // 2 ms of work per worker), so the quick calls after them queue up and leave in runs.
+  Pool pool(options(true));
+  for (int round = 0; round < 2; ++round) {
+    CAPTURE(round);
+    std::vector<std::future<Value>> slow;
+    for (int i = 0; i < 20; ++i) slow.push_back(pool.submit("rp_tasks:sleep_pid", {Value(0.005)}));
+    const std::uint64_t started = pool.workers_started();
+    std::vector<std::future<Value>> fs;
+    for (int i = 0; i < 200; ++i) fs.push_back(pool.submit("rp_tasks:die_at", {Value(i), Value(57)}));
+    for (auto& f : slow) get(f);
+    for (int i = 0; i < 200; ++i) {
+      CAPTURE(i);
+      if (i == 57) {
+        CHECK_THROWS_AS(get(fs[i]), WorkerDied);
+      } else {
+        CHECK(get(fs[i]) == Value(i));
+      }
+    }
+    // One worker died (item 57 was not run again elsewhere), and it was replaced.
+    for (int i = 0; i < 1000 && pool.workers_started() < started + 1; ++i) std::this_thread::sleep_for(10ms);
+    std::this_thread::sleep_for(100ms);
+    CHECK(pool.workers_started() == started + 1);
+  }
+  // Runs break where the function changes, keywords appear, or the argument count differs.
+  std::vector<std::future<Value>> mixed;
+  std::vector<Value> want;
+  for (int i = 0; i < 300; ++i) {
+    if (i % 7 == 0) {
+      mixed.push_back(pool.submit("rp_tasks:add", {Value(i)}, {{"c", Value(1)}}));
+      want.emplace_back(i + 1);
+    } else if (i % 3 == 0) {
+      mixed.push_back(pool.submit("rp_tasks:add", {Value(i), Value(i)}));
+      want.emplace_back(2 * i);
+    } else if (i % 2 == 0) {
+      mixed.push_back(pool.submit("rp_tasks:add", {Value(i)}));
+      want.emplace_back(i);
+    } else {
+      mixed.push_back(pool.submit("rp_tasks:echo", {Value::tuple({Value(i)})}));
+      want.push_back(Value::tuple({Value(i)}));
+    }
+  }
+  for (int i = 0; i < 300; ++i) {
+    CAPTURE(i);
+    CHECK(get(mixed[i]) == want[i]);
+  }
+}
+
 TEST_CASE("Pool: task timeout, max tasks per child, and many service threads" * doctest::timeout(180)) {
   PoolOptions o = options(true);
   o.task_timeout = 1000ms;

@@ -43,3 +43,10 @@ def deferred():
     from rp_tasks import helpers  # imported inside the worker, from the shipped sources
 
     return helpers.where()
+
+
+def die_at(i, k):
+    """Returns i, unless i == k: then the worker running it is SIGKILLed."""
+    if i == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
