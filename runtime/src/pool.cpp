@@ -108,6 +108,53 @@ struct ResultSink final : Ring::Sink {
   }
 };
 
+// A first-in first-out queue in one circular buffer that doubles when full. Tasks pass through
+// the backlog and a worker's queue at hundreds of thousands a second; std::deque allocates and
+// frees a node every few of them, and those frees (from another thread than the allocations)
+// kept glibc consolidating its free lists. This allocates only to grow. T is default-
+// constructible and movable; a slot keeps its moved-from element until it is reused or cleared.
+template <class T>
+class Fifo {
+ public:
+  bool empty() const noexcept { return size_ == 0; }
+  std::size_t size() const noexcept { return size_; }
+  T& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & (slots_.size() - 1)]; }
+  const T& operator[](std::size_t i) const noexcept { return slots_[(head_ + i) & (slots_.size() - 1)]; }
+  T& front() noexcept { return (*this)[0]; }
+  T& back() noexcept { return (*this)[size_ - 1]; }
+  void push_back(T&& v) {
+    if (size_ == slots_.size()) grow();
+    (*this)[size_] = std::move(v);
+    ++size_;
+  }
+  void push_front(T&& v) {
+    if (size_ == slots_.size()) grow();
+    head_ = (head_ + slots_.size() - 1) & (slots_.size() - 1);
+    slots_[head_] = std::move(v);
+    ++size_;
+  }
+  T take_front() {
+    T v = std::move(front());
+    head_ = (head_ + 1) & (slots_.size() - 1);
+    --size_;
+    return v;
+  }
+  void clear() {
+    for (std::size_t i = 0; i < size_; ++i) (*this)[i] = T();
+    head_ = size_ = 0;
+  }
+
+ private:
+  void grow() {
+    std::vector<T> bigger(std::max<std::size_t>(16, slots_.size() * 2));
+    for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move((*this)[i]);
+    slots_.swap(bigger);
+    head_ = 0;
+  }
+  std::vector<T> slots_;  // a power of two in size
+  std::size_t head_ = 0, size_ = 0;
+};
+
 // A worker's answer: the record (wid, tid, status, value, elapsed) that ringpool.executor's
 // worker loop writes.
 struct Result {
@@ -277,11 +324,16 @@ struct Pool::Impl {
   // (no lookup by id). Nothing (monostate): a ping, or a task already failed while its call is
   // still out (shutdown without waiting): its answer is taken and dropped.
   struct Task {
-    std::uint64_t tid = 0;  // 0: a ping
-    std::string record;     // the pickled call
-    // Where the function's and the argument tuple's opcodes stand in `record` (a run record is
-    // put together from them), the number of arguments, and whether the call may join a run.
-    std::uint32_t fn_at = 0, fn_len = 0, args_at = 0, args_len = 0, nargs = 0;
+    // Its id on the wire, given when it is sent (0: a ping, or not sent yet): ids run in the
+    // order calls are sent, whichever thread submitted them, so that any calls sent together
+    // can share a RUN record.
+    std::uint64_t tid = 0;
+    // The opcodes of its function, argument tuple and keyword dict (or None), back to back: the
+    // record it travels in (a call of its own or a run) is written around them when it is sent.
+    std::string body;
+    // The argument tuple's place in body (the function comes first), its length, and whether
+    // the call may join a run.
+    std::uint32_t args_at = 0, args_len = 0, nargs = 0;
     bool runnable = false;        // no keyword arguments
     bool alone = false;           // sent as a call of its own (its run did not unpickle)
     bool last_of_record = true;   // the last call of the record that carried it
@@ -317,7 +369,7 @@ struct Pool::Impl {
     ChildProcess proc;
     std::shared_ptr<Ring> ring;
     std::unique_ptr<Channel> calls;
-    std::deque<Task> sent;            // unanswered records, in order (tid 0: a ping)
+    Fifo<Task> sent;                  // unanswered calls, in order (tid 0: a ping)
     std::uint64_t answered = 1;       // records answered; the start-up config counts as one
     std::optional<std::size_t> budget;
     bool retiring = false;
@@ -336,9 +388,9 @@ struct Pool::Impl {
   std::mutex mu;
   std::condition_variable drained;
   std::map<int, std::unique_ptr<Worker>> workers;
-  std::deque<Task> backlog;       // submitted, not yet sent to a worker
+  Fifo<Task> backlog;             // submitted, not yet sent to a worker
   std::size_t outstanding = 0;   // tasks not yet answered or failed (backlog and in flight)
-  std::atomic<std::uint64_t> next_tid{1};
+  std::uint64_t next_tid = 1;
   int next_wid = 1;
   std::uint64_t started = 0;
   double avg = 1e-4;
@@ -353,7 +405,8 @@ struct Pool::Impl {
   };
   std::vector<Completion> completions;
   std::vector<Ring::Piece> dispatch_batch;  // dispatch()'s, kept between calls
-  std::deque<std::string> run_records;      // dispatch()'s RUN records (a deque: none moves)
+  std::string dispatch_wire;                // dispatch()'s records, back to back
+  std::vector<std::pair<std::size_t, std::size_t>> spans;  // and where each stands in it
   // Calls travel in RUN records unless max_tasks_per_child is set (a worker then counts exactly
   // the calls it was sent, one record each, as ringpool.Executor does).
   bool runs_allowed = true;
@@ -502,12 +555,12 @@ struct Pool::Impl {
 
   // Fails every task not yet answered; calls still out stay in `sent`, answered by nothing.
   void fail_all(std::exception_ptr e) {
-    for (Task& t : backlog) t.fail(e);
+    for (std::size_t i = 0; i < backlog.size(); ++i) backlog[i].fail(e);
     backlog.clear();
     for (auto& [_, w] : workers)
-      for (Task& t : w->sent) {
-        t.fail(e);
-        t.sink = std::monostate{};
+      for (std::size_t i = 0; i < w->sent.size(); ++i) {
+        w->sent[i].fail(e);
+        w->sent[i].sink = std::monostate{};
       }
     outstanding = 0;
   }
@@ -529,31 +582,35 @@ struct Pool::Impl {
       if (w->budget) room = std::min(room, *w->budget);
       const std::size_t first = w->sent.size();
       while (room-- > 0 && !backlog.empty()) {
-        w->sent.push_back(std::move(backlog.front()));
-        backlog.pop_front();
+        w->sent.push_back(backlog.take_front());
         if (w->budget && --*w->budget == 0) {
           w->retiring = true;
           break;
         }
       }
-      // The new calls as records: consecutive calls of one function travel as one RUN record
-      // (the worker decodes one record, not one per call, and resolves the function once).
-      batch.clear();
-      std::size_t runs = 0;
+      // The new calls as records, written back to back into `wire`: consecutive calls of one
+      // function travel as one RUN record (the worker decodes one record, not one per call, and
+      // resolves the function once).
+      std::string& wire = dispatch_wire;
+      wire.clear();
+      spans.clear();
       for (std::size_t i = first; i < w->sent.size();) {
         std::size_t j = i + 1;
         while (j < w->sent.size() && j - i < kMaxRun && joins_run(w->sent[j - 1], w->sent[j])) ++j;
-        if (j - i == 1) {
-          const std::string& r = w->sent[i].record;  // a deque's push_back moves no element
-          batch.push_back({r.data(), r.size()});
-        } else {
-          if (runs == run_records.size()) run_records.emplace_back();
-          const std::string& r = run_record(run_records[runs++], w->sent, i, j);
-          batch.push_back({r.data(), r.size()});
+        const std::size_t at = wire.size();
+        for (std::size_t k = i; k < j; ++k) {
+          w->sent[k].tid = next_tid++;
+          w->sent[k].last_of_record = k + 1 == j;
         }
-        for (std::size_t k = i; k < j; ++k) w->sent[k].last_of_record = k + 1 == j;
+        if (j - i == 1)
+          write_call(wire, w->sent[i]);
+        else
+          write_run(wire, w->sent, i, j);
+        spans.emplace_back(at, wire.size() - at);
         i = j;
       }
+      batch.clear();
+      for (const auto& [at, len] : spans) batch.push_back({wire.data() + at, len});
       // One ring critical section (and at most one wake-up) for the records that fit inline;
       // the rest (large, or the ring full) one at a time, in order.
       std::size_t done = 0;
@@ -567,36 +624,38 @@ struct Pool::Impl {
 
   // b may follow a in one RUN record.
   bool joins_run(const Task& a, const Task& b) const {
-    return runs_allowed && a.runnable && b.runnable && !a.alone && !b.alone && b.tid == a.tid + 1 &&
-           std::string_view(a.record).substr(a.fn_at, a.fn_len) == std::string_view(b.record).substr(b.fn_at, b.fn_len);
+    return runs_allowed && a.runnable && b.runnable && !a.alone && !b.alone &&
+           std::string_view(a.body).substr(0, a.args_at) == std::string_view(b.body).substr(0, b.args_at);
   }
 
-  // (kOpRun, tid of the first, function, [args, ...], None or kSingle) for calls[i, j), written
-  // from the opcodes of their own records.
-  static const std::string& run_record(std::string& out, const std::deque<Task>& calls, std::size_t i, std::size_t j) {
+  // (kOpCall, tid, function, args, kwargs or None)
+  static void write_call(std::string& out, const Task& t) {
+    out += "\x80\x05(";  // PROTO 5, MARK
+    pickle_dump_ops(out, Value(kOpCall));
+    pickle_dump_ops(out, Value(static_cast<std::int64_t>(t.tid)));
+    out += t.body;
+    out += "t.";  // TUPLE, STOP
+  }
+
+  // (kOpRun, tid of the first, function, [args, ...], None or kSingle) for calls[i, j), whose
+  // ids follow each other.
+  static void write_run(std::string& out, const Fifo<Task>& calls, std::size_t i, std::size_t j) {
     bool single = true;
-    std::size_t size = 32;
-    for (std::size_t k = i; k < j; ++k) {
-      single = single && calls[k].nargs == 1;
-      size += calls[k].args_len;
-    }
+    for (std::size_t k = i; k < j; ++k) single = single && calls[k].nargs == 1;
     const Task& head = calls[i];
-    out.clear();
-    out.reserve(size + head.fn_len);
     out += "\x80\x05(";  // PROTO 5, MARK
     pickle_dump_ops(out, Value(kOpRun));
     pickle_dump_ops(out, Value(static_cast<std::int64_t>(head.tid)));
-    out.append(head.record, head.fn_at, head.fn_len);
+    out.append(head.body, 0, head.args_at);  // the function
     out += "](";  // EMPTY_LIST, MARK
     for (std::size_t k = i; k < j; ++k)  // a 1-tuple is its item's opcodes and TUPLE1
-      out.append(calls[k].record, calls[k].args_at, calls[k].args_len - (single ? 1 : 0));
+      out.append(calls[k].body, calls[k].args_at, calls[k].args_len - (single ? 1 : 0));
     out += 'e';  // APPENDS
     if (single)
       pickle_dump_ops(out, Value(kSingle));
     else
       out += 'N';
     out += "t.";  // TUPLE, STOP
-    return out;
   }
 
   void send(Worker& w, const std::string& record) { send(w, Ring::Piece{record.data(), record.size()}); }
@@ -654,8 +713,7 @@ struct Pool::Impl {
 
   // The oldest unanswered call of w, now answered (a record is answered with its last call).
   static Task pop_answered(Worker& w) {
-    Task t = std::move(w.sent.front());
-    w.sent.pop_front();
+    Task t = w.sent.take_front();
     if (t.last_of_record) ++w.answered;
     return t;
   }
@@ -664,16 +722,19 @@ struct Pool::Impl {
   // fails with the worker's error; the other calls of a RUN record go back to the backlog, each
   // to be sent alone, so that only a call at fault fails.
   void unpickle_failed(Worker& w) {
-    std::size_t end = 0;
-    while (!w.sent[end].last_of_record) ++end;
-    for (std::size_t k = end; k > 0; --k) {
-      Task t = std::move(w.sent[k]);
-      t.alone = true;
-      t.last_of_record = true;
-      backlog.push_front(std::move(t));
+    Task head = w.sent.take_front();
+    std::vector<Task> rest;
+    while (!head.last_of_record && !w.sent.empty()) {
+      rest.push_back(w.sent.take_front());
+      head.last_of_record = rest.back().last_of_record;
     }
-    w.sent.erase(w.sent.begin() + 1, w.sent.begin() + static_cast<std::ptrdiff_t>(end) + 1);
-    w.sent.front().last_of_record = true;
+    for (auto it = rest.rbegin(); it != rest.rend(); ++it) {
+      it->alone = true;
+      it->last_of_record = true;
+      backlog.push_front(std::move(*it));
+    }
+    head.last_of_record = true;
+    w.sent.push_front(std::move(head));
   }
 
   void lost_result(Worker& w) {
@@ -694,7 +755,7 @@ struct Pool::Impl {
     for (auto& [_, w] : workers) {
       if (w->sent.empty()) continue;
       send(*w, ping);
-      w->sent.emplace_back();
+      w->sent.push_back(Task());
     }
   }
 
@@ -705,9 +766,10 @@ struct Pool::Impl {
     // It takes a few calls at a time and answers each before starting the next: if it took a
     // call it did not answer, the oldest unanswered one was running; the rest never started.
     const bool running = w.ring->consumed() > w.answered;
-    std::deque<Task> retry;
+    std::vector<Task> retry;
     bool first = true;
-    for (Task& t : w.sent) {
+    for (std::size_t i = 0; i < w.sent.size(); ++i) {
+      Task& t = w.sent[i];
       if (t.pending()) {
         if (first && running) {
           if (w.timed_out == t.tid)
@@ -721,7 +783,7 @@ struct Pool::Impl {
       }
       first = false;
     }
-    backlog.insert(backlog.begin(), std::make_move_iterator(retry.begin()), std::make_move_iterator(retry.end()));
+    for (auto it = retry.rbegin(); it != retry.rend(); ++it) backlog.push_front(std::move(*it));
     workers.erase(w.wid);
   }
 
@@ -855,16 +917,12 @@ struct Pool::Impl {
     dispatch();
   }
 
-  // t.record = the pickle of (kOpCall, tid, function, args, kwargs or None), written without
-  // building that tuple as a Value; t's offsets say where its parts stand.
+  // t.body: the opcodes of function, args and kwargs (or None), written without building them
+  // into one Value; the rest of the record is written when t is sent.
   static void encode_call(Task& t, std::string function, std::vector<Value> args,
                           std::vector<std::pair<std::string, Value>> kwargs) {
-    std::string& out = t.record;
-    out.reserve(48 + function.size() + 12 * args.size());
-    out += "\x80\x05(";  // PROTO 5, MARK
-    pickle_dump_ops(out, Value(kOpCall));
-    pickle_dump_ops(out, Value(static_cast<std::int64_t>(t.tid)));
-    const std::size_t fn_at = out.size();
+    std::string& out = t.body;
+    out.reserve(16 + function.size() + 12 * args.size());
     pickle_dump_ops(out, Value(std::move(function)));
     const std::size_t args_at = out.size();
     t.nargs = static_cast<std::uint32_t>(args.size());
@@ -877,11 +935,8 @@ struct Pool::Impl {
       for (auto& [k, v] : kwargs) kw.emplace_back(Value(std::move(k)), std::move(v));
       pickle_dump_ops(out, Value::dict(std::move(kw)));
     }
-    out += "t.";  // TUPLE, STOP
     // Offsets in 32 bits: a call too large for them is never part of a run.
     t.runnable = kwargs.empty() && out.size() <= std::numeric_limits<std::uint32_t>::max();
-    t.fn_at = static_cast<std::uint32_t>(fn_at);
-    t.fn_len = static_cast<std::uint32_t>(args_at - fn_at);
     t.args_at = static_cast<std::uint32_t>(args_at);
     t.args_len = static_cast<std::uint32_t>(args_end - args_at);
   }
@@ -937,7 +992,6 @@ Pool::~Pool() {
 std::future<Value> Pool::submit(std::string function, std::vector<Value> args,
                                 std::vector<std::pair<std::string, Value>> kwargs) {
   Impl::Task t;
-  t.tid = impl_->next_tid.fetch_add(1);
   Impl::encode_call(t, std::move(function), std::move(args), std::move(kwargs));
   auto fut = t.sink.emplace<std::promise<Value>>().get_future();
   impl_->submit_task(std::move(t));
@@ -947,7 +1001,6 @@ std::future<Value> Pool::submit(std::string function, std::vector<Value> args,
 void Pool::async_submit(std::string function, std::vector<Value> args,
                         std::vector<std::pair<std::string, Value>> kwargs, Callback done) {
   Impl::Task t;
-  t.tid = impl_->next_tid.fetch_add(1);
   Impl::encode_call(t, std::move(function), std::move(args), std::move(kwargs));
   t.sink = std::move(done);
   impl_->submit_task(std::move(t));
@@ -955,7 +1008,6 @@ void Pool::async_submit(std::string function, std::vector<Value> args,
 
 std::future<std::string> Pool::submit_raw(std::string function, std::string payload) {
   Impl::Task t;
-  t.tid = impl_->next_tid.fetch_add(1);
   std::vector<Value> args;
   args.push_back(Value::bytes(std::move(payload)));
   Impl::encode_call(t, std::move(function), std::move(args), {});
