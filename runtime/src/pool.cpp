@@ -84,6 +84,9 @@ constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on i
 // Most calls in one RUN record. CPython's pickler writes a list's items in batches of 1000, and
 // a worker's fast unpickler takes what CPython writes.
 constexpr std::size_t kMaxRun = 1000;
+// A run stops growing at this many bytes of arguments: runs are for small calls (whose records
+// cost more than their work), and a record this size still goes inline in the call ring.
+constexpr std::size_t kMaxRunBytes = 64 * 1024;
 
 using Clock = std::chrono::steady_clock;
 
@@ -595,8 +598,10 @@ struct Pool::Impl {
       wire.clear();
       spans.clear();
       for (std::size_t i = first; i < w->sent.size();) {
-        std::size_t j = i + 1;
-        while (j < w->sent.size() && j - i < kMaxRun && joins_run(w->sent[j - 1], w->sent[j])) ++j;
+        std::size_t j = i + 1, bytes = w->sent[i].args_len;
+        while (j < w->sent.size() && j - i < kMaxRun && joins_run(w->sent[j - 1], w->sent[j]) &&
+               bytes + w->sent[j].args_len <= kMaxRunBytes)
+          bytes += w->sent[j++].args_len;
         const std::size_t at = wire.size();
         for (std::size_t k = i; k < j; ++k) {
           w->sent[k].tid = next_tid++;
