@@ -768,8 +768,10 @@ struct Pool::Impl {
   void died(Worker& w) {
     int code = w.exit_code.value_or(-1);
     if (auto reaped = w.proc.poll()) code = *reaped;
-    // It takes a few calls at a time and answers each before starting the next: if it took a
-    // call it did not answer, the oldest unanswered one was running; the rest never started.
+    // It takes a few records at a time and answers each call (a run's items one by one) before
+    // starting the next; `answered` counts a record once its last call is answered. If it took
+    // a record it did not answer in full, its oldest unanswered call was running; the rest never
+    // started and go to other workers.
     const bool running = w.ring->consumed() > w.answered;
     std::vector<Task> retry;
     bool first = true;
@@ -782,7 +784,7 @@ struct Pool::Impl {
           else
             t.fail(std::make_exception_ptr(WorkerDied(w.proc.pid(), code)));
           --outstanding;
-        } else if (t.tid != 0) {
+        } else {
           retry.push_back(std::move(t));
         }
       }
