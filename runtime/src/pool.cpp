@@ -114,8 +114,9 @@ struct ResultSink final : Ring::Sink {
 // A first-in first-out queue in one circular buffer that doubles when full. Tasks pass through
 // the backlog and a worker's queue at hundreds of thousands a second; std::deque allocates and
 // frees a node every few of them, and those frees (from another thread than the allocations)
-// kept glibc consolidating its free lists. This allocates only to grow. T is default-
-// constructible and movable; a slot keeps its moved-from element until it is reused or cleared.
+// kept glibc consolidating its free lists. This allocates only to grow, and frees its buffer
+// when it empties after a burst of more than kKeep elements. T is default-constructible and
+// movable; a slot keeps its moved-from element until it is reused or cleared.
 template <class T>
 class Fifo {
  public:
@@ -139,15 +140,21 @@ class Fifo {
   T take_front() {
     T v = std::move(front());
     head_ = (head_ + 1) & (slots_.size() - 1);
-    --size_;
+    if (--size_ == 0 && slots_.size() > kKeep) release();  // a burst is over: give its memory back
     return v;
   }
   void clear() {
     for (std::size_t i = 0; i < size_; ++i) (*this)[i] = T();
     head_ = size_ = 0;
+    if (slots_.size() > kKeep) release();
   }
 
  private:
+  static constexpr std::size_t kKeep = std::size_t{1} << 16;  // slots kept when empty
+  void release() {
+    std::vector<T>().swap(slots_);
+    head_ = size_ = 0;
+  }
   void grow() {
     std::vector<T> bigger(std::max<std::size_t>(16, slots_.size() * 2));
     for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move((*this)[i]);
