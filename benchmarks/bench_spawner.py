@@ -26,7 +26,8 @@ spawn; (b) time to first batch no worse than fork; throughput >= 1.5x fork on sm
 >= 1.3x fork on images.
 
     /usr/bin/python3 benchmarks/bench_spawner.py [--quick] [--only startup|dataloader]
-        [--json PATH] [--markdown PATH]
+        [--datasets small,images,numpy] [--workers 2,4] [--methods fork,spawn,forkserver,ringpool]
+        [--epochs N] [--json PATH] [--markdown PATH]
 """
 from __future__ import annotations
 
@@ -192,16 +193,17 @@ def epoch(ds, batch, workers, ctx):
     return seen / dt, first
 
 
-def bench_dataloader(quick, epochs):
+def bench_dataloader(quick, epochs, datasets=tuple(DATASETS), worker_counts=(2, 4), methods=METHODS):
     rows = []
-    for name, (n, nq, batch) in DATASETS.items():
+    for name in datasets:
+        n, nq, batch = DATASETS[name]
         ds = GeneratedDataset(name, nq if quick else n)
-        for workers in (2, 4):
-            runs = {m: [] for m in METHODS}
+        for workers in worker_counts:
+            runs = {m: [] for m in methods}
             for _ in range(epochs):  # interleaved: the machine's drift touches every method alike
-                for m in METHODS:
+                for m in methods:
                     runs[m].append(epoch(ds, batch, workers, context(m)))
-            for m in METHODS:
+            for m in methods:
                 rates = [r for r, _ in runs[m]]
                 firsts = [f for _, f in runs[m]]
                 rows.append({"dataset": name, "workers": workers, "method": m, "batch": batch, "samples": len(ds),
@@ -239,6 +241,8 @@ def targets(res):
         for name, need in (("small", 1.5), ("numpy", 1.5), ("images", 1.3)):
             for w in (2, 4):
                 rp, fk = _get(dl, dataset=name, workers=w, method="ringpool"), _get(dl, dataset=name, workers=w, method="fork")
+                if rp is None or fk is None:  # not measured in this run (--datasets/--workers/--methods)
+                    continue
                 ratio = rp["samples_per_s"] / fk["samples_per_s"]
                 add(f"DataLoader {name}, {w} workers: ringpool / fork samples/s", ratio, ratio >= need,
                     f">= {need}x", "{:.2f}x")
@@ -267,9 +271,13 @@ def markdown(res):
         for name in DATASETS:
             for w in (2, 4):
                 rows = {mm: _get(res["dataloader"], dataset=name, workers=w, method=mm) for mm in METHODS}
-                cells = [f"{rows[mm]['samples_per_s']:,.0f} ({rows[mm]['first_batch_s'] * 1e3:.0f} ms)" for mm in METHODS]
-                lines.append(f"| {name} | {w} | " + " | ".join(cells) +
-                             f" | {rows['ringpool']['samples_per_s'] / rows['fork']['samples_per_s']:.2f}x |")
+                if all(r is None for r in rows.values()):
+                    continue
+                cells = [f"{rows[mm]['samples_per_s']:,.0f} ({rows[mm]['first_batch_s'] * 1e3:.0f} ms)"
+                         if rows[mm] else "-" for mm in METHODS]
+                ratio = (f"{rows['ringpool']['samples_per_s'] / rows['fork']['samples_per_s']:.2f}x"
+                         if rows["ringpool"] and rows["fork"] else "-")
+                lines.append(f"| {name} | {w} | " + " | ".join(cells) + f" | {ratio} |")
         lines.append("")
     lines += ["#### Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
     for t in res["targets"]:
@@ -281,6 +289,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller epochs")
     ap.add_argument("--only", choices=["startup", "dataloader"])
+    ap.add_argument("--datasets", default=",".join(DATASETS),
+                    help="DataLoader datasets, comma-separated (default: all: %(default)s)")
+    ap.add_argument("--workers", default="2,4", help="DataLoader num_workers values (default: %(default)s)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="DataLoader start methods (default: all: %(default)s)")
+    ap.add_argument("--epochs", type=int, help="DataLoader epochs per row (default: 3, 1 with --quick)")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args()
@@ -290,7 +304,16 @@ def main():
         res["startup"] = bench_startup(reps=3 if args.quick else 7, spawn_reps=1 if args.quick else 3)
     if args.only in (None, "dataloader"):
         log("(b) DataLoader")
-        res["dataloader"] = bench_dataloader(args.quick, epochs=1 if args.quick else 3)
+        datasets = [d for d in args.datasets.split(",") if d]
+        methods = [m for m in args.methods.split(",") if m]
+        for d in datasets:
+            if d not in DATASETS:
+                ap.error(f"unknown dataset {d!r} (choose from {', '.join(DATASETS)})")
+        for m in methods:
+            if m not in METHODS:
+                ap.error(f"unknown method {m!r} (choose from {', '.join(METHODS)})")
+        res["dataloader"] = bench_dataloader(args.quick, args.epochs or (1 if args.quick else 3), datasets,
+                                             [int(w) for w in args.workers.split(",") if w], methods)
     res["targets"] = targets(res)
     md = markdown(res)
     print(md)

@@ -38,8 +38,8 @@ from .reduction import dumps, payload_bytes
 
 __all__ = ["Queue", "JoinableQueue", "SimpleQueue", "DEFAULT_CAPACITY"]
 
-# Ring bytes per queue. Larger absorbs bigger bursts before put() has to buffer locally; the
-# whole ring is pre-faulted at creation (about 1 ms per MiB here).
+# Ring bytes per queue. Larger absorbs bigger bursts before put() has to buffer locally; only the
+# first 64 KiB are pre-faulted at creation, the rest on first use (docs/design/ring.md).
 DEFAULT_CAPACITY = 1 << 20
 
 _COUNT_ITEM = _core.COUNT_ITEM

@@ -3,6 +3,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <new>
 #include <string>
@@ -94,9 +95,13 @@ std::shared_ptr<Ring> Ring::create(const RingOptions& opts) {
   const std::size_t cap = round_capacity(opts.capacity);
   const std::size_t off = page_size();
   UniqueFd memfd = create_memfd("ringpool-ring", off + cap);
-  // Pre-fault everything now: first touch of a page costs microseconds on these machines and
-  // must not land on the hot path.
-  Segment seg(std::move(memfd), off + cap, off, /*populate=*/true);
+  // Pre-fault the control page and the head of the data area now: first touch of a page costs
+  // microseconds on these machines and should not land on the hot path. Not the whole ring: a
+  // 1 MiB ring costs ~1 ms to populate (allocating and zeroing 256 pages), and most rings (a
+  // DataLoader's index and result queues, a Pipe) never carry more than a few KiB before they
+  // are closed. Pages past the head fault in once, on the first pass of the cursors over them.
+  Segment seg(std::move(memfd), off + cap, off, /*populate=*/false);
+  seg.populate(0, off + std::min(cap, kRingPrefaultBytes));
   auto* ctl = new (seg.base()) RingControl{};
   ctl->magic = kRingMagic;
   ctl->layout_version = kRingLayoutVersion;
@@ -129,7 +134,8 @@ std::shared_ptr<Ring> Ring::attach(UniqueFd memfd, UniqueFd tx, UniqueFd rx, Uni
   const std::size_t cap = probe.capacity;
   if (probe.data_offset != off || cap == 0 || (cap & (cap - 1)) != 0 || off + cap != total)
     throw ProtocolError("ring segment geometry does not match its size");
-  Segment seg(std::move(memfd), total, off, /*populate=*/true);
+  Segment seg(std::move(memfd), total, off, /*populate=*/false);
+  seg.populate(0, off + std::min(cap, kRingPrefaultBytes));  // as in create
   return std::shared_ptr<Ring>(new Ring(std::move(seg), FdChannel(std::move(tx), std::move(rx)), std::move(event)));
 }
 

@@ -39,7 +39,7 @@ std::size_t fd_size(int fd) {
 }
 
 Segment::Segment(UniqueFd fd, std::size_t size, std::size_t mirror_offset, bool populate)
-    : fd_(std::move(fd)), size_(size) {
+    : fd_(std::move(fd)), size_(size), mirror_offset_(mirror_offset) {
   const int pop = populate ? MAP_POPULATE : 0;
   if (mirror_offset == 0) {
     map_len_ = size;
@@ -73,7 +73,8 @@ Segment::Segment(Segment&& o) noexcept
     : fd_(std::move(o.fd_)),
       base_(std::exchange(o.base_, nullptr)),
       size_(std::exchange(o.size_, 0)),
-      map_len_(std::exchange(o.map_len_, 0)) {}
+      map_len_(std::exchange(o.map_len_, 0)),
+      mirror_offset_(std::exchange(o.mirror_offset_, 0)) {}
 
 Segment& Segment::operator=(Segment&& o) noexcept {
   if (this != &o) {
@@ -82,11 +83,30 @@ Segment& Segment::operator=(Segment&& o) noexcept {
     base_ = std::exchange(o.base_, nullptr);
     size_ = std::exchange(o.size_, 0);
     map_len_ = std::exchange(o.map_len_, 0);
+    mirror_offset_ = std::exchange(o.mirror_offset_, 0);
   }
   return *this;
 }
 
 Segment::~Segment() { unmap(); }
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+void Segment::populate(std::size_t offset, std::size_t len) noexcept {
+  if (base_ == nullptr || offset >= size_) return;
+  const std::size_t ps = page_size();
+  const std::size_t lo = offset / ps * ps;
+  std::size_t hi = (offset + len + ps - 1) / ps * ps;
+  if (hi > size_) hi = size_;
+  if (hi <= lo) return;
+  (void)::madvise(base_ + lo, hi - lo, MADV_POPULATE_WRITE);
+  if (mirror_offset_ != 0 && hi > mirror_offset_) {  // the same pages' second mapping
+    const std::size_t mlo = lo > mirror_offset_ ? lo : mirror_offset_;
+    (void)::madvise(base_ + size_ + (mlo - mirror_offset_), hi - mlo, MADV_POPULATE_WRITE);
+  }
+}
 
 void Segment::unmap() noexcept {
   if (base_ != nullptr) ::munmap(base_, map_len_);

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include "ringpool/channel.hpp"
 #include "ringpool/error.hpp"
 #include "ringpool/ring.hpp"
+#include "ringpool/segment.hpp"
 
 using namespace ringpool;
 
@@ -99,6 +101,28 @@ TEST_CASE("ring: full ring refuses, wraps around many times without corruption")
     ++n;
   }
   CHECK(r->committed() == n + 1);
+}
+
+TEST_CASE("ring: only the head of a large ring is pre-faulted; the rest fills in as the cursors pass") {
+  auto r = Ring::create({1 << 20, 0});
+  auto allocated = [&] {
+    struct stat st {};
+    REQUIRE(::fstat(r->handles().memfd, &st) == 0);
+    return static_cast<std::size_t>(st.st_blocks) * 512;  // shmem pages the memfd holds
+  };
+  const std::size_t head = page_size() + kRingPrefaultBytes;
+  CHECK(allocated() <= head);  // not the whole 1 MiB (a populated ring would hold all of it)
+  // A peer attached through the descriptors sees every frame, across several passes over pages
+  // that were not pre-faulted and across the wrap (the mirror mapping).
+  const RingHandles h = r->handles();
+  auto peer = Ring::attach(UniqueFd(::fcntl(h.memfd, F_DUPFD_CLOEXEC, 0)), UniqueFd(::fcntl(h.tx, F_DUPFD_CLOEXEC, 0)),
+                           UniqueFd(::fcntl(h.rx, F_DUPFD_CLOEXEC, 0)), UniqueFd(::fcntl(h.event, F_DUPFD_CLOEXEC, 0)));
+  for (int round = 0; round < 3000; ++round) {
+    std::string s(static_cast<std::size_t>(round * 997 % 3000 + 1), static_cast<char>('a' + round % 26));
+    REQUIRE(put_str(*r, s) == Ring::PutStatus::ok);
+    REQUIRE(get_str(*peer) == s);
+  }
+  CHECK(allocated() == page_size() + (1u << 20));  // every page was reached
 }
 
 TEST_CASE("ring: put_many and get_many batch a prefix") {

@@ -219,3 +219,50 @@ def test_reload_reaches_running_workers_through_their_queues(tmp_path, zygote):
         del loader
     finally:
         ctx.shutdown()
+
+
+
+def test_by_value_functions_record_loaded_submodules_as_cloudpickle_does(tmp_path, monkeypatch):
+    # The hybrid pickler answers cloudpickle's "which loaded submodules does this function
+    # address" from a cache of sys.modules' names (rebuilt when they change) instead of scanning
+    # sys.modules per package and function: the same modules, in the same order, and a submodule
+    # imported after a first dump is found by the next one.
+    import importlib
+    import io
+
+    from cloudpickle import cloudpickle as cp
+
+    from ringpool import reduction
+
+    pkg = tmp_path / "rp_subcache_pkg"
+    (pkg / "inner").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "inner" / "__init__.py").write_text("")
+    (pkg / "inner" / "leaf.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("rp_subcache_pkg.inner.leaf", "rp_subcache_pkg.inner", "rp_subcache_pkg"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    top = importlib.import_module("rp_subcache_pkg")
+    import concurrent.futures
+
+    namespace = {"rp_subcache_pkg": top, "concurrent": concurrent}
+    exec("def uses():\n    return rp_subcache_pkg.inner.leaf.X, concurrent.futures.Future\n", namespace)
+    uses = namespace["uses"]
+
+    def recorded():
+        return reduction.Pickler(io.BytesIO())._dynamic_function_reduce(uses)[2][1]["_cloudpickle_submodules"]
+
+    def reference():
+        return cp._find_imported_submodules(uses.__code__, [top, concurrent])
+
+    first = recorded()
+    assert first == reference()
+    assert [m.__name__ for m in first] == ["concurrent.futures"]
+    importlib.import_module("rp_subcache_pkg.inner.leaf")  # new names in sys.modules
+    second = recorded()
+    assert second == reference()
+    assert [m.__name__ for m in second] == ["rp_subcache_pkg.inner", "rp_subcache_pkg.inner.leaf", "concurrent.futures"]
+    assert reduction._find_imported_submodules(uses.__code__, [top, concurrent]) == second
+    for name in ("rp_subcache_pkg.inner.leaf", "rp_subcache_pkg.inner"):
+        del sys.modules[name]
+    assert recorded() == reference() == first

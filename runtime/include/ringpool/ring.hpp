@@ -31,6 +31,9 @@ namespace ringpool {
 
 inline constexpr std::uint32_t kRingMagic = 0x474e4952u;  // "RING"
 inline constexpr std::uint32_t kRingLayoutVersion = 2;
+// How much of a ring's data area is pre-faulted at create and attach (the rest faults in on the
+// first pass of the cursors): the head, where a short-lived ring's traffic stays.
+inline constexpr std::size_t kRingPrefaultBytes = 64 * 1024;
 
 // The control block at offset 0 of a ring segment. It lives in shared memory: no pointers, fixed
 // offsets, lock-free atomics only, a version and reserved bytes.
@@ -100,8 +103,9 @@ static_assert(sizeof(pthread_mutex_t) <= 64, "each robust mutex fits its own cac
 inline constexpr std::uint32_t kOptCountItems = 1;  // maintain `items` on every put and get (maxsize)
 
 struct RingOptions {
-  // Bytes in the data area. Larger rings absorb bursts without blocking but cost first-touch
-  // time at creation (the whole area is pre-faulted). Rounded up to a power of two >= 1 page.
+  // Bytes in the data area. Larger rings absorb bursts without blocking; the first
+  // kRingPrefaultBytes are pre-faulted at creation and attach, the rest faults in on the first
+  // pass of the cursors. Rounded up to a power of two >= 1 page.
   std::size_t capacity = 1u << 20;
   // Payloads above this travel out of band (0: capacity / 8). Smaller keeps the ring from being
   // monopolised by a few large frames; larger saves the block hand-off for mid-size messages.
