@@ -40,6 +40,32 @@ def _check_threads(core, after, advice):
             f"safely ({advice}, or use get_context(zygote=False))")
 
 
+# Set by _settle_torch_pool when it ran (the workers inherit the module, so tests can see it).
+TORCH_POOL_SETTLED = False
+
+
+def _settle_torch_pool():
+    """Give torch's intra-op pthreadpool its one-thread size here, once, when torch runs one
+    intra-op thread (``torch.get_num_threads() == 1``).
+
+    That pool (caffe2's, used by NNPACK/QNNPACK/XNNPACK ops) is made on first use with one thread
+    per core, whatever the intra-op setting. A forked child rebuilds it at the size it had in its
+    parent. DataLoader calls ``torch.set_num_threads(1)`` first thing in every worker: without
+    this, each worker makes the pool with a thread per core, spins the threads up and joins them
+    again (3-8 ms of CPU, up to 13 ms of wall time before the first batch on the project VM). With
+    one intra-op thread, one pool thread is the size the setting asks for; the call joins the
+    threads it made, so the zygote stays single-threaded. With more intra-op threads nothing is
+    done: the pool would keep threads, and a zygote with threads cannot fork.
+    """
+    global TORCH_POOL_SETTLED
+    torch = sys.modules.get("torch")
+    get, set_ = getattr(torch, "get_num_threads", None), getattr(torch, "set_num_threads", None)
+    if get is None or set_ is None or get() != 1:
+        return
+    set_(1)
+    TORCH_POOL_SETTLED = True
+
+
 def _preload_main(main):
     """Import the parent's main module as ``__mp_main__``, as spawn does in each worker, once here.
 
@@ -93,6 +119,8 @@ def main():
         if main:
             _preload_main(main)
             _check_threads(_core, "importing the main module", "use preload_main=False")
+        _settle_torch_pool()
+        _check_threads(_core, "sizing torch's thread pool", "set OMP_NUM_THREADS")
     except BaseException:
         ok, message = False, traceback.format_exc()
     _core.zygote_send_ready(CONTROL_FD, ok, message)

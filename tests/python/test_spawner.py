@@ -124,6 +124,34 @@ def test_torch_sharing_strategy_and_threads_are_propagated(zygote):
         ctx.shutdown()
 
 
+def _torch_pool_probe(q):
+    import torch
+
+    from ringpool import _zygote
+
+    torch.set_num_threads(1)  # what DataLoader does first in each of its workers
+    q.put((_zygote.TORCH_POOL_SETTLED, torch.get_num_threads()))
+
+
+@pytest.mark.parametrize("omp, settled", [("1", True), ("2", False)])
+def test_the_zygote_sizes_torchs_thread_pool_only_when_torch_runs_one_thread(omp, settled, monkeypatch):
+    # With one intra-op thread the zygote makes torch's pthreadpool at that size, so a worker's
+    # set_num_threads(1) starts no pool threads; with more it leaves the pool alone (it would
+    # keep threads, and a zygote with threads cannot fork). Either way the zygote serves.
+    pytest.importorskip("torch")
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)  # the zygote's environment, taken at its start
+    ctx = ringpool.RingpoolContext(preload=["torch"])
+    q = ctx.Queue()
+    try:
+        p = ctx.Process(target=_torch_pool_probe, args=(q,))
+        p.start()
+        assert q.get(timeout=120) == (settled, 1)
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        ctx.shutdown()
+
+
 def _heap_probe(q):
     """Whether a 24 MiB malloc came from the heap, and whether its memory stayed there once freed
     (glibc's mallinfo2: hblkhd counts mmap-served bytes, keepcost the releasable heap top)."""
