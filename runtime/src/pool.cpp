@@ -79,6 +79,7 @@ constexpr std::size_t kResultCapacity = std::size_t{4} << 20;
 constexpr std::size_t kMinDepth = 2, kMaxDepth = 1024;
 constexpr double kQueuedWork = 0.002;  // seconds of work kept queued per worker
 constexpr std::int64_t kCollectorSpinNs = 50'000;  // the collector polls this long before sleeping
+constexpr auto kTrimAfter = std::chrono::seconds(1);  // idle time before queue memory goes back
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
 constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on it
 // Most calls in one RUN record. CPython's pickler writes a list's items in batches of 1000, and
@@ -114,9 +115,9 @@ struct ResultSink final : Ring::Sink {
 // A first-in first-out queue in one circular buffer that doubles when full. Tasks pass through
 // the backlog and a worker's queue at hundreds of thousands a second; std::deque allocates and
 // frees a node every few of them, and those frees (from another thread than the allocations)
-// kept glibc consolidating its free lists. This allocates only to grow, and frees its buffer
-// when it empties after a burst of more than kKeep elements. T is default-constructible and
-// movable; a slot keeps its moved-from element until it is reused or cleared.
+// kept glibc consolidating its free lists. This allocates only to grow; trim() gives a large
+// buffer back once a burst is over. T is default-constructible and movable; a slot keeps its
+// moved-from element until it is reused or cleared.
 template <class T>
 class Fifo {
  public:
@@ -140,21 +141,21 @@ class Fifo {
   T take_front() {
     T v = std::move(front());
     head_ = (head_ + 1) & (slots_.size() - 1);
-    if (--size_ == 0 && slots_.size() > kKeep) release();  // a burst is over: give its memory back
+    --size_;
     return v;
   }
   void clear() {
     for (std::size_t i = 0; i < size_; ++i) (*this)[i] = T();
     head_ = size_ = 0;
-    if (slots_.size() > kKeep) release();
+  }
+  // Gives the buffer back if the queue is empty and holds more than kKeep slots (after a burst).
+  void trim() {
+    if (size_ == 0 && slots_.size() > kKeep) std::vector<T>().swap(slots_);
+    head_ = 0;
   }
 
  private:
-  static constexpr std::size_t kKeep = std::size_t{1} << 16;  // slots kept when empty
-  void release() {
-    std::vector<T>().swap(slots_);
-    head_ = size_ = 0;
-  }
+  static constexpr std::size_t kKeep = std::size_t{1} << 16;
   void grow() {
     std::vector<T> bigger(std::max<std::size_t>(16, slots_.size() * 2));
     for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move((*this)[i]);
@@ -421,6 +422,7 @@ struct Pool::Impl {
   // the calls it was sent, one record each, as ringpool.Executor does).
   bool runs_allowed = true;
   std::size_t completing = 0;    // being handed over (shutdown waits for them too)
+  Clock::time_point idle_since = Clock::now();  // when the last task was answered
   std::map<int, int> early_exits;  // exits of workers not yet recorded
   bool shutting_down = false;
   std::string broken;            // why no worker can run, once that is so
@@ -879,6 +881,14 @@ struct Pool::Impl {
         } else {
           next_deadline = std::min(next_deadline, w->running->second);
         }
+      }
+      // A pool idle for a second gives back the queue memory a burst of tasks grew (not at once:
+      // back-to-back bursts would grow it again every time).
+      if (outstanding > 0 || completing > 0) {
+        idle_since = now;
+      } else if (now - idle_since > kTrimAfter) {
+        backlog.trim();
+        for (auto& [_, w] : workers) w->sent.trim();
       }
       depth = std::clamp<std::size_t>(static_cast<std::size_t>(kQueuedWork / (avg + 2e-6)), kMinDepth, kMaxDepth);
       if (open_workers() < static_cast<std::size_t>(opts.workers)) replenish(lk);
