@@ -80,6 +80,7 @@ constexpr std::size_t kMinDepth = 2, kMaxDepth = 1024;
 constexpr double kQueuedWork = 0.002;  // seconds of work kept queued per worker
 constexpr std::int64_t kCollectorSpinNs = 50'000;  // the collector polls this long before sleeping
 constexpr auto kTrimAfter = std::chrono::seconds(1);  // idle time before queue memory goes back
+constexpr std::size_t kCompleteGroup = 32;  // results fulfilled last to first (see collect())
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
 constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on it
 // Most calls in one RUN record. CPython's pickler writes a list's items in batches of 1000, and
@@ -902,11 +903,19 @@ struct Pool::Impl {
       for (auto& [_, w] : workers) retry_publish |= !w->unpublished.empty();
       lk.unlock();
       if (!ready.empty()) {
-        for (auto& c : ready) {
-          if (c.error)
-            c.task.fail(c.error);
-          else
-            c.task.ok(std::move(c.value));
+        // In groups of kCompleteGroup, each fulfilled last to first: a service thread waiting on
+        // these futures in order (the usual loop over a vector of futures) is then woken once per
+        // group, by its first future, and finds the rest ready, instead of sleeping on every one
+        // (a futex wait and wake, and a context switch, per task). A task waits at most a group's
+        // completion time (~20 us) longer.
+        for (std::size_t g = 0; g < ready.size(); g += kCompleteGroup) {
+          for (std::size_t i = std::min(ready.size(), g + kCompleteGroup); i-- > g;) {
+            Completion& c = ready[i];
+            if (c.error)
+              c.task.fail(c.error);
+            else
+              c.task.ok(std::move(c.value));
+          }
         }
         ready.clear();
         lk.lock();
