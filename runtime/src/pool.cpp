@@ -17,7 +17,6 @@
 #include <optional>
 #include <sstream>
 #include <thread>
-#include <unordered_map>
 #include <variant>
 
 #include "ringpool/block.hpp"
