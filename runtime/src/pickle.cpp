@@ -715,23 +715,14 @@ class TreeDecoder {
       case op::NEWTRUE:
         return push_scalar(Value(true), Value::Type::boolean);
       case op::BININT:
-        return read_le(4, v) &&
-               push_scalar(Value(std::int64_t{static_cast<std::int32_t>(static_cast<std::uint32_t>(v))}),
-                           Value::Type::integer);
       case op::BININT1:
-        return read_le(1, v) && push_scalar(Value(static_cast<std::int64_t>(v)), Value::Type::integer);
       case op::BININT2:
-        return read_le(2, v) && push_scalar(Value(static_cast<std::int64_t>(v)), Value::Type::integer);
       case op::LONG1: {
-        if (!read_le(1, v) || v > 8 || !take(static_cast<std::size_t>(v), b)) return false;
-        const std::size_t n = b.size();
-        if (n == 0) return push_scalar(Value(std::int64_t{0}), Value::Type::integer);
-        const bool negative = static_cast<unsigned char>(b[n - 1]) & 0x80;
-        std::uint64_t u = 0;
-        for (std::size_t i = 0; i < n; ++i) u |= std::uint64_t{static_cast<unsigned char>(b[i])} << (8 * i);
-        if (n < 8 && negative) u |= ~std::uint64_t{0} << (8 * n);
-        if (n == 8 && static_cast<bool>(u >> 63) != negative) return false;
-        return push_scalar(Value(static_cast<std::int64_t>(u)), Value::Type::integer);
+        std::size_t at = pos_ - 1;
+        std::int64_t i = 0;
+        if (!detail::read_int_op(in_, at, i)) return false;
+        pos_ = at;
+        return push_scalar(Value(i), Value::Type::integer);
       }
       case op::BINFLOAT: {
         if (!take(8, b)) return false;
@@ -981,6 +972,41 @@ void check_protocol(int protocol) {
 }
 
 }  // namespace
+
+namespace detail {
+bool read_int_op(std::string_view in, std::size_t& pos, std::int64_t& out) {
+  if (pos >= in.size()) return false;
+  const auto byte = [&](std::size_t i) { return std::uint64_t{static_cast<unsigned char>(in[i])}; };
+  const auto code = static_cast<std::uint8_t>(in[pos]);
+  std::size_t at = pos + 1, n = 0;
+  switch (code) {
+    case op::BININT1: n = 1; break;
+    case op::BININT2: n = 2; break;
+    case op::BININT: n = 4; break;
+    case op::LONG1:
+      if (at >= in.size() || byte(at) > 8) return false;
+      n = static_cast<std::size_t>(byte(at++));
+      break;
+    default:
+      return false;
+  }
+  if (n > in.size() - at) return false;
+  std::uint64_t u = 0;
+  for (std::size_t i = 0; i < n; ++i) u |= byte(at + i) << (8 * i);
+  if (code == op::BININT) {
+    out = static_cast<std::int32_t>(static_cast<std::uint32_t>(u));
+  } else if (code == op::LONG1 && n > 0) {
+    const bool negative = byte(at + n - 1) & 0x80;
+    if (n < 8 && negative) u |= ~std::uint64_t{0} << (8 * n);
+    if (n == 8 && static_cast<bool>(u >> 63) != negative) return false;
+    out = static_cast<std::int64_t>(u);
+  } else {
+    out = static_cast<std::int64_t>(u);  // BININT1, BININT2 (unsigned), LONG1 of no bytes (0)
+  }
+  pos = at + n;
+  return true;
+}
+}  // namespace detail
 
 std::string pickle_dumps(const Value& v, int protocol, const PickleLimits& limits) {
   check_protocol(protocol);

@@ -188,39 +188,6 @@ Result result_from(Value rec) {
   return r;
 }
 
-// Reads the integer opcode CPython writes for a small int (BININT1, BININT2, BININT, or LONG1
-// of up to 8 bytes) at p; false for anything else.
-bool read_small_int(std::string_view s, std::size_t& p, std::int64_t& out) {
-  if (p >= s.size()) return false;
-  const auto u8 = [&](std::size_t i) { return std::uint64_t{static_cast<unsigned char>(s[i])}; };
-  const std::uint8_t op = static_cast<std::uint8_t>(s[p]);
-  std::size_t n = 0;
-  if (op == 'K') n = 1;
-  else if (op == 'M') n = 2;
-  else if (op == 'J') n = 4;
-  else if (op == 0x8a && p + 1 < s.size() && u8(p + 1) <= 8) n = u8(p + 1);
-  else return false;
-  const std::size_t at = p + 1 + (op == 0x8a);
-  if (at + n > s.size()) return false;
-  std::uint64_t v = 0;
-  for (std::size_t i = 0; i < n; ++i) v |= u8(at + i) << (8 * i);
-  if (op == 'J') {
-    out = static_cast<std::int32_t>(static_cast<std::uint32_t>(v));
-  } else if (op == 0x8a) {
-    if (n == 0) {
-      v = 0;
-    } else {
-      const bool negative = u8(at + n - 1) & 0x80;
-      if (n < 8 && negative) v |= ~std::uint64_t{0} << (8 * n);
-    }
-    out = static_cast<std::int64_t>(v);
-  } else {
-    out = static_cast<std::int64_t>(v);
-  }
-  p = at + n;
-  return true;
-}
-
 // The answer's own fields read straight from the record as the worker's pickler writes it
 //   PROTO [FRAME] MARK <wid> <tid|NONE> <status> <value ops> BINFLOAT <elapsed> TUPLE [MEMOIZE] STOP
 // with only <value> decoded as a pickle (an int or None inline; anything else from a copy of its
@@ -238,15 +205,15 @@ std::optional<Result> read_result(std::string_view s, std::string& scratch) {
   ++p;
   Result r;
   std::int64_t v = 0;
-  if (!read_small_int(s, p, v)) return std::nullopt;
+  if (!detail::read_int_op(s, p, v)) return std::nullopt;
   r.wid = static_cast<int>(v);
   if (p < s.size() && s[p] == 'N') {
     ++p;
   } else {
-    if (!read_small_int(s, p, v)) return std::nullopt;
+    if (!detail::read_int_op(s, p, v)) return std::nullopt;
     r.tid = static_cast<std::uint64_t>(v);
   }
-  if (!read_small_int(s, p, r.status)) return std::nullopt;
+  if (!detail::read_int_op(s, p, r.status)) return std::nullopt;
   // The tail: BINFLOAT (9 bytes), TUPLE, an optional MEMOIZE, STOP.
   std::size_t end = s.size() - 1;
   if (s[end] != '.') return std::nullopt;
@@ -262,7 +229,7 @@ std::optional<Result> read_result(std::string_view s, std::string& scratch) {
   std::size_t q = p;
   if (s[p] == 'N' && p + 1 == end) {
     r.value = Value();
-  } else if (read_small_int(s, q, v) && q == end) {
+  } else if (detail::read_int_op(s, q, v) && q == end) {
     r.value = Value(v);
   } else {
     if (end - p > kFragmentLimit) return std::nullopt;
@@ -642,11 +609,16 @@ struct Pool::Impl {
            std::string_view(a.body).substr(0, a.args_at) == std::string_view(b.body).substr(0, b.args_at);
   }
 
+  // PROTO 5, MARK, op, tid: how every call record starts.
+  static void write_head(std::string& out, std::int64_t op, std::uint64_t tid) {
+    out += "\x80\x05(";
+    pickle_dump_ops(out, Value(op));
+    pickle_dump_ops(out, Value(static_cast<std::int64_t>(tid)));
+  }
+
   // (kOpCall, tid, function, args, kwargs or None)
   static void write_call(std::string& out, const Task& t) {
-    out += "\x80\x05(";  // PROTO 5, MARK
-    pickle_dump_ops(out, Value(kOpCall));
-    pickle_dump_ops(out, Value(static_cast<std::int64_t>(t.tid)));
+    write_head(out, kOpCall, t.tid);
     out += t.body;
     out += "t.";  // TUPLE, STOP
   }
@@ -657,9 +629,7 @@ struct Pool::Impl {
     bool single = true;
     for (std::size_t k = i; k < j; ++k) single = single && calls[k].nargs == 1;
     const Task& head = calls[i];
-    out += "\x80\x05(";  // PROTO 5, MARK
-    pickle_dump_ops(out, Value(kOpRun));
-    pickle_dump_ops(out, Value(static_cast<std::int64_t>(head.tid)));
+    write_head(out, kOpRun, head.tid);
     out.append(head.body, 0, head.args_at);  // the function
     out += "](";  // EMPTY_LIST, MARK
     for (std::size_t k = i; k < j; ++k)  // a 1-tuple is its item's opcodes and TUPLE1

@@ -64,6 +64,10 @@ namespace detail {
 // pickle_loads without its fast path for pickles that never read their memo: the general
 // decoder alone (the fuzz target checks that both agree).
 Value pickle_loads_graph(std::string_view data, const PickleLimits& limits = {});
+// Reads the int opcode at in[pos] (BININT1, BININT2, BININT, or LONG1 of up to 8 bytes) as the
+// decoders do and moves pos past it; false (pos unchanged) for any other opcode, a truncated one
+// or a LONG1 outside int64. For readers of records whose layout they know (ringpool::Pool).
+bool read_int_op(std::string_view in, std::size_t& pos, std::int64_t& out);
 }  // namespace detail
 
 }  // namespace ringpool
