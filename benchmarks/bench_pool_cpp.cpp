@@ -3,6 +3,11 @@
 // result latency. Prints one JSON object.
 //
 //   bench_pool_cpp SOURCE_DIR [--quick]
+//   bench_pool_cpp SOURCE_DIR --paired
+//
+// --paired: for bench_pool.py's side-by-side comparison with the Executor. Prints "ready" once
+// the pool is warm, then for each line N read from stdin runs N no-op tasks from 1 service
+// thread (futures) and prints the rate in tasks/s; ends at EOF.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -69,12 +74,23 @@ int main(int argc, char** argv) {
   }
   const std::string src = argv[1];
   const bool quick = argc > 2 && std::strcmp(argv[2], "--quick") == 0;
+  const bool paired = argc > 2 && std::strcmp(argv[2], "--paired") == 0;
   PoolOptions o;
   o.workers = 2;
   o.python_path = {src + "/bindings"};
   o.packages = {{"benchtasks", src + "/benchmarks/tasks/benchtasks"}};
   Pool pool(o);
   throughput(pool, 1, 2000);  // warm-up
+  if (paired) {
+    std::printf("ready\n");
+    std::fflush(stdout);
+    long n = 0;
+    while (std::scanf("%ld", &n) == 1) {
+      std::printf("%.1f\n", throughput(pool, 1, static_cast<int>(std::clamp<long>(n, 1, 50'000'000))));
+      std::fflush(stdout);
+    }
+    return 0;
+  }
   std::printf("{");
   for (int threads : {1, 4}) {
     // Size n so that a run takes about a second (less with --quick).
