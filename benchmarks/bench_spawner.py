@@ -16,7 +16,7 @@ In one run, on this machine:
     worker start-up is included, as in a real epoch without persistent workers) and the time to
     the first batch, with num_workers 2 and 4, for fork, spawn, forkserver and ringpool, on three
     map-style datasets whose samples are made in __getitem__:
-      small:  a float tensor of 64 and an int label, batch 256
+      small:  torch.randn(64) and an int label, batch 256
       images: uint8 3x224x224 from numpy (torch.from_numpy), batch 32
       numpy:  float32 3x64x64 numpy arrays, batch 64 (collated into tensors)
     The main process reads the last element of every sample, so mapped memory is really touched.
@@ -151,8 +151,9 @@ def bench_startup(reps, spawn_reps):
 # stored tensors would carry one shared-memory descriptor per sample.
 
 class GeneratedDataset(Dataset):
-    """n samples of one kind, each made from its index: ``small`` (a float tensor of 64),
-    ``images`` (uint8 3x224x224 from numpy), ``numpy`` (a float32 3x64x64 array); label = index."""
+    """n samples of one kind, made in __getitem__: ``small`` (``torch.randn(64)``, from the worker's
+    seeded generator), ``images`` (uint8 3x224x224 from numpy, from the index), ``numpy`` (a float32
+    3x64x64 array, from the index); label = index."""
 
     def __init__(self, kind, n):
         self.kind, self.n = kind, n
@@ -162,7 +163,7 @@ class GeneratedDataset(Dataset):
 
     def __getitem__(self, i):
         if self.kind == "small":
-            return torch.full((64,), float(i)), i
+            return torch.randn(64), i
         if self.kind == "images":
             return torch.from_numpy(np.full((3, 224, 224), i % 251, dtype=np.uint8)), i
         return np.full((3, 64, 64), float(i), dtype=np.float32), i
