@@ -34,7 +34,7 @@ Deviations from the stdlib contexts:
   inter-op thread count is not propagated.
 - Workers are children of this process in both modes (SIGCHLD and waitid work as under fork). If a
   zygote dies, the workers it forked are killed (their exit code is -9) and the next ``start()``
-  brings up a new zygote.
+  brings up a new zygote; after ``ctx.shutdown()`` (an orderly stop) they run on.
 - A worker's stdin, stdout and stderr are this process's descriptors 0-2 at ``start()``.
 - Memory in a worker is reused rather than fresh: torch storages made with ``_new_shared`` (what
   DataLoader's collate makes in a worker) come from recycled shared-memory files
@@ -110,6 +110,7 @@ class RingpoolContext(_mp_context.BaseContext):
         self.Process = type("RingpoolProcess", (RingpoolProcess,),
                             {"_ringpool_context": self, "__module__": __name__, "__qualname__": "RingpoolProcess"})
         self._sup = None
+        self._spawning = 0  # Popens between _supervisor(spawning=True) and _spawn_done()
         self._zygote_modules = {}  # name -> hash of the snapshots the zygote was started with
         self._lock = threading.Lock()
         _live_contexts.add(self)
@@ -130,50 +131,67 @@ class RingpoolContext(_mp_context.BaseContext):
         # but not its supervisor thread or zygote; the old Supervisor knows and leaks itself.
         self._lock = threading.Lock()
         self._sup = None
+        self._spawning = 0
 
     @staticmethod
     def _bootstrap(module):
         return (f"import sys; sys.path.insert(0, {_RINGPOOL_DIR!r}); "
                 f"from ringpool.{module} import main; main()")
 
-    def _supervisor(self):
+    def _supervisor(self, spawning=False):
+        """The supervisor, started if need be. spawning=True: a Popen is about to start a worker
+        with it (shutdown() keeps the supervisor until _spawn_done())."""
         with self._lock:
-            if self._sup is None:
-                from . import _core
+            if spawning:
+                self._spawning += 1
+            try:
+                return self._supervisor_locked()
+            except BaseException:
+                if spawning:
+                    self._spawning -= 1
+                raise
 
-                if self.zygote:
-                    exe = _mp_spawn.get_executable()
-                    argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", self._bootstrap("_zygote")]
-                    env = [f"{k}={v}" for k, v in os.environ.items()]
-                    main = {}
-                    if self._preload_main:
-                        prep = _mp_spawn.get_preparation_data("zygote")
-                        main = {k: prep[k] for k in ("init_main_from_path", "init_main_from_name") if k in prep}
-                    from . import modules
+    def _spawn_done(self):
+        with self._lock:
+            self._spawning -= 1
 
-                    snaps = modules.snapshots()  # registered packages, installed before the preload
-                    self._check_bundle(snaps)
-                    self._zygote_modules = {s.name: s.hash for s in snaps}
-                    settings = {"sys_path": list(sys.path), "preload": self.preload, "main": main,
-                                "modules": [s.to_bytes() for s in snaps]}
-                    config = pickle.dumps(settings)
-                    self._zygote_has_bundle = False
-                    if self.bundle is not None:
-                        with_bundle = pickle.dumps({**settings, "bundle": (self.bundle.path, self.bundle.data)})
-                        if len(with_bundle) <= _ZYGOTE_CONFIG_MAX:
-                            config, self._zygote_has_bundle = with_bundle, True
-                        elif set(self.preload) & {n.partition(".")[0] for n in self.bundle.modules()}:
-                            raise ValueError(
-                                f"the bundle ({len(self.bundle.data)} bytes) does not fit in the zygote's "
-                                f"configuration ({_ZYGOTE_CONFIG_MAX} bytes), so its packages cannot be preloaded")
-                    self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
-                                                             ready_timeout=self._ready_timeout, spares=self._spares)
-                else:
-                    from . import modules
+    def _supervisor_locked(self):
+        if self._sup is None:
+            from . import _core
 
-                    self._check_bundle(modules.snapshots())
-                    self._sup = _core.Supervisor.exec_mode()
-            return self._sup
+            if self.zygote:
+                exe = _mp_spawn.get_executable()
+                argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", self._bootstrap("_zygote")]
+                env = [f"{k}={v}" for k, v in os.environ.items()]
+                main = {}
+                if self._preload_main:
+                    prep = _mp_spawn.get_preparation_data("zygote")
+                    main = {k: prep[k] for k in ("init_main_from_path", "init_main_from_name") if k in prep}
+                from . import modules
+
+                snaps = modules.snapshots()  # registered packages, installed before the preload
+                self._check_bundle(snaps)
+                self._zygote_modules = {s.name: s.hash for s in snaps}
+                settings = {"sys_path": list(sys.path), "preload": self.preload, "main": main,
+                            "modules": [s.to_bytes() for s in snaps]}
+                config = pickle.dumps(settings)
+                self._zygote_has_bundle = False
+                if self.bundle is not None:
+                    with_bundle = pickle.dumps({**settings, "bundle": (self.bundle.path, self.bundle.data)})
+                    if len(with_bundle) <= _ZYGOTE_CONFIG_MAX:
+                        config, self._zygote_has_bundle = with_bundle, True
+                    elif set(self.preload) & {n.partition(".")[0] for n in self.bundle.modules()}:
+                        raise ValueError(
+                            f"the bundle ({len(self.bundle.data)} bytes) does not fit in the zygote's "
+                            f"configuration ({_ZYGOTE_CONFIG_MAX} bytes), so its packages cannot be preloaded")
+                self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
+                                                         ready_timeout=self._ready_timeout, spares=self._spares)
+            else:
+                from . import modules
+
+                self._check_bundle(modules.snapshots())
+                self._sup = _core.Supervisor.exec_mode()
+        return self._sup
 
     def _check_bundle(self, snaps):
         if self.bundle is None:
@@ -198,9 +216,21 @@ class RingpoolContext(_mp_context.BaseContext):
         return pid if pid > 0 else None
 
     def shutdown(self):
-        """Stop the zygote (running workers go on); the next ``start()`` starts a new one."""
-        if self._sup is not None:
-            self._sup.stop()
+        """Stop the zygote; running workers go on, and the next ``start()`` starts a new one.
+
+        With no worker running or starting, the supervisor goes too: its thread ends, its
+        descriptors close and the zygote and unused spares are reaped before this returns. (A
+        worker dies with the thread that started it, so the supervisor stays while any runs.)
+        """
+        with self._lock:
+            sup = self._sup
+            if sup is None:
+                return
+            sup.stop()
+            if self._spawning or sup.live_workers():
+                return
+            self._sup = None
+        del sup  # the last reference: joins the supervisor's thread
 
     # -- what differs from BaseContext -----------------------------------------------------------
     def Queue(self, maxsize=0):

@@ -134,7 +134,15 @@ class Popen:
         return len(self._fds) - 1
 
     def _launch(self, process_obj, context):
-        supervisor = context._supervisor()  # first: fixes what the zygote was started with
+        # First: fixes what the zygote was started with. The context keeps this supervisor
+        # (shutdown() does not drop it) until _spawn_done().
+        supervisor = context._supervisor(spawning=True)
+        try:
+            self._launch_with(supervisor, process_obj, context)
+        finally:
+            context._spawn_done()
+
+    def _launch_with(self, supervisor, process_obj, context):
         prep_data = _mp_spawn.get_preparation_data(process_obj._name)
         modver = _modules.registry_version()
         self._hashes = {}  # name -> hash of the registered packages the worker has

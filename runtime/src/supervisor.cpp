@@ -69,8 +69,9 @@ struct Supervisor::Impl {
     });
   }
 
-  void on_zygote_exit(std::uint64_t incarnation) {
+  void on_zygote_exit(std::uint64_t incarnation, bool orderly) {
     ++zygote_exits;
+    if (orderly) return;  // stop(): its workers run on (each dies with this thread, not with it)
     for (auto& [pid, w] : live)
       if (w.zygote == incarnation) ::syscall(SYS_pidfd_send_signal, w.pidfd->native_handle(), SIGKILL, nullptr, 0);
   }
@@ -78,7 +79,9 @@ struct Supervisor::Impl {
 
 Supervisor::Supervisor(SpawnerFactory make_spawner) : impl_(new Impl), owner_(::getpid()) {
   impl_->spawner = make_spawner(impl_->io);
-  impl_->spawner->on_zygote_exit = [impl = impl_](std::uint64_t inc, int) { impl->on_zygote_exit(inc); };
+  impl_->spawner->on_zygote_exit = [impl = impl_](std::uint64_t inc, bool orderly) {
+    impl->on_zygote_exit(inc, orderly);
+  };
   impl_->thread = std::thread([impl = impl_] {
     // Signals are for the application's threads (Python handles them in the main thread).
     sigset_t all;

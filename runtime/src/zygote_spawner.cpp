@@ -398,7 +398,7 @@ class ZygoteSpawner final : public Spawner {
     in_flight_ = InFlight::none;
     const bool orderly = stopping_ && was_ready;
     stopping_ = false;
-    if (on_zygote_exit) on_zygote_exit(inc, orderly ? 0 : code);
+    if (on_zygote_exit) on_zygote_exit(inc, orderly);
     pump();
   }
 

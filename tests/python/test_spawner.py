@@ -275,7 +275,7 @@ def test_a_start_whose_zygote_dies_meanwhile_is_served_by_the_next_zygote():
                     raise RuntimeError(f"ringpool zygote (pid {ctx.zygote_pid()}) exited with code -9")
                 return sup.spawn(fds, *rest)
 
-        ctx._supervisor = lambda: DyingOnce()
+        ctx._supervisor = lambda spawning=False: DyingOnce()
         _start_and_check(ctx)
         assert len(calls) >= 2 and calls[0][:4] != calls[-1][:4]  # asked again, with a new boot channel
         # A child the dying zygote forked (too late to report) took the boot frame: it may be
@@ -288,7 +288,7 @@ def test_a_start_whose_zygote_dies_meanwhile_is_served_by_the_next_zygote():
                 raise RuntimeError("ringpool zygote (pid 1) exited with code -9")
 
         calls.clear()
-        ctx._supervisor = lambda: TakenThenDied()
+        ctx._supervisor = lambda spawning=False: TakenThenDied()
         with pytest.raises(RuntimeError, match="exited with code -9"):
             ctx.Process(target=_sleep, args=(1,)).start()
         assert len(calls) == 1
@@ -300,7 +300,7 @@ def test_a_start_whose_zygote_dies_meanwhile_is_served_by_the_next_zygote():
                 attempts.append(1)
                 raise RuntimeError("ringpool: could not start the zygote: no such interpreter")
 
-        ctx._supervisor = lambda: Broken()
+        ctx._supervisor = lambda spawning=False: Broken()
         with pytest.raises(RuntimeError, match="no such interpreter"):
             ctx.Process(target=_sleep, args=(1,)).start()
         assert attempts == [1]
@@ -435,6 +435,32 @@ def test_spares_are_used_and_reaped(spares):
     assert not _zombies()
     assert not (kids() & idle)
     assert len(idle) == spares
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "exec"])
+def test_shutdown_releases_the_supervisor_once_no_worker_runs(zygote):
+    ctx = ringpool.RingpoolContext(zygote=zygote)
+    q = ctx.Queue()
+    threads, fds = set(os.listdir("/proc/self/task")), set(os.listdir("/proc/self/fd"))
+    procs, _ = _start_reporting(ctx, q, 2)
+    sleeper = ctx.Process(target=_sleep, args=(1.0,))
+    sleeper.start()
+    ctx.shutdown()  # a worker runs: it and its supervisor stay
+    assert sleeper.is_alive()
+    assert set(os.listdir("/proc/self/task")) - threads
+    sleeper.join(30)
+    assert sleeper.exitcode == 0
+    for p in (*procs, sleeper):
+        p.close()
+    ctx.shutdown()  # none runs now: the supervisor's thread ends and its descriptors close
+    assert set(os.listdir("/proc/self/task")) - threads == set()
+    assert set(os.listdir("/proc/self/fd")) - fds == set()
+    assert not _zombies()
+    # The context works on: the next start() brings up a new supervisor (and zygote).
+    _, got = _start_reporting(ctx, q, 1)
+    assert got[0]["ppid"] == os.getpid()
+    ctx.shutdown()
+    assert set(os.listdir("/proc/self/task")) - threads == set()
 
 
 _MAIN_SCRIPT = textwrap.dedent(r"""

@@ -56,8 +56,9 @@ class Spawner {
   // Orderly stop (a zygote: SHUTDOWN); requests after it start a new incarnation.
   virtual void stop() {}
   virtual pid_t zygote_pid() const noexcept { return -1; }
-  // Called when a zygote incarnation has ended (its workers are then killed by the supervisor).
-  std::function<void(std::uint64_t incarnation, int exit_code)> on_zygote_exit;
+  // Called when a zygote incarnation has ended. orderly: it ended after stop() (its workers go
+  // on); otherwise it died, and the supervisor kills the workers it forked.
+  std::function<void(std::uint64_t incarnation, bool orderly)> on_zygote_exit;
 };
 
 std::unique_ptr<Spawner> make_exec_spawner();
