@@ -123,15 +123,20 @@ def main():
         _check_threads(_core, "sizing torch's thread pool", "set OMP_NUM_THREADS")
     except BaseException:
         ok, message = False, traceback.format_exc()
+    if ok:
+        # What the preload built is shared copy-on-write with every worker: keep the collector
+        # from touching (and so copying) those objects' pages in each worker. The workers never
+        # unfreeze (the gc module's documented recipe for fork without exec): a collection there
+        # would walk every preloaded object and copy its page.
+        gc.collect()
+        gc.freeze()
+        # Then huge pages for that memory: each fork copies, and each worker's exit tears down,
+        # one page-table entry per 2 MiB instead of 512 (docs/design/spawner.md).
+        if os.environ.get("RINGPOOL_ZYGOTE_HUGEPAGES", "1") != "0":
+            _core.zygote_use_huge_pages()
     _core.zygote_send_ready(CONTROL_FD, ok, message)
     if not ok:
         os._exit(1)
-    # What the preload built is shared copy-on-write with every worker: keep the collector from
-    # touching (and so copying) those objects' pages in each worker. The workers never unfreeze
-    # (the gc module's documented recipe for fork without exec): a collection there would walk
-    # every preloaded object and copy its page.
-    gc.collect()
-    gc.freeze()
     started = _core.zygote_serve(CONTROL_FD)
     if started is None:
         os._exit(0)

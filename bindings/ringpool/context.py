@@ -42,6 +42,11 @@ Deviations from the stdlib contexts:
   up to 64 MiB of freed heap for reuse instead of returning it to the kernel
   (``ringpool/_worker.py:_retain_heap``; ``RINGPOOL_WORKER_HEAP`` sets the amount, 0 turns it off;
   the user's own ``MALLOC_*`` settings are left alone).
+- The zygote's anonymous memory is backed by transparent huge pages when the kernel's THP mode is
+  ``madvise`` (cheaper forks and worker exits); each worker marks those inherited ranges
+  ``MADV_NOHUGEPAGE`` after the fork, so that none of its own memory becomes huge pages on
+  ringpool's account.
+  ``RINGPOOL_ZYGOTE_HUGEPAGES=0`` turns it off.
 - With torch preloaded at one intra-op thread (``torch.get_num_threads() == 1`` in the zygote),
   torch's pthreadpool (NNPACK/QNNPACK/XNNPACK ops) has one thread in a zygote worker, as after
   ``torch.set_num_threads(1)``, where a fresh interpreter would make it with a thread per core on

@@ -162,6 +162,9 @@ zygote as a child of this process) and watches them through pidfds.)doc")
       },
       py::arg("control"),
       "The zygote's fork loop: None in the zygote when told to stop; (fd_base, nfds) in each worker.");
+  m.def("zygote_use_huge_pages", &zygote_use_huge_pages,
+        "Back the zygote's anonymous memory with transparent huge pages (THP mode madvise); returns "
+        "the bytes advised, 0 if not applicable. Its workers clear the advice after fork.");
   m.def("thread_count", &thread_count, "Threads of this process (from /proc/self/task).");
   m.def(
       "retain_heap",

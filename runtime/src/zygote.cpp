@@ -6,6 +6,7 @@
 #include <linux/futex.h>
 #include <linux/sched.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -15,7 +16,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
+#include <string>
 #include <map>
 #include <vector>
 
@@ -55,7 +59,51 @@ constexpr std::uint32_t kForkSpare = 1;  // fork a spare that waits for a later 
 
 struct sigaction g_saved_sigint {};
 
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+
+// The zygote's ranges given MADV_HUGEPAGE (zygote_use_huge_pages): a forked child clears them.
+std::vector<std::pair<std::uintptr_t, std::size_t>> g_huge_ranges;
+
 }  // namespace
+
+std::size_t zygote_use_huge_pages() {
+  {
+    std::ifstream mode("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string line;
+    if (!std::getline(mode, line) || line.find("[madvise]") == std::string::npos) return 0;
+  }
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  std::vector<std::pair<std::uintptr_t, std::size_t>> ranges;
+  {
+    std::ifstream maps("/proc/self/maps");
+    std::string line;
+    while (std::getline(maps, line)) {
+      // start-end perms offset dev inode [path]
+      std::istringstream in(line);
+      std::string span, perms, offset, dev, inode, path;
+      in >> span >> perms >> offset >> dev >> inode >> path;
+      if (perms.size() < 4 || perms[1] != 'w' || perms[3] != 'p') continue;  // private, writable
+      if (!path.empty() && path != "[heap]") continue;  // anonymous (not the stack, not a file)
+      const auto dash = span.find('-');
+      if (dash == std::string::npos) continue;
+      const std::uintptr_t lo = std::stoull(span.substr(0, dash), nullptr, 16);
+      const std::uintptr_t hi = std::stoull(span.substr(dash + 1), nullptr, 16);
+      const std::uintptr_t a = (lo + kHuge - 1) & ~(kHuge - 1), b = hi & ~(kHuge - 1);
+      if (b > a) ranges.emplace_back(a, b - a);
+    }
+  }
+  std::size_t bytes = 0;
+  for (const auto& [a, n] : ranges) {
+    void* p = reinterpret_cast<void*>(a);
+    if (::madvise(p, n, MADV_HUGEPAGE) != 0) continue;
+    g_huge_ranges.emplace_back(a, n);
+    bytes += n;
+    ::madvise(p, n, MADV_COLLAPSE);  // best effort: EINVAL before Linux 6.1, EAGAIN if no memory
+  }
+  return bytes;
+}
 
 int thread_count() {
   int n = 0;
@@ -180,6 +228,7 @@ struct Zygote {
     }
     if (pid == 0) {
       after_fork_basics(parent);
+      for (const auto& [a, n] : g_huge_ranges) ::madvise(reinterpret_cast<void*>(a), n, MADV_NOHUGEPAGE);
       ::close(control);
       for (auto& [spid, sock] : spares) ::close(sock.release());
       return 0;

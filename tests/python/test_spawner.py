@@ -463,6 +463,71 @@ def test_shutdown_releases_the_supervisor_once_no_worker_runs(zygote):
     assert set(os.listdir("/proc/self/task")) - threads == set()
 
 
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _big_range_flags(pid, start):
+    """(AnonHugePages kB, VmFlags) of the mapping of pid that holds address start."""
+    with open(f"/proc/{pid}/smaps") as f:
+        lines = f.read().splitlines()
+    inside, huge, flags = False, None, None
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= start < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            huge = int(line.split()[1])
+        elif inside and line.startswith("VmFlags:"):
+            flags = line.split()[1:]
+    return huge, flags
+
+
+def _report_big(q, done):
+    import rp_big_probe
+
+    q.put((os.getpid(), rp_big_probe.address() + (8 << 20)))  # inside its 2 MiB-aligned part
+    done.wait(30)
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="transparent huge pages are not in madvise mode")
+@pytest.mark.parametrize("enabled", [True, False], ids=["default", "RINGPOOL_ZYGOTE_HUGEPAGES=0"])
+def test_the_zygotes_memory_is_in_huge_pages_and_its_workers_do_not_add_any(enabled, tmp_path, monkeypatch):
+    # A preloaded module holding 16 MiB of anonymous memory: in the zygote it is backed by huge
+    # pages (fewer page-table entries to copy per fork and to tear down per worker exit); a worker
+    # inherits those mappings but clears the advice on its own ranges.
+    (tmp_path / "rp_big_probe.py").write_text(
+        "import ctypes\nBUF = bytearray(16 << 20)\n"
+        "def address():\n    return ctypes.addressof((ctypes.c_char * 1).from_buffer(BUF))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if not enabled:
+        monkeypatch.setenv("RINGPOOL_ZYGOTE_HUGEPAGES", "0")
+    ctx = ringpool.RingpoolContext(preload=["rp_big_probe"], spares=0)
+    try:
+        q, done = ctx.SimpleQueue(), ctx.Event()
+        p = ctx.Process(target=_report_big, args=(q, done))
+        p.start()
+        wpid, addr = q.get()
+        zhuge, zflags = _big_range_flags(ctx.zygote_pid(), addr)
+        whuge, wflags = _big_range_flags(wpid, addr)
+        done.set()
+        p.join(30)
+        assert p.exitcode == 0
+        if enabled:
+            assert "hg" in zflags and zhuge >= 2048, (zhuge, zflags)  # collapsed (Linux 6.1+)
+            assert "nh" in wflags and "hg" not in wflags, wflags
+        else:
+            assert "hg" not in zflags and zhuge == 0, (zhuge, zflags)
+            assert "hg" not in wflags and "nh" not in wflags, wflags
+    finally:
+        ctx.shutdown()
+
+
 _MAIN_SCRIPT = textwrap.dedent(r"""
     import os, sys
     sys.path.insert(0, {bindings!r})

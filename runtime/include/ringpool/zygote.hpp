@@ -55,6 +55,17 @@ std::string zygote_receive_config(int control, int timeout_ms);
 // ... and answers once the preload is done: ok, or the error that made it fail.
 void zygote_send_ready(int control, bool ok, const std::string& message);
 
+// Backs the zygote's private anonymous memory with transparent huge pages, when the kernel's THP
+// mode is "madvise" (with "always" it already is; with "never" it cannot be): each heap or
+// anonymous private writable mapping, in its 2 MiB-aligned part, gets MADV_HUGEPAGE and then
+// MADV_COLLAPSE (Linux 6.1+; before that khugepaged collapses it in its own time). A fork then
+// copies one entry per 2 MiB instead of 512, and a worker's exit tears down as few; a worker's
+// first write to such a page splits it and copies 4 KiB, as before. Children forked by
+// zygote_serve mark the same ranges MADV_NOHUGEPAGE at once, so that nothing of theirs is
+// collapsed or faulted in as huge pages. Call it once, after the preload and before
+// zygote_serve. Returns the bytes of the ranges advised (0: not applicable).
+std::size_t zygote_use_huge_pages();
+
 // The fork loop. In the zygote: returns nullopt when the parent sends SHUTDOWN or closes the
 // socket. In each worker: returns its WorkerStart. Runs with the caller's locks as they are (for
 // Python: with the GIL held; the zygote has no other thread). SIGINT is ignored in the zygote
