@@ -88,8 +88,11 @@ std::size_t zygote_use_huge_pages() {
       if (!path.empty() && path != "[heap]") continue;  // anonymous (not the stack, not a file)
       const auto dash = span.find('-');
       if (dash == std::string::npos) continue;
-      const std::uintptr_t lo = std::stoull(span.substr(0, dash), nullptr, 16);
-      const std::uintptr_t hi = std::stoull(span.substr(dash + 1), nullptr, 16);
+      char* end = nullptr;
+      const std::uintptr_t lo = std::strtoull(span.c_str(), &end, 16);
+      if (end != span.c_str() + dash) continue;
+      const std::uintptr_t hi = std::strtoull(span.c_str() + dash + 1, &end, 16);
+      if (*end != '\0' || hi <= lo) continue;
       const std::uintptr_t a = (lo + kHuge - 1) & ~(kHuge - 1), b = hi & ~(kHuge - 1);
       if (b > a) ranges.emplace_back(a, b - a);
     }
