@@ -133,7 +133,10 @@ def main():
         # Then huge pages for that memory: each fork copies, and each worker's exit tears down,
         # one page-table entry per 2 MiB instead of 512 (docs/design/spawner.md).
         if os.environ.get("RINGPOOL_ZYGOTE_HUGEPAGES", "1") != "0":
-            _core.zygote_use_huge_pages()
+            try:
+                _core.zygote_use_huge_pages()
+            except Exception:  # an optimization only: the zygote serves without it
+                traceback.print_exc()
     _core.zygote_send_ready(CONTROL_FD, ok, message)
     if not ok:
         os._exit(1)
