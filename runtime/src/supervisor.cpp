@@ -101,7 +101,7 @@ Supervisor::Supervisor(SpawnerFactory make_spawner) : impl_(new Impl), owner_(::
 Supervisor::~Supervisor() {
   if (::getpid() != owner_) return;  // a forked child: the thread is not here; leak the state
   asio::post(impl_->io, [impl = impl_] {
-    impl->spawner->stop();
+    impl->spawner->finish();
     impl->work.reset();
     impl->io.stop();
   });

@@ -11,6 +11,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <cerrno>
 #include <chrono>
 #include <deque>
 #include <map>
@@ -35,24 +36,67 @@ class ZygoteSpawner final : public Spawner {
  public:
   ZygoteSpawner(asio::io_context& io, ZygoteOptions o) : io_(io), opt_(std::move(o)), timer_(io) {}
 
-  ~ZygoteSpawner() override {
-    // Destroyed on (or after) the io thread's end: no handler runs any more. The zygote gets
-    // SHUTDOWN if it can still be told; it would die by PR_SET_PDEATHSIG anyway.
+  // The supervisor's last act on its thread (no handler of ours runs after it): the zygote and
+  // the unused spares are our children, so they are stopped and reaped here, and a process that
+  // makes and drops supervisors (a C++ service recreating its Pool, a context's shutdown()) keeps
+  // no zombies. It must run before the thread ends: the zygote and the spares die by
+  // PR_SET_PDEATHSIG with it, and a spare the zygote forked but had not reported yet would then
+  // be a child nobody knows.
+  void finish() override {
+    std::deque<ChildProcess> unread;  // children the zygote reported after our last read
     if (control_) {
       try {
         send_control(control_->native_handle(), Kind::SHUTDOWN, 0, 0, {});
       } catch (...) {
       }
+      drain_answers(control_->native_handle(), unread, std::chrono::seconds(1));
     }
     control_.reset();  // unused spares exit when they see the zygote's sockets close
-    // The zygote and the unused spares are our children: reap them, so that a process that makes
-    // and drops supervisors (a C++ service recreating its Pool) keeps no zombies.
+    watch_.reset();
+    spare_watch_.clear();
+    timer_.cancel();
     std::vector<ChildProcess*> kids;
     if (zygote_) kids.push_back(&*zygote_);
     if (assigned_) kids.push_back(&*assigned_);
     for (auto& c : spares_) kids.push_back(&c);
     for (auto& c : dead_spares_) kids.push_back(&c);
+    for (auto& c : unread) kids.push_back(&c);
     reap_within(kids, std::chrono::seconds(2));
+    zygote_.reset();
+    assigned_.reset();
+    spares_.clear();
+    dead_spares_.clear();
+    state_ = State::down;
+  }
+
+  // Destroyed after the io thread's end; finish() has normally run already (then there is nothing
+  // left to do). If it has not, the zygote and spares died with the thread: reap what is known.
+  ~ZygoteSpawner() override { finish(); }
+
+  // Reads what the zygote still says before it exits (it ends after SHUTDOWN, closing the
+  // socket): a process it forked for a request whose answer the io loop did not read (a spare
+  // forked just before the stop) is our child all the same, and must be reaped.
+  static void drain_answers(int sock, std::deque<ChildProcess>& out, std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return;
+      pollfd p{sock, POLLIN, 0};
+      const int r = ::poll(&p, 1, static_cast<int>(left.count()));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) return;
+      bool would_block = false;
+      std::optional<ControlMessage> m;
+      try {
+        m = try_recv_control(sock, would_block);
+      } catch (const std::exception&) {
+        return;
+      }
+      if (would_block) continue;
+      if (!m) return;  // the zygote is gone
+      if (m->kind() == Kind::PROCESS && m->fds.size() == 1)
+        out.emplace_back(static_cast<pid_t>(m->header.aux), std::move(m->fds[0]));
+    }
   }
 
   // Waits for the children to exit and reaps them; SIGKILLs those still running at the deadline.

@@ -210,3 +210,22 @@ TEST_CASE("supervisor, zygote mode: a failed preload fails the spawn with the zy
   CHECK_THROWS_WITH_AS(sup->spawn(r), doctest::Contains("no module named 'nope'"), std::runtime_error);
   CHECK_THROWS_WITH_AS(sup->start(), doctest::Contains("failed to preload"), std::runtime_error);
 }
+
+TEST_CASE("control: a peer's last message is read even when it closed with ours unread (ECONNRESET first)") {
+  // The zygote answers a request, then reads SHUTDOWN and exits while a second SHUTDOWN of ours
+  // sits unread: the kernel then reports ECONNRESET to us ahead of the answer still queued.
+  auto [ours, theirs] = control_socketpair();
+  send_control(ours.get(), proto::Kind::SHUTDOWN, 1, 0, {});  // never read by the peer
+  const int fd = ours.get();  // any descriptor to pass along, as an answer carries a pidfd
+  send_control(theirs.get(), proto::Kind::PROCESS, 7, 1234, {}, std::span<const int>(&fd, 1));
+  theirs.reset();
+  bool would_block = false;
+  auto m = try_recv_control(ours.get(), would_block);
+  REQUIRE(m.has_value());
+  CHECK(m->kind() == proto::Kind::PROCESS);
+  CHECK(m->header.aux == 1234);
+  CHECK(m->fds.size() == 1);
+  auto end = try_recv_control(ours.get(), would_block);
+  CHECK_FALSE(end.has_value());
+  CHECK_FALSE(would_block);
+}

@@ -55,6 +55,9 @@ class Spawner {
   virtual void start(ReadyHandler done) { done(nullptr); }
   // Orderly stop (a zygote: SHUTDOWN); requests after it start a new incarnation.
   virtual void stop() {}
+  // Called once on the supervisor's thread before it ends: stop and reap every process of the
+  // spawner's own (a zygote, its unused spares); running workers are the supervisor's business.
+  virtual void finish() {}
   virtual pid_t zygote_pid() const noexcept { return -1; }
   // Called when a zygote incarnation has ended. orderly: it ended after stop() (its workers go
   // on); otherwise it died, and the supervisor kills the workers it forked.
