@@ -59,23 +59,21 @@ std::optional<ControlMessage> receive(int sock, int flags, bool& would_block) {
   bool reset = false;
   for (;;) {
     len = ::recv(sock, nullptr, 0, MSG_PEEK | MSG_TRUNC | flags);
-    if (len >= 0 || errno == EINTR) {
-      if (len >= 0) break;
-      continue;
-    }
-    // ECONNRESET: the peer closed with messages of ours unread. The error is reported (and
-    // cleared) ahead of anything still queued for us, such as the peer's last answers before it
-    // exited: read on once, without blocking, before calling it the end.
-    if (errno == ECONNRESET && !reset) {
+    if (len >= 0) break;
+    if (errno == EINTR) continue;
+    if (reset && (errno == EAGAIN || errno == ECONNRESET)) return std::nullopt;  // nothing after it
+    if (errno == ECONNRESET) {
+      // The peer closed with messages of ours unread. Linux reports (and clears) that error ahead
+      // of anything still queued for us, such as the peer's last answers before it exited: read
+      // on once, without blocking, before calling it the end.
       reset = true;
       flags |= MSG_DONTWAIT;
       continue;
     }
-    if (errno == EAGAIN && !reset) {
+    if (errno == EAGAIN) {
       would_block = true;
       return std::nullopt;
     }
-    if (errno == EAGAIN || errno == ECONNRESET) return std::nullopt;  // nothing was left after the reset
     throw_errno("recv(control)");
   }
   // len == 0 is end of stream, unless a zero-length message is queued; a valid message is
