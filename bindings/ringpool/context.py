@@ -147,14 +147,9 @@ class RingpoolContext(_mp_context.BaseContext):
         """The supervisor, started if need be. spawning=True: a Popen is about to start a worker
         with it (shutdown() keeps the supervisor until _spawn_done())."""
         with self._lock:
-            if spawning:
-                self._spawning += 1
-            try:
-                return self._supervisor_locked()
-            except BaseException:
-                if spawning:
-                    self._spawning -= 1
-                raise
+            sup = self._supervisor_locked()
+            self._spawning += spawning
+            return sup
 
     def _spawn_done(self):
         with self._lock:
