@@ -78,7 +78,9 @@ class RingpoolProcess(_mp_process.BaseProcess):
     def _Popen(process_obj):
         from .popen import Popen
 
-        context = type(process_obj)._ringpool_context or get_context()
+        # A plain multiprocessing.Process under set_start_method("ringpool") has no context of its
+        # own: it gets the registered one.
+        context = getattr(type(process_obj), "_ringpool_context", None) or get_context()
         return Popen(process_obj, context)
 
     def __reduce__(self):

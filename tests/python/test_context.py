@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -112,6 +113,23 @@ def test_register_start_method_is_opt_in():
     assert "ringpool" not in mpc._concrete_contexts or mpc._concrete_contexts["ringpool"] is ringpool.get_context()
     assert ringpool.register_start_method() is ringpool.get_context()
     assert mp.get_context("ringpool") is ringpool.get_context()
+
+
+def test_a_plain_process_under_the_ringpool_start_method(tmp_path):
+    # multiprocessing.Process (not ctx.Process) after set_start_method("ringpool"): the stdlib's
+    # Process class, which has no ringpool context of its own, gets the registered one.
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import multiprocessing as mp, ringpool\n"
+        "def f(q):\n    q.put(mp.current_process().name)\n"
+        "if __name__ == '__main__':\n"
+        "    ringpool.register_start_method(); mp.set_start_method('ringpool')\n"
+        "    q = mp.Queue(); p = mp.Process(target=f, args=(q,), name='plain'); p.start()\n"
+        "    print(q.get(timeout=60)); p.join(60); print(p.exitcode)\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(ringpool.__file__))}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["plain", "0"]
 
 
 # -- Process lifecycle ----------------------------------------------------------------------
