@@ -27,6 +27,15 @@ _MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_P
 _MALLOC_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold", "glibc.malloc.top_pad")
 
 
+# The outermost ringpool process's pid in a worker (None elsewhere); see _watch_root.
+_root = None
+
+
+def root_pid():
+    """In a worker, the pid of the outermost ringpool process (None outside a worker)."""
+    return _root
+
+
 def passed_fd(index):
     """The number of the index-th descriptor the process object carries."""
     return _fd_base + CHANNEL_FDS + index
@@ -116,8 +125,10 @@ def _install_pending_modules():
 
 
 def _forget_boot_channel():
-    # A child forked from a worker must not take the worker's updates.
-    global _boot
+    # A child forked from a worker must not take the worker's updates; and it is a root of its
+    # own (the workers it starts die with it).
+    global _boot, _root
+    _root = None
     if _boot is not None:
         _boot = None
         from . import _core
@@ -139,6 +150,11 @@ def _apply_state(state):
         from .bundle import _install_environment
 
         _install_environment(*state["bundle"])
+    _watch_root(state.get("root"))
+    if state.get("tracker") is not None:
+        from multiprocessing import resource_tracker
+
+        resource_tracker._resource_tracker._fd = passed_fd(state["tracker"])
     env = state.get("environ")
     if env is not None and env != dict(os.environ):
         os.environ.clear()
@@ -157,6 +173,24 @@ def _apply_state(state):
         on_torch(sys.modules["torch"])
     else:
         _after_import("torch", on_torch)
+
+
+def _watch_root(root):
+    """A worker started by a worker (a nested one) outlives its parent, as under spawn, so that
+    it can notice the parent's death through ``parent_process()``; it dies with the root instead,
+    so nothing outlives the outermost process. A worker of the root itself keeps dying with its
+    parent's supervisor thread (the parent-death signal the spawner armed)."""
+    global _root
+    if root is None:
+        return
+    _root = root
+    if root != os.getppid():
+        from . import _core
+
+        try:
+            _core.die_with(root)
+        except OSError:  # the root is gone already: so must we be
+            os._exit(255)
 
 
 def _retain_heap(env):

@@ -72,14 +72,20 @@ def _preload_main(main):
     spawn.prepare in a worker then finds it in place and does not run it again. A main module that
     fails to import here is left to each worker, which reports the error as spawn would.
     """
-    from multiprocessing import spawn
+    from multiprocessing import process, spawn
 
     saved = sys.modules.get("__main__")
+    # As in a spawn child: a main module that starts processes at import (no ``if __name__ ==
+    # "__main__"`` guard) gets the stdlib's RuntimeError here instead of starting them from the
+    # zygote; each worker then imports it again and reports that error, as spawn would.
+    process.current_process()._inheriting = True
     try:
         spawn.prepare(main)
     except Exception:
         sys.modules["__main__"] = saved
         sys.modules.pop("__mp_main__", None)
+    finally:
+        del process.current_process()._inheriting
 
 
 def main():

@@ -33,6 +33,7 @@ import sys
 import weakref
 from multiprocessing import context as _mp_context
 from multiprocessing import connection as _mp_connection
+from multiprocessing import resource_tracker as _mp_resource_tracker
 from multiprocessing import spawn as _mp_spawn
 from multiprocessing import util as _mp_util
 
@@ -72,7 +73,9 @@ def _stdio():
 
 
 def _ringpool_state(context, sent):
-    state = {}
+    # The outermost ringpool process: a worker that starts workers passes its own root on (see
+    # _worker._watch_root).
+    state = {"root": _worker.root_pid() or os.getpid()}
     if context.zygote:
         # An exec'd worker gets the environment at exec; a forked one has the zygote's.
         state["environ"] = dict(os.environ)
@@ -148,6 +151,10 @@ class Popen:
         self._hashes = {}  # name -> hash of the registered packages the worker has
         self._unsent = collections.deque()  # module updates waiting for room on the boot ring
         prep_data["ringpool"] = _ringpool_state(context, self._hashes)
+        # Our resource tracker, as spawn and forkserver children get it: what a worker registers
+        # (a SharedMemory it attaches to, a named semaphore) is then unlinked when this process's
+        # tracker ends, not when the worker exits.
+        prep_data["ringpool"]["tracker"] = self.duplicate_for_child(_mp_resource_tracker.getfd())
         buf = io.BytesIO()
         prev = _mp_context.get_spawning_popen()
         _mp_context.set_spawning_popen(self)

@@ -165,6 +165,9 @@ zygote as a child of this process) and watches them through pidfds.)doc")
   m.def("zygote_use_huge_pages", &zygote_use_huge_pages,
         "Back the zygote's anonymous memory with transparent huge pages (THP mode madvise); returns "
         "the bytes advised, 0 if not applicable. Its workers clear the advice after fork.");
+  m.def("die_with", &die_with, py::arg("root"),
+        "A nested worker: outlive the parent (clear the parent-death signal) and die with root "
+        "(a thread SIGKILLs this process when root exits).");
   m.def("thread_count", &thread_count, "Threads of this process (from /proc/self/task).");
   m.def(
       "retain_heap",

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 #include "ringpool/error.hpp"
 
@@ -174,6 +175,22 @@ std::optional<int> ChildProcess::wait() { return reap(0); }
 bool ChildProcess::send_signal(int sig) {
   if (exit_code_ || !pidfd_) return false;
   return pidfd_signal(pidfd_.get(), sig);
+}
+
+void die_with(pid_t root) {
+  // Watch first, then disarm: there is no moment in which neither would take this process down.
+  const int fd = open_pidfd(root).release();  // O_CLOEXEC: exec'd children do not keep it
+  std::thread([fd] {
+    // Signals are for the application's threads.
+    sigset_t all;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, nullptr);
+    pollfd p{fd, POLLIN, 0};
+    while (::poll(&p, 1, -1) < 0 && errno == EINTR) {
+    }
+    ::kill(::getpid(), SIGKILL);  // root exited (or the poll failed: never outlive it by mistake)
+  }).detach();
+  if (::prctl(PR_SET_PDEATHSIG, 0) != 0) throw_errno("prctl(PR_SET_PDEATHSIG)");
 }
 
 }  // namespace ringpool

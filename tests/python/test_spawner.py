@@ -78,9 +78,10 @@ def test_preload_runs_once_in_the_zygote_and_workers_are_our_children(probe_dir)
         assert g["ppid"] == os.getpid()  # forked as our child, not the zygote's
         assert g["preloaded"] and g["probe_pid"] == zygote  # imported once, in the zygote
         # stdio, the boot channel (4 descriptors, kept for package updates), the queue's (4), the
-        # parent's pidfd, _bootstrap's /dev/null stdin and listdir's own: the zygote's control
-        # socket and the other workers' descriptors are not inherited.
-        assert len(g["fds"]) <= 3 + 4 + 4 + 3, g["fds"]
+        # parent's resource tracker, the parent's pidfd, _bootstrap's /dev/null stdin and
+        # listdir's own: the zygote's control socket and the other workers' descriptors are not
+        # inherited.
+        assert len(g["fds"]) <= 3 + 4 + 4 + 4, g["fds"]
     assert ctx.zygote_pid() == zygote  # one zygote for all
     ctx.shutdown()
     assert _wait_gone(zygote)

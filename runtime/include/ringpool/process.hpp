@@ -67,4 +67,11 @@ UniqueFd open_pidfd(pid_t pid);
 // Sends sig via a pidfd; false if the process is gone.
 bool pidfd_signal(int pidfd, int sig);
 
+// For a nested worker (started by a worker, not by the root process): from now on this process
+// outlives its parent, as a spawn child does (its parent-death signal is cleared, so it can notice
+// its parent's death through parent_process()), and dies with `root` instead: a thread of its own
+// waits on a pidfd of root and SIGKILLs this process when root exits. Throws SysError (ESRCH)
+// when root is already gone.
+void die_with(pid_t root);
+
 }  // namespace ringpool
