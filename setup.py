@@ -2,10 +2,30 @@
 
 pip install --no-build-isolation .      # uses Debian's setuptools and pybind11
 """
+import os
 from glob import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+# At the site-packages root, where site reads .pth files: makes the start-method name "ringpool"
+# work in every interpreter (bindings/_ringpool_start_method.py).
+START_METHOD_PTH = "bindings/ringpool-start-method.pth"
+
+
+class build_py_with_pth(build_py):
+    """build_py, plus the .pth at the root of the build tree (so at the root of the wheel):
+    setuptools has no option for a file outside every package."""
+
+    def run(self):
+        super().run()
+        self.copy_file(START_METHOD_PTH, os.path.join(self.build_lib, os.path.basename(START_METHOD_PTH)))
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [
+            os.path.join(self.build_lib, os.path.basename(START_METHOD_PTH))]
+
 
 ext = Pybind11Extension(
     "ringpool._core",
@@ -15,4 +35,4 @@ ext = Pybind11Extension(
     extra_compile_args=["-O2"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext, "build_py": build_py_with_pth})

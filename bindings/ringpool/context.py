@@ -21,6 +21,11 @@ configuration message or in exec mode, in each worker at its start, under their 
 worker the bundle is the environment (docs/design/code-shipping.md, "Bundles").
 
 Deviations from the stdlib contexts:
+- The name ``"ringpool"`` (``multiprocessing.get_context("ringpool")``,
+  ``set_start_method("ringpool")``) is ``get_context()``'s default context. An installed ringpool
+  makes it resolve in every interpreter with no call first, and adds it to
+  ``multiprocessing.get_all_start_methods()`` (``_ringpool_start_method``, loaded by a .pth);
+  from a checkout, ``register_start_method()`` does it.
 - ``get_start_method()`` is ``"ringpool"``, never ``"fork"`` (SemLocks keep their names, so they
   work in workers that are not forked from this process).
 - ``Queue``, ``JoinableQueue``, ``SimpleQueue`` and ``Pipe`` are ringpool's shared-memory ones.
@@ -303,11 +308,15 @@ def get_context(preload=(), zygote=True, bundle=None):
 
 
 def register_start_method():
-    """Make ``multiprocessing.get_context("ringpool")`` and ``set_start_method("ringpool")`` work.
+    """Make ``multiprocessing.get_context("ringpool")`` and ``set_start_method("ringpool")`` work
+    now, and return the context the name stands for (the default one: zygote mode, nothing
+    preloaded).
 
-    Opt-in, never done on import: it adds an entry to the stdlib's table of concrete contexts
-    (the default ringpool context: zygote mode, nothing preloaded).
+    An installed ringpool needs no call: its ``ringpool-start-method.pth`` makes the name resolve
+    on first use in every interpreter (``_ringpool_start_method``). This call is for a checkout on
+    PYTHONPATH, where no .pth is read.
     """
-    ctx = get_context()
-    _mp_context._concrete_contexts.setdefault("ringpool", ctx)
-    return ctx
+    import _ringpool_start_method  # a top-level module (the .pth's), not part of the package
+
+    _ringpool_start_method.install()
+    return _mp_context._concrete_contexts.setdefault(_ringpool_start_method.NAME, get_context())

@@ -3,9 +3,14 @@ import contextlib
 import gc
 import multiprocessing as mp
 import os
+import shutil
+import subprocess
 import sys
+import venv
 
 import pytest
+
+BINDINGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bindings")
 
 
 def shm_entries():
@@ -102,3 +107,25 @@ def _forget_dataloader_workers():
                 sh._remove_worker_pids(key)
             except (ValueError, RuntimeError):
                 pass  # already removed by its iterator's shutdown
+
+
+@pytest.fixture(scope="session")
+def ringpool_venv(tmp_path_factory):
+    """The python of a venv that has this checkout as its ringpool, with nothing compiled again:
+    made once per session (``venv --system-site-packages``, no pip), its site-packages gets a
+    path .pth naming this checkout's bindings/ (where ``./run build`` put the extension) and the
+    very .pth the package installs (bindings/ringpool-start-method.pth). Interpreters started
+    from it, also with ``-I`` (PYTHONPATH ignored), import ringpool and know the start method
+    "ringpool" with no call first."""
+    env_dir = tmp_path_factory.mktemp("ringpool_venv")
+    venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=True).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    site_dir = subprocess.run([py, "-I", "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert site_dir.startswith(str(env_dir)), site_dir
+    # site reads a folder's .pth files in name order: this one ("_" sorts before "r") puts
+    # bindings/ on sys.path before the start-method .pth imports its module from there.
+    with open(os.path.join(site_dir, "_ringpool-checkout.pth"), "w") as f:
+        f.write(BINDINGS + "\n")
+    shutil.copy(os.path.join(BINDINGS, "ringpool-start-method.pth"), site_dir)
+    return py

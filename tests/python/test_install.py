@@ -21,7 +21,8 @@ def _copy_sources(dst):
         shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
 
 
-@pytest.mark.skipif(not shutil.which("git") or not os.path.isdir(os.path.join(ROOT, ".git")), reason="needs a git checkout")
+# (.git is a file in a git worktree)
+@pytest.mark.skipif(not shutil.which("git") or not os.path.exists(os.path.join(ROOT, ".git")), reason="needs a git checkout")
 def test_pip_install_into_system_site_venv(tmp_path):
     src = tmp_path / "src"
     _copy_sources(src)
@@ -38,3 +39,30 @@ def test_pip_install_into_system_site_venv(tmp_path):
                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert str(env_dir) in r.stdout
+    # The start-method name with no call first, in an isolated interpreter (what CPython's own
+    # tests start: python -I script.py ringpool), through the .pth pip put in site-packages.
+    r = subprocess.run([str(py), "-I", "-c", "import site; print(site.getsitepackages()[0])"],
+                       capture_output=True, text=True, timeout=60, check=True)
+    assert os.path.isfile(os.path.join(r.stdout.strip(), "ringpool-start-method.pth"))
+    r = subprocess.run([str(py), "-I", "-c", _START_METHOD_CHECK], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["ok", "0"]
+
+
+# set_start_method("ringpool") before anything imports ringpool; a plain multiprocessing.Process
+# then runs in a ringpool worker, and the name stands for ringpool's default context.
+_START_METHOD_CHECK = """
+import multiprocessing as mp, sys
+assert "ringpool" not in sys.modules
+mp.set_start_method("ringpool")
+import ringpool
+assert mp.get_context("ringpool") is ringpool.get_context() is mp.get_context()
+assert "ringpool" in mp.get_all_start_methods()
+q = mp.Queue()
+p = mp.Process(target=q.put, args=("ok",))
+p.start()
+print(q.get(timeout=60))
+p.join(60)
+print(p.exitcode)
+"""
