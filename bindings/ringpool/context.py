@@ -25,10 +25,16 @@ Deviations from the stdlib contexts:
   ``set_start_method("ringpool")``) is ``get_context()``'s default context. An installed ringpool
   makes it resolve in every interpreter with no call first, and adds it to
   ``multiprocessing.get_all_start_methods()`` (``_ringpool_start_method``, loaded by a .pth);
-  from a checkout, ``register_start_method()`` does it.
+  from a checkout, ``register_start_method()`` does it. torch's DataLoader accepts a start method
+  given as a string only if that list names it; CPython's suite expects the list to be exactly
+  the stdlib's (``test_get_all``, skipped in tests/stdlib/).
 - ``get_start_method()`` is ``"ringpool"``, never ``"fork"`` (SemLocks keep their names, so they
   work in workers that are not forked from this process).
 - ``Queue``, ``JoinableQueue``, ``SimpleQueue`` and ``Pipe`` are ringpool's shared-memory ones.
+  They pickle with ringpool's hybrid pickler, which sends by value (cloudpickle) the functions and
+  classes a worker could not import by name, where the stdlib's raise: a ``Pool`` task that returns
+  a lambda succeeds instead of failing with ``MaybeEncodingError`` (CPython's multiprocessing
+  suite: ``test_unpickleable_result``, skipped in tests/stdlib/).
 - ``Process`` is a per-context subclass of ``RingpoolProcess`` (so it knows its context); its
   instances pickle as ``RingpoolProcess``. ``Process._start_method`` is None: the worker's
   ``_bootstrap`` must not look "ringpool" up in the stdlib's table of concrete contexts.
@@ -40,6 +46,10 @@ Deviations from the stdlib contexts:
 - Workers are children of this process in both modes (SIGCHLD and waitid work as under fork). If a
   zygote dies, the workers it forked are killed (their exit code is -9) and the next ``start()``
   brings up a new zygote; after ``ctx.shutdown()`` (an orderly stop) they run on.
+- Nothing outlives the outermost ringpool process: its workers die with it even when it is
+  SIGKILLed, and so do workers that workers started (at any depth), though these outlive their
+  own parent, as under spawn (``ringpool/_worker.py:_watch_root``). Every worker uses the
+  outermost process's resource tracker, as spawn children do.
 - A worker's stdin, stdout and stderr are this process's descriptors 0-2 at ``start()``.
 - Memory in a worker is reused rather than fresh: torch storages made with ``_new_shared`` (what
   DataLoader's collate makes in a worker) come from recycled shared-memory files
