@@ -670,12 +670,13 @@ def test_a_module_that_fails_in_the_zygote_is_logged_once_and_workers_start(impo
         ctx.shutdown()
 
 
-def test_a_module_that_starts_a_thread_in_the_zygote_is_left_out_and_the_context_works(imported_probes, caplog):
+def test_a_module_that_starts_a_thread_in_the_zygote_is_left_out_and_the_context_works(tmp_path, imported_probes,
+                                                                                       caplog):
     imported_probes("rp_auto_before")
+    _probe(tmp_path, "rp_auto_thread_dep")  # imported by rp_auto_thread's import only
     imported_probes("rp_auto_thread", f"import os, threading, time\nimport rp_auto_thread_dep\n"
                                       f"if os.getpid() != {os.getpid()}:\n"
                                       "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
-    imported_probes("rp_auto_thread_dep")
     imported_probes("rp_auto_after")
     ctx = ringpool.RingpoolContext()
     try:
@@ -691,6 +692,7 @@ def test_a_module_that_starts_a_thread_in_the_zygote_is_left_out_and_the_context
         assert len(warned) == 1 and "thread" in warned[0], warned
     finally:
         ctx.shutdown()
+        sys.modules.pop("rp_auto_thread_dep", None)
 
 
 _THREADS_SCRIPT = textwrap.dedent(r"""
