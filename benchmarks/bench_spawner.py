@@ -7,14 +7,17 @@ In one run, on this machine:
     torch until all N have reported ready (each puts its pid on the context's SimpleQueue), for
     fork, spawn, forkserver (``set_forkserver_preload(["torch", "numpy"])``, server already
     running) and ringpool (``get_context(preload=["torch", "numpy"])``, zygote already running
-    with its default spares), with a bare ``os.fork()`` of the same parent (the child writes one
+    with its default spares), and ringpool's default context (``ringpool-auto``:
+    ``get_context()`` with no preload argument, so its zygote preloads what this process has
+    imported), with a bare ``os.fork()`` of the same parent (the child writes one
     byte to a pipe) as the limit. This process has imported torch, as a training script has.
     Median of several repetitions, each after the same 0.3 s pause; the workers are joined outside
     the timed window.
 
 (b) DataLoader: samples/s over whole epochs (median of 3 epochs, each with a fresh iterator, so
     worker start-up is included, as in a real epoch without persistent workers) and the time to
-    the first batch, with num_workers 2 and 4, for fork, spawn, forkserver and ringpool, on three
+    the first batch, with num_workers 2 and 4, for fork, spawn, forkserver, ringpool and
+    ringpool-auto, on three
     map-style datasets whose samples are made in __getitem__:
       small:  torch.randn(64) and an int label, batch 256
       images: uint8 3x224x224 from numpy (torch.from_numpy), batch 32
@@ -22,12 +25,19 @@ In one run, on this machine:
     The main process reads the last element of every sample, so mapped memory is really touched.
 
 Targets (ratios in the same run): (a) 4 workers ready no slower than fork and >= 20x faster than
-spawn; (b) time to first batch no worse than fork; throughput >= 1.5x fork on small and numpy,
->= 1.3x fork on images.
+spawn, for ringpool and ringpool-auto; (b) time to first batch no worse than fork; throughput
+>= 1.5x fork on small and numpy, >= 1.3x fork on images; ringpool-auto never slower than fork.
 
     /usr/bin/python3 benchmarks/bench_spawner.py [--quick] [--only startup|dataloader]
-        [--datasets small,images,numpy] [--workers 2,4] [--methods fork,spawn,forkserver,ringpool]
-        [--epochs N] [--json PATH] [--markdown PATH]
+        [--datasets small,images,numpy] [--workers 2,4] [--startup-workers 1,2,4]
+        [--methods fork,spawn,forkserver,ringpool,ringpool-auto] [--epochs N] [--json PATH]
+        [--markdown PATH]
+
+--methods applies to both parts (os.fork, the limit, is always in (a)). The default context's
+rows alone, quickly:
+
+    bench_spawner.py --only startup --startup-workers 4 --methods fork,forkserver,ringpool-auto
+    bench_spawner.py --only dataloader --datasets small --workers 4 --methods fork,ringpool-auto
 """
 from __future__ import annotations
 
@@ -53,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _machine  # noqa: E402
 from torch.utils.data import DataLoader, Dataset
 
-METHODS = ("fork", "spawn", "forkserver", "ringpool")
+METHODS = ("fork", "spawn", "forkserver", "ringpool", "ringpool-auto")
 
 
 def log(msg):
@@ -69,8 +79,10 @@ def context(method):
     """The context for a method, warmed up (forkserver running, ringpool zygote preloaded)."""
     if method in _contexts:
         return _contexts[method]
-    if method == "ringpool":
-        ctx = ringpool.get_context(preload=["torch", "numpy"])
+    if method.startswith("ringpool"):
+        # ringpool-auto: the default context, as a user who does not know about preload gets it
+        # (its zygote preloads what this process has imported: torch, numpy, DataLoader, ...).
+        ctx = ringpool.get_context(preload=["torch", "numpy"]) if method == "ringpool" else ringpool.get_context()
         ctx.ensure_running()
     else:
         ctx = mp.get_context(method)
@@ -132,10 +144,10 @@ def startup_once(method, n):
     return dt
 
 
-def bench_startup(reps, spawn_reps):
+def bench_startup(reps, spawn_reps, counts=(1, 2, 4), methods=METHODS):
     rows = []
-    for n in (1, 2, 4):
-        for method in ("os.fork", *METHODS):
+    for n in counts:
+        for method in ("os.fork", *methods):
             k = spawn_reps if method == "spawn" else reps
             times = [startup_once(method, n) for _ in range(k)]
             rows.append({"method": method, "workers": n, "median_s": statistics.median(times),
@@ -234,9 +246,17 @@ def targets(res):
 
     st = res.get("startup")
     if st:
-        rp, fk, sp = (_get(st, method=m, workers=4)["median_s"] for m in ("ringpool", "fork", "spawn"))
-        add("start-up, 4 workers: ringpool / fork time", rp / fk, rp <= fk, "<= 1.00x", "{:.2f}x")
-        add("start-up, 4 workers: spawn / ringpool time", sp / rp, sp / rp >= 20, ">= 20x", "{:.1f}x")
+        fk, sp = _get(st, method="fork", workers=4), _get(st, method="spawn", workers=4)
+        for m in ("ringpool", "ringpool-auto"):
+            rp = _get(st, method=m, workers=4)
+            if rp is None:  # not measured in this run (--methods/--startup-workers)
+                continue
+            if fk is not None:
+                add(f"start-up, 4 workers: {m} / fork time", rp["median_s"] / fk["median_s"],
+                    rp["median_s"] <= fk["median_s"], "<= 1.00x", "{:.2f}x")
+            if sp is not None:
+                add(f"start-up, 4 workers: spawn / {m} time", sp["median_s"] / rp["median_s"],
+                    sp["median_s"] / rp["median_s"] >= 20, ">= 20x", "{:.1f}x")
     dl = res.get("dataloader")
     if dl:
         for name, need in (("small", 1.5), ("numpy", 1.5), ("images", 1.3)):
@@ -250,6 +270,14 @@ def targets(res):
                 add(f"DataLoader {name}, {w} workers: ringpool / fork time to first batch",
                     rp["first_batch_s"] / fk["first_batch_s"], rp["first_batch_s"] <= fk["first_batch_s"],
                     "<= 1.00x", "{:.2f}x")
+        for name in DATASETS:
+            for w in (2, 4):
+                ra, fk = _get(dl, dataset=name, workers=w, method="ringpool-auto"), _get(dl, dataset=name, workers=w, method="fork")
+                if ra is None or fk is None:
+                    continue
+                ratio = ra["samples_per_s"] / fk["samples_per_s"]
+                add(f"DataLoader {name}, {w} workers: ringpool-auto (default context) / fork samples/s", ratio,
+                    ratio >= 1.0, ">= 1.0x", "{:.2f}x")
     return out
 
 
@@ -259,16 +287,20 @@ def markdown(res):
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
              f"Python {m['python']}, torch {m['torch']}; load average at start {m['loadavg_at_start'][0]:.2f}.", ""]
     if res.get("startup"):
+        counts = sorted({r["workers"] for r in res["startup"]})
         lines += ["#### (a) Start-up: first start() until N workers that import torch report ready (median ms)", "",
-                  "| method | N=1 | N=2 | N=4 |", "|---|---:|---:|---:|"]
+                  "| method | " + " | ".join(f"N={n}" for n in counts) + " |", "|---|" + "---:|" * len(counts)]
         for method in ("os.fork", *METHODS):
-            cells = [f"{_get(res['startup'], method=method, workers=n)['median_s'] * 1e3:.1f}" for n in (1, 2, 4)]
+            got = [_get(res["startup"], method=method, workers=n) for n in counts]
+            if all(r is None for r in got):
+                continue
+            cells = [f"{r['median_s'] * 1e3:.1f}" if r else "-" for r in got]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     if res.get("dataloader"):
         lines += ["#### (b) DataLoader: samples/s over whole epochs (median of 3), time to first batch", "",
-                  "| dataset | workers | " + " | ".join(METHODS) + " | ringpool / fork |",
-                  "|---|---:|" + "---:|" * (len(METHODS) + 1)]
+                  "| dataset | workers | " + " | ".join(METHODS) + " | ringpool / fork | ringpool-auto / fork |",
+                  "|---|---:|" + "---:|" * (len(METHODS) + 2)]
         for name in DATASETS:
             for w in (2, 4):
                 rows = {mm: _get(res["dataloader"], dataset=name, workers=w, method=mm) for mm in METHODS}
@@ -276,9 +308,9 @@ def markdown(res):
                     continue
                 cells = [f"{rows[mm]['samples_per_s']:,.0f} ({rows[mm]['first_batch_s'] * 1e3:.0f} ms)"
                          if rows[mm] else "-" for mm in METHODS]
-                ratio = (f"{rows['ringpool']['samples_per_s'] / rows['fork']['samples_per_s']:.2f}x"
-                         if rows["ringpool"] and rows["fork"] else "-")
-                lines.append(f"| {name} | {w} | " + " | ".join(cells) + f" | {ratio} |")
+                ratios = [f"{rows[mm]['samples_per_s'] / rows['fork']['samples_per_s']:.2f}x"
+                          if rows[mm] and rows["fork"] else "-" for mm in ("ringpool", "ringpool-auto")]
+                lines.append(f"| {name} | {w} | " + " | ".join(cells + ratios) + " |")
         lines.append("")
     lines += ["#### Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
     for t in res["targets"]:
@@ -293,26 +325,28 @@ def main():
     ap.add_argument("--datasets", default=",".join(DATASETS),
                     help="DataLoader datasets, comma-separated (default: all: %(default)s)")
     ap.add_argument("--workers", default="2,4", help="DataLoader num_workers values (default: %(default)s)")
+    ap.add_argument("--startup-workers", default="1,2,4", help="start-up worker counts (default: %(default)s)")
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help="DataLoader start methods (default: all: %(default)s)")
+                    help="start methods, for both parts (default: all: %(default)s)")
     ap.add_argument("--epochs", type=int, help="DataLoader epochs per row (default: 3, 1 with --quick)")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args()
     res = {"machine": machine_info(), "quick": args.quick}
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r} (choose from {', '.join(METHODS)})")
     if args.only in (None, "startup"):
         log("(a) start-up")
-        res["startup"] = bench_startup(reps=3 if args.quick else 7, spawn_reps=1 if args.quick else 3)
+        res["startup"] = bench_startup(3 if args.quick else 7, 1 if args.quick else 3,
+                                       [int(n) for n in args.startup_workers.split(",") if n], methods)
     if args.only in (None, "dataloader"):
         log("(b) DataLoader")
         datasets = [d for d in args.datasets.split(",") if d]
-        methods = [m for m in args.methods.split(",") if m]
         for d in datasets:
             if d not in DATASETS:
                 ap.error(f"unknown dataset {d!r} (choose from {', '.join(DATASETS)})")
-        for m in methods:
-            if m not in METHODS:
-                ap.error(f"unknown method {m!r} (choose from {', '.join(METHODS)})")
         res["dataloader"] = bench_dataloader(args.quick, args.epochs or (1 if args.quick else 3), datasets,
                                              [int(w) for w in args.workers.split(",") if w], methods)
     res["targets"] = targets(res)

@@ -2,16 +2,19 @@
 
 Started by the context's supervisor (``python -c "...; from ringpool._zygote import main; main()"``)
 with its control socket at descriptor 3. It reads its configuration (sys.path, preload), imports
-the preload modules, says READY (or why not), and enters the C++ fork loop
+the preload modules (or, in the automatic mode, the parent's: ``_auto_preload``), says READY (or
+why not), and enters the C++ fork loop
 (``_core.zygote_serve``). That call returns None in the zygote when the parent tells it to stop,
 and ``(fd_base, nfds)`` in each forked worker, which then runs ``ringpool._worker.run``. The
 worker is a child of the parent process (docs/design/spawner.md), not of the zygote.
 """
 import gc
 import importlib
+import json
 import os
 import pickle
 import sys
+import time
 import traceback
 
 CONTROL_FD = 3
@@ -38,6 +41,93 @@ def _check_threads(core, after, advice):
         raise RuntimeError(
             f"after {after} the zygote runs {threads} threads; a process with threads cannot be forked "
             f"safely ({advice}, or use get_context(zygote=False))")
+
+
+# The automatic preload excludes a module whose import leaves a thread running, and starts over;
+# after this many such restarts it starts over with no automatic preload at all (each restart
+# repeats the imports done so far: a bound on the zygote's start time, not a likely case).
+_AUTO_RESTARTS = 3
+# A thread an import started may end this soon (a short-lived helper) before the import counts as
+# one that leaves a thread running.
+_THREAD_GRACE = 0.1
+
+
+def _threads_end(core, within):
+    deadline = time.monotonic() + within
+    while core.thread_count() != 1:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _auto_preload(core, config):
+    """The automatic preload: the parent's modules (``context._preloadable_modules``), one at a
+    time in the parent's import order, so a package's import brings in most of its submodules and
+    the rest are found in sys.modules (nothing is imported twice).
+
+    A module that fails to import is skipped. A module whose import leaves a thread running makes
+    this process unable to fork safely, and a thread cannot be undone: the zygote starts over
+    (``_start_over``, an exec of itself) without that module and what its import brought in (one
+    of them started the thread). Returns the note for the parent's log (JSON, or "" if nothing
+    was skipped).
+    """
+    exclude = set(config.get("auto_exclude", ()))
+    threads = list(config.get("auto_threads", ()))  # (name, modules it brought in), restarts so far
+    skipped, failed = [], set()
+    for name in config.get("auto_preload") or ():
+        if name in sys.modules or _within(name, exclude) or _within(name, failed):
+            continue  # (a submodule of a failed or excluded package would import the package again)
+        before = set(sys.modules)
+        try:
+            importlib.import_module(name)
+        except (Exception, SystemExit) as e:  # a module that exits on import is skipped too
+            lines = traceback.format_exception_only(type(e), e)
+            skipped.append((name, lines[-1].strip() if lines else type(e).__name__))
+            failed.add(name)
+        if core.thread_count() != 1 and not _threads_end(core, _THREAD_GRACE):
+            brought = (set(sys.modules) - before) - {name}
+            _start_over(config, exclude | brought | {name}, [*threads, (name, len(brought))])
+    if not (skipped or threads or config.get("auto_off")):
+        return ""
+    return json.dumps({"skipped": skipped, "threads": threads, "off": bool(config.get("auto_off"))})
+
+
+def _within(name, packages):
+    """name or one of its parent packages is in packages."""
+    while True:
+        if name in packages:
+            return True
+        name, dot, _ = name.rpartition(".")
+        if not dot:
+            return False
+
+
+def _start_over(config, exclude, threads):
+    """Exec this zygote again (same pid, so the parent's pidfd, control socket and ready timer
+    stay valid, and PDEATHSIG stays set) with the configuration in an inherited memfd, whose
+    number is the one argument after ``-c``. Does not return."""
+    config = {**config, "auto_exclude": sorted(exclude), "auto_threads": threads}
+    if len(threads) > _AUTO_RESTARTS:
+        config["auto_preload"], config["auto_off"] = (), True
+    fd = os.memfd_create("ringpool-zygote-config", 0)  # no MFD_CLOEXEC: the new image reads it
+    with open(fd, "wb", closefd=False) as f:
+        pickle.dump(config, f)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.set_inheritable(CONTROL_FD, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = sys.orig_argv[:sys.orig_argv.index("-c") + 2]  # without the previous start over's fd
+    os.execv(sys.executable, [*argv, str(fd)])
+
+
+def _receive_config(core):
+    if len(sys.argv) > 1:  # started over by _start_over
+        fd = int(sys.argv[1])
+        del sys.argv[1:]
+        with open(fd, "rb") as f:  # closes it: no worker inherits it
+            return pickle.load(f)
+    return pickle.loads(core.zygote_receive_config(CONTROL_FD, 60.0))
 
 
 # Set by _settle_torch_pool when it ran (the workers inherit the module, so tests can see it).
@@ -91,13 +181,13 @@ def _preload_main(main):
 def main():
     from . import _core
 
-    config = pickle.loads(_core.zygote_receive_config(CONTROL_FD, 60.0))
+    config = _receive_config(_core)
     if "sys_path" in config:  # a Python parent's; the C++ Pool's zygote keeps its own
         ringpool_dir = sys.path[0]
         sys.path[:] = list(config["sys_path"])
         if ringpool_dir not in sys.path:
             sys.path.append(ringpool_dir)
-    ok, message = True, ""
+    ok, message, note = True, "", ""
     try:
         if config.get("modules") or config.get("packages"):
             # Registered packages (a Python parent's, as snapshot bytes; the C++ Pool's, as plain
@@ -120,6 +210,8 @@ def main():
         _import_worker_modules()
         for name in config["preload"]:
             importlib.import_module(name)
+        if config.get("auto_preload") is not None:
+            note = _auto_preload(_core, config)
         _check_threads(_core, f"preloading {list(config['preload'])}", "preload less")
         main = config.get("main")
         if main:
@@ -143,7 +235,7 @@ def main():
                 _core.zygote_use_huge_pages()
             except Exception:  # an optimization only: the zygote serves without it
                 traceback.print_exc()
-    _core.zygote_send_ready(CONTROL_FD, ok, message)
+    _core.zygote_send_ready(CONTROL_FD, ok, message if not ok else note)
     if not ok:
         os._exit(1)
     started = _core.zygote_serve(CONTROL_FD)

@@ -1,4 +1,4 @@
-"""ringpool as a multiprocessing context: ``ringpool.get_context(preload=(), zygote=True, bundle=None)``.
+"""ringpool as a multiprocessing context: ``ringpool.get_context(preload=None, zygote=True, bundle=None)``.
 
 A ``multiprocessing.context.BaseContext`` subclass that overrides only what differs; everything
 else (Lock, RLock, Semaphore, BoundedSemaphore, Condition, Event, Barrier, Value, Array, Manager,
@@ -8,7 +8,9 @@ Each context has a supervisor (a C++ Boost.Asio thread, ``_core.Supervisor``) th
 watches its workers, in one of two modes:
 - zygote (the default): a zygote process, started at the first ``start()`` (or
   ``ensure_running()``), imports the ``preload`` modules once and forks each worker, as a child of
-  this process, from that state. Like forkserver, it also imports this process's main module
+  this process, from that state. With no ``preload`` argument (None) it imports what this process
+  has imported when the zygote starts (the automatic preload, below); ``preload=()`` imports
+  nothing more than ringpool's own worker modules. Like forkserver, it also imports this process's main module
   (as ``__mp_main__``, as spawn does in every worker) unless ``preload_main=False``. It keeps
   ``spares`` (default 4) workers forked ahead of time, waiting for a ``start()``: they are idle
   children of this process until then;
@@ -51,6 +53,22 @@ Deviations from the stdlib contexts:
   own parent, as under spawn (``ringpool/_worker.py:_watch_root``). Every worker uses the
   outermost process's resource tracker, as spawn children do.
 - A worker's stdin, stdout and stderr are this process's descriptors 0-2 at ``start()``.
+- The automatic preload (``get_context()`` without ``preload``): the zygote imports, one at a
+  time and parents before children, every module of this process's ``sys.modules`` at the
+  zygote's start that a fresh interpreter with our ``sys.path`` would import by the same name
+  (``_preloadable_modules``: not ``__main__``/``__mp_main__``, not modules without a spec, aliases,
+  modules loaded by a non-standard loader such as pytest's rewritten test modules, nor modules
+  whose file is not where their name leads). So a worker starts as warm as under fork. The costs:
+  each module's import side effects happen once more, in the zygote (as under forkserver's
+  preload); the zygote takes as long to start as those imports (about this process's own import
+  time, in the background until the first ``start()`` waits for it) and holds that memory (shared
+  copy-on-write with its workers); modules this process imports after the zygote started are not
+  preloaded (a worker imports them itself, as under spawn; ``ctx.shutdown()`` makes the next
+  ``start()`` start a zygote from the state then). A module that fails to import there is skipped
+  (a warning on the ``ringpool`` logger, once per context); a module whose import leaves a thread
+  running in the zygote (which could not fork safely then) is excluded with what it imported, and
+  the zygote starts over without them (``_zygote._auto_preload``; warned too). An explicit
+  ``preload`` list imports exactly that list, and there a failure or a thread is an error.
 - Memory in a worker is reused rather than fresh: torch storages made with ``_new_shared`` (what
   DataLoader's collate makes in a worker) come from recycled shared-memory files
   (``ringpool/_torch.py``, ``RINGPOOL_RECYCLE_SHARED=0`` turns it off), and glibc's malloc keeps
@@ -70,11 +88,14 @@ Deviations from the stdlib contexts:
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pickle
 import sys
 import threading
 import weakref
+from importlib import machinery as _machinery
 from multiprocessing import context as _mp_context
 from multiprocessing import process as _mp_process
 from multiprocessing import spawn as _mp_spawn
@@ -113,11 +134,10 @@ def _rebuild_process(cls):
 class RingpoolContext(_mp_context.BaseContext):
     _name = "ringpool"
 
-    def __init__(self, preload=(), zygote=True, ready_timeout=300.0, spares=4, preload_main=True, bundle=None):
-        if isinstance(preload, str):
-            preload = (preload,)
-        self.preload = tuple(preload)
+    def __init__(self, preload=None, zygote=True, ready_timeout=300.0, spares=4, preload_main=True, bundle=None):
         self.zygote = bool(zygote)
+        # None: the automatic preload (what this process has imported when the zygote starts).
+        self.preload = _normalize_preload(preload, self.zygote)
         if self.preload and not self.zygote:
             raise ValueError("preload needs the zygote (zygote=True)")
         from .bundle import _as_bundle
@@ -134,11 +154,16 @@ class RingpoolContext(_mp_context.BaseContext):
         self._sup = None
         self._spawning = 0  # Popens between _supervisor(spawning=True) and _spawn_done()
         self._zygote_modules = {}  # name -> hash of the snapshots the zygote was started with
+        self._zygote_note = ""  # the last zygote note logged (see _log_zygote_note)
+        self._warned = set()  # what the automatic preload warned about: once per context
         self._lock = threading.Lock()
         _live_contexts.add(self)
 
     def __repr__(self):
-        mode = f"zygote, preload={list(self.preload)}" if self.zygote else "exec"
+        if not self.zygote:
+            mode = "exec"
+        else:
+            mode = "zygote, preload=" + ("automatic" if self.preload is None else str(list(self.preload)))
         if self.bundle is not None:
             mode += f", bundle {self.bundle.hash[:12]}"
         return f"<ringpool context ({mode})>"
@@ -189,15 +214,18 @@ class RingpoolContext(_mp_context.BaseContext):
                 snaps = modules.snapshots()  # registered packages, installed before the preload
                 self._check_bundle(snaps)
                 self._zygote_modules = {s.name: s.hash for s in snaps}
-                settings = {"sys_path": list(sys.path), "preload": self.preload, "main": main,
+                settings = {"sys_path": list(sys.path), "preload": self.preload or (), "main": main,
                             "modules": [s.to_bytes() for s in snaps]}
+                if self.preload is None:
+                    bundled = set() if self.bundle is None else {n.partition(".")[0] for n in self.bundle.modules()}
+                    settings["auto_preload"] = _preloadable_modules(bundled)
                 config = pickle.dumps(settings)
                 self._zygote_has_bundle = False
                 if self.bundle is not None:
                     with_bundle = pickle.dumps({**settings, "bundle": (self.bundle.path, self.bundle.data)})
                     if len(with_bundle) <= _ZYGOTE_CONFIG_MAX:
                         config, self._zygote_has_bundle = with_bundle, True
-                    elif set(self.preload) & {n.partition(".")[0] for n in self.bundle.modules()}:
+                    elif set(self.preload or ()) & {n.partition(".")[0] for n in self.bundle.modules()}:
                         raise ValueError(
                             f"the bundle ({len(self.bundle.data)} bytes) does not fit in the zygote's "
                             f"configuration ({_ZYGOTE_CONFIG_MAX} bytes), so its packages cannot be preloaded")
@@ -223,7 +251,38 @@ class RingpoolContext(_mp_context.BaseContext):
 
         Otherwise the first ``start()`` does it. A no-op in exec mode.
         """
-        self._supervisor().start()
+        sup = self._supervisor()
+        sup.start()
+        self._log_zygote_note(sup)
+
+    def _log_zygote_note(self, sup):
+        """Warns (``ringpool`` logger) of what the automatic preload skipped, once per context.
+
+        Called once the zygote is ready (after ``ensure_running()`` and every zygote ``start()``):
+        the zygote's READY carries the note (``_zygote._auto_preload``), and reading it is a copy
+        under a mutex, no round trip to the supervisor's thread.
+        """
+        note = sup.zygote_note
+        if not note or note == self._zygote_note:
+            return
+        self._zygote_note = note
+        log = logging.getLogger("ringpool")
+        note = json.loads(note)
+        for name, error in note.get("skipped", ()):
+            if ("skipped", name) not in self._warned:
+                self._warned.add(("skipped", name))
+                log.warning("the zygote could not preload %s (%s); a worker imports it itself "
+                            "if it needs it", name, error)
+        for name, count in note.get("threads", ()):
+            if ("threads", name) not in self._warned:
+                self._warned.add(("threads", name))
+                log.warning("importing %s left a thread running in the zygote, which cannot fork then: "
+                            "the zygote started over without preloading it and the %d modules it imported",
+                            name, count)
+        if note.get("off") and "off" not in self._warned:
+            self._warned.add("off")
+            log.warning("the automatic preload is off for this context's zygote: %d imports left "
+                        "threads running (preload= names what to preload)", len(note.get("threads", ())))
 
     def zygote_pid(self):
         """The zygote's pid, or None (exec mode, or not started)."""
@@ -296,20 +355,113 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def get_context(preload=(), zygote=True, bundle=None):
+def _normalize_preload(preload, zygote):
+    """None (automatic; exec mode has no preload: ()) or a tuple of module names."""
+    if preload is None:
+        return None if zygote else ()
+    if isinstance(preload, str):
+        return (preload,)
+    return tuple(preload)
+
+
+# Loaders whose modules a fresh interpreter finds by name on the same sys.path (registered
+# packages' snapshots are installed in the zygote before its preload). Anything else (pytest's
+# assertion-rewriting hook for test modules and conftest, importlib's LazyLoader, a hand-made
+# loader) is a module the zygote could not import the same way.
+_FILE_LOADERS = (_machinery.SourceFileLoader, _machinery.SourcelessFileLoader, _machinery.ExtensionFileLoader)
+_CLASS_LOADERS = (_machinery.BuiltinImporter, _machinery.FrozenImporter)
+_MODULE_TYPE = type(sys)
+
+
+def _preloadable_modules(exclude_top=()):
+    """The modules of ``sys.modules`` that a fresh interpreter with our sys.path imports by the
+    same name, in import order (a package is in sys.modules before its submodules).
+
+    Cheap per module (attribute reads and string operations, no file system access): it runs on
+    the first ``start()``'s path. Skipped: ``__main__``/``__mp_main__`` (preload_main's), modules
+    without a spec (made by hand) or whose spec has another name (aliases such as ``os.path``),
+    modules of other loaders (above), and modules whose file is not where their name leads from
+    our sys.path or their parent package's ``__path__`` (imported from a path since removed, or
+    by ``spec_from_file_location``): importing those by name would fail or find another file.
+    Top-level names in ``exclude_top`` are the context's bundle's: in workers, its own modules.
+    """
+    zipimporter = sys.modules.get("zipimport")
+    zip_loader = getattr(zipimporter, "zipimporter", ())
+    from .modules import _SnapshotLoader
+
+    cwd = os.getcwd()
+    roots = {os.path.abspath(p or cwd) for p in sys.path if isinstance(p, str)}
+    getattr_ = _MODULE_TYPE.__getattribute__  # not the module's own: a lazy module would load
+    out = []
+    for name, mod in list(sys.modules.items()):
+        if name in ("__main__", "__mp_main__") or not isinstance(mod, _MODULE_TYPE):
+            continue
+        if name.partition(".")[0] in exclude_top:
+            continue
+        try:
+            spec = getattr_(mod, "__spec__")
+        except AttributeError:
+            continue
+        if spec is None or spec.name != name:
+            continue
+        loader = spec.loader
+        if isinstance(loader, type) and issubclass(loader, _CLASS_LOADERS):
+            out.append(name)
+            continue
+        if isinstance(loader, _SnapshotLoader):
+            out.append(name)
+            continue
+        parent, _, leaf = name.rpartition(".")
+        if parent:
+            try:
+                where = {os.path.abspath(p) for p in getattr_(sys.modules[parent], "__path__")}
+            except (KeyError, AttributeError, TypeError):
+                continue
+        else:
+            where = roots
+        locations = spec.submodule_search_locations
+        if isinstance(loader, _machinery.NamespaceLoader):
+            # A namespace package: found if one of its folders is <an entry of where>/<leaf>.
+            if any(os.path.dirname(p) in where and os.path.basename(p) == leaf for p in locations or ()):
+                out.append(name)
+            continue
+        if not isinstance(loader, (*_FILE_LOADERS, *((zip_loader,) if zip_loader else ()))) or not spec.origin:
+            continue
+        if locations is not None:  # a regular package: <entry>/<leaf>/__init__.py
+            folder = os.path.dirname(spec.origin)
+            entry, stem = os.path.dirname(folder), os.path.basename(folder)
+        else:  # a module: <entry>/<leaf>.py, .pyc or .<abi tag>.so
+            entry, stem = os.path.dirname(spec.origin), os.path.basename(spec.origin).partition(".")[0]
+        if stem == leaf and entry in where:
+            out.append(name)
+    # sys.modules' order is import order, except where an entry was replaced after its
+    # submodules' (a reload, a package re-inserting itself): parents first all the same.
+    ordered, seen, found = [], set(), set(out)
+    for name in out:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            n = ".".join(parts[:i])
+            if n in found and n not in seen:
+                seen.add(n)
+                ordered.append(n)
+    return ordered
+
+
+def get_context(preload=None, zygote=True, bundle=None):
     """The ringpool multiprocessing context for these settings (one per process and settings).
 
     preload: modules the zygote imports once, before forking any worker (e.g. ``("torch",)``).
+        None (the default): what this process has imported when the zygote starts, those that a
+        fresh interpreter can import by name (skipping with a warning any that fails there);
+        ``()``: nothing but ringpool's own worker modules (module docstring: the trade-off).
     zygote: False for exec mode (a fresh interpreter per worker; no preload).
     bundle: a ``ringpool.Bundle`` or a path to one: its modules are installed in every worker under
         their real names (contexts are cached by the bundle's hash, so a path is read each call).
     """
     from .bundle import _as_bundle
 
-    if isinstance(preload, str):
-        preload = (preload,)
     bundle = _as_bundle(bundle)
-    key = (tuple(preload), bool(zygote), None if bundle is None else bundle.hash)
+    key = (_normalize_preload(preload, bool(zygote)), bool(zygote), None if bundle is None else bundle.hash)
     with _contexts_lock:
         ctx = _contexts.get(key)
         if ctx is None:
@@ -319,8 +471,8 @@ def get_context(preload=(), zygote=True, bundle=None):
 
 def register_start_method():
     """Make ``multiprocessing.get_context("ringpool")`` and ``set_start_method("ringpool")`` work
-    now, and return the context the name stands for (the default one: zygote mode, nothing
-    preloaded).
+    now, and return the context the name stands for (the default one: zygote mode, the automatic
+    preload).
 
     An installed ringpool needs no call: its ``ringpool-start-method.pth`` makes the name resolve
     on first use in every interpreter (``_ringpool_start_method``). This call is for a checkout on

@@ -190,6 +190,8 @@ class Popen:
                         raise  # a child the zygote forked took it: it may be running the target
                     chan = boot_channel()
                     fds = [*chan.handles(), *self._fds]
+            if context.preload is None:  # the zygote is ready now: what its automatic preload skipped
+                context._log_zygote_note(supervisor)
         else:
             exe = _mp_spawn.get_executable()
             argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", context._bootstrap("_worker")]

@@ -134,6 +134,8 @@ zygote as a child of this process) and watches them through pidfds.)doc")
         ReleaseGil nogil;
         return s.exit_code(pid);
       })
+      .def_property_readonly("zygote_note", &Supervisor::zygote_note,
+                             "What the latest ready zygote said in its READY (JSON from the Python zygote, or '').")
       .def_property_readonly("zygote_exits", [](Supervisor& s) {
         ReleaseGil nogil;
         return s.zygote_exits();

@@ -11,6 +11,7 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <future>
 #include <map>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 
@@ -33,6 +34,8 @@ struct Supervisor::Impl {
   std::map<pid_t, Worker> live;
   std::map<pid_t, int> exited;  // bounded: oldest entries dropped
   std::uint64_t zygote_exits = 0;
+  std::mutex note_mu;  // guards note: written on the io thread, read by any
+  std::string note;
   std::thread thread;
 
   template <class F>
@@ -79,6 +82,10 @@ struct Supervisor::Impl {
 
 Supervisor::Supervisor(SpawnerFactory make_spawner) : impl_(new Impl), owner_(::getpid()) {
   impl_->spawner = make_spawner(impl_->io);
+  impl_->spawner->on_zygote_ready = [impl = impl_](const std::string& note) {
+    std::lock_guard<std::mutex> g(impl->note_mu);
+    impl->note = note;
+  };
   impl_->spawner->on_zygote_exit = [impl = impl_](std::uint64_t inc, bool orderly) {
     impl->on_zygote_exit(inc, orderly);
   };
@@ -193,6 +200,11 @@ std::optional<int> Supervisor::exit_code(pid_t pid) {
     if (it == impl->exited.end()) return std::nullopt;
     return it->second;
   });
+}
+
+std::string Supervisor::zygote_note() {
+  std::lock_guard<std::mutex> g(impl_->note_mu);
+  return impl_->note;
 }
 
 std::uint64_t Supervisor::zygote_exits() {

@@ -330,6 +330,7 @@ class ZygoteSpawner final : public Spawner {
         return wait_control();
       }
       state_ = State::ready;
+      if (on_zygote_ready) on_zygote_ready(m->payload);
       spares_failed_ = false;
       refill_due_ = true;  // the first spares right away
       auto waiters = std::move(ready_waiters_);

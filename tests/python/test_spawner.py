@@ -557,3 +557,184 @@ def test_the_zygote_imports_the_main_module_once(tmp_path):
     script.write_text(_MAIN_SCRIPT.format(bindings=os.path.dirname(os.path.dirname(ringpool.__file__))))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
     assert out.stdout.split("\n")[:2] == ["True True False", "False False True"], out.stdout + out.stderr
+
+
+# -- the automatic preload (get_context() without preload) ---------------------------------------
+
+def _modules_state(q, names):
+    import sys as s
+
+    # Read before anything here imports them: present means inherited from the zygote.
+    q.put({n: getattr(s.modules.get(n), "IMPORTED_IN", None) if n in s.modules else "absent" for n in names})
+
+
+def _probe(tmp_path, name, body="import os\nIMPORTED_IN = os.getpid()\n"):
+    (tmp_path / f"{name}.py").write_text(body)
+
+
+@pytest.fixture
+def imported_probes(tmp_path, monkeypatch):
+    """Imports modules written on a sys.path entry of ours (as a parent imports its libraries);
+    removes them from sys.modules afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = []
+
+    def imp(name, body="import os\nIMPORTED_IN = os.getpid()\n"):
+        import importlib
+
+        _probe(tmp_path, name, body)
+        names.append(name)
+        return importlib.import_module(name)
+
+    yield imp
+    for n in names:
+        sys.modules.pop(n, None)
+
+
+def _worker_modules(ctx, names):
+    q = ctx.Queue()
+    p = ctx.Process(target=_modules_state, args=(q, names))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(30)
+    assert p.exitcode == 0
+    return got
+
+
+def test_the_default_preload_is_automatic_and_survives_pickling_and_registration():
+    import pickle
+
+    ctx = ringpool.get_context()
+    assert ctx.preload is None and "automatic" in repr(ctx)
+    assert ringpool.get_context(preload=()) is not ctx and ringpool.get_context(preload=()).preload == ()
+    assert pickle.loads(pickle.dumps(ctx)) is ctx
+    assert ringpool.register_start_method() is ctx
+    assert ringpool.get_context(zygote=False).preload == ()  # exec mode has no preload
+    assert ringpool.RingpoolContext().preload is None
+
+
+def test_the_default_context_preloads_what_we_imported_and_an_empty_preload_does_not(imported_probes):
+    imported_probes("rp_auto_probe")
+    auto, empty = ringpool.RingpoolContext(), ringpool.RingpoolContext(preload=())
+    try:
+        got = _worker_modules(auto, ["rp_auto_probe"])
+        assert got["rp_auto_probe"] == auto.zygote_pid()  # imported once, in the zygote
+        assert _worker_modules(empty, ["rp_auto_probe"]) == {"rp_auto_probe": "absent"}
+    finally:
+        auto.shutdown()
+        empty.shutdown()
+
+
+def test_only_modules_a_fresh_interpreter_imports_by_name_are_preloaded(tmp_path, imported_probes):
+    import importlib.util
+    import types
+
+    from ringpool import context
+
+    imported_probes("rp_auto_plain")
+    elsewhere = tmp_path / "not_on_path"
+    elsewhere.mkdir()
+    _probe(elsewhere, "rp_auto_by_hand")
+    spec = importlib.util.spec_from_file_location("rp_auto_by_hand", elsewhere / "rp_auto_by_hand.py")
+    by_hand = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(by_hand)
+    sys.modules["rp_auto_by_hand"] = by_hand
+    sys.modules["rp_auto_nospec"] = types.ModuleType("rp_auto_nospec")
+    try:
+        names = context._preloadable_modules()
+        assert "rp_auto_plain" in names
+        assert "rp_auto_by_hand" not in names and "rp_auto_nospec" not in names
+        assert "os.path" not in names and "posixpath" in names  # an alias: its real name is there
+        assert "conftest" not in names and __name__ not in names  # pytest's rewritten modules
+        assert names.index("ringpool") < names.index("ringpool.context")  # parents first
+        assert "rp_auto_plain" not in context._preloadable_modules({"rp_auto_plain"})  # a bundle's
+    finally:
+        sys.modules.pop("rp_auto_by_hand", None)
+        sys.modules.pop("rp_auto_nospec", None)
+
+
+def test_a_module_that_fails_in_the_zygote_is_logged_once_and_workers_start(imported_probes, caplog):
+    imported_probes("rp_auto_fails", f"import os\nif os.getpid() != {os.getpid()}:\n"
+                                     "    raise RuntimeError('only in the parent')\n")
+    imported_probes("rp_auto_fine")
+    ctx = ringpool.RingpoolContext()
+    try:
+        with caplog.at_level("WARNING", logger="ringpool"):
+            ctx.ensure_running()
+            for _ in range(2):
+                got = _worker_modules(ctx, ["rp_auto_fails", "rp_auto_fine"])
+                assert got == {"rp_auto_fails": "absent", "rp_auto_fine": ctx.zygote_pid()}
+        warned = [r.getMessage() for r in caplog.records if "rp_auto_fails" in r.getMessage()]
+        assert len(warned) == 1 and "RuntimeError: only in the parent" in warned[0], warned
+        assert all(r.name == "ringpool" for r in caplog.records if "rp_auto" in r.getMessage())
+    finally:
+        ctx.shutdown()
+
+
+def test_a_module_that_starts_a_thread_in_the_zygote_is_left_out_and_the_context_works(tmp_path, imported_probes,
+                                                                                       caplog):
+    imported_probes("rp_auto_before")
+    _probe(tmp_path, "rp_auto_thread_dep")  # imported by rp_auto_thread's import only
+    imported_probes("rp_auto_thread", f"import os, threading, time\nimport rp_auto_thread_dep\n"
+                                      f"if os.getpid() != {os.getpid()}:\n"
+                                      "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    imported_probes("rp_auto_after")
+    ctx = ringpool.RingpoolContext()
+    try:
+        with caplog.at_level("WARNING", logger="ringpool"):
+            names = ["rp_auto_before", "rp_auto_thread", "rp_auto_thread_dep", "rp_auto_after"]
+            got = _worker_modules(ctx, names)
+        zygote = ctx.zygote_pid()
+        # The zygote started over (an exec: the same pid) without the module and what it imported.
+        assert got == {"rp_auto_before": zygote, "rp_auto_thread": "absent", "rp_auto_thread_dep": "absent",
+                       "rp_auto_after": zygote}
+        assert len(os.listdir(f"/proc/{zygote}/task")) == 1
+        warned = [r.getMessage() for r in caplog.records if "rp_auto_thread" in r.getMessage()]
+        assert len(warned) == 1 and "thread" in warned[0], warned
+    finally:
+        ctx.shutdown()
+        sys.modules.pop("rp_auto_thread_dep", None)
+
+
+_THREADS_SCRIPT = textwrap.dedent(r"""
+    import logging, os, sys
+    sys.path.insert(0, {bindings!r})
+    sys.path.insert(0, {probes!r})
+    import ringpool
+
+    def report(q):
+        import sys
+        q.put([n in sys.modules for n in ("rp_auto_t0", "rp_auto_last")])
+
+    if __name__ == "__main__":  # (not in the zygote, which imports this file as __mp_main__)
+        os.environ["RP_PARENT"] = str(os.getpid())  # the zygote's environment is ours
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stdout)
+        for i in range({n}):
+            __import__(f"rp_auto_t{{i}}")
+        import rp_auto_last
+        ctx = ringpool.get_context()
+        q = ctx.Queue()
+        p = ctx.Process(target=report, args=(q,)); p.start()
+        print(q.get(timeout=60), flush=True)
+        p.join(30)
+        print(p.exitcode, flush=True)
+""")
+
+
+def test_too_many_thread_starting_modules_turn_the_automatic_preload_off(tmp_path):
+    # In a bare parent of its own: each start over repeats the imports done so far.
+    from ringpool import _zygote
+
+    n = _zygote._AUTO_RESTARTS + 1
+    for i in range(n):
+        _probe(tmp_path, f"rp_auto_t{i}", "import os, threading, time\nif os.getpid() != int(os.environ['RP_PARENT']):\n"
+                                          "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    _probe(tmp_path, "rp_auto_last")
+    script = tmp_path / "threads.py"
+    script.write_text(_THREADS_SCRIPT.format(bindings=os.path.dirname(os.path.dirname(ringpool.__file__)),
+                                             probes=str(tmp_path), n=n))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    lines = out.stdout.splitlines()
+    assert lines[-2:] == ["[False, False]", "0"], out.stdout + out.stderr
+    assert sum("left a thread running" in line for line in lines) == n, out.stdout
+    assert sum("automatic preload is off" in line for line in lines) == 1, out.stdout

@@ -62,6 +62,9 @@ class Spawner {
   // Called when a zygote incarnation has ended. orderly: it ended after stop() (its workers go
   // on); otherwise it died, and the supervisor kills the workers it forked.
   std::function<void(std::uint64_t incarnation, bool orderly)> on_zygote_exit;
+  // Called when a zygote incarnation is ready, with what its READY said (the Python zygote: the
+  // modules its automatic preload skipped, as JSON; empty when there is nothing to say).
+  std::function<void(const std::string& note)> on_zygote_ready;
 };
 
 std::unique_ptr<Spawner> make_exec_spawner();

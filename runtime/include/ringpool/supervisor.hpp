@@ -62,6 +62,9 @@ class Supervisor {
   std::optional<int> exit_code(pid_t pid);
   // Number of zygote incarnations that have ended (crashes and orderly stops).
   std::uint64_t zygote_exits();
+  // What the latest ready zygote incarnation said in its READY (empty if none has, or it said
+  // nothing). Any thread; no round trip to the supervisor's thread (read at every start()).
+  std::string zygote_note();
 
  private:
   struct Impl;
