@@ -674,9 +674,13 @@ def test_a_module_that_fails_in_the_zygote_is_logged_once_and_workers_start(impo
 def test_a_module_that_starts_a_thread_in_the_zygote_is_left_out_and_the_context_works(tmp_path, imported_probes,
                                                                                        caplog):
     imported_probes("rp_auto_before")
-    _probe(tmp_path, "rp_auto_thread_dep")  # imported by rp_auto_thread's import only
-    imported_probes("rp_auto_thread", f"import os, threading, time\nimport rp_auto_thread_dep\n"
+    # Imported by rp_auto_thread's import, and only outside this process: in the zygote, where that
+    # import also starts the thread. (sys.modules lists a module once its import is done, so a
+    # dependency the parent imported too comes first in the list and is preloaded on its own.)
+    _probe(tmp_path, "rp_auto_thread_dep")
+    imported_probes("rp_auto_thread", f"import os, threading, time\n"
                                       f"if os.getpid() != {os.getpid()}:\n"
+                                      "    import rp_auto_thread_dep\n"
                                       "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
     imported_probes("rp_auto_after")
     ctx = ringpool.RingpoolContext()
