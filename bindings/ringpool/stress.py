@@ -59,6 +59,7 @@ import threading
 import time
 import traceback
 import zlib
+from multiprocessing import resource_tracker
 from multiprocessing.reduction import DupFd
 
 __all__ = ["CHANNELS", "Report", "Invariant", "ChannelStats", "QueueLedger", "check_queue_ledger",
@@ -1320,6 +1321,9 @@ def run(duration=30.0, faults=False, seed=None, channels=CHANNELS, max_size=MAX_
             break
         last = now
         time.sleep(0.5)
+    # The stdlib's resource tracker lives as long as this process once started (the first worker
+    # start starts it, as under spawn: every worker shares it), so it is part of the baseline.
+    resource_tracker.ensure_running()
     fds_before = set(os.listdir("/proc/self/fd"))
     pool_before = _core.block_pool_bytes()  # blocks pooled by earlier work of this process
     shm_before = _shm_entries()

@@ -21,16 +21,24 @@ from conftest import alive, our_children
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
+@pytest.fixture(scope="module")
+def default_context():
+    """ringpool's default context, as a user gets it (``get_context()``: the automatic preload),
+    whose zygote starts from this process's modules now, torch included when it is installed
+    (another test module may have started it before torch was imported here)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    ctx = ringpool.get_context()
+    ctx.shutdown()  # the next start() makes a zygote that preloads what is imported now
+    return ctx
+
+
 @pytest.fixture(params=["spawn", "forkserver", "ringpool", "ringpool-exec"])
 def ctx(request):
     if request.param == "ringpool":
-        # Zygote mode, with torch preloaded when it is installed (the DataLoader tests' workers
-        # then start without importing it; the 300-cycle test uses the bare default context).
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            return ringpool.get_context()
-        return ringpool.get_context(preload=("torch",))
+        return request.getfixturevalue("default_context")
     if request.param == "ringpool-exec":
         return ringpool.get_context(zygote=False)
     return mp.get_context(request.param)
