@@ -1293,13 +1293,6 @@ def run(duration=30.0, faults=False, seed=None, channels=CHANNELS, max_size=MAX_
         except ImportError as exc:
             channels.remove("dataloader")
             notes["dataloader"] = f"skipped: {exc}"
-        else:
-            # DataLoader's Events are SemLocks, which register with the stdlib's resource tracker
-            # under every start method but fork; that tracker (a child process and a pipe) lives
-            # until this process exits, by the stdlib's design. Start it before the baseline.
-            from multiprocessing import resource_tracker
-
-            resource_tracker.ensure_running()
     try:
         import numpy  # noqa: F401
     except ImportError:
@@ -1321,8 +1314,9 @@ def run(duration=30.0, faults=False, seed=None, channels=CHANNELS, max_size=MAX_
             break
         last = now
         time.sleep(0.5)
-    # The stdlib's resource tracker lives as long as this process once started (the first worker
-    # start starts it, as under spawn: every worker shares it), so it is part of the baseline.
+    # The stdlib's resource tracker (a child process and a pipe) lives until this process exits,
+    # by the stdlib's design, once started: the first worker start starts it, as under spawn
+    # (every worker shares it), and so do DataLoader's Events (SemLocks). Part of the baseline.
     resource_tracker.ensure_running()
     fds_before = set(os.listdir("/proc/self/fd"))
     pool_before = _core.block_pool_bytes()  # blocks pooled by earlier work of this process
