@@ -30,6 +30,9 @@ moved or absent on the worker's machine.
   ``register_module``, ``reload``) and the installed table (every snapshot the finder serves,
   registered here or received: ``install``, ``installed``, ``purge``). ``registry_version()`` is
   bumped on every change of either, so a sender can tell cheaply when to resend ``snapshots()``.
+- ``ensure_shipped``: called by ringpool's hybrid pickler before it pickles a class or function by
+  reference; registers the top-level module if it is in ``sys.modules`` only because it was
+  loaded by hand from a file no finder would find (so a worker could not import it by name).
 - ``_SnapshotFinder``: one instance, in ``sys.meta_path`` (first) while anything is installed.
   It answers only for names under an installed top-level name and reads nothing from disk.
 - ``_SnapshotLoader``: executes modules lazily (a submodule's source is compiled when imported),

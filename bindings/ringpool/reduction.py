@@ -254,7 +254,7 @@ class Pickler(ForkingPickler):
         if r is NotImplemented:
             # By reference: a module loaded by hand from outside sys.path is registered here,
             # so the worker has it (once per top-level module; raises if it cannot be shipped).
-            module = getattr(obj, "__module__", None)
+            module = obj.__module__  # functions and classes always have it (maybe None)
             if type(module) is str and _shipped_checked.get(module) is not _sys_modules.get(module, _ABSENT):
                 _ensure_shipped(module)
             if len(self._by_name) < 4096:

@@ -437,3 +437,24 @@ def test_importable_and_fileless_modules_are_not_registered(tmp_path, monkeypatc
         assert modules.installed() == {}
     finally:
         sys.modules.pop("rp_onpath", None)
+
+
+def test_hand_imported_module_shadowed_on_sys_path_is_shipped(tmp_path, monkeypatch):
+    # A same-named module on sys.path is not the one the parent uses: a worker importing by name
+    # would get the other file, so the hand-loaded one is registered (and only once).
+    (tmp_path / "path").mkdir()
+    (tmp_path / "path" / "rp_shadowed.py").write_text("WHICH = 'on sys.path'\n")
+    (tmp_path / "hand").mkdir()
+    (tmp_path / "hand" / "rp_shadowed.py").write_text("WHICH = 'by hand'\n\ndef f():\n    return WHICH\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "path"))
+    module = _hand_load("rp_shadowed", str(tmp_path / "hand" / "rp_shadowed.py"), False)
+    try:
+        modules.ensure_shipped("rp_shadowed")
+        [snap] = modules.snapshots()
+        assert snap.name == "rp_shadowed" and modules.register_module(module) is snap
+        assert dict(snap.files) == {"rp_shadowed.py": (tmp_path / "hand" / "rp_shadowed.py").read_bytes()}
+        version = modules.registry_version()
+        modules.ensure_shipped("rp_shadowed")
+        assert modules.registry_version() == version
+    finally:
+        sys.modules.pop("rp_shadowed", None)
