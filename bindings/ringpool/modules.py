@@ -30,6 +30,9 @@ moved or absent on the worker's machine.
   ``register_module``, ``reload``) and the installed table (every snapshot the finder serves,
   registered here or received: ``install``, ``installed``, ``purge``). ``registry_version()`` is
   bumped on every change of either, so a sender can tell cheaply when to resend ``snapshots()``.
+- ``ensure_shipped``: called by ringpool's hybrid pickler before it pickles a class or function by
+  reference; registers the top-level module if it is in ``sys.modules`` only because it was
+  loaded by hand from a file no finder would find (so a worker could not import it by name).
 - ``_SnapshotFinder``: one instance, in ``sys.meta_path`` (first) while anything is installed.
   It answers only for names under an installed top-level name and reads nothing from disk.
 - ``_SnapshotLoader``: executes modules lazily (a submodule's source is compiled when imported),
@@ -64,6 +67,7 @@ import importlib.util
 import keyword
 import linecache
 import os
+import pickle
 import struct
 import sys
 import threading
@@ -72,7 +76,9 @@ from importlib.readers import FileReader
 from types import MappingProxyType, SimpleNamespace
 
 __all__ = [
+    "ModuleSourceError",
     "Snapshot",
+    "ensure_shipped",
     "import_module_from_path",
     "install",
     "installed",
@@ -94,6 +100,13 @@ _lock = threading.RLock()  # every mutation of the tables below, and linecache e
 _registry: dict[str, _Entry] = {}  # registered here from disk: name -> where to re-read it
 _installed: dict[str, Snapshot] = {}  # served by the finder; the finder reads it without _lock
 _version = 0
+# Top-level modules found to need no shipping (importable by name in a worker, or nothing ringpool
+# could ship): name -> the module object, so a module replaced in sys.modules is checked again.
+_not_shipped: dict[str, object] = {}
+# Modules ensure_shipped has answered for: name -> the module object it saw. The hybrid pickler
+# reads it first, so a module already seen costs two dict lookups per first-seen class or function
+# instead of a call. Emptied on every registry change (a purged package must be looked at again).
+checked: dict[str, object] = {}
 
 
 class Snapshot:
@@ -439,11 +452,100 @@ def purge(name):
         return True
 
 
+class ModuleSourceError(pickle.PicklingError):
+    """A class or function that would be pickled by reference comes from a module that a worker
+    cannot import by name and that ringpool cannot ship (its source file is gone, or it is not a
+    ``.py`` file). Raised at pickling time, in the caller; the message names the module and file."""
+
+
+def ensure_shipped(module_name):
+    """Make sure a worker can import ``module_name`` by name before something is pickled by
+    reference from it (called by the hybrid pickler once per class or function and pickler).
+
+    If its top-level module is in ``sys.modules`` only because someone put it there (loaded by
+    hand with ``importlib.util.spec_from_file_location`` + ``exec_module`` from a folder that is
+    not on ``sys.path``), it is registered as ``register_module`` would (snapshot, hash, shipped
+    to every worker). Nothing happens for installed snapshots, modules a worker finds by name
+    (the finders of ``sys.meta_path`` find the same file), standard-library and reserved names,
+    modules without a ``__file__`` (built with ``types.ModuleType``: today's by-reference
+    pickling; the worker's unpickling fails unless code there makes the module), and top-level
+    names not in ``sys.modules``. Each top-level module object is looked at once.
+
+    ModuleSourceError (a PicklingError) when the module has to be shipped and cannot be: its
+    source file no longer exists, or it is not a ``.py`` source. Thread-safe.
+    """
+    top = module_name.partition(".")[0]
+    module = sys.modules.get(top)
+    if module is None:
+        return
+    if top in _installed or _not_shipped.get(top) is module:
+        checked[module_name] = sys.modules.get(module_name)
+        return
+    with _lock:
+        if top in _installed:
+            return
+        file = _hand_imported_file(top, module)
+        if file is None:
+            _not_shipped[top] = module
+            checked[module_name] = sys.modules.get(module_name)
+            return
+        # The file of the module being pickled must exist too: a snapshot without it would
+        # leave the worker without the module.
+        sub = sys.modules.get(module_name) if module_name != top else None
+        for name, f in ((top, file), (module_name, getattr(sub, "__file__", None))):
+            if isinstance(f, str) and not os.path.isfile(f):
+                raise ModuleSourceError(
+                    f"cannot pickle from module {name!r} by reference: it was loaded from {f!r}, "
+                    f"which no longer exists, and a worker cannot import {top!r} by name (not "
+                    f"found on sys.path), so ringpool has no source to send it")
+        try:
+            register_module(module)
+        except (ValueError, OSError, ImportError) as exc:
+            raise ModuleSourceError(
+                f"cannot pickle from module {module_name!r} by reference: a worker cannot import "
+                f"{top!r} by name (loaded from {file!r}, not found on sys.path) and ringpool "
+                f"cannot ship it: {exc}") from exc
+
+
+def _hand_imported_file(top, module):
+    """The file of top-level ``module`` if a worker could not import it by name and it has one;
+    None if it can, or if it is nothing ringpool ships (no file, a reserved or standard-library
+    name: left as they are)."""
+    try:
+        _check_top_name(top)
+    except ValueError:
+        return None  # __mp_main__ and the like: multiprocessing makes them in the worker
+    if top in sys.builtin_module_names or top in sys.stdlib_module_names:
+        return None
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str):
+        return None
+    real = os.path.realpath(file)
+    # What a worker's import would find: the finders of sys.meta_path (sys.path is the parent's
+    # in every worker), without the sys.modules shortcut that importlib.util.find_spec takes.
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if finder is _FINDER or find is None:
+            continue
+        try:
+            spec = find(top, None)
+        except Exception:
+            continue
+        if spec is not None:
+            origin = spec.origin
+            if isinstance(origin, str) and os.path.realpath(origin) == real:
+                return None
+            return file  # a worker would import another `top` (or none): ship this one
+    return file
+
+
 def _reset_for_tests():
     """Purge everything (tests): leaves no finder in ``sys.meta_path``."""
     with _lock:
         for name in list(_installed):
             purge(name)
+        _not_shipped.clear()
+        checked.clear()
 
 
 # --- the finder and the loader ---
@@ -661,6 +763,7 @@ def add_listener(fn):
 def _bump():
     global _version
     _version += 1
+    checked.clear()
     for fn in list(_listeners):
         try:
             fn()

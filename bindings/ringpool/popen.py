@@ -13,7 +13,9 @@ reducers collect (``duplicate_for_child``) follow them.
     Popen(process_obj)
       prep = spawn.get_preparation_data(name)
         + ringpool state (environ, torch settings)
-      pickle prep, process_obj under this popen ── fds collected
+      pickle process_obj, then prep (+ the packages
+        the worker lacks, after those that pickling
+        process_obj registered) under this popen ── fds collected
       channel.put(frame)
       supervisor.spawn(channel + collected fds,
                        our stdio) ──────────────────► (forked by the zygote, or exec'd)
@@ -147,23 +149,26 @@ class Popen:
 
     def _launch_with(self, supervisor, process_obj, context):
         prep_data = _mp_spawn.get_preparation_data(process_obj._name)
-        modver = _modules.registry_version()
         self._hashes = {}  # name -> hash of the registered packages the worker has
         self._unsent = collections.deque()  # module updates waiting for room on the boot ring
-        prep_data["ringpool"] = _ringpool_state(context, self._hashes)
-        # Our resource tracker, as spawn and forkserver children get it: what a worker registers
-        # (a SharedMemory it attaches to, a named semaphore) is then unlinked when this process's
-        # tracker ends, not when the worker exits.
-        prep_data["ringpool"]["tracker"] = self.duplicate_for_child(_mp_resource_tracker.getfd())
-        buf = io.BytesIO()
+        head, body = io.BytesIO(), io.BytesIO()
         prev = _mp_context.get_spawning_popen()
         _mp_context.set_spawning_popen(self)
         try:
-            _reduction.dump(prep_data, buf)
-            _reduction.dump(process_obj, buf)  # the hybrid pickler: lambdas and __main__ by value
+            # The process object first: pickling it may register a package loaded by hand
+            # (reduction's by-reference path), which the packages computed next must include,
+            # since the worker unpickles the object right after installing them.
+            _reduction.dump(process_obj, body)  # the hybrid pickler: lambdas and __main__ by value
+            modver = _modules.registry_version()
+            prep_data["ringpool"] = _ringpool_state(context, self._hashes)
+            # Our resource tracker, as spawn and forkserver children get it: what a worker
+            # registers (a SharedMemory it attaches to, a named semaphore) is then unlinked when
+            # this process's tracker ends, not when the worker exits.
+            prep_data["ringpool"]["tracker"] = self.duplicate_for_child(_mp_resource_tracker.getfd())
+            _reduction.dump(prep_data, head)
         finally:
             _mp_context.set_spawning_popen(prev)
-        boot = buf.getvalue()
+        boot = head.getvalue() + body.getvalue()  # the worker reads prep data, then the object
 
         def boot_channel():
             chan = _core.Channel.create(_BOOT_CAPACITY)

@@ -25,7 +25,10 @@ which decides how each function, class and object travels, in this order:
    and storage reducers, ``register()``), matched along the MRO, so a subclass of a registered
    type is reduced as its registered base is. Their descriptors ride the frame.
 2. Functions and classes a worker can import by name (installed modules, and packages from the
-   ``ringpool.modules`` registry, whose sources every worker has): by reference.
+   ``ringpool.modules`` registry, whose sources every worker has): by reference. A module that
+   is in ``sys.modules`` only because it was loaded by hand from a folder outside ``sys.path``
+   is registered first (``modules.ensure_shipped``), so it reaches workers as registered
+   packages do; one whose source is gone raises ``modules.ModuleSourceError`` here.
 3. By value, through cloudpickle, what a worker cannot import: ``__main__``'s functions and
    classes, lambdas, closures, classes defined in functions or interactively. Functions from one
    module share one globals namespace within a message, as in a single cloudpickle dump.
@@ -48,6 +51,7 @@ from multiprocessing import context as _mp_context
 from multiprocessing.reduction import ForkingPickler
 
 from . import _core
+from . import modules as _modules
 
 __all__ = ["Pickler", "dumps", "loads", "register", "OOB_BUFFER_MIN"]
 
@@ -129,6 +133,10 @@ except ImportError:  # pragma: no cover - Debian's python3-cloudpickle is a depe
     _cp = None
 
 _FunctionType = types.FunctionType
+_ensure_shipped = _modules.ensure_shipped
+_shipped_checked = _modules.checked
+_sys_modules = sys.modules
+_ABSENT = object()
 _NO_REDUCER = object()
 
 
@@ -243,8 +251,14 @@ class Pickler(ForkingPickler):
             r = self._function_reduce(obj)  # NotImplemented when importable by name
         else:
             r = _cp._class_reduce(obj)
-        if r is NotImplemented and len(self._by_name) < 4096:
-            self._by_name[id(obj)] = obj  # held: its id cannot be reused while it is here
+        if r is NotImplemented:
+            # By reference: a module loaded by hand from outside sys.path is registered here,
+            # so the worker has it (once per top-level module; raises if it cannot be shipped).
+            module = obj.__module__  # functions and classes always have it (maybe None)
+            if type(module) is str and _shipped_checked.get(module) is not _sys_modules.get(module, _ABSENT):
+                _ensure_shipped(module)
+            if len(self._by_name) < 4096:
+                self._by_name[id(obj)] = obj  # held: its id cannot be reused while it is here
         return r
 
 

@@ -1,6 +1,7 @@
 """Code shipping end to end: registered packages reach every ringpool worker, new versions replace
 old ones between tasks, and the hybrid pickler sends what workers cannot import by value."""
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -266,3 +267,194 @@ def test_by_value_functions_record_loaded_submodules_as_cloudpickle_does(tmp_pat
     for name in ("rp_subcache_pkg.inner.leaf", "rp_subcache_pkg.inner"):
         del sys.modules[name]
     assert recorded() == reference() == first
+
+
+# --- code loaded by hand (spec_from_file_location + exec_module), not registered, not on sys.path ---
+
+_HAND_SOURCE = """
+class Box:
+    def __init__(self, value):
+        self.value = value
+
+    def doubled(self):
+        {helper}
+        return twice(self.value)
+
+
+def answer(q, box):
+    q.put(Box(box.doubled()))
+
+
+def triple(x):
+    return 3 * Box(x).doubled() // 2
+
+
+class Squares:
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return Box(i * i).doubled() // 2
+"""
+
+
+def _hand_load(name, file, package):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, file, submodule_search_locations=[os.path.dirname(file)] if package else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(params=["package", "module"])
+def hand(request, tmp_path):
+    """A package (with a submodule imported lazily) or a single module file, loaded by hand from
+    tmp_path, which is not on sys.path; sys.modules is cleaned afterwards (the registry by
+    _clean_registry)."""
+    if request.param == "package":
+        name = "rp_handpkg"
+        pkg = tmp_path / "folder" / name
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text(_HAND_SOURCE.format(helper=f"from {name}.sub import twice"))
+        (pkg / "sub.py").write_text("def twice(v):\n    return 2 * v\n")
+        file = pkg / "__init__.py"
+    else:
+        name = "rp_handmod"
+        (tmp_path / "folder").mkdir()
+        file = tmp_path / "folder" / "rp_handmod_v2.py"  # the file's stem need not be the name
+        file.write_text(_HAND_SOURCE.format(helper="twice = (2).__mul__"))
+    assert not any(str(tmp_path) in p for p in sys.path)
+    module = _hand_load(name, str(file), request.param == "package")
+    yield module
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+
+
+def _relay(q_in, q_out):
+    box = q_in.get(timeout=60)
+    q_out.put(type(box)(box.doubled()))
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "exec"])
+def test_hand_imported_code_reaches_process_targets_and_running_workers(hand, zygote):
+    name = hand.__name__
+    ctx = ringpool.RingpoolContext(zygote=zygote, spares=0)
+    try:
+        # A worker started before the module is pickled anywhere: the registration that a queue
+        # put makes reaches it on its boot channel before the item is unpickled.
+        q_in, q_out = ringpool.Queue(), ringpool.Queue()
+        relay = ctx.Process(target=_relay, args=(q_in, q_out))
+        relay.start()
+        assert name not in modules.installed()
+        q_in.put(hand.Box(5))
+        assert name in modules.installed()
+        back = q_out.get(timeout=60)
+        relay.join(60)
+        assert relay.exitcode == 0
+        assert type(back) is hand.Box and back.value == 10
+    finally:
+        ctx.shutdown()
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "exec"])
+def test_hand_imported_process_target_registered_while_the_process_is_pickled(hand, zygote):
+    # The target itself comes from the hand-imported module: it is registered while the process
+    # object is pickled, after the zygote (if any) started, and must reach the worker with it.
+    ctx = ringpool.RingpoolContext(zygote=zygote, spares=0)
+    try:
+        q = ringpool.Queue()
+        p = ctx.Process(target=hand.answer, args=(q, hand.Box(21)))
+        p.start()
+        assert modules.installed()[hand.__name__] == modules.register_module(hand).hash
+        back = q.get(timeout=60)
+        p.join(60)
+        assert p.exitcode == 0
+        assert type(back) is hand.Box and back.value == 42
+    finally:
+        ctx.shutdown()
+
+
+def test_hand_imported_functions_reach_executor_workers(hand):
+    with ringpool.Executor(2) as ex:
+        assert ex.submit(abs, -1).result(60) == 1  # workers running before the registration
+        assert ex.submit(hand.triple, 4).result(60) == 12
+        assert list(ex.map(hand.triple, range(6))) == [3 * i for i in range(6)]
+        assert ex.submit(hand.Box(7).doubled).result(60) == 14  # a bound method: its class
+    assert hand.__name__ in modules.installed()
+
+
+def test_hand_imported_dataset_in_dataloader_workers(hand):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(hand.Squares(), batch_size=4, num_workers=2, multiprocessing_context=ringpool.get_context())
+    assert torch.cat(list(loader)).tolist() == [i * i for i in range(12)]
+    assert hand.__name__ in modules.installed()
+
+
+def test_hand_imported_module_whose_source_is_gone_fails_in_the_caller(hand):
+    from ringpool import reduction
+
+    os.unlink(hand.__file__)
+    q = ringpool.Queue()
+    with pytest.raises(modules.ModuleSourceError, match=rf"{hand.__name__}.*{hand.__file__}.*no longer exists"):
+        q.put(hand.Box(1))
+    with pytest.raises(pickle.PicklingError) as info:
+        reduction.dumps(hand.triple)
+    assert hand.__name__ in str(info.value) and hand.__file__ in str(info.value)
+    with pytest.raises(modules.ModuleSourceError, match=hand.__name__):
+        ringpool.get_context().Process(target=hand.answer, args=(q, hand.Box(1))).start()
+    assert hand.__name__ not in modules.installed()
+    q.put("still usable")
+    assert q.get(timeout=10) == "still usable"
+
+
+def test_importable_and_fileless_modules_are_not_registered(tmp_path, monkeypatch):
+    import importlib
+    import types
+
+    from ringpool import reduction
+
+    (tmp_path / "rp_onpath.py").write_text("class Thing:\n    pass\n\ndef f():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "rp_onpath", raising=False)
+    onpath = importlib.import_module("rp_onpath")
+    # Fileless, built by hand: pickled by reference as before (a worker cannot import it unless
+    # its own code makes it), never registered.
+    virtual = types.ModuleType("rp_virtual")
+    exec("class Thing:\n    pass\n", virtual.__dict__)
+    virtual.Thing.__module__ = "rp_virtual"
+    monkeypatch.setitem(sys.modules, "rp_virtual", virtual)
+    try:
+        for obj in (onpath.Thing(), onpath.f, virtual.Thing(), virtual.Thing):
+            payload, flags, fds = reduction.dumps(obj)
+            assert b"cloudpickle" not in bytes(payload)  # by reference: a name, not the code
+            back = reduction.loads_payload(payload, flags, fds)
+            assert back is obj if not isinstance(obj, (onpath.Thing, virtual.Thing)) else type(back) is type(obj)
+        assert modules.installed() == {}
+    finally:
+        sys.modules.pop("rp_onpath", None)
+
+
+def test_hand_imported_module_shadowed_on_sys_path_is_shipped(tmp_path, monkeypatch):
+    # A same-named module on sys.path is not the one the parent uses: a worker importing by name
+    # would get the other file, so the hand-loaded one is registered (and only once).
+    (tmp_path / "path").mkdir()
+    (tmp_path / "path" / "rp_shadowed.py").write_text("WHICH = 'on sys.path'\n")
+    (tmp_path / "hand").mkdir()
+    (tmp_path / "hand" / "rp_shadowed.py").write_text("WHICH = 'by hand'\n\ndef f():\n    return WHICH\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "path"))
+    module = _hand_load("rp_shadowed", str(tmp_path / "hand" / "rp_shadowed.py"), False)
+    try:
+        modules.ensure_shipped("rp_shadowed")
+        [snap] = modules.snapshots()
+        assert snap.name == "rp_shadowed" and modules.register_module(module) is snap
+        assert dict(snap.files) == {"rp_shadowed.py": (tmp_path / "hand" / "rp_shadowed.py").read_bytes()}
+        version = modules.registry_version()
+        modules.ensure_shipped("rp_shadowed")
+        assert modules.registry_version() == version
+    finally:
+        sys.modules.pop("rp_shadowed", None)
