@@ -19,12 +19,20 @@ With 2 workers each, on this machine:
 (d) The Executor's chunksize-1 map and the C++ Pool from 1 service thread side by side: a warm pool
     of each, runs alternating (the order flipping every pair) so that both see the same machine.
 
+(e) ringpool as a multiprocessing context: the stdlib ProcessPoolExecutor with
+    ``mp_context=ringpool.get_context()`` against ``mp_context=multiprocessing.get_context("fork")``,
+    both warm, runs alternating as in (d): the (a) and (b) measurements of each. Only the context
+    differs: the result queue (``ctx.SimpleQueue``, a ring whose reader PPE waits on with
+    ``multiprocessing.connection.wait``), the worker processes and their sentinels.
+
 Targets (ratios from the same run): ringpool's chunksize-1 throughput >= 5x multiprocessing.Pool's
 and >= 15x ProcessPoolExecutor's; at chunksize 64 ahead of every peer; latency median <= 30 us;
 the C++ Pool's throughput (1 service thread) within 1.5x of the Executor's chunksize-1 throughput,
-from (d): the median of the pairs' ratios.
+from (d): the median of the pairs' ratios; PPE with the ringpool context at least as fast as with
+fork on all three of (e).
 
-    /usr/bin/python3 benchmarks/bench_pool.py [--quick] [--build DIR] [--json PATH] [--markdown PATH]
+    /usr/bin/python3 benchmarks/bench_pool.py [--quick] [--only pools|ppe] [--build DIR] [--json PATH]
+                                              [--markdown PATH]
 """
 from __future__ import annotations
 
@@ -65,7 +73,11 @@ class Peer:
 
     def __init__(self, name):
         self.name = name
-        if name == "ringpool":
+        # The calls to make: a PPE with a given context is driven as the default-context one.
+        self.kind = "ProcessPoolExecutor" if name in PPE_CONTEXTS else name
+        if name in PPE_CONTEXTS:
+            self.pool = cf.ProcessPoolExecutor(WORKERS, mp_context=PPE_CONTEXTS[name]())
+        elif name == "ringpool":
             self.pool = ringpool.Executor(WORKERS)
         elif name == "ProcessPoolExecutor":
             self.pool = cf.ProcessPoolExecutor(WORKERS)
@@ -79,9 +91,9 @@ class Peer:
             self._batches = {}
 
     def map(self, n, chunksize):
-        if self.name in ("ringpool", "ProcessPoolExecutor"):
+        if self.kind in ("ringpool", "ProcessPoolExecutor"):
             out = list(self.pool.map(noop, range(n), chunksize=chunksize))
-        elif self.name == "multiprocessing.Pool":
+        elif self.kind == "multiprocessing.Pool":
             out = self.pool.map(noop, range(n), chunksize=chunksize)
         else:
             from joblib import Parallel, delayed
@@ -95,18 +107,18 @@ class Peer:
         return out
 
     def call(self, i):
-        if self.name in ("ringpool", "ProcessPoolExecutor"):
+        if self.kind in ("ringpool", "ProcessPoolExecutor"):
             return self.pool.submit(noop, i).result()
-        if self.name == "multiprocessing.Pool":
+        if self.kind == "multiprocessing.Pool":
             return self.pool.apply(noop, (i,))
         from joblib import delayed
 
         return self.pool([delayed(noop)(i)])[0]
 
     def close(self):
-        if self.name in ("ringpool", "ProcessPoolExecutor"):
+        if self.kind in ("ringpool", "ProcessPoolExecutor"):
             self.pool.shutdown()
-        elif self.name == "multiprocessing.Pool":
+        elif self.kind == "multiprocessing.Pool":
             self.pool.close()
             self.pool.join()
         else:
@@ -117,16 +129,7 @@ class Peer:
 
 def throughput(peer, chunksize, quick):
     # Size N so one run takes about a second (less with --quick).
-    budget = 0.3 if quick else 1.0
-    n = 2000
-    while True:
-        t0 = time.perf_counter()
-        peer.map(n, chunksize)
-        dt = time.perf_counter() - t0
-        if dt >= budget / 4 or n >= 4_000_000:
-            break
-        n *= 4
-    n = max(1000, int(n * budget / dt))
+    n = _size(peer, chunksize, 0.3 if quick else 1.0)
     rates = []
     for _ in range(1 if quick else 3):
         t0 = time.perf_counter()
@@ -148,6 +151,81 @@ def latency(peer, quick):
         lat.append(time.perf_counter() - t0)
     lat.sort()
     return {"calls": calls, "median_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6}
+
+
+# (e): PPE under each context; the function makes the context when the peer is built.
+PPE_CONTEXTS = {
+    "PPE, ringpool ctx": lambda: ringpool.get_context(),
+    "PPE, fork ctx": lambda: mp.get_context("fork"),
+}
+
+
+def _size(peer, chunksize, budget):
+    """N such that one map of N tasks takes about `budget` seconds."""
+    n = 2000
+    while True:
+        t0 = time.perf_counter()
+        peer.map(n, chunksize)
+        dt = time.perf_counter() - t0
+        if dt >= budget / 4 or n >= 4_000_000:
+            break
+        n *= 4
+    return max(1000, int(n * budget / dt))
+
+
+def run_ppe(quick):
+    """(e): PPE with the ringpool context and with fork, both warm, in alternating turns (the order
+    flipping every pair) so that both see the same machine minute. Each ratio reported is the
+    median of the pairs' ratios: the speed of these shared VMs drifts within seconds."""
+    log("  ProcessPoolExecutor: ringpool context against fork context")
+    names = list(PPE_CONTEXTS)
+    pairs = 3 if quick else 7
+    peers = {}
+    try:
+        for name in names:
+            peers[name] = Peer(name)
+            peers[name].map(200, 1)  # warm-up: workers started, code paths hot
+        rows = {name: {"pool": name} for name in names}
+        ratios = {}
+        for c in (1, 64):
+            sizes = {name: _size(peers[name], c, 0.15 if quick else 0.4) for name in names}
+            rates = {name: [] for name in names}
+            for k in range(pairs):
+                for name in (names if k % 2 == 0 else names[::-1]):
+                    t0 = time.perf_counter()
+                    peers[name].map(sizes[name], c)
+                    rates[name].append(sizes[name] / (time.perf_counter() - t0))
+            for name in names:
+                rows[name][f"chunksize_{c}"] = {"tasks": sizes[name], "tasks_per_s": statistics.median(rates[name]),
+                                                "runs": rates[name]}
+            ratios[f"chunksize_{c}"] = [a / b for a, b in zip(*(rates[name] for name in names))]
+        # Latency: turns of `block` sequential calls; each turn's median is one sample of the pair.
+        block = 100 if quick else 300
+        for name in names:
+            for i in range(50):
+                peers[name].call(i)
+        lat = {name: [] for name in names}
+        turn_medians = {name: [] for name in names}
+        for k in range(pairs):
+            for name in (names if k % 2 == 0 else names[::-1]):
+                peer, turn = peers[name], []
+                for i in range(block):
+                    t0 = time.perf_counter()
+                    peer.call(i)
+                    turn.append(time.perf_counter() - t0)
+                lat[name] += turn
+                turn_medians[name].append(statistics.median(turn))
+        for name in names:
+            v = sorted(lat[name])
+            rows[name]["latency"] = {"calls": len(v), "median_us": v[len(v) // 2] * 1e6,
+                                     "p99_us": v[int(len(v) * 0.99)] * 1e6}
+        # Latency as a speed: fork's time over ringpool's, so > 1 means ringpool is faster.
+        ratios["latency"] = [b / a for a, b in zip(*(turn_medians[name] for name in names))]
+    finally:
+        for peer in peers.values():
+            peer.close()
+    return {"rows": [rows[name] for name in names], "pairs": pairs,
+            "ratios": {k: {"median": statistics.median(v), "pairs": v} for k, v in ratios.items()}}
 
 
 def run(quick):
@@ -252,13 +330,24 @@ def run_paired(build, quick):
             "ratio": statistics.median(p["ratio"] for p in pairs)}
 
 
-def targets(rows, cpp=None, paired=None):
-    by = {r["pool"]: r for r in rows}
-    rp = by["ringpool"]
+def targets(rows, cpp=None, paired=None, ppe=None):
     out = []
 
     def add(desc, value, ok, label, fmt):
         out.append({"target": desc, "measured": fmt.format(value), "threshold": label, "passed": bool(ok)})
+
+    if ppe:
+        r = ppe["ratios"]
+        for c in (1, 64):
+            ratio = r[f"chunksize_{c}"]["median"]
+            add(f"PPE no-op map, chunksize {c}: ringpool ctx / fork ctx", ratio, ratio >= 1.0, ">= 1.00x", "{:.2f}x")
+        ratio = r["latency"]["median"]
+        add("PPE submit -> result latency, median: fork ctx / ringpool ctx", ratio, ratio >= 1.0, ">= 1.00x",
+            "{:.2f}x")
+    if not rows:
+        return out
+    by = {r["pool"]: r for r in rows}
+    rp = by["ringpool"]
 
     r1 = rp["chunksize_1"]["tasks_per_s"]
     for peer, need in (("multiprocessing.Pool", 5), ("ProcessPoolExecutor", 15)):
@@ -285,7 +374,7 @@ def markdown(res):
              f"{m['loadavg_at_start'][0]:.2f}.", "",
              "| pool | no-op map, chunksize 1 (tasks/s) | chunksize 64 (tasks/s) | latency median (us) | p99 (us) |",
              "|---|---:|---:|---:|---:|"]
-    for r in res["pools"]:
+    for r in res["pools"] + (res["ppe"]["rows"] if res.get("ppe") else []):
         lines.append(f"| {r['pool']} | {r['chunksize_1']['tasks_per_s']:,.0f} | {r['chunksize_64']['tasks_per_s']:,.0f}"
                      f" | {r['latency']['median_us']:.1f} | {r['latency']['p99_us']:.1f} |")
     cpp = res.get("cpp_pool")
@@ -302,6 +391,13 @@ def markdown(res):
         lines += ["", f"Side by side ({len(paired['pairs'])} alternating pairs of {paired['tasks']:,} no-op tasks): "
                   f"Executor map (chunksize 1) {paired['executor_tasks_per_s']:,.0f} tasks/s, C++ Pool from 1 "
                   f"service thread {paired['cpp_tasks_per_s']:,.0f} tasks/s (medians); ratio per pair {ratios}."]
+    ppe = res.get("ppe")
+    if ppe:
+        per = "; ".join(f"{k.replace('_', ' ')} " + ", ".join(f"{x:.2f}" for x in v["pairs"])
+                        for k, v in ppe["ratios"].items())
+        lines += ["", f"PPE rows: `ProcessPoolExecutor(mp_context=...)`, the ringpool and the fork context in "
+                  f"{ppe['pairs']} alternating pairs of turns; ringpool / fork per pair (latency: fork / ringpool, "
+                  f"> 1 is ringpool faster): {per}."]
     lines += ["", "#### Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
     for t in res["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {t['threshold']} | {'PASS' if t['passed'] else 'FAIL'} |")
@@ -311,6 +407,8 @@ def markdown(res):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--only", choices=("pools", "ppe"),
+                    help="only (a)+(b), or only (e) (ProcessPoolExecutor: ringpool context against fork)")
     ap.add_argument("--build", default=os.environ.get("RINGPOOL_BUILD_DIR",
                                                       str(Path(__file__).resolve().parent.parent / "build")))
     ap.add_argument("--json")
@@ -318,15 +416,18 @@ def main():
     args = ap.parse_args()
     res = {"machine": _machine.machine_info(), "quick": args.quick}
     log("task pools")
-    res["pools"] = run(args.quick)
-    res["cpp_pool"] = run_cpp(args.build, args.quick)
-    res["paired"] = run_paired(args.build, args.quick)
-    res["targets"] = targets(res["pools"], res["cpp_pool"], res["paired"])
+    res["only"] = args.only
+    res["pools"] = run(args.quick) if args.only in (None, "pools") else []
+    res["cpp_pool"] = run_cpp(args.build, args.quick) if args.only is None else None
+    res["paired"] = run_paired(args.build, args.quick) if args.only is None else None
+    res["ppe"] = run_ppe(args.quick) if args.only in (None, "ppe") else None
+    res["targets"] = targets(res["pools"], res["cpp_pool"], res["paired"], res["ppe"])
     md = markdown(res)
     print(md)
     if args.markdown:
         Path(args.markdown).write_text(md)
-    out = Path(args.json or Path(__file__).parent / "results" / f"bench_pool{'-quick' if args.quick else ''}.json")
+    suffix = ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
+    out = Path(args.json or Path(__file__).parent / "results" / f"bench_pool{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
 

@@ -687,6 +687,13 @@ PyObject* fast_readable(PyObject* self, PyObject* const*, Py_ssize_t nargs) {
   return Py_NewRef(c.has_leftover() || c.ring().readable() ? Py_True : Py_False);
 }
 
+// fileno() runs before every multiprocessing.connection.wait (PPE's manager thread waits ~5 times
+// per task): a plain C call, not pybind11's dispatcher.
+PyObject* fast_fileno(PyObject* self, PyObject* const*, Py_ssize_t nargs) {
+  if (!arg_count("fileno", nargs, 0, 0)) return nullptr;
+  return guarded([&] { return py::int_(self_of(self).ring().readiness_fd()); });
+}
+
 PyMethodDef kFastMethods[] = {
     {"put_obj", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_put_obj)), METH_FASTCALL,
      "put_obj(obj, accounting=COUNT_ITEM): pickle and publish; None, or a Pending if the ring is full."},
@@ -704,6 +711,8 @@ PyMethodDef kFastMethods[] = {
      "get(timeout=None): None on timeout; bytes for a plain frame; else (flags, payload, fds)."},
     {"poll", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_poll)), METH_FASTCALL,
      "poll(timeout=0.0): wait up to timeout (None: forever) for a frame; whether one is waiting."},
+    {"fileno", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_fileno)), METH_FASTCALL,
+     "fileno(): the readiness eventfd, readable while a frame waits (arms producer signalling once)."},
     {"readable", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_readable)), METH_FASTCALL,
      "readable(): whether a frame is waiting (approximate by nature)."},
     {nullptr, nullptr, 0, nullptr},
@@ -755,7 +764,6 @@ at least every 20 ms (an exception from a handler propagates).)doc")
       .def("acquire_item", &PyChannel::acquire_item, py::arg("maxsize"), py::arg("timeout") = -1.0)
       .def("task_done", [](PyChannel& c) { return c.ring().task_done(); })
       .def("join", &PyChannel::join, py::arg("timeout") = -1.0)
-      .def("fileno", [](PyChannel& c) { return c.ring().readiness_fd(); })
       .def_property_readonly("items", [](PyChannel& c) { return c.ring().size(); },
                              "Frames accepted and not yet taken (approximate by nature).")
       .def_property_readonly("unfinished", [](PyChannel& c) { return c.ring().unfinished(); })

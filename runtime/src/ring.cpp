@@ -319,10 +319,15 @@ void Ring::refresh_readiness() noexcept {
 }
 
 int Ring::readiness_fd() {
+  // poll_armed is never cleared, so once armed every later publish signals for itself: nothing
+  // below needs doing twice. Relaxed: the flag guards no data of ours, only repeated work (two
+  // threads arming at once both do the idempotent sweep below).
+  if (armed_.load(std::memory_order_relaxed)) return event_.get();
   ctl_->poll_armed.store(1, std::memory_order_seq_cst);
   // Frames published before producers saw poll_armed were not signalled: signal for them.
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (readable() && ctl_->signaled.exchange(1, std::memory_order_seq_cst) == 0) eventfd_signal(event_.get());
+  armed_.store(true, std::memory_order_relaxed);
   return event_.get();
 }
 

@@ -284,6 +284,30 @@ TEST_CASE("ring: readiness eventfd follows the ring state") {
   CHECK(::read(efd, &v, 8) == 8);
 }
 
+TEST_CASE("ring: readiness armed once stays exact across calls and attachments") {
+  auto r = Ring::create({4096, 0});
+  const int efd = r->readiness_fd();
+  for (int i = 0; i < 3; ++i) CHECK(r->readiness_fd() == efd);  // later calls only return the fd
+  std::uint64_t v = 0;
+  CHECK(::read(efd, &v, 8) == -1);  // empty: not ready, however often asked
+  // A second attachment that never asked for the fd: its producers still signal (the arming
+  // lives in the shared control block), once, and its consumer drains.
+  const RingHandles h = r->handles();
+  auto dup = [](int fd) { return UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 0)); };
+  auto other = Ring::attach(dup(h.memfd), dup(h.tx), dup(h.rx), dup(h.event));
+  CHECK(put_str(*other, "a") == Ring::PutStatus::ok);
+  CHECK(put_str(*other, "b") == Ring::PutStatus::ok);
+  for (int i = 0; i < 3; ++i) CHECK(r->readiness_fd() == efd);
+  CHECK(::read(efd, &v, 8) == 8);
+  CHECK(v == 1);                    // one signal for two frames, none added by the calls
+  ::write(efd, &v, 8);              // put it back as it was
+  CHECK(get_str(*other) == "a");
+  CHECK(::read(efd, &v, 8) == 8);   // a frame is left: still ready
+  ::write(efd, &v, 8);
+  CHECK(get_str(*r) == "b");
+  CHECK(::read(efd, &v, 8) == -1);  // taken through the arming attachment: drained
+}
+
 TEST_CASE("channel: large payloads go out of band through recycled blocks") {
   auto ring = Ring::create({64 * 1024, 0});
   Channel ch(ring);

@@ -346,6 +346,65 @@ def test_readiness_fd_works_with_connection_wait():
     assert multiprocessing.connection.wait([q._reader], timeout=0.05) == []  # not stale
 
 
+def _ready(reader, timeout=0.0):
+    return multiprocessing.connection.wait([reader], timeout=timeout) == [reader]
+
+
+def test_reader_readiness_tracks_messages_exactly():
+    # What ProcessPoolExecutor's manager thread relies on: wait() reports the reader ready only
+    # while a message is there (a recv() then never blocks), waiting does not consume the
+    # readiness, and taking the last message clears it.
+    q = ringpool.SimpleQueue()
+    assert not _ready(q._reader)
+    q.put(1)
+    q.put(2)
+    for _ in range(3):  # stays ready until read
+        assert _ready(q._reader)
+    assert q._reader.recv() == 1
+    assert _ready(q._reader)  # one message left
+    assert q._reader.recv() == 2
+    assert not _ready(q._reader)  # the last one was taken
+    q.put(3)  # ready again for the next message (the signal is re-armed)
+    assert _ready(q._reader)
+    assert q.get() == 3
+    assert not _ready(q._reader)
+
+
+def _burst_producer(q, start, n):
+    for i in range(start, start + n):
+        q.put(i)
+        if i % 7 == 0:
+            time.sleep(0.0002)  # let the consumer empty the ring now and then
+
+
+def test_reader_readiness_with_producers_in_other_processes():
+    # Two producer processes race the consumer, which empties the ring again and again: every
+    # wake-up of wait() must find a message, and none may be missed.
+    q = ringpool.SimpleQueue()
+    n = 3000
+    with children() as procs:
+        for k in range(2):
+            p = mp.get_context("fork").Process(target=_burst_producer, args=(q, k * n, n))
+            p.start()
+            procs.append(p)
+        got = []
+        while len(got) < 2 * n:
+            assert _ready(q._reader, timeout=10), f"no readiness with {len(got)} of {2 * n} received"
+            assert q._reader.poll(0), "the reader was reported ready without a message"
+            got.append(q._reader.recv())
+        for p in procs:
+            p.join(10)
+    assert sorted(got) == list(range(2 * n))
+    assert not _ready(q._reader, timeout=0.05)
+
+
+def test_waiting_on_an_empty_reader_does_not_spin():
+    q = ringpool.SimpleQueue()
+    t0 = time.thread_time()
+    assert multiprocessing.connection.wait([q._reader], timeout=0.3) == []
+    assert time.thread_time() - t0 < 0.05  # asleep in poll, not looping
+
+
 def test_queue_in_child_keeps_fds_stable():
     q = ringpool.Queue()
     before = fd_count()

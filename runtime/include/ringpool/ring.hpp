@@ -205,7 +205,10 @@ class Ring {
   bool task_done() noexcept;
 
   // An eventfd that is readable whenever a frame is published and not yet taken (arms the
-  // producers' signalling on first call; before that, producers skip the syscall).
+  // producers' signalling on first call; before that, producers skip the syscall). Arming is
+  // permanent, so later calls from this process only return the fd: callers may call it before
+  // every poll (multiprocessing.connection.wait calls fileno() on each wait).
+  // @concurrent thread safe
   int readiness_fd();
 
   std::size_t capacity() const noexcept { return capacity_; }
@@ -233,6 +236,10 @@ class Ring {
   std::size_t mask_ = 0;
   std::size_t inline_max_ = 0;
   bool counts_items_ = false;
+  // This process has armed the readiness fd (ctl_->poll_armed is set and the frames published
+  // before it were signalled). Process-local on purpose: re-arming on every call wrote the
+  // control line producers read on each publish, and cost PPE's manager ~4 us per task.
+  std::atomic<bool> armed_{false};
 };
 
 }  // namespace ringpool
