@@ -1,4 +1,4 @@
-// An example C++ service that runs Python functions through ringpool::Pool.
+// An example C++ service that runs Python functions through ringpool::Pool, and trusts no client.
 //
 // It accepts newline-delimited JSON requests on a localhost TCP port,
 //
@@ -11,31 +11,72 @@
 //   {"id": 8, "ok": false, "error": {"type": "ValueError", "message": "..."}}
 //
 // Usage: json_service [--port N] [--workers N] [--python PATH] [--python-path DIR]...
-//                     [--package NAME=FOLDER]... [--exec] [--preload MODULE]...
+//                     [--package NAME=FOLDER]... [--allow MODULE:FUNCTION]... [--exec] [--preload MODULE]...
+//                     [--max-request-bytes N] [--max-connections N] [--max-pending N]
+//                     [--idle-timeout SECONDS] [--accept-backoff-ms N]
 // It prints "listening on 127.0.0.1:PORT" once it accepts connections; SIGINT/SIGTERM stop it
-// after the requests in flight are answered.
+// after the requests in flight are answered (a second signal stops it at once).
+//
+//   client ──line──► Session: size cap, JSON (json_value.hpp), allow-list (exports.hpp)
+//                      │ async_submit                     ▲ post(reply) to the io thread
+//                      ▼                                  │
+//                    ringpool::Pool ──► Python workers ──► collector thread
+//
+// - Server: the accept loop (pauses at --max-connections, backs off on EMFILE and the like and
+//   resumes), the set of sessions, the signals.
+// - Session: one connection on the io thread: reads lines, answers each, stops reading while
+//   --max-pending replies are owed (backpressure), and is closed by its timer when the client
+//   idles, dribbles a partial request, or stops reading its replies for --idle-timeout.
+// docs/design/security.md ("The example service") lists every check at this boundary.
 //
 // The Python code never runs in this process: requests become plain-data pickles (ringpool's C++
 // codec), and a worker's answer can only ever be plain data. A worker that crashes fails only its
 // request (the client gets a WorkerDied error); the pool replaces it and the service goes on.
+#include <sys/resource.h>
+
 #include <utility>  // before Asio: Boost 1.74's awaitable.hpp uses std::exchange without it
 
+#include <array>
 #include <boost/asio.hpp>
+#include <chrono>
 #include <cstdio>
 #include <deque>
 #include <iostream>
 #include <memory>
 #include <string>
+#include <unordered_map>
 
-#include "json.hpp"
+#include "exports.hpp"
+#include "json_value.hpp"
 #include "ringpool/pickle.hpp"
 #include "ringpool/pool.hpp"
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
 using ringpool::Value;
+using Clock = std::chrono::steady_clock;
 
 namespace {
+
+// What a client may cost the service; each has a flag (usage()).
+struct Limits {
+  // A longer line is answered with RequestTooLarge and its connection closed: the bound on what
+  // one connection makes the service buffer.
+  std::size_t max_request_bytes = 1 << 20;
+  // Connections beyond this wait in the kernel's listen backlog (accepting pauses) until one
+  // closes. Each costs an fd and up to max_pending tasks, so keep it under RLIMIT_NOFILE.
+  std::size_t max_connections = 256;
+  // Replies a connection may owe (running, queued in the pool, or not yet written) before the
+  // service stops reading from it: bounds its share of the pool and its queued replies.
+  std::size_t max_pending = 64;
+  // A connection that sends nothing while owed nothing, leaves a request partial, or does not
+  // take a reply, for this long, is closed. Shorter frees slots from idle clients sooner; longer
+  // spares slow but honest ones.
+  std::chrono::milliseconds idle_timeout{30'000};
+  // The first pause after a failed accept (EMFILE, ENFILE, ...); it doubles up to 16 times this
+  // while accepts keep failing, so a starved service neither spins nor stays deaf for long.
+  std::chrono::milliseconds accept_backoff{100};
+};
 
 Value error_reply(const Value& id, const std::string& type, const std::string& message) {
   return Value::dict({{Value("id"), id},
@@ -59,98 +100,377 @@ Value error_for(const Value& id, std::exception_ptr e) {
   }
 }
 
-class Session : public std::enable_shared_from_this<Session> {
+// A malformed request: answered with BadRequest, the connection goes on.
+class BadRequest : public std::runtime_error {
  public:
-  Session(tcp::socket socket, ringpool::Pool& pool) : socket_(std::move(socket)), pool_(pool) {}
+  using std::runtime_error::runtime_error;
+};
 
-  void start() { read(); }
+// The first line of an HTTP request ("POST / HTTP/1.1"): a browser page or a proxy talking to
+// this port. Its connection is closed before any later line (a body that is valid JSON) is read.
+bool http_request_line(const std::string& line) {
+  static const char* methods[] = {"GET ", "POST ", "PUT ", "HEAD ", "OPTIONS ", "DELETE ", "PATCH ", "CONNECT ", "TRACE "};
+  for (const char* m : methods)
+    if (line.starts_with(m)) return true;
+  return false;
+}
+
+std::string line_of(const Value& reply) { return json_value::dump(reply) + "\n"; }
+
+class Session;
+
+class Server {
+ public:
+  Server(asio::io_context& io, unsigned short port, ringpool::Pool& pool, const exports::Allowlist& allow, Limits limits)
+      : pool(pool),
+        allow(allow),
+        limits(limits),
+        io_(io),
+        acceptor_(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), port)),
+        backoff_timer_(io),
+        signals_(io, SIGINT, SIGTERM),
+        backoff_(limits.accept_backoff) {}
+
+  unsigned short port() const { return acceptor_.local_endpoint().port(); }
+
+  void start() {
+    accept();
+    wait_signal();
+  }
+
+  // A session is closed and none of its tasks is still in the pool: its slot is free.
+  void release(Session* s);
+
+  ringpool::Pool& pool;
+  const exports::Allowlist& allow;
+  const Limits limits;
 
  private:
+  void accept();
+  void on_accept_error(const boost::system::error_code& ec);
+  void wait_signal();
+  void stop();
+
+  asio::io_context& io_;
+  tcp::acceptor acceptor_;
+  asio::steady_timer backoff_timer_;
+  asio::signal_set signals_;
+  std::chrono::milliseconds backoff_;
+  bool accepting_ = false;  // an accept or a back-off wait is pending
+  bool failing_ = false;    // accepts have been failing since the last success (logged once)
+  bool stopping_ = false;
+  // Owning: a session lives while it holds a slot, however its handlers come and go.
+  std::unordered_map<Session*, std::shared_ptr<Session>> sessions_;
+};
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(tcp::socket socket, Server& server) : socket_(std::move(socket)), server_(server), timer_(socket_.get_executor()) {}
+
+  void start() {
+    idle_since_ = Clock::now();
+    arm_timer(idle_since_ + server_.limits.idle_timeout);
+    read();
+  }
+
+  // The service stops: read nothing more, close once every reply owed is written.
+  void stop() {
+    stopping_ = true;
+    boost::system::error_code ignored;
+    socket_.shutdown(tcp::socket::shutdown_receive, ignored);  // a pending read ends (EOF)
+    finish_if_done();
+  }
+
+ private:
+  const Limits& limits() const { return server_.limits; }
+
+  bool paused() const { return owed_ >= limits().max_pending; }
+
   void read() {
-    auto self = shared_from_this();
-    asio::async_read_until(socket_, buffer_, '\n', [self](boost::system::error_code ec, std::size_t n) {
-      if (ec) return;  // closed (or too long a line): the session ends with its last reply
-      std::string line(asio::buffers_begin(self->buffer_.data()), asio::buffers_begin(self->buffer_.data()) + n);
-      self->buffer_.consume(n);
-      self->dispatch(line);
+    if (reading_ || closed_ || stopping_ || paused()) return;
+    reading_ = true;
+    socket_.async_read_some(asio::buffer(chunk_), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
+      self->reading_ = false;
+      if (self->closed_) return;
+      if (ec) return self->on_end(ec);
+      if (self->head_ == self->pending_.size()) self->partial_since_ = Clock::now();
+      self->pending_.append(self->chunk_.data(), n);
+      self->process();
       self->read();
     });
   }
 
+  // EOF: the client may have only shut down its sending side, so its replies are still written.
+  void on_end(const boost::system::error_code& ec) {
+    if (ec != asio::error::eof) return close();
+    if (head_ < pending_.size() && !stopping_) reply_without_request("BadRequest", "truncated request: the stream ended inside it");
+    stopping_ = true;
+    finish_if_done();
+  }
+
+  // Dispatches the complete lines buffered, while the client is owed fewer than max_pending replies.
+  void process() {
+    while (!closed_ && !stopping_ && !paused()) {
+      const auto nl = pending_.find('\n', head_);
+      if (nl == std::string::npos) {
+        if (pending_.size() - head_ > limits().max_request_bytes) too_large();
+        break;
+      }
+      if (nl - head_ > limits().max_request_bytes) {
+        too_large();
+        break;
+      }
+      std::string line = pending_.substr(head_, nl - head_);
+      head_ = nl + 1;
+      partial_since_ = Clock::now();  // what follows the newline is a new request
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      if (line.find_first_not_of(" \t") == std::string::npos) continue;
+      if (http_request_line(line)) {
+        reply_without_request("BadRequest", "this port speaks newline-delimited JSON, not HTTP");
+        stopping_ = true;
+        break;
+      }
+      dispatch(line);
+    }
+    // Compact once per batch rather than once per line.
+    if (stopping_) pending_.clear(), head_ = 0;
+    else if (head_ > 0) pending_.erase(0, head_), head_ = 0;
+  }
+
+  void too_large() {
+    reply_without_request("RequestTooLarge",
+                          "a request is at most " + std::to_string(limits().max_request_bytes) + " bytes");
+    stopping_ = true;  // the stream cannot be resynchronised cheaply: close after this reply
+  }
+
+  void reply_without_request(const std::string& type, const std::string& message) {
+    ++owed_;
+    send(line_of(error_reply(Value(), type, message)));
+  }
+
   void dispatch(const std::string& line) {
+    ++owed_;
     Value id;
     try {
-      Value req = json::parse(line);
-      if (!req.is_dict()) throw json::ParseError("a request is a JSON object");
+      Value req;
+      try {
+        req = json_value::parse(line);
+      } catch (const json_value::BadJson& e) {
+        throw BadRequest(e.what());
+      }
+      if (!req.is_dict()) throw BadRequest("a request is a JSON object");
       if (const Value* v = req.find(Value("id"))) id = *v;
       const Value* fn = req.find(Value("fn"));
-      if (!fn || !fn->is_str()) throw json::ParseError("\"fn\" must be a string \"module:function\"");
+      if (!fn || !fn->is_str()) throw BadRequest("\"fn\" must be a string \"module:function\"");
+      // Before anything else is looked at: a refused function is never imported or run.
+      if (!server_.allow.allowed(fn->as_str())) {
+        send(line_of(error_reply(id, "NotAllowed", "function '" + fn->as_str() + "' is not allowed by this service")));
+        return;
+      }
       std::vector<Value> args;
       if (const Value* a = req.find(Value("args"))) {
-        if (!a->is_list()) throw json::ParseError("\"args\" must be an array");
+        if (!a->is_list()) throw BadRequest("\"args\" must be an array");
         args = a->as_list();
       }
       std::vector<std::pair<std::string, Value>> kwargs;
       if (const Value* k = req.find(Value("kwargs"))) {
-        if (!k->is_dict()) throw json::ParseError("\"kwargs\" must be an object");
+        if (!k->is_dict()) throw BadRequest("\"kwargs\" must be an object");
         for (const auto& [key, val] : k->as_dict()) kwargs.emplace_back(key.as_str(), val);
       }
-      auto self = shared_from_this();
-      pool_.async_submit(fn->as_str(), std::move(args), std::move(kwargs),
-                         [self, id](std::exception_ptr err, Value result) {
-                           // On the pool's collector thread: hand the answer to our io thread.
-                           Value reply = err ? error_for(id, err)
-                                             : Value::dict({{Value("id"), id},
-                                                            {Value("ok"), Value(true)},
-                                                            {Value("result"), std::move(result)}});
-                           asio::post(self->socket_.get_executor(),
-                                      [self, line = json::dump(reply) + "\n"]() mutable { self->send(std::move(line)); });
-                         });
-    } catch (const json::ParseError& e) {
-      send(json::dump(error_reply(id, "BadRequest", e.what())) + "\n");
-    } catch (const std::exception& e) {
-      send(json::dump(error_for(id, std::current_exception())) + "\n");
+      server_.pool.async_submit(fn->as_str(), std::move(args), std::move(kwargs),
+                                [self = shared_from_this(), id](std::exception_ptr err, Value result) {
+                                  // On the pool's collector thread: hand the answer to our io thread.
+                                  Value reply = err ? error_for(id, err)
+                                                    : Value::dict({{Value("id"), id},
+                                                                   {Value("ok"), Value(true)},
+                                                                   {Value("result"), std::move(result)}});
+                                  asio::post(self->socket_.get_executor(), [self, line = line_of(reply)]() mutable {
+                                    --self->in_pool_;
+                                    if (self->closed_) return self->release_if_done();
+                                    self->send(std::move(line));
+                                  });
+                                });
+      // After the submit succeeded (it throws otherwise); the answer cannot arrive before: it is
+      // posted to this thread.
+      ++in_pool_;
+    } catch (const BadRequest& e) {
+      send(line_of(error_reply(id, "BadRequest", e.what())));
+    } catch (const std::exception& e) {  // PoolClosed, PickleError: submit refused the task
+      send(line_of(error_for(id, std::current_exception())));
     }
   }
 
   void send(std::string line) {
+    if (closed_) return;
     out_.push_back(std::move(line));
-    if (out_.size() == 1) write_next();
+    if (!writing_) write_next();
   }
 
   void write_next() {
-    auto self = shared_from_this();
-    asio::async_write(socket_, asio::buffer(out_.front()), [self](boost::system::error_code ec, std::size_t) {
-      if (ec) return;
+    writing_ = true;
+    write_since_ = Clock::now();
+    asio::async_write(socket_, asio::buffer(out_.front()), [self = shared_from_this()](boost::system::error_code ec, std::size_t) {
+      self->writing_ = false;
+      if (self->closed_) return;
+      if (ec) return self->close();
       self->out_.pop_front();
+      --self->owed_;
+      if (self->owed_ == 0) self->idle_since_ = Clock::now();
       if (!self->out_.empty()) self->write_next();
+      self->finish_if_done();
+      // Backpressure released: the lines buffered while paused go first, then more reading.
+      self->process();
+      self->read();
     });
   }
 
+  void finish_if_done() {
+    if (stopping_ && owed_ == 0 && !writing_) close();
+  }
+
+  void arm_timer(Clock::time_point at) {
+    timer_.expires_at(at);
+    timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+      if (!ec && !self->closed_) self->on_timer();
+    });
+  }
+
+  // Every deadline starts at an event (a write begun, a partial line begun, the last reply
+  // written) and lasts idle_timeout, and the timer is armed at most idle_timeout after it last
+  // fired: so it fires by each deadline without being re-armed at every event.
+  void on_timer() {
+    const auto now = Clock::now();
+    const auto limit = limits().idle_timeout;
+    auto next = now + limit;
+    auto consider = [&](Clock::time_point since) {
+      if (since + limit <= now) return true;
+      next = std::min(next, since + limit);
+      return false;
+    };
+    bool expired = false;
+    if (writing_) expired |= consider(write_since_);  // the client does not take its replies
+    if (reading_) {
+      if (head_ < pending_.size()) expired |= consider(partial_since_);  // a dribbled request
+      else if (owed_ == 0) expired |= consider(idle_since_);           // silent and owed nothing
+    }
+    if (expired) return close();
+    arm_timer(next);
+  }
+
+  void close() {
+    if (closed_) return;
+    closed_ = true;
+    boost::system::error_code ignored;
+    socket_.shutdown(tcp::socket::shutdown_both, ignored);
+    socket_.close(ignored);
+    timer_.cancel();
+    out_.clear();
+    release_if_done();
+  }
+
+  // The slot is given back only once the pool holds no task of ours: a client that resets its
+  // connections cannot pile up more than max_connections x max_pending tasks.
+  void release_if_done() {
+    if (closed_ && in_pool_ == 0 && !released_) {
+      released_ = true;
+      server_.release(this);
+    }
+  }
+
   tcp::socket socket_;
-  ringpool::Pool& pool_;
-  asio::streambuf buffer_{1 << 20};
-  std::deque<std::string> out_;
+  Server& server_;
+  asio::steady_timer timer_;
+  std::array<char, 16384> chunk_;
+  std::string pending_;  // bytes read and not yet dispatched, from head_
+  std::size_t head_ = 0;
+  std::deque<std::string> out_;  // reply lines, front() being written
+  std::size_t owed_ = 0;         // requests read whose reply is not yet written (at most max_pending)
+  std::size_t in_pool_ = 0;      // of which submitted to the pool and not yet answered
+  bool reading_ = false, writing_ = false, stopping_ = false, closed_ = false, released_ = false;
+  Clock::time_point idle_since_, partial_since_, write_since_;
 };
 
-void accept(tcp::acceptor& acceptor, ringpool::Pool& pool) {
-  acceptor.async_accept([&acceptor, &pool](boost::system::error_code ec, tcp::socket socket) {
-    if (ec) return;
-    std::make_shared<Session>(std::move(socket), pool)->start();
-    accept(acceptor, pool);
+void Server::release(Session* s) {
+  sessions_.erase(s);  // the caller's handler still holds the session
+  if (stopping_ && sessions_.empty()) signals_.cancel();  // nothing left: io.run() returns
+  accept();
+}
+
+void Server::accept() {
+  if (stopping_ || accepting_ || sessions_.size() >= limits.max_connections) return;
+  accepting_ = true;
+  acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
+    accepting_ = false;
+    if (stopping_) return;
+    if (ec) return on_accept_error(ec);
+    if (failing_) std::cerr << "json_service: accepting again\n";
+    failing_ = false;
+    backoff_ = limits.accept_backoff;
+    auto s = std::make_shared<Session>(std::move(socket), *this);
+    sessions_.emplace(s.get(), s);
+    s->start();
+    accept();
   });
 }
 
+// No accept error ends the loop. The waiting connections stay in the kernel's backlog; out of
+// fds (EMFILE, ENFILE) or memory, the service pauses and retries, and takes them once a
+// connection closes or the pause ends.
+void Server::on_accept_error(const boost::system::error_code& ec) {
+  if (ec == asio::error::connection_aborted) return accept();  // the client gave up while queued
+  if (!failing_) std::cerr << "json_service: accept: " << ec.message() << "; retrying\n";
+  failing_ = true;
+  accepting_ = true;
+  backoff_timer_.expires_after(backoff_);
+  backoff_ = std::min(backoff_ * 2, limits.accept_backoff * 16);
+  backoff_timer_.async_wait([this](boost::system::error_code wait_ec) {
+    accepting_ = false;
+    if (!wait_ec) accept();
+  });
+}
+
+void Server::wait_signal() {
+  signals_.async_wait([this](boost::system::error_code ec, int) {
+    if (ec) return;  // cancelled: every session is done
+    if (stopping_) return io_.stop();  // the second signal: now
+    stop();
+    if (!sessions_.empty()) wait_signal();
+  });
+}
+
+void Server::stop() {
+  stopping_ = true;
+  boost::system::error_code ignored;
+  acceptor_.close(ignored);
+  backoff_timer_.cancel();
+  // stop() may release sessions: iterate over a copy.
+  std::vector<std::shared_ptr<Session>> live;
+  for (auto& [p, s] : sessions_) live.push_back(s);
+  for (auto& s : live) s->stop();
+}
+
 int usage() {
-  std::cerr << "usage: json_service [--port N] [--workers N] [--python PATH] [--python-path DIR]... "
-               "[--package NAME=FOLDER]... [--preload MODULE]... [--exec]\n";
+  std::cerr << "usage: json_service [--port N] [--workers N] [--python PATH] [--python-path DIR]...\n"
+               "                    [--package NAME=FOLDER]... [--allow MODULE:FUNCTION]... [--preload MODULE]... [--exec]\n"
+               "                    [--max-request-bytes N] [--max-connections N] [--max-pending N]\n"
+               "                    [--idle-timeout SECONDS] [--accept-backoff-ms N]\n"
+               "Clients may call only the functions --allow names and those listed in a --package folder's EXPORTS.\n";
   return 2;
+}
+
+std::size_t positive(const std::string& flag, const std::string& v) {
+  std::size_t used = 0;
+  const long long n = std::stoll(v, &used);
+  if (used != v.size() || n <= 0) throw std::invalid_argument(flag + " needs a positive integer");
+  return static_cast<std::size_t>(n);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   ringpool::PoolOptions options;
+  exports::Allowlist allow;
+  Limits limits;
   unsigned short port = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -165,11 +485,23 @@ int main(int argc, char** argv) {
       else if (a == "--python-path") options.python_path.push_back(next());
       else if (a == "--preload") options.preload.push_back(next());
       else if (a == "--exec") options.zygote = false;
-      else if (a == "--package") {
+      else if (a == "--allow") allow.allow(next());
+      else if (a == "--max-request-bytes") limits.max_request_bytes = positive(a, next());
+      else if (a == "--max-connections") limits.max_connections = positive(a, next());
+      else if (a == "--max-pending") limits.max_pending = positive(a, next());
+      else if (a == "--accept-backoff-ms") limits.accept_backoff = std::chrono::milliseconds(positive(a, next()));
+      else if (a == "--idle-timeout") {
+        const double s = std::stod(next());
+        if (!(s > 0 && s < 1e6)) throw std::invalid_argument("--idle-timeout needs a positive number of seconds");
+        limits.idle_timeout = std::chrono::milliseconds(static_cast<long long>(s * 1000));
+      } else if (a == "--package") {
         const std::string v = next();
         const auto eq = v.find('=');
         if (eq == std::string::npos) return usage();
         options.packages.emplace_back(v.substr(0, eq), v.substr(eq + 1));
+        if (allow.allow_package(v.substr(0, eq), v.substr(eq + 1)) == 0)
+          std::cerr << "json_service: " << v.substr(eq + 1) << " has no EXPORTS: package " << v.substr(0, eq)
+                    << " is shipped, but clients may call none of its functions\n";
       } else {
         return usage();
       }
@@ -178,17 +510,18 @@ int main(int argc, char** argv) {
       return usage();
     }
   }
+  if (allow.size() == 0) std::cerr << "json_service: no function is allowed: every request will be refused\n";
+  rlimit nofile{};
+  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
+      limits.max_connections + 64 > nofile.rlim_cur)
+    std::cerr << "json_service: --max-connections " << limits.max_connections << " is near RLIMIT_NOFILE ("
+              << nofile.rlim_cur << "): accepts will pause on EMFILE before the cap\n";
   try {
     ringpool::Pool pool(options);
     asio::io_context io;
-    tcp::acceptor acceptor(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), port));
-    accept(acceptor, pool);
-    asio::signal_set stop(io, SIGINT, SIGTERM);
-    stop.async_wait([&](boost::system::error_code, int) {
-      acceptor.close();
-      io.stop();
-    });
-    std::printf("listening on 127.0.0.1:%u\n", static_cast<unsigned>(acceptor.local_endpoint().port()));
+    Server server(io, port, pool, allow, limits);
+    server.start();
+    std::printf("listening on 127.0.0.1:%u\n", static_cast<unsigned>(server.port()));
     std::fflush(stdout);
     io.run();
     pool.shutdown(true);

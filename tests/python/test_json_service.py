@@ -1,0 +1,418 @@
+"""The example JSON service (examples/json_service) against hostile clients, over loopback only.
+
+Each test starts the service binary itself (``Service``) with the limits it exercises and stops it
+with SIGTERM, checking that it exits and that none of its workers outlives it. The happy path
+and a worker SIGKILLed under load are examples/json_service/drive.py's (ctest example.json_service).
+docs/design/security.md ("The example service") lists the checks tested here.
+"""
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import BINDINGS, alive
+
+ROOT = os.path.dirname(BINDINGS)
+BINARY = os.path.join(os.environ.get("RINGPOOL_BUILD_DIR", os.path.join(ROOT, "build")), "examples", "json_service")
+TEXTJOBS = os.path.join(ROOT, "examples", "json_service", "tasks", "textjobs")
+
+
+def fib(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def socket_count(pid):
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return n
+
+
+def descendants(pid):
+    kids, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in os.listdir(f"/proc/{p}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                new = {int(t) for t in open(f"/proc/{p}/task/{task}/children").read().split()}
+                todo += new - kids
+                kids |= new
+    return kids
+
+
+class Service:
+    """json_service on 127.0.0.1 with textjobs shipped (its EXPORTS allowed) and `flags`."""
+
+    def __init__(self, tmp_path, *flags):
+        assert os.path.exists(BINARY), f"{BINARY} is not built: ./run build"
+        self.stderr_path = tmp_path / "service.stderr"
+        self.proc = subprocess.Popen(
+            [BINARY, "--port", "0", "--workers", "2", "--python-path", BINDINGS, "--package", "textjobs=" + TEXTJOBS,
+             *flags], stdout=subprocess.PIPE, stderr=open(self.stderr_path, "w"), text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line.startswith("listening on"):
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail(f"the service did not start: {line!r} {self.stderr()}")
+        self.port = int(line.rsplit(":", 1)[1])
+        self.workers = descendants(self.proc.pid)
+
+    def stderr(self):
+        return self.stderr_path.read_text()
+
+    def connect(self, timeout=30):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        return s
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                pytest.fail("the service did not stop on SIGTERM within 30 s")
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in self.workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in self.workers if alive(p)], "workers outlived the service"
+
+
+@contextlib.contextmanager
+def service(tmp_path, *flags):
+    s = Service(tmp_path, *flags)
+    try:
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
+        else:
+            s.proc.wait(10)
+
+
+class Client:
+    def __init__(self, svc, timeout=30):
+        self.sock = svc.connect(timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send_line(self, data: bytes):
+        self.sock.sendall(data + b"\n")
+
+    def call(self, fn, *args, id=1):
+        self.send_line(json.dumps({"id": id, "fn": fn, "args": list(args)}).encode())
+        return self.recv()
+
+    def recv(self):
+        line = self.file.readline()
+        assert line, "the service closed the connection"
+        return json.loads(line)
+
+    def closed_by_peer(self):
+        """True once the service has closed the connection (the replies before are discarded)."""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+def test_only_allowed_functions_run(tmp_path):
+    marker = tmp_path / "pwned"
+    with service(tmp_path, "--allow", "json:dumps") as svc:
+        c = Client(svc)
+        # os:system must be refused without being imported or run: the marker never appears.
+        for fn in ("os:system", "textjobs:os.system", "textjobs:no_such", "textjobs.counting:collections.Counter",
+                   "json:loads", "subprocess:run"):
+            r = c.call(fn, f"touch {marker}")
+            assert r == {"id": 1, "ok": False,
+                         "error": {"type": "NotAllowed",
+                                   "message": f"function '{fn}' is not allowed by this service"}}, r
+        time.sleep(0.5)
+        assert not marker.exists()
+        # What EXPORTS lists ("word_count", "counting:count") and what --allow names do run.
+        assert c.call("textjobs:word_count", "a b a")["result"] == {"a": 2, "b": 1}
+        assert c.call("textjobs.counting:count", "x y x")["result"] == {"x": 2, "y": 1}
+        assert c.call("json:dumps", [1, 2])["result"] == "[1, 2]"
+        c.close()
+
+
+def test_package_without_exports_exports_nothing(tmp_path):
+    pkg = tmp_path / "quiet"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("def hello():\n    return 'hi'\n")
+    with service(tmp_path, "--package", f"quiet={pkg}") as svc:
+        c = Client(svc)
+        assert c.call("quiet:hello")["error"]["type"] == "NotAllowed"
+        assert c.call("textjobs:fib", 10)["result"] == 55
+        c.close()
+    assert "has no EXPORTS" in svc.stderr()
+
+
+def test_bad_allow_specs_are_refused_at_start(tmp_path):
+    for spec in ("os", "os:", ":system", "os:system;rm", "os:sys tem", "1os:system"):
+        r = subprocess.run([BINARY, "--allow", spec], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "not a \"module:function\" name" in r.stderr, (spec, r.stderr)
+
+
+MALFORMED = [
+    b"{not json",
+    b'{"id": 1, "fn": "textjobs:fib", "args": [1]',              # truncated
+    b'{"id": 1, "fn": "textjobs:fib", "args": [1]} trailing',
+    b"[1, 2]",                                                   # not an object
+    b'"textjobs:fib"',
+    b'{"fn": 5}',                                                # wrong types
+    b'{"args": [1]}',
+    b'{"fn": "textjobs:fib", "args": {"n": 1}}',
+    b'{"fn": "textjobs:fib", "kwargs": [1]}',
+    b'{"fn": "textjobs:fib", "fn": "os:system"}',                # duplicate key
+    b'{"fn": "textjobs:fib", "args": [99999999999999999999]}',   # integer past int64
+    b'{"fn": "textjobs:word_count", "args": ["\xff\xfe"]}',      # not UTF-8
+    b'{"fn": "textjobs:word_count", "args": ["\\ud800"]}',       # lone surrogate
+    b'{"fn": "textjobs:word_count", "args": ["a\x00b"]}',        # raw control character
+    b"[" * 65 + b"]" * 65,                                       # nesting past 64
+    b"[" * 200_000 + b"]" * 200_000,
+    b'{"a":' * 100_000,
+    b"\x00\x01\x02",
+]
+
+
+def test_malformed_json_is_answered_not_fatal(tmp_path):
+    with service(tmp_path) as svc:
+        c = Client(svc)
+        for i, line in enumerate(MALFORMED):
+            c.send_line(line)
+            r = c.recv()
+            assert r["ok"] is False and r["error"]["type"] == "BadRequest", (line[:60], r)
+            # The connection goes on after each.
+            assert c.call("textjobs:fib", i, id=i) == {"id": i, "ok": True, "result": fib(i)}
+        # The deepest document allowed still works.
+        c.send_line(b'{"id": 0, "fn": "textjobs:word_count", "args": [' + b"[" * 62 + b"]" * 62 + b"]}")
+        assert c.recv()["error"]["type"] == "AttributeError"  # a list has no split(): the worker's answer
+        # A request the stream ends inside: answered, then the connection closes.
+        c.sock.sendall(b'{"id": 5, "fn": "textjobs:fib", "args": [')
+        c.sock.shutdown(socket.SHUT_WR)
+        r = c.recv()
+        assert r["error"]["type"] == "BadRequest" and "truncated" in r["error"]["message"]
+        assert c.file.readline() == b""
+        c.close()
+        # HTTP (a browser posting to the port): refused, and the body after the headers never runs.
+        marker = tmp_path / "from-browser"
+        h = Client(svc)
+        body = json.dumps({"id": 1, "fn": "textjobs:fib", "args": [1]}).encode()
+        h.sock.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n\r\n" + body + b"\n")
+        r = h.recv()
+        assert r["error"]["type"] == "BadRequest" and "HTTP" in r["error"]["message"]
+        assert h.file.readline() == b""  # closed: no answer to the body
+        h.close()
+        assert not marker.exists()
+        assert svc.proc.poll() is None
+
+
+def test_oversized_request_is_refused_and_its_connection_closed(tmp_path):
+    with service(tmp_path, "--max-request-bytes", "4096") as svc:
+        ok = Client(svc)
+        text = "w " * 1900
+        assert ok.call("textjobs:word_count", text)["result"] == {"w": 1900}  # under the cap
+        for payload in (b'{"fn": "textjobs:word_count", "args": ["' + b"x" * 5000 + b'"]}\n',  # a long line
+                        b"[" + b"1," * 500_000):                                             # no newline at all
+            big = Client(svc)
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                big.sock.sendall(payload)
+            r = big.recv()
+            assert r == {"id": None, "ok": False,
+                         "error": {"type": "RequestTooLarge", "message": "a request is at most 4096 bytes"}}
+            assert big.closed_by_peer()
+            big.close()
+        assert ok.call("textjobs:fib", 20)["result"] == 6765
+        ok.close()
+
+
+def test_thousand_concurrent_connections_over_a_cap_of_fifty(tmp_path):
+    n, cap = 1000, 50
+    with service(tmp_path, "--max-connections", str(cap)) as svc:
+        base = socket_count(svc.proc.pid)
+        peak = [0]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                with contextlib.suppress(FileNotFoundError):
+                    peak[0] = max(peak[0], socket_count(svc.proc.pid) - base)
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+
+        async def one(i):
+            r, w = await asyncio.open_connection("127.0.0.1", svc.port)
+            w.write(json.dumps({"id": i, "fn": "textjobs:fib", "args": [i % 90]}).encode() + b"\n")
+            await w.drain()
+            line = await r.readline()
+            w.close()
+            await w.wait_closed()
+            return json.loads(line)
+
+        async def all_of_them():
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), 100)
+
+        try:
+            t0 = time.monotonic()
+            replies = asyncio.run(all_of_them())
+            elapsed = time.monotonic() - t0
+        finally:
+            done.set()
+            sampler.join()
+        assert [r["id"] for r in replies] == list(range(n))
+        assert all(r["ok"] and r["result"] == fib(r["id"] % 90) for r in replies), [r for r in replies if not r["ok"]][:3]
+        # The excess waited in the listen backlog: the service never held more than the cap.
+        assert 0 < peak[0] <= cap, f"peak of {peak[0]} connections over a cap of {cap}"
+        print(f"{n} connections, cap {cap}: all answered in {elapsed:.2f} s, peak {peak[0]} connections")
+
+
+def test_slowloris_is_closed_while_others_are_served(tmp_path):
+    idle = 1.0
+    with service(tmp_path, "--idle-timeout", str(idle)) as svc:
+        t0 = time.monotonic()
+        silent = Client(svc, timeout=0.1)
+        loris = Client(svc, timeout=0.1)
+        patient = Client(svc)
+        patient.send_line(json.dumps({"id": 9, "fn": "textjobs:slow", "args": [2.5 * idle]}).encode())
+        busy = Client(svc)
+        request = b'{"id": 1, "fn": "textjobs:fib", "args": [10]'
+        closed = {}
+        i = answered = 0
+        while time.monotonic() - t0 < 3.5 * idle:
+            if "loris" not in closed:  # a byte at a time, never a newline
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    loris.sock.send(request[i % len(request):i % len(request) + 1])
+                i += 1
+            for name, c in (("silent", silent), ("loris", loris)):
+                if name not in closed and c.closed_by_peer():
+                    closed[name] = time.monotonic() - t0
+            assert busy.call("textjobs:fib", 10)["result"] == 55
+            answered += 1
+        assert set(closed) == {"silent", "loris"}, closed
+        for name, at in closed.items():
+            assert idle <= at <= 2 * idle + 0.5, f"{name} closed after {at:.2f} s (idle timeout {idle} s)"
+        assert answered > 10
+        # Owed a reply, the patient client is not idle: it gets its answer after the timeout.
+        r = patient.recv()
+        assert r["id"] == 9 and r["ok"], r
+        for c in (silent, loris, patient, busy):
+            c.close()
+
+
+def send_until_stuck(sock, data, limit, patience=1.0, deadline=60):
+    """Sends data again and again without reading, until the socket takes nothing for `patience`
+    seconds or `limit` bytes went; returns (bytes sent, whether it got stuck)."""
+    sock.setblocking(False)
+    sent, stuck_since, t0 = 0, None, time.monotonic()
+    while sent < limit and time.monotonic() - t0 < deadline:
+        try:
+            sent += sock.send(data)
+            stuck_since = None
+        except BlockingIOError:
+            stuck_since = stuck_since or time.monotonic()
+            if time.monotonic() - stuck_since > patience:
+                return sent, True
+            time.sleep(0.01)
+        except (ConnectionResetError, BrokenPipeError):
+            return sent, True  # closed by the service
+    return sent, False
+
+
+def test_backpressure_stops_reading_from_a_client_with_replies_pending(tmp_path):
+    with service(tmp_path, "--max-pending", "4") as svc:
+        greedy = svc.connect()
+        # Slow tasks: a service without backpressure would read (and queue) all of it at once.
+        line = json.dumps({"id": "x" * 1000, "fn": "textjobs:slow", "args": [2]}).encode() + b"\n"
+        sent, stuck = send_until_stuck(greedy, line * 1000, limit=256 << 20)
+        # Only the socket buffers (a few MB) took requests: the service stopped reading.
+        assert stuck and sent < 32 << 20, f"the service read {sent >> 20} MB"
+        other = Client(svc)
+        assert other.call("textjobs:fib", 30)["result"] == 832040  # others are served meanwhile
+        other.close()
+        greedy.close()
+
+
+def test_client_that_does_not_read_its_replies_is_closed(tmp_path):
+    with service(tmp_path, "--idle-timeout", "2") as svc:
+        base = socket_count(svc.proc.pid)  # not fds: the pool keeps memfd blocks for large payloads
+        greedy = svc.connect()
+        # Large replies (a dict of 60,000 words) fill the socket buffers within a few requests.
+        text = " ".join(f"w{i}" for i in range(60_000))
+        line = json.dumps({"id": 1, "fn": "textjobs:word_count", "args": [text]}).encode() + b"\n"
+        send_until_stuck(greedy, line, limit=64 << 20, deadline=5)
+        # Its write stalls for the idle timeout: the service closes it while it is still open here.
+        deadline = time.monotonic() + 15
+        while socket_count(svc.proc.pid) > base and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert socket_count(svc.proc.pid) == base, "the stalled connection was not closed"
+        other = Client(svc)
+        assert other.call("textjobs:fib", 12)["result"] == 144
+        other.close()
+        greedy.close()
+
+
+def test_accept_survives_fd_exhaustion(tmp_path):
+    with service(tmp_path, "--max-connections", "1000", "--idle-timeout", "60", "--accept-backoff-ms", "50") as svc:
+        # Room for a few connections only, under a limit lowered once the pool runs (it needs its
+        # own fds to start).
+        room = 6
+        # Once the workers run (a pool that cannot start one fails its tasks with PoolClosed).
+        warm = Client(svc)
+        assert warm.call("textjobs:fib", 1)["result"] == 1
+        warm.close()
+        settle = time.monotonic() + 30
+        while (svc.workers != descendants(svc.proc.pid) or len(svc.workers) < 3) and time.monotonic() < settle:
+            svc.workers = descendants(svc.proc.pid)
+            time.sleep(0.2)
+        time.sleep(0.5)
+        resource.prlimit(svc.proc.pid, resource.RLIMIT_NOFILE, (fd_count(svc.proc.pid) + room,) * 2)
+        hogs = [Client(svc) for _ in range(room + 10)]  # beyond the room they wait in the backlog
+        deadline = time.monotonic() + 10
+        while "Too many open files" not in svc.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "accept: Too many open files" in svc.stderr()
+        late = Client(svc, timeout=1.0)
+        late.send_line(json.dumps({"id": 7, "fn": "textjobs:fib", "args": [7]}).encode())
+        with pytest.raises(socket.timeout):
+            late.file.readline()  # not accepted: no fd to accept it with
+        for h in hogs:
+            h.close()
+        late.sock.settimeout(20)
+        late.file = late.sock.makefile("rb")
+        assert late.recv() == {"id": 7, "ok": True, "result": 13}
+        assert "accepting again" in svc.stderr()
+        fresh = Client(svc)
+        assert fresh.call("textjobs:fib", 8)["result"] == 21
+        fresh.close()
+        late.close()
+        assert svc.proc.poll() is None
