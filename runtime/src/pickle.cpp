@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <optional>
 #include <unordered_map>
@@ -216,7 +217,6 @@ class Decoder {
  public:
   Decoder(std::string_view in, const PickleLimits& limits)
       : in_(in), limits_(limits), budget_(decoded_budget(in.size(), limits)) {
-    nodes_.reserve(16);
     // Singletons, as in Python: NONE, NEWFALSE and NEWTRUE never allocate.
     add_leaf(Value(), Value::Type::none);
     add_leaf(Value(false), Value::Type::boolean);
@@ -562,7 +562,10 @@ class Decoder {
   std::size_t pos_ = 0;
   std::size_t op_offset_ = 0;
   std::uint8_t op_ = 0;
-  std::vector<Node> nodes_;
+  // A deque, not a vector: one node per input byte is the worst case, and a vector's regrowth
+  // would hold the old and the new array at once, tripling that peak (the bound is stated in
+  // docs/design/pickle-codec.md, "Limits an attacker cannot exceed").
+  std::deque<Node> nodes_;
   std::vector<std::uint32_t> stack_;
   std::vector<std::size_t> marks_;  // stack sizes at each open MARK
   // Memo indices are the sender's choice: keyed, so they cannot all be put in one bucket.
@@ -626,8 +629,13 @@ class TreeDecoder {
     used_ += bytes;
     return true;
   }
+  // CPython's pickler keeps its stack short (batches of 1000 items); a stack this deep is a long
+  // tuple or hand-made input, which the graph decoder takes: its nodes are not Items (80 bytes,
+  // in a vector whose regrowth would triple that peak), so memory stays within the stated bound.
+  static constexpr std::size_t kMaxStack = 4096;
+
   bool push_scalar(Value v, Value::Type t, std::size_t extra = 0) {
-    if (!charge(sizeof(Value) + extra)) return false;
+    if (stack_.size() >= kMaxStack || !charge(sizeof(Value) + extra)) return false;
     Item it;
     it.value = std::move(v);
     it.type = t;
@@ -644,6 +652,7 @@ class TreeDecoder {
     return it;
   }
   bool push_container(Value::Type t) {
+    if (stack_.size() >= kMaxStack) return false;
     std::optional<Item> c = container(t);
     if (!c) return false;
     stack_.push_back(std::move(*c));

@@ -2,13 +2,16 @@
 // unsafe or malformed pickle there is refused, and what we write decodes back (by us here, by
 // CPython in tests/python/test_pickle_codec.py).
 #include <doctest/doctest.h>
+#include <malloc.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <new>
 #include <set>
 #include <string>
 #include <string_view>
@@ -387,4 +390,107 @@ TEST_CASE("pickle: a list built one APPEND at a time decodes in linear time") {
   const double t_single = best_of_3([&] { work(single); });
   MESSAGE("APPENDS batches " << t_batched * 1e3 << " ms, single APPENDs " << t_single * 1e3 << " ms");
   CHECK(t_single < 3 * t_batched);
+}
+
+// -- peak heap use of a decode ---------------------------------------------------------------
+// The test binary's operator new/delete count the bytes malloc really hands out
+// (malloc_usable_size) while a PeakHeap on this thread is active; other threads and other
+// tests are not counted.
+namespace {
+thread_local bool t_counting = false;
+thread_local std::int64_t t_live = 0, t_peak = 0;
+
+struct PeakHeap {
+  PeakHeap() {
+    t_live = t_peak = 0;
+    t_counting = true;
+  }
+  ~PeakHeap() { t_counting = false; }
+  std::int64_t peak() const { return t_peak; }
+};
+}  // namespace
+
+void* operator new(std::size_t n) {
+  void* p = std::malloc(n ? n : 1);
+  if (!p) throw std::bad_alloc();
+  if (t_counting) {
+    t_live += static_cast<std::int64_t>(malloc_usable_size(p));
+    t_peak = std::max(t_peak, t_live);
+  }
+  return p;
+}
+void operator delete(void* p) noexcept {
+  if (p && t_counting) t_live -= static_cast<std::int64_t>(malloc_usable_size(p));
+  std::free(p);
+}
+void operator delete(void* p, std::size_t) noexcept { operator delete(p); }
+
+TEST_CASE("pickle: the decoder's peak heap use stays within the bound pickle-codec.md states") {
+  // docs/design/pickle-codec.md, "Limits an attacker cannot exceed": at most kPerByte bytes per
+  // input byte, plus twice the decoded-size budget (max_expansion x input + max_decoded_slack)
+  // that memo references may fill with copies.
+  constexpr std::int64_t kPerByte = 160;
+  const PickleLimits limits;
+  const auto bound = [&](std::size_t size, bool shares) {
+    const std::int64_t budget = static_cast<std::int64_t>(size * limits.max_expansion + limits.max_decoded_slack);
+    return kPerByte * static_cast<std::int64_t>(size) + (shares ? 2 * budget : 0);
+  };
+  constexpr std::size_t n = std::size_t{1} << 20;
+  const std::string h = "\x80\x04";
+  const auto repeat = [](std::string_view unit, std::size_t times) {
+    std::string s;
+    s.reserve(unit.size() * times);
+    for (std::size_t i = 0; i < times; ++i) s += unit;
+    return s;
+  };
+  // Each shape maximizes one structure: one node or stack item per input byte, memo entries,
+  // marks, nesting, dict keys, many small strs; some are refused at the end, after the work.
+  const std::pair<std::string, std::string> unshared[] = {
+      {"empty lists left on the stack", h + std::string(n, ']') + "."},
+      {"a list of empty lists from a MARK", h + "(" + std::string(n, ']') + "l."},
+      {"a tuple of empty dicts", h + "(" + std::string(n, '}') + "t."},
+      {"a tuple of small ints", h + "(" + repeat("K\x01", n / 2) + "t."},
+      {"memoized lists", h + "(" + repeat("]\x94", n / 2) + "l."},
+      {"single APPENDs", h + "]" + repeat("]a", n / 2) + "."},
+      {"open MARKs", h + std::string(n, '(') + "."},
+      {"nesting past the limit", h + std::string(n / 2, ']') + std::string(n / 2 - 1, 'a') + "."},
+      {"empty strs", h + "(" + repeat("\x8c\x00"sv, n / 2) + "l."},
+      {"one-item tuples", h + "(" + repeat("K\x01\x85", n / 3) + "l."},
+      {"a dict of int keys", [&] {
+         std::string s = h + "}(";
+         for (std::uint32_t i = 0; i < n / 6; ++i) {
+           s += 'J';
+           put_le(s, i, 4);
+           s += 'N';
+         }
+         return s + "u.";
+       }()},
+  };
+  for (const auto& [name, data] : unshared) {
+    CAPTURE(name);
+    std::int64_t peak;
+    {
+      PeakHeap heap;
+      try {
+        pickle_loads(data, limits);
+      } catch (const PickleError&) {
+      }
+      peak = heap.peak();
+    }
+    MESSAGE(std::string(name) << ": " << data.size() << " bytes, peak heap " << peak << " (" << peak / static_cast<std::int64_t>(data.size()) << "x)");
+    CHECK(peak <= bound(data.size(), false));
+  }
+  // Memo references filling the decoded-size budget with copies of one 1 MiB str.
+  std::string shared = h + "X";
+  put_le(shared, n, 4);
+  shared += std::string(n, 'x') + "\x94" "0(" + repeat("h\x00"sv, 63) + "l.";
+  std::int64_t peak;
+  {
+    PeakHeap heap;
+    CHECK(pickle_loads(shared, limits).as_list().size() == 63);
+    peak = heap.peak();
+  }
+  MESSAGE("63 copies of a shared 1 MiB str: peak heap " << peak);
+  CHECK(peak > 63 * static_cast<std::int64_t>(n));  // the accounting sees the copies
+  CHECK(peak <= bound(shared.size(), true));
 }
