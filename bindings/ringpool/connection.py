@@ -230,7 +230,7 @@ def _rebuild_connection(recv_tokens, send_tokens, peer_token):
 
 def Pipe(duplex=True, *, capacity=None):
     """Return (conn1, conn2). With duplex=False, conn1 only receives and conn2 only sends."""
-    cap = capacity or DEFAULT_CAPACITY
+    cap = DEFAULT_CAPACITY if capacity is None else capacity
     s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     a = _core.Channel.create(cap)
     if duplex:

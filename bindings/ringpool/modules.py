@@ -715,6 +715,10 @@ def _read_file(root, path, name):
 def _read_package(name, root):
     """Snapshot of the package folder ``root`` (already resolved)."""
     files = {}
+    # Each real directory is read once: sub-packages that symlink to one another (b -> a at every
+    # level) would otherwise be walked once per path, 2**levels times. A sub-package reached a
+    # second time through a symlink is shipped under its first path (in sorted order) only.
+    visited = {root}
 
     def walk(folder, prefix, ancestors):
         with os.scandir(folder) as it:
@@ -734,6 +738,9 @@ def _read_package(name, root):
                 if real in ancestors:
                     raise ImportError(f"sub-package {path!r} is a symlink cycle", name=name,
                                       path=path)
+                if real in visited:
+                    continue
+                visited.add(real)
                 walk(path, prefix + e.name + "/", ancestors | {real})
             elif e.name.endswith(".py") and e.name[:-3].isidentifier() and e.is_file():
                 files[prefix + e.name] = _read_file(root, path, name)

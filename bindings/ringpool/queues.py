@@ -160,7 +160,7 @@ class Queue:
     def __init__(self, maxsize=0, *, ctx=None, capacity=None, backpressure=True):
         self._maxsize = int(maxsize) if maxsize and maxsize > 0 else 0
         # Only a bounded queue keeps an exact shared item count (one more atomic per message).
-        self._chan = _core.Channel.create(capacity or DEFAULT_CAPACITY, 0, bool(self._maxsize))
+        self._chan = _core.Channel.create(DEFAULT_CAPACITY if capacity is None else capacity, 0, bool(self._maxsize))
         if not backpressure:
             self._accounting = type(self)._accounting | _core.NO_BACKPRESSURE
         self._reset_local()
@@ -333,7 +333,7 @@ class SimpleQueue:
     """``multiprocessing.SimpleQueue`` over a ring: put is synchronous, get blocks."""
 
     def __init__(self, *, ctx=None, capacity=None):
-        self._chan = _core.Channel.create(capacity or DEFAULT_CAPACITY)
+        self._chan = _core.Channel.create(DEFAULT_CAPACITY if capacity is None else capacity)
         self._setup()
 
     def _setup(self):

@@ -13,6 +13,7 @@
 #include <cxxabi.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <deque>
 #include <cstdlib>
@@ -69,8 +70,14 @@ template <class Try, class Ready, class Wait>
 bool block_until(double timeout, Try&& try_fn, Ready&& ready, Wait&& wait) {
   if (try_fn()) return true;
   if (timeout == 0) return false;
+  if (std::isnan(timeout)) throw py::value_error("timeout must be a number, not NaN");
   const std::int64_t start = futex::now_ns();
-  const std::int64_t deadline = timeout < 0 ? INT64_MAX : start + static_cast<std::int64_t>(timeout * 1e9);
+  // A timeout too long to count in int64 nanoseconds (inf, 1e12 s) waits forever; converting it
+  // would overflow (undefined; on x86 it gives INT64_MIN, an expired deadline: Empty at once).
+  const std::int64_t deadline =
+      timeout < 0 || !(timeout < static_cast<double>(INT64_MAX - start) / 1e9)
+          ? INT64_MAX
+          : start + static_cast<std::int64_t>(timeout * 1e9);
   for (;;) {
     {
       ReleaseGil nogil;
@@ -227,8 +234,16 @@ class PyChannel {
  public:
   explicit PyChannel(std::shared_ptr<Ring> ring) : ch_(std::move(ring)) {}
 
-  static PyChannel create(std::size_t capacity, std::size_t inline_max, bool count_items) {
-    return PyChannel(Ring::create({capacity, inline_max, count_items}));
+  static PyChannel create(const py::int_& capacity, std::size_t inline_max, bool count_items) {
+    // Any Python int may arrive: a negative or huge one is a ValueError like a zero (Ring::create),
+    // not pybind11's TypeError or OverflowError.
+    const unsigned long long cap = PyLong_AsUnsignedLongLong(capacity.ptr());
+    if (cap == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+      PyErr_Clear();
+      throw py::value_error("ring capacity must be 1 to " + std::to_string(kMaxRingCapacity) + " bytes, not " +
+                            py::str(py::handle(capacity)).cast<std::string>());
+    }
+    return PyChannel(Ring::create({static_cast<std::size_t>(cap), inline_max, count_items}));
   }
   static PyChannel attach(int memfd, int tx, int rx, int event) {
     return PyChannel(Ring::attach(UniqueFd(memfd), UniqueFd(tx), UniqueFd(rx), UniqueFd(event)));
@@ -748,7 +763,7 @@ void init_channel(py::module_& m) {
 Every method may be called from any thread of any process that holds the channel. Blocking
 methods release the GIL, spin briefly, then sleep on a futex, and run Python signal handlers
 at least every 20 ms (an exception from a handler propagates).)doc")
-      .def_static("create", &PyChannel::create, py::arg("capacity") = std::size_t{1} << 20, py::arg("inline_max") = 0,
+      .def_static("create", &PyChannel::create, py::arg("capacity") = py::int_(std::size_t{1} << 20), py::arg("inline_max") = 0,
                   py::arg("count_items") = false)
       .def_static("attach", &PyChannel::attach, py::arg("memfd"), py::arg("tx"), py::arg("rx"), py::arg("event"),
                   "Attach to a ring from its four descriptors; takes ownership of them.")

@@ -13,11 +13,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <optional>
 #include <unordered_map>
 #include <vector>
 
+#include "keyed_hash.hpp"
 #include "utf8.hpp"
 
 namespace ringpool {
@@ -136,39 +138,61 @@ bool key_equal(const Value& a, const Value& b) {
   return a == b;
 }
 
-// A hash consistent with key_equal: equal numbers hash alike whatever their type.
-std::size_t key_hash(const Value& v) {
-  const auto mix = [](std::size_t h, std::size_t x) { return h ^ (x + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2)); };
+// A hash consistent with key_equal (equal numbers hash alike whatever their type), keyed with
+// the process's random SipHash key: a sender who cannot predict it cannot choose keys that
+// collide, so the duplicate-key check below stays O(n) expected for any dict it sends.
+std::uint64_t key_hash(const Value& v) {
+  detail::SipHasher h;
+  const auto tag = [&h](char t) { h.update(&t, 1); };
   if (is_number(v)) {
     std::int64_t i;
-    if (!v.is_float()) return std::hash<std::int64_t>{}(int_value(v));
-    if (float_as_int(v.as_float(), i)) return std::hash<std::int64_t>{}(i);
-    if (std::isnan(v.as_float())) return 0x7ff8;
-    return std::hash<double>{}(v.as_float());
+    if (!v.is_float()) {
+      tag('i');
+      h.update_u64(static_cast<std::uint64_t>(int_value(v)));
+    } else if (float_as_int(v.as_float(), i)) {
+      tag('i');  // 1.0 == 1, and -0.0 == 0
+      h.update_u64(static_cast<std::uint64_t>(i));
+    } else if (std::isnan(v.as_float())) {
+      tag('n');  // every NaN is one key to key_equal, whatever its payload
+    } else {
+      tag('f');
+      const double d = v.as_float();
+      std::uint64_t bits;
+      std::memcpy(&bits, &d, sizeof bits);
+      h.update_u64(bits);
+    }
+    return h.finish();
   }
   switch (v.type()) {
     case Value::Type::str:
-      return mix(1, std::hash<std::string>{}(v.as_str()));
+      tag('s');
+      h.update(v.as_str().data(), v.as_str().size());
+      break;
     case Value::Type::bytes:
-      return mix(2, std::hash<std::string>{}(v.as_bytes()));
-    case Value::Type::tuple: {
-      std::size_t h = 3;
-      for (const Value& item : v.as_tuple()) h = mix(h, key_hash(item));
-      return h;
-    }
+      tag('b');
+      h.update(v.as_bytes().data(), v.as_bytes().size());
+      break;
+    case Value::Type::tuple:
+      tag('t');
+      h.update_u64(v.as_tuple().size());
+      for (const Value& item : v.as_tuple()) h.update_u64(key_hash(item));
+      break;
     default:
-      return 4;  // None
+      tag('N');  // None; check_dict_keys refuses the unhashable types before hashing
+      break;
   }
+  return h.finish();
 }
 
 // Why the keys of a dict could not come from (or go to) a Python dict, or an empty string.
 std::string check_dict_keys(const Value::Dict& entries) {
-  std::unordered_multimap<std::size_t, std::size_t> seen;  // hash -> entry index
+  // key_hash -> entry index; the hash is already keyed, so the table's own hash may be the identity.
+  std::unordered_multimap<std::uint64_t, std::size_t> seen;
   seen.reserve(entries.size());
   for (std::size_t i = 0; i < entries.size(); ++i) {
     const Value& key = entries[i].first;
     if (const Value* bad = unhashable_part(key)) return "unhashable dict key of type " + std::string(bad->type_name());
-    const std::size_t h = key_hash(key);
+    const std::uint64_t h = key_hash(key);
     auto [lo, hi] = seen.equal_range(h);
     for (auto it = lo; it != hi; ++it)
       if (key_equal(entries[it->second].first, key))
@@ -193,7 +217,6 @@ class Decoder {
  public:
   Decoder(std::string_view in, const PickleLimits& limits)
       : in_(in), limits_(limits), budget_(decoded_budget(in.size(), limits)) {
-    nodes_.reserve(16);
     // Singletons, as in Python: NONE, NEWFALSE and NEWTRUE never allocate.
     add_leaf(Value(), Value::Type::none);
     add_leaf(Value(false), Value::Type::boolean);
@@ -539,10 +562,14 @@ class Decoder {
   std::size_t pos_ = 0;
   std::size_t op_offset_ = 0;
   std::uint8_t op_ = 0;
-  std::vector<Node> nodes_;
+  // A deque, not a vector: one node per input byte is the worst case, and a vector's regrowth
+  // would hold the old and the new array at once, tripling that peak (the bound is stated in
+  // docs/design/pickle-codec.md, "Limits an attacker cannot exceed").
+  std::deque<Node> nodes_;
   std::vector<std::uint32_t> stack_;
   std::vector<std::size_t> marks_;  // stack sizes at each open MARK
-  std::unordered_map<std::uint32_t, std::uint32_t> memo_;
+  // Memo indices are the sender's choice: keyed, so they cannot all be put in one bucket.
+  std::unordered_map<std::uint32_t, std::uint32_t, detail::KeyedIntHash> memo_;
   std::size_t budget_ = 0;
   std::size_t used_ = 0;
 };
@@ -602,8 +629,13 @@ class TreeDecoder {
     used_ += bytes;
     return true;
   }
+  // CPython's pickler keeps its stack short (batches of 1000 items); a stack this deep is a long
+  // tuple or hand-made input, which the graph decoder takes: its nodes are not Items (80 bytes,
+  // in a vector whose regrowth would triple that peak), so memory stays within the stated bound.
+  static constexpr std::size_t kMaxStack = 4096;
+
   bool push_scalar(Value v, Value::Type t, std::size_t extra = 0) {
-    if (!charge(sizeof(Value) + extra)) return false;
+    if (stack_.size() >= kMaxStack || !charge(sizeof(Value) + extra)) return false;
     Item it;
     it.value = std::move(v);
     it.type = t;
@@ -620,6 +652,7 @@ class TreeDecoder {
     return it;
   }
   bool push_container(Value::Type t) {
+    if (stack_.size() >= kMaxStack) return false;
     std::optional<Item> c = container(t);
     if (!c) return false;
     stack_.push_back(std::move(*c));
@@ -648,7 +681,10 @@ class TreeDecoder {
   // Moves stack_[from..] into the container `into` (a stack index below from).
   bool adopt(std::size_t into, std::size_t from) { return absorb(stack_[into], from); }
   bool absorb(Item& c, std::size_t from) {
-    c.kids.reserve(c.kids.size() + (stack_.size() - from));
+    // Grow geometrically: reserving exactly one more item per APPEND would copy the whole list
+    // on every APPEND, quadratic in a list a sender writes one APPEND at a time.
+    const std::size_t need = c.kids.size() + (stack_.size() - from);
+    if (need > c.kids.capacity()) c.kids.reserve(std::max(need, 2 * c.kids.capacity()));
     for (std::size_t i = from; i < stack_.size(); ++i) {
       Item& k = stack_[i];
       // Decoder refuses a container nested deeper than max_depth; giving up one level earlier

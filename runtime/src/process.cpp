@@ -38,8 +38,10 @@ namespace {
     if (::getppid() != parent) ::_exit(127);
   }
   if (opts.new_session && ::setsid() < 0) child_fail(err_fd, errno);
-  // Move every source out of the way first (a source may sit on another mapping's target).
-  const int high = std::max(max_dst + 1, 64);
+  // Move every source out of the way first (a source may sit on another mapping's target):
+  // anywhere above the highest target will do. No higher floor: F_DUPFD fails with EINVAL at or
+  // above RLIMIT_NOFILE, and a worker must start under a limit as low as its descriptors allow.
+  const int high = max_dst + 1;
   int moved[256];
   const std::size_t n = opts.fds.size();
   if (n > 256) child_fail(err_fd, EMFILE);

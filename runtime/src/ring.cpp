@@ -1,5 +1,8 @@
 #include "ringpool/ring.hpp"
 
+#include <stdexcept>
+#include <string>
+
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -92,6 +95,9 @@ void eventfd_drain(int fd) noexcept {
 }  // namespace
 
 std::shared_ptr<Ring> Ring::create(const RingOptions& opts) {
+  if (opts.capacity == 0 || opts.capacity > kMaxRingCapacity)
+    throw std::invalid_argument("ring capacity must be 1 to " + std::to_string(kMaxRingCapacity) + " bytes, not " +
+                                std::to_string(opts.capacity));
   const std::size_t cap = round_capacity(opts.capacity);
   const std::size_t off = page_size();
   UniqueFd memfd = create_memfd("ringpool-ring", off + cap);

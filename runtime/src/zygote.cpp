@@ -182,9 +182,8 @@ void after_fork_basics(pid_t parent) {
 // Puts the received descriptors in place: stdio per mask, the rest at base.. where base is above
 // every descriptor this process keeps; closes everything above them. Runs in the worker.
 WorkerStart place_fds(std::vector<UniqueFd>& received, std::uint32_t stdio_mask) {
-  int max_keep = 2, max_open = 2;
+  int max_keep = 2;
   for (int fd : open_fds()) {
-    max_open = std::max(max_open, fd);
     const bool transient =
         std::any_of(received.begin(), received.end(), [fd](const UniqueFd& f) { return f.get() == fd; });
     if (!transient) max_keep = std::max(max_keep, fd);
@@ -193,7 +192,10 @@ WorkerStart place_fds(std::vector<UniqueFd>& received, std::uint32_t stdio_mask)
   for (int k = 0; k < 3; ++k) nstdio += (stdio_mask >> k) & 1u;
   const int nworker = static_cast<int>(received.size() - nstdio);
   const int base = std::max(3, max_keep + 1);
-  const int high = std::max(base + nworker, max_open + 1);
+  // The temporaries only have to miss the targets (stdio and base..base+nworker); F_DUPFD takes
+  // the lowest free number from there. No floor above every open descriptor: under a low
+  // RLIMIT_NOFILE that would fail with EINVAL although free numbers exist.
+  const int high = base + nworker;
   std::vector<int> tmp(received.size());
   for (std::size_t i = 0; i < received.size(); ++i) {
     tmp[i] = ::fcntl(received[i].get(), F_DUPFD_CLOEXEC, high);

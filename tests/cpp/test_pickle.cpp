@@ -2,13 +2,20 @@
 // unsafe or malformed pickle there is refused, and what we write decodes back (by us here, by
 // CPython in tests/python/test_pickle_codec.py).
 #include <doctest/doctest.h>
+#include <malloc.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <new>
 #include <set>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -258,4 +265,232 @@ TEST_CASE("pickle: every truncation of a valid pickle is refused, never read pas
     }
     CHECK(pickle_loads(data) == v);
   }
+}
+
+namespace {
+
+// Little-endian bytes of v, as the pickle opcodes' arguments are written.
+void put_le(std::string& out, std::uint64_t v, int width) {
+  for (int i = 0; i < width; ++i) out += static_cast<char>((v >> (8 * i)) & 0xff);
+}
+
+// A protocol 4 pickle of {(a, b): None, ...} for the given key pairs, in batches of 1000 as
+// CPython writes it; ints as BININT or LONG1 so any int64 fits.
+std::string dict_of_pairs(const std::vector<std::pair<std::int64_t, std::int64_t>>& keys) {
+  std::string p = "\x80\x04}";
+  const auto put_int = [&p](std::int64_t v) {
+    p += "\x8a\x08";
+    put_le(p, static_cast<std::uint64_t>(v), 8);
+  };
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    if (i % 1000 == 0) p += '(';
+    put_int(keys[i].first);
+    put_int(keys[i].second);
+    p += "\x86N";  // TUPLE2, NONE
+    if (i % 1000 == 999 || i + 1 == keys.size()) p += 'u';
+  }
+  return p + ".";
+}
+
+// The best of three runs of f, in seconds: the least disturbed by other load on the machine.
+template <class F>
+double best_of_3(F&& f) {
+  double best = 1e9;
+  for (int run = 0; run < 3; ++run) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+}  // namespace
+
+TEST_CASE("pickle: dict keys chosen to collide do not make decoding quadratic") {
+  // The key hash used to be public and unkeyed: an int hashed to itself and a tuple mixed its
+  // items' hashes with h ^ (x + C + (h << 6) + (h >> 2)). Solving that for the second item gives
+  // any number of distinct pairs (a, b) with the hash 0, and every duplicate-key check compared
+  // each new key with all earlier ones. A keyed hash gives these keys no common hash.
+  constexpr std::size_t n = 16384;
+  constexpr std::uint64_t C = 0x9e3779b97f4a7c15ULL;
+  std::vector<std::pair<std::int64_t, std::int64_t>> colliding, ordinary;
+  for (std::uint64_t a = 0; a < n; ++a) {
+    const std::uint64_t h1 = 3 ^ (a + C + (3 << 6) + (3 >> 2));
+    const std::uint64_t b = (0 ^ h1) - C - (h1 << 6) - (h1 >> 2);  // makes h1 ^ (b + C + ...) == 0
+    colliding.emplace_back(static_cast<std::int64_t>(a), static_cast<std::int64_t>(b));
+    ordinary.emplace_back(static_cast<std::int64_t>(a), static_cast<std::int64_t>(a) * 7919);
+  }
+  const std::string bad = dict_of_pairs(colliding), good = dict_of_pairs(ordinary);
+  REQUIRE(bad.size() == good.size());
+  // Both decoders (the tree decoder takes this input; the graph decoder is the fallback) and the
+  // encoder, which checks the keys the same way.
+  const auto work = [&](const std::string& data) {
+    const Value v = pickle_loads(data);
+    REQUIRE(v.as_dict().size() == n);
+    REQUIRE(ringpool::detail::pickle_loads_graph(data).as_dict().size() == n);
+    REQUIRE(pickle_dumps(v).size() > n);
+  };
+  const double t_good = best_of_3([&] { work(good); });
+  const double t_bad = best_of_3([&] { work(bad); });
+  MESSAGE("ordinary keys " << t_good * 1e3 << " ms, colliding keys " << t_bad * 1e3 << " ms");
+  // Quadratic was about 80 times slower; 3 leaves room for a noisy machine.
+  CHECK(t_bad < 3 * t_good);
+}
+
+TEST_CASE("pickle: memo indices chosen to share a hash bucket do not make decoding quadratic") {
+  // The memo was an unordered_map hashing an index to itself: indices that are multiples of the
+  // table's bucket count all land in one bucket, so every PUT and GET scanned all of them.
+  constexpr std::uint32_t n = 16384;
+  std::unordered_map<std::uint32_t, std::uint32_t> probe;  // the same growth as the memo's
+  for (std::uint32_t i = 0; i < n; ++i) probe.emplace(i, i);
+  const auto stride = static_cast<std::uint32_t>(probe.bucket_count());
+  REQUIRE(std::uint64_t{stride} * n < (std::uint64_t{1} << 32));
+  // [[], [], ... (n new lists, each stored), then each again by a memo read]
+  const auto memo_pickle = [&](std::uint32_t step) {
+    std::string p = "\x80\x04]";
+    for (std::uint32_t i = 0; i < n; ++i) {
+      p += "]r";  // EMPTY_LIST, LONG_BINPUT
+      put_le(p, std::uint64_t{i} * step, 4);
+      p += 'a';
+    }
+    for (std::uint32_t i = 0; i < n; ++i) {
+      p += 'j';  // LONG_BINGET
+      put_le(p, std::uint64_t{i} * step, 4);
+      p += 'a';
+    }
+    return p + ".";
+  };
+  const std::string bad = memo_pickle(stride), good = memo_pickle(1);
+  const auto work = [&](const std::string& data) { REQUIRE(pickle_loads(data).as_list().size() == 2 * n); };
+  const double t_good = best_of_3([&] { work(good); });
+  const double t_bad = best_of_3([&] { work(bad); });
+  MESSAGE("memo indices 0.." << n << ": " << t_good * 1e3 << " ms; multiples of " << stride << ": " << t_bad * 1e3
+                             << " ms");
+  CHECK(t_bad < 3 * t_good);
+}
+
+TEST_CASE("pickle: a list built one APPEND at a time decodes in linear time") {
+  // The tree decoder reserved room for exactly one more item per APPEND, copying the whole list
+  // each time. CPython writes batches of 1000 (APPENDS); a sender may write single APPENDs.
+  constexpr std::size_t n = 32768;
+  std::string single = "\x80\x04]", batched = "\x80\x04]";
+  for (std::size_t i = 0; i < n; ++i) {
+    single += 'K';  // BININT1 <byte> APPEND
+    single += static_cast<char>(i & 0x7f);
+    single += 'a';
+    if (i % 1000 == 0) batched += '(';
+    batched += 'K';
+    batched += static_cast<char>(i & 0x7f);
+    if (i % 1000 == 999 || i + 1 == n) batched += 'e';
+  }
+  single += '.';
+  batched += '.';
+  const auto work = [&](const std::string& data) { REQUIRE(pickle_loads(data).as_list().size() == n); };
+  const double t_batched = best_of_3([&] { work(batched); });
+  const double t_single = best_of_3([&] { work(single); });
+  MESSAGE("APPENDS batches " << t_batched * 1e3 << " ms, single APPENDs " << t_single * 1e3 << " ms");
+  CHECK(t_single < 3 * t_batched);
+}
+
+// -- peak heap use of a decode ---------------------------------------------------------------
+// The test binary's operator new/delete count the bytes malloc really hands out
+// (malloc_usable_size) while a PeakHeap on this thread is active; other threads and other
+// tests are not counted.
+namespace {
+thread_local bool t_counting = false;
+thread_local std::int64_t t_live = 0, t_peak = 0;
+
+struct PeakHeap {
+  PeakHeap() {
+    t_live = t_peak = 0;
+    t_counting = true;
+  }
+  ~PeakHeap() { t_counting = false; }
+  std::int64_t peak() const { return t_peak; }
+};
+}  // namespace
+
+void* operator new(std::size_t n) {
+  void* p = std::malloc(n ? n : 1);
+  if (!p) throw std::bad_alloc();
+  if (t_counting) {
+    t_live += static_cast<std::int64_t>(malloc_usable_size(p));
+    t_peak = std::max(t_peak, t_live);
+  }
+  return p;
+}
+void operator delete(void* p) noexcept {
+  if (p && t_counting) t_live -= static_cast<std::int64_t>(malloc_usable_size(p));
+  std::free(p);
+}
+void operator delete(void* p, std::size_t) noexcept { operator delete(p); }
+
+TEST_CASE("pickle: the decoder's peak heap use stays within the bound pickle-codec.md states") {
+  // docs/design/pickle-codec.md, "Limits an attacker cannot exceed": at most kPerByte bytes per
+  // input byte, plus twice the decoded-size budget (max_expansion x input + max_decoded_slack)
+  // that memo references may fill with copies.
+  constexpr std::int64_t kPerByte = 160;
+  const PickleLimits limits;
+  const auto bound = [&](std::size_t size, bool shares) {
+    const std::int64_t budget = static_cast<std::int64_t>(size * limits.max_expansion + limits.max_decoded_slack);
+    return kPerByte * static_cast<std::int64_t>(size) + (shares ? 2 * budget : 0);
+  };
+  constexpr std::size_t n = std::size_t{1} << 20;
+  const std::string h = "\x80\x04";
+  const auto repeat = [](std::string_view unit, std::size_t times) {
+    std::string s;
+    s.reserve(unit.size() * times);
+    for (std::size_t i = 0; i < times; ++i) s += unit;
+    return s;
+  };
+  // Each shape maximizes one structure: one node or stack item per input byte, memo entries,
+  // marks, nesting, dict keys, many small strs; some are refused at the end, after the work.
+  const std::pair<std::string, std::string> unshared[] = {
+      {"empty lists left on the stack", h + std::string(n, ']') + "."},
+      {"a list of empty lists from a MARK", h + "(" + std::string(n, ']') + "l."},
+      {"a tuple of empty dicts", h + "(" + std::string(n, '}') + "t."},
+      {"a tuple of small ints", h + "(" + repeat("K\x01", n / 2) + "t."},
+      {"memoized lists", h + "(" + repeat("]\x94", n / 2) + "l."},
+      {"single APPENDs", h + "]" + repeat("]a", n / 2) + "."},
+      {"open MARKs", h + std::string(n, '(') + "."},
+      {"nesting past the limit", h + std::string(n / 2, ']') + std::string(n / 2 - 1, 'a') + "."},
+      {"empty strs", h + "(" + repeat("\x8c\x00"sv, n / 2) + "l."},
+      {"one-item tuples", h + "(" + repeat("K\x01\x85", n / 3) + "l."},
+      {"a dict of int keys", [&] {
+         std::string s = h + "}(";
+         for (std::uint32_t i = 0; i < n / 6; ++i) {
+           s += 'J';
+           put_le(s, i, 4);
+           s += 'N';
+         }
+         return s + "u.";
+       }()},
+  };
+  for (const auto& [name, data] : unshared) {
+    CAPTURE(name);
+    std::int64_t peak;
+    {
+      PeakHeap heap;
+      try {
+        pickle_loads(data, limits);
+      } catch (const PickleError&) {
+      }
+      peak = heap.peak();
+    }
+    MESSAGE(std::string(name) << ": " << data.size() << " bytes, peak heap " << peak << " (" << peak / static_cast<std::int64_t>(data.size()) << "x)");
+    CHECK(peak <= bound(data.size(), false));
+  }
+  // Memo references filling the decoded-size budget with copies of one 1 MiB str.
+  std::string shared = h + "X";
+  put_le(shared, n, 4);
+  shared += std::string(n, 'x') + "\x94" "0(" + repeat("h\x00"sv, 63) + "l.";
+  std::int64_t peak;
+  {
+    PeakHeap heap;
+    CHECK(pickle_loads(shared, limits).as_list().size() == 63);
+    peak = heap.peak();
+  }
+  MESSAGE("63 copies of a shared 1 MiB str: peak heap " << peak);
+  CHECK(peak > 63 * static_cast<std::int64_t>(n));  // the accounting sees the copies
+  CHECK(peak <= bound(shared.size(), true));
 }

@@ -526,3 +526,32 @@ def test_get_many_unpickling_error_loses_nothing_else(bad_at):
     assert got == [i for i in range(8) if i != bad_at]
     with pytest.raises(queue.Empty):
         q.get_many(10, timeout=0.05)
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e12])
+def test_a_huge_or_infinite_timeout_blocks_until_an_item(timeout):
+    # The timeout became int64 nanoseconds without a range check: inf and 1e12 s overflowed to an
+    # expired deadline and get() raised Empty at once.
+    q = ringpool.Queue()
+    a, b = ringpool.Pipe()
+    threading.Timer(0.3, q.put, args=("late",)).start()
+    threading.Timer(0.3, b.send, args=("late",)).start()
+    t0 = time.monotonic()
+    assert q.get(timeout=timeout) == "late"
+    assert a.poll(timeout)
+    assert a.recv() == "late"
+    assert time.monotonic() - t0 >= 0.25
+    with pytest.raises(ValueError):
+        q.get(timeout=float("nan"))
+
+
+@pytest.mark.parametrize("capacity", [2**63 + 1, 2**64 + 5, 2**41, 0, -1])
+def test_absurd_queue_capacities_are_refused(capacity):
+    # 2**63 + 1 used to loop forever (rounding up to a power of two overflowed) holding the GIL.
+    for make in (lambda: ringpool.Queue(capacity=capacity), lambda: ringpool.SimpleQueue(capacity=capacity),
+                 lambda: ringpool.Pipe(capacity=capacity)):
+        with pytest.raises(ValueError, match="ring capacity must be 1 to"):
+            make()
+    q = ringpool.Queue(capacity=1)  # the smallest capacity is still a working ring (one page)
+    q.put("x")
+    assert q.get(timeout=10) == "x"

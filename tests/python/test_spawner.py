@@ -742,3 +742,35 @@ def test_too_many_thread_starting_modules_turn_the_automatic_preload_off(tmp_pat
     assert lines[-2:] == ["[False, False]", "0"], out.stdout + out.stderr
     assert sum("left a thread running" in line for line in lines) == n, out.stdout
     assert sum("automatic preload is off" in line for line in lines) == 1, out.stdout
+
+
+_LOW_NOFILE = r"""
+import resource, sys
+import ringpool
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+def work():
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    for ctx in (ringpool.get_context(preload=()), ringpool.get_context(zygote=False)):
+        p = ctx.Process(target=work)
+        p.start()
+        p.join(60)
+        print(p.exitcode, flush=True)
+"""
+
+
+@pytest.mark.parametrize("limit", [32, 24])
+def test_workers_start_with_a_low_descriptor_limit(tmp_path, limit):
+    # The exec spawner moved the child's descriptors above a fixed 64 ("launch: Invalid argument"
+    # with RLIMIT_NOFILE <= 64), the zygote above every open one; both start modes must work whenever
+    # the descriptors they need fit (24 do here; below about 22 the parent itself runs out: EMFILE).
+    script = tmp_path / "low_nofile.py"
+    script.write_text(_LOW_NOFILE)
+    out = subprocess.run([sys.executable, str(script), str(limit)], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["0", "0"], out.stderr[-3000:]

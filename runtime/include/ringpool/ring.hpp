@@ -102,10 +102,15 @@ static_assert(sizeof(pthread_mutex_t) <= 64, "each robust mutex fits its own cac
 // RingControl::options
 inline constexpr std::uint32_t kOptCountItems = 1;  // maintain `items` on every put and get (maxsize)
 
+// The largest data area a ring may ask for. Far beyond any memory this runs on; without a bound,
+// rounding a capacity above 2^63 up to a power of two would overflow (and loop forever).
+inline constexpr std::size_t kMaxRingCapacity = std::size_t{1} << 40;
+
 struct RingOptions {
   // Bytes in the data area. Larger rings absorb bursts without blocking; the first
   // kRingPrefaultBytes are pre-faulted at creation and attach, the rest faults in on the first
-  // pass of the cursors. Rounded up to a power of two >= 1 page.
+  // pass of the cursors. Rounded up to a power of two >= 1 page. 1..kMaxRingCapacity, else
+  // Ring::create throws std::invalid_argument.
   std::size_t capacity = 1u << 20;
   // Payloads above this travel out of band (0: capacity / 8). Smaller keeps the ring from being
   // monopolised by a few large frames; larger saves the block hand-off for mid-size messages.
