@@ -150,7 +150,7 @@ def _apply_state(state):
         from .bundle import _install_environment
 
         _install_environment(*state["bundle"])
-    _watch_root(state.get("root"))
+    _watch_root(state.get("root"), state.get("daemon", False))
     if state.get("tracker") is not None:
         from multiprocessing import resource_tracker
 
@@ -175,16 +175,18 @@ def _apply_state(state):
         _after_import("torch", on_torch)
 
 
-def _watch_root(root):
-    """A worker started by a worker (a nested one) outlives its parent, as under spawn, so that
-    it can notice the parent's death through ``parent_process()``; it dies with the root instead,
-    so nothing outlives the outermost process. A worker of the root itself keeps dying with its
-    parent's supervisor thread (the parent-death signal the spawner armed)."""
+def _watch_root(root, daemon):
+    """A non-daemonic worker started by a worker (a nested one) outlives its parent, as under
+    spawn, so that it can notice the parent's death through ``parent_process()``; it dies with
+    the root instead, so nothing outlives the outermost process. A daemonic one (a Pool's, a
+    DataLoader's, an Executor's worker) keeps dying with its parent, as every worker of the root
+    does (the parent-death signal the spawner armed): its parent would have ended it at exit, and
+    a pool's worker waits on a ring, which has no end-of-file by which to notice a dead parent."""
     global _root
     if root is None:
         return
     _root = root
-    if root != os.getppid():
+    if root != os.getppid() and not daemon:
         from . import _core
 
         try:

@@ -49,8 +49,9 @@ Deviations from the stdlib contexts:
   zygote dies, the workers it forked are killed (their exit code is -9) and the next ``start()``
   brings up a new zygote; after ``ctx.shutdown()`` (an orderly stop) they run on.
 - Nothing outlives the outermost ringpool process: its workers die with it even when it is
-  SIGKILLed, and so do workers that workers started (at any depth), though these outlive their
-  own parent, as under spawn (``ringpool/_worker.py:_watch_root``). Every worker uses the
+  SIGKILLed, and so do workers that workers started (at any depth). A non-daemonic one of those
+  outlives its own parent, as under spawn; a daemonic one dies with it
+  (``ringpool/_worker.py:_watch_root``). Every worker uses the
   outermost process's resource tracker, as spawn children do.
 - A worker's stdin, stdout and stderr are this process's descriptors 0-2 at ``start()``.
 - The automatic preload (``get_context()`` without ``preload``): the zygote imports, one at a

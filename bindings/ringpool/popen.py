@@ -161,6 +161,7 @@ class Popen:
             _reduction.dump(process_obj, body)  # the hybrid pickler: lambdas and __main__ by value
             modver = _modules.registry_version()
             prep_data["ringpool"] = _ringpool_state(context, self._hashes)
+            prep_data["ringpool"]["daemon"] = bool(process_obj.daemon)  # see _worker._watch_root
             # Our resource tracker, as spawn and forkserver children get it: what a worker
             # registers (a SharedMemory it attaches to, a named semaphore) is then unlinked when
             # this process's tracker ends, not when the worker exits.

@@ -44,6 +44,14 @@ def _start_grandchild(conn, zygote):
     time.sleep(120)
 
 
+def _start_daemon_grandchild(conn, zygote):
+    inner = ringpool.get_context(zygote=zygote)
+    p = inner.Process(target=time.sleep, args=(120,), daemon=True)
+    p.start()
+    conn.send(p.pid)
+    time.sleep(120)
+
+
 def _square(x):
     return x * x
 
@@ -104,6 +112,27 @@ def test_a_grandchild_has_its_parent_and_notices_its_death(ctx):
         while alive(grand_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not alive(grand_pid)
+    finally:
+        child.kill()
+        child.join(10)
+
+
+def test_a_daemonic_grandchild_dies_with_its_parent(ctx):
+    # A daemonic worker (a Pool's, an Executor's, a DataLoader's) ends with its parent, as the
+    # parent would end it at exit; a pool's worker waiting on a ring could not notice otherwise.
+    r, w = mp.Pipe(duplex=False)
+    child = ctx.Process(target=_start_daemon_grandchild, args=(w, ctx.zygote))
+    child.start()
+    try:
+        assert r.poll(60)
+        grand = r.recv()
+        assert alive(grand)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+        deadline = time.monotonic() + 10
+        while alive(grand) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(grand), "a daemonic grandchild outlived its SIGKILLed parent"
     finally:
         child.kill()
         child.join(10)
