@@ -74,6 +74,13 @@ def _plain_dumps(obj: Any) -> bytes | None: ...
 def _plain_loads(data: bytes) -> tuple[bool, Any]: ...
 def block_pool_bytes() -> int: ...
 def set_block_pool_limit(n: int) -> None: ...
+BLOCK_MAGIC: int
+BLOCK_VERSION: int
+def create_memfd(name: str, size: int) -> int:
+    """A new memfd of size bytes (close-on-exec), sealed against shrinking and growing; the caller owns it."""
+def check_received_memfd(fd: int, min_size: int, max_size: int, what: str = "segment") -> int:
+    """Its size, if fd is a memfd sealed against shrinking and growing, of min_size..max_size bytes;
+    else ProtocolError naming what is wrong. Call before mapping a memfd from another process."""
 def retain_heap(nbytes: int) -> bool:
     """Keep up to nbytes of freed heap memory for reuse (glibc mallopt); False where not applied."""
 def _pickle_roundtrip(data: bytes, protocol: int = 5) -> bytes:

@@ -62,6 +62,8 @@ import zlib
 from multiprocessing import resource_tracker
 from multiprocessing.reduction import DupFd
 
+from . import _core
+
 __all__ = ["CHANNELS", "Report", "Invariant", "ChannelStats", "QueueLedger", "check_queue_ledger",
            "draw_size", "run", "main", "add_arguments"]
 
@@ -137,8 +139,9 @@ class _Shared:
         self.n = n
         own = fd is None
         if own:
-            fd = os.memfd_create("ringpool-stress", os.MFD_CLOEXEC)
-            os.ftruncate(fd, n * 8)
+            fd = _core.create_memfd("ringpool-stress", n * 8)  # sealed: a peer cannot SIGBUS us
+        else:
+            _core.check_received_memfd(fd, n * 8, n * 8, "stress counters")
         self._mm = mmap.mmap(fd, n * 8)
         self._a = memoryview(self._mm).cast("q")
         if own:

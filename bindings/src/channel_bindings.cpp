@@ -306,11 +306,7 @@ class PyChannel {
 
   // None on timeout; bytes for a plain frame; (flags, payload, fds) otherwise.
   py::object get(double timeout) {
-    if (!leftover_.empty()) {
-      py::object item = std::move(leftover_.front());
-      leftover_.pop_front();
-      return item;
-    }
+    if (!leftover_.empty()) return raise_if_error(pop_leftover());
     OneSink sink;
     std::vector<UniqueFd> fds;
     bool ok = block_until(
@@ -330,12 +326,29 @@ class PyChannel {
     std::vector<UniqueFd> fds;
     py::list out;
     if (max == 0) return out;
+    if (!leftover_.empty()) {
+      while (!leftover_.empty() && out.size() < max) {
+        if (is_error(leftover_.front()) && out.size() != 0) return out;  // it raises on the next get
+        out.append(raise_if_error(pop_leftover()));
+      }
+      return out;
+    }
     bool ok = block_until(
         timeout, [&] { return ring().try_get_many(sink, max, fds) != 0; }, [&] { return ring().readable(); },
         [&](std::int64_t ns) { ring().wait_data(ns); });
     if (!ok) return out;
     std::size_t pos = 0;
-    for (auto& f : sink.frames) out.append(assemble(f, fds, pos));
+    for (std::size_t i = 0; i < sink.frames.size(); ++i) {
+      py::object item = assemble_or_error(sink.frames[i], fds, pos);
+      if (is_error(item)) {
+        // A refused frame raises for itself, once: now if nothing came before it, else next time.
+        leftover_.push_back(std::move(item));
+        keep_rest(sink.frames, i + 1, fds, pos);
+        if (out.size() == 0) return raise_if_error(pop_leftover());
+        return out;
+      }
+      out.append(std::move(item));
+    }
     return out;
   }
 
@@ -444,9 +457,17 @@ class PyChannel {
     if (max == 0) return out;
     if (!leftover_.empty()) {
       while (!leftover_.empty() && out.size() < max) {
-        py::object item = std::move(leftover_.front());
+        PyObject* r = load_item_or_error(leftover_.front().ptr());
+        if (r == nullptr) {
+          py::error_already_set err;
+          if (out.size() == 0) {
+            leftover_.pop_front();  // it raises once; the rest stay in leftover_
+            throw err;
+          }
+          return out;  // deliver what decoded; the failing one raises on the next get
+        }
         leftover_.pop_front();
-        out.append(load(item));  // on error: the rest stay in leftover_
+        out.append(py::reinterpret_steal<py::object>(r));
       }
       return out;
     }
@@ -463,16 +484,13 @@ class PyChannel {
     std::size_t pos = 0;
     for (std::size_t i = 0; i < sink.frames.size(); ++i) {
       Frame& f = sink.frames[i];
-      py::object item = (f.flags == 0 && f.nhandles == 0) ? std::move(f.payload) : assemble(f, fds, pos);
-      PyObject* r = load_item(item.ptr());
+      py::object item = (f.flags == 0 && f.nhandles == 0) ? std::move(f.payload) : assemble_or_error(f, fds, pos);
+      PyObject* r = load_item_or_error(item.ptr());
       if (r == nullptr) {
         py::error_already_set err;
         // The failing frame raises exactly once: now if nothing decoded before it, else next time.
         if (out.size() != 0) leftover_.push_back(std::move(item));
-        for (std::size_t j = i + 1; j < sink.frames.size(); ++j) {
-          Frame& g = sink.frames[j];
-          leftover_.push_back((g.flags == 0 && g.nhandles == 0) ? std::move(g.payload) : assemble(g, fds, pos));
-        }
+        keep_rest(sink.frames, i + 1, fds, pos);
         if (out.size() == 0) throw err;
         return out;  // deliver what decoded; the error surfaces on the next get
       }
@@ -545,20 +563,60 @@ class PyChannel {
   }
 
   py::object next_item(double timeout) {
-    if (!leftover_.empty()) {
-      py::object item = std::move(leftover_.front());
-      leftover_.pop_front();
-      return item;
-    }
+    if (!leftover_.empty()) return pop_leftover();
     py::object item = get(timeout);
     if (item.is_none()) return py::object();
     return item;
   }
 
   static py::object load(const py::object& item) {
-    PyObject* r = load_item(item.ptr());
+    PyObject* r = load_item_or_error(item.ptr());
     if (r == nullptr) throw py::error_already_set();
     return py::reinterpret_steal<py::object>(r);
+  }
+
+  // A frame refused while its item was assembled is kept in leftover_ as its exception instance
+  // (no real item is one: items are bytes, bytearrays and tuples), raised when its turn comes.
+  static bool is_error(const py::object& item) { return PyExceptionInstance_Check(item.ptr()) != 0; }
+
+  static py::object raise_if_error(py::object item) {
+    if (is_error(item)) {
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(item.ptr())), item.ptr());
+      throw py::error_already_set();
+    }
+    return item;
+  }
+
+  // load_item, or the error of a refused frame (new reference, or nullptr with the error set).
+  static PyObject* load_item_or_error(PyObject* item) {
+    if (PyExceptionInstance_Check(item)) {
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(item)), item);
+      return nullptr;
+    }
+    return load_item(item);
+  }
+
+  py::object pop_leftover() {
+    py::object item = std::move(leftover_.front());
+    leftover_.pop_front();
+    return item;
+  }
+
+  // assemble, with a ProtocolError (a block refused by BlockCache::open) as its exception instance.
+  py::object assemble_or_error(Frame& f, std::vector<UniqueFd>& fds, std::size_t& pos) {
+    try {
+      return assemble(f, fds, pos);
+    } catch (const ProtocolError& e) {
+      return py::module_::import("ringpool._core").attr("ProtocolError")(e.what());
+    }
+  }
+
+  // The frames from `from` on, as leftovers, in order (after an earlier one failed).
+  void keep_rest(std::vector<Frame>& frames, std::size_t from, std::vector<UniqueFd>& fds, std::size_t& pos) {
+    for (std::size_t j = from; j < frames.size(); ++j) {
+      Frame& g = frames[j];
+      leftover_.push_back((g.flags == 0 && g.nhandles == 0) ? std::move(g.payload) : assemble_or_error(g, fds, pos));
+    }
   }
 
   [[noreturn]] static void throw_empty() {
@@ -568,18 +626,20 @@ class PyChannel {
   }
 
   std::deque<py::object> leftover_;
+  // The item for frame f, whose handles are fds[pos, pos + f.nhandles). pos moves past them
+  // before anything can throw, so a refused frame (a block that fails BlockCache's checks) costs
+  // only itself: the frames after it still find their own handles.
   py::object assemble(Frame& f, std::vector<UniqueFd>& fds, std::size_t& pos) {
     std::size_t n = f.nhandles;
     if (pos + n > fds.size()) throw ProtocolError("frame handles missing");
     py::object payload = f.payload;
     std::size_t first = pos;
-    if (f.flags & proto::flag::kOutOfBand) {
-      auto block = BlockCache::instance().open(std::move(fds[pos]));
-      if (f.oob_len > block->capacity()) throw ProtocolError("out-of-band length beyond its block");
-      payload = py::cast(std::make_unique<OobBuffer>(std::move(block), static_cast<std::size_t>(f.oob_len)));
-      ++first;
-    }
     pos += n;
+    if (f.flags & proto::flag::kOutOfBand) {
+      ++first;
+      auto block = BlockCache::instance().open(std::move(fds[first - 1]), f.oob_len);
+      payload = py::cast(std::make_unique<OobBuffer>(std::move(block), static_cast<std::size_t>(f.oob_len)));
+    }
     const std::uint8_t user_flags = f.flags & static_cast<std::uint8_t>(~proto::flag::kOutOfBand);
     if (user_flags == 0 && first == pos && !(f.flags & proto::flag::kOutOfBand)) return payload;
     py::list fdl;
@@ -807,6 +867,21 @@ at least every 20 ms (an exception from a handler propagates).)doc")
   m.def("block_pool_bytes", [] { return BlockPool::instance().cached_bytes(); },
         "Bytes of out-of-band blocks this process keeps for reuse.");
   m.def("set_block_pool_limit", [](std::size_t n) { BlockPool::instance().set_max_bytes(n); });
+  // A block's header identity, for tools and tests that must recognise (or forge) one.
+  m.attr("BLOCK_MAGIC") = kBlockMagic;
+  m.attr("BLOCK_VERSION") = kBlockVersion;
+  m.def(
+      "create_memfd", [](const std::string& name, std::size_t size) { return create_memfd(name.c_str(), size).release(); },
+      py::arg("name"), py::arg("size"),
+      "A new memfd of size bytes (close-on-exec), sealed against shrinking and growing; the caller owns it.");
+  m.def(
+      "check_received_memfd",
+      [](int fd, std::size_t min_size, std::size_t max_size, const std::string& what) {
+        return check_received_memfd(fd, min_size, max_size, what.c_str());
+      },
+      py::arg("fd"), py::arg("min_size"), py::arg("max_size"), py::arg("what") = "segment",
+      "Its size, if fd is a memfd sealed against shrinking and growing, of min_size..max_size bytes; "
+      "else ProtocolError naming what is wrong. Call before mapping a memfd from another process.");
 }
 
 }  // namespace ringpool::py_bindings

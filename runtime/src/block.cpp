@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
 
 #include "ringpool/error.hpp"
 
@@ -24,17 +26,23 @@ const AtForkRegistration g_atfork;
 
 constexpr std::size_t kMinBlock = 64 * 1024;
 
+}  // namespace
+
 // Block sizes: len rounded up to a granule of 1/8 of its power of two (at least 64 KiB), so a
 // block wastes at most 12.5% (a pure power-of-two class would give a 64 MiB array, whose frame
 // is a few bytes larger, a 128 MiB block).
-std::size_t size_class(std::size_t len) {
+std::size_t block_size_class(std::size_t len) noexcept {
   std::size_t p = kMinBlock;
   while (p < len) p <<= 1;
   const std::size_t granule = std::max(kMinBlock, p / 8);
   return (len + granule - 1) / granule * granule;
 }
 
-}  // namespace
+// acquire() reuses a free block of up to this capacity for len (see there).
+std::size_t block_capacity_limit(std::size_t len) noexcept {
+  const std::size_t cls = block_size_class(len);
+  return cls + cls / 4;
+}
 
 std::uint64_t fork_generation() noexcept { return g_fork_generation.load(std::memory_order_relaxed); }
 
@@ -62,12 +70,13 @@ void BlockPool::drop_if_forked() {
 }
 
 std::shared_ptr<Block> BlockPool::acquire(std::size_t len) {
-  const std::size_t cls = size_class(len);
+  if (len > kMaxBlockPayload) throw std::length_error("out-of-band payload larger than 1 TiB");
+  const std::size_t cls = block_size_class(len);
   std::lock_guard<std::mutex> g(mu_);
   drop_if_forked();
   for (auto& b : blocks_) {
-    // Any free block that fits without wasting more than a quarter of it.
-    if (b->capacity() < len || b->capacity() > cls + cls / 4) continue;
+    // Any free block that fits without wasting more than a quarter of it (readers hold us to it).
+    if (b->capacity() < len || b->capacity() > block_capacity_limit(len)) continue;
     std::uint32_t expected = kBlockFree;
     // Acquire pairs with the reader's release in Block::mark_free.
     if (b->header()->state.compare_exchange_strong(expected, kBlockBusy, std::memory_order_acquire)) return b;
@@ -117,7 +126,13 @@ void BlockCache::set_max_bytes(std::size_t n) {
   max_bytes_ = n;
 }
 
-std::shared_ptr<Block> BlockCache::open(UniqueFd fd) {
+std::shared_ptr<Block> BlockCache::open(UniqueFd fd, std::uint64_t length) {
+  if (length > kMaxBlockPayload)
+    throw ProtocolError("out-of-band length " + std::to_string(length) + " beyond the protocol's maximum");
+  const std::size_t len = static_cast<std::size_t>(length);
+  // The capacity a producer following BlockPool::acquire can have used for len: checked on hits
+  // too, since a block is reused for payloads of other sizes.
+  const auto fits = [len](std::size_t capacity) { return capacity >= len && capacity <= block_capacity_limit(len); };
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) throw_errno("fstat(block)");
   // While we keep a mapping, the block's inode cannot be freed, so (dev, ino) cannot be reused
@@ -133,6 +148,8 @@ std::shared_ptr<Block> BlockCache::open(UniqueFd fd) {
   auto it = map_.find(key);
   if (it != map_.end()) {
     if (auto b = it->second.weak.lock()) {
+      // Vetted when it was mapped; its seals hold its size (see check_received_memfd).
+      if (!fits(b->capacity())) throw ProtocolError("out-of-band length does not fit its block's capacity");
       if (!it->second.keep) {
         it->second.keep = b;
         kept_bytes_ += b->capacity();
@@ -142,11 +159,12 @@ std::shared_ptr<Block> BlockCache::open(UniqueFd fd) {
     }
     map_.erase(it);
   }
-  const std::size_t total = static_cast<std::size_t>(st.st_size);
-  if (total <= page_size()) throw ProtocolError("out-of-band block too small");
+  const std::size_t ps = page_size();
+  const std::size_t total = check_received_memfd(fd.get(), ps + std::max<std::size_t>(len, 1),
+                                                 ps + block_capacity_limit(len), "out-of-band block");
   Segment seg(std::move(fd), total, 0, /*populate=*/true);
   const auto* h = reinterpret_cast<const BlockHeader*>(seg.base());
-  if (h->magic != kBlockMagic || h->version != kBlockVersion || h->capacity != total - page_size())
+  if (h->magic != kBlockMagic || h->version != kBlockVersion || h->capacity != total - ps)
     throw ProtocolError("not a ringpool out-of-band block");
   // The mapping holds the block (and its inode, so the key stays unique); a reader never sends a
   // block on, so the cache keeps mappings, not descriptors.

@@ -781,6 +781,7 @@ struct Pool::Impl {
       std::string error;  // why it did not decode, if it did not
     };
     std::string scratch;
+    std::string oob;  // an out-of-band result, copied out of the worker's block (kept: no realloc)
     std::vector<Decoded> decoded;
     std::vector<Completion> ready;
     for (;;) {
@@ -806,11 +807,13 @@ struct Pool::Impl {
               throw PickleError("out-of-band result without its block");
             proto::OobDescriptor d;
             std::memcpy(&d, sink.payload(fr).data(), sizeof d);
-            std::shared_ptr<Block> block = BlockCache::instance().open(std::move(mine[0]));
-            if (d.length > block->capacity()) throw PickleError("out-of-band result longer than its block");
-            Value rec = pickle_loads(std::string_view(reinterpret_cast<const char*>(block->data()), d.length));
+            // open() refuses an unsealed block and one whose size does not fit d.length.
+            std::shared_ptr<Block> block = BlockCache::instance().open(std::move(mine[0]), d.length);
+            // The worker can still write the block: decode a private copy (security.md, "Shared
+            // memory from another process"). Freed at once, the block goes back to the worker.
+            oob.assign(reinterpret_cast<const char*>(block->data()), static_cast<std::size_t>(d.length));
             block->mark_free();
-            decoded.push_back({result_from(std::move(rec)), {}});
+            decoded.push_back({result_from(pickle_loads(oob)), {}});
           } else if (fr.header.flags != 0) {
             throw PickleError("result frame with unexpected flags");
           } else if (std::optional<Result> r = read_result(sink.payload(fr), scratch)) {
@@ -859,6 +862,7 @@ struct Pool::Impl {
       } else if (now - idle_since > kTrimAfter) {
         backlog.trim();
         for (auto& [_, w] : workers) w->sent.trim();
+        std::string().swap(oob);  // the copy of a large result (beyond the ring's inline limit)
       }
       depth = std::clamp<std::size_t>(static_cast<std::size_t>(kQueuedWork / (avg + 2e-6)), kMinDepth, kMaxDepth);
       if (open_workers() < static_cast<std::size_t>(opts.workers)) replenish(lk);

@@ -126,9 +126,10 @@ std::shared_ptr<Ring> Ring::create(const RingOptions& opts) {
 }
 
 std::shared_ptr<Ring> Ring::attach(UniqueFd memfd, UniqueFd tx, UniqueFd rx, UniqueFd event) {
-  const std::size_t total = fd_size(memfd.get());
   const std::size_t off = page_size();
-  if (total <= off) throw ProtocolError("not a ringpool ring segment (too small)");
+  // Before any mapping: sealed (a peer cannot truncate it under us), and a control page plus at
+  // least one data page, at most the largest ring create() makes.
+  const std::size_t total = check_received_memfd(memfd.get(), 2 * off, off + kMaxRingCapacity, "ring segment");
   // Read the control block through a private probe mapping before trusting its numbers.
   RingControl probe{};
   {

@@ -32,6 +32,37 @@ UniqueFd create_memfd(const char* debug_name, std::size_t size) {
   return fd;
 }
 
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010  // Linux 5.1; older headers lack it
+#endif
+
+std::size_t check_received_memfd(int fd, std::size_t min_size, std::size_t max_size, const char* what) {
+  // Seals first, size second: a sender may still resize an unsealed file between the two calls,
+  // but not once both seals are on, so the size read after a passing seal check is final.
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  if (seals < 0) {
+    if (errno == EINVAL) throw ProtocolError(std::string(what) + " is not a memfd (it cannot carry seals)");
+    throw_errno(std::string("fcntl(F_GET_SEALS) of ") + what);
+  }
+  const int need = F_SEAL_SHRINK | F_SEAL_GROW;
+  if ((seals & need) != need) {
+    std::string missing = (seals & F_SEAL_SHRINK) ? "F_SEAL_GROW" : (seals & F_SEAL_GROW) ? "F_SEAL_SHRINK"
+                                                                                          : "F_SEAL_SHRINK and F_SEAL_GROW";
+    throw ProtocolError(std::string(what) + " is not sealed (" + missing +
+                        " missing): its sender could resize it under our mapping");
+  }
+  if (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE))
+    throw ProtocolError(std::string(what) + " is sealed against writing; ringpool maps segments writable");
+  const std::size_t size = fd_size(fd);
+  if (size < min_size)
+    throw ProtocolError(std::string(what) + " is too short: " + std::to_string(size) + " bytes, at least " +
+                        std::to_string(min_size) + " expected");
+  if (size > max_size)
+    throw ProtocolError(std::string(what) + " is too large: " + std::to_string(size) + " bytes, at most " +
+                        std::to_string(max_size) + " allowed");
+  return size;
+}
+
 std::size_t fd_size(int fd) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) throw_errno("fstat");

@@ -9,10 +9,12 @@
 
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
 
+#include "ringpool/block.hpp"
 #include "ringpool/channel.hpp"
 #include "ringpool/error.hpp"
 #include "ringpool/ring.hpp"
@@ -323,12 +325,112 @@ TEST_CASE("channel: large payloads go out of band through recycled blocks") {
     REQUIRE(fds.size() == 1);
     proto::OobDescriptor d;
     std::memcpy(&d, sink.got[0].data(), sizeof d);
-    auto block = BlockCache::instance().open(std::move(fds[0]));
     REQUIRE(d.length == big.size());
+    auto block = BlockCache::instance().open(std::move(fds[0]), d.length);
     CHECK(std::memcmp(block->data(), big.data(), big.size()) == 0);
     block->mark_free();
   }
   CHECK(BlockPool::instance().cached_bytes() == (1u << 20));  // one block, reused
+}
+
+namespace {
+
+// A memfd of size bytes with the given seals (0: none), as a careless or hostile peer might send.
+UniqueFd memfd_with(std::size_t size, int seals) {
+  UniqueFd fd(::memfd_create("test-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  REQUIRE(fd);
+  REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(size)) == 0);
+  if (seals != 0) REQUIRE(::fcntl(fd.get(), F_ADD_SEALS, seals) == 0);
+  return fd;
+}
+
+// A memfd laid out as a valid out-of-band block (header and all) of `capacity` data bytes.
+UniqueFd block_memfd(std::size_t capacity, int seals) {
+  UniqueFd fd = memfd_with(page_size() + capacity, 0);
+  BlockHeader h{};
+  h.magic = kBlockMagic;
+  h.version = kBlockVersion;
+  h.capacity = capacity;
+  REQUIRE(::pwrite(fd.get(), &h, sizeof h, 0) == static_cast<ssize_t>(sizeof h));
+  if (seals != 0) REQUIRE(::fcntl(fd.get(), F_ADD_SEALS, seals) == 0);
+  return fd;
+}
+
+std::string protocol_error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const ProtocolError& e) {
+    return e.what();
+  }
+  return "(no ProtocolError)";
+}
+
+}  // namespace
+
+TEST_CASE("segment: a received memfd must be sealed and of the expected size before it is mapped") {
+  const int both = F_SEAL_SHRINK | F_SEAL_GROW;
+  CHECK(check_received_memfd(memfd_with(8192, both).get(), 4096, 8192, "seg") == 8192);
+  CHECK(check_received_memfd(create_memfd("ours", 8192).get(), 8192, 8192, "seg") == 8192);  // ours pass
+  const auto err = [](UniqueFd fd, std::size_t lo, std::size_t hi) {
+    return protocol_error_of([&] { check_received_memfd(fd.get(), lo, hi, "seg"); });
+  };
+  CHECK(err(memfd_with(8192, 0), 0, 1 << 20) == "seg is not sealed (F_SEAL_SHRINK and F_SEAL_GROW missing): "
+                                                "its sender could resize it under our mapping");
+  CHECK(err(memfd_with(8192, F_SEAL_SHRINK), 0, 1 << 20).find("F_SEAL_GROW missing") != std::string::npos);
+  CHECK(err(memfd_with(8192, F_SEAL_GROW), 0, 1 << 20).find("F_SEAL_SHRINK missing") != std::string::npos);
+  CHECK(err(memfd_with(8192, both | F_SEAL_WRITE), 0, 1 << 20).find("sealed against writing") != std::string::npos);
+  CHECK(err(memfd_with(4096, both), 8192, 1 << 20) == "seg is too short: 4096 bytes, at least 8192 expected");
+  CHECK(err(memfd_with(16384, both), 0, 8192) == "seg is too large: 16384 bytes, at most 8192 allowed");
+  // Not a memfd at all: a pipe, and a memfd made without MFD_ALLOW_SEALING (born with F_SEAL_SEAL).
+  int p[2];
+  REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+  UniqueFd r(p[0]), w(p[1]);
+  CHECK(protocol_error_of([&] { check_received_memfd(r.get(), 0, 8192, "seg"); }) ==
+        "seg is not a memfd (it cannot carry seals)");
+  UniqueFd plain(::memfd_create("no-sealing", MFD_CLOEXEC));
+  REQUIRE(::ftruncate(plain.get(), 8192) == 0);
+  CHECK(err(std::move(plain), 0, 1 << 20).find("not sealed") != std::string::npos);
+}
+
+TEST_CASE("segment: an unsealed ring segment is refused by attach") {
+  auto ring = Ring::create({64 * 1024, 0});
+  RingHandles h = ring->handles();
+  const auto attach_with = [&](UniqueFd memfd) {
+    return protocol_error_of([&] {
+      Ring::attach(std::move(memfd), dup_cloexec(h.tx), dup_cloexec(h.rx), dup_cloexec(h.event));
+    });
+  };
+  // A copy of the segment's bytes in an unsealed memfd: valid in every other respect.
+  UniqueFd copy = memfd_with(page_size() + 64 * 1024, 0);
+  std::vector<char> bytes(page_size() + 64 * 1024);
+  REQUIRE(::pread(h.memfd, bytes.data(), bytes.size(), 0) == static_cast<ssize_t>(bytes.size()));
+  REQUIRE(::pwrite(copy.get(), bytes.data(), bytes.size(), 0) == static_cast<ssize_t>(bytes.size()));
+  CHECK(attach_with(std::move(copy)).find("ring segment is not sealed") == 0);
+  CHECK(attach_with(memfd_with(page_size(), F_SEAL_SHRINK | F_SEAL_GROW)).find("ring segment is too short") == 0);
+  CHECK(Ring::attach(dup_cloexec(h.memfd), dup_cloexec(h.tx), dup_cloexec(h.rx), dup_cloexec(h.event)) != nullptr);
+}
+
+TEST_CASE("channel: BlockCache maps only sealed blocks whose size fits the length they carry") {
+  const int both = F_SEAL_SHRINK | F_SEAL_GROW;
+  const std::size_t cap = block_size_class(100000);
+  const auto open_err = [](UniqueFd fd, std::uint64_t len) {
+    return protocol_error_of([&] { BlockCache::instance().open(std::move(fd), len); });
+  };
+  CHECK(open_err(block_memfd(cap, 0), 100000).find("out-of-band block is not sealed") == 0);
+  CHECK(open_err(block_memfd(cap, both), cap + 1).find("out-of-band block is too short") == 0);
+  // 16 MiB for a 10-byte message: more than any producer gives it, so a peer cannot make us map
+  // (and populate) memory out of proportion to what it claims to send.
+  CHECK(open_err(block_memfd(16 << 20, both), 10).find("out-of-band block is too large") == 0);
+  CHECK(open_err(block_memfd(cap, both), std::uint64_t{1} << 62).find("beyond the protocol's maximum") !=
+        std::string::npos);
+  // A good one maps; the same block then serves any length it may be reused for, no other.
+  UniqueFd good = block_memfd(cap, both);
+  UniqueFd again(dup_cloexec(good.get()));
+  auto b = BlockCache::instance().open(std::move(good), 100000);
+  CHECK(b->capacity() == cap);
+  CHECK(open_err(dup_cloexec(again.get()), 10).find("does not fit") != std::string::npos);
+  CHECK(BlockCache::instance().open(std::move(again), cap) == b);  // the cached mapping
+  b->mark_free();
 }
 
 TEST_CASE("channel: a full ring yields a pending frame that publishes later") {

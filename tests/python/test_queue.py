@@ -555,3 +555,115 @@ def test_absurd_queue_capacities_are_refused(capacity):
     q = ringpool.Queue(capacity=1)  # the smallest capacity is still a working ring (one page)
     q.put("x")
     assert q.get(timeout=10) == "x"
+
+
+# -- received segments are vetted before they are mapped (docs/design/security.md) ----------------
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _forged_block(capacity, payload=b"", seal=True):
+    """A memfd laid out as an out-of-band block (BlockHeader in block.hpp: magic, version, state
+    BUSY, reserved, capacity), sealed or not: what a careless or hostile peer could send."""
+    import fcntl
+    import struct
+
+    fd = os.memfd_create("forged-block", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, _PAGE + capacity)
+    os.pwrite(fd, struct.pack("<IIIIQ", _core.BLOCK_MAGIC, _core.BLOCK_VERSION, 1, 0, capacity), 0)
+    os.pwrite(fd, payload, _PAGE)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
+def _put_forged(q, fd, length):
+    """Publishes a hand-made out-of-band frame naming block fd and claiming length bytes."""
+    import struct
+
+    q._chan.put(struct.pack("<QQ", length, 0), _core.FLAG_OUT_OF_BAND, [fd])
+    os.close(fd)
+
+
+def test_unsealed_out_of_band_block_is_refused_and_the_queue_goes_on():
+    # Mapped without a look at its seals, the block's sender could later truncate it under the
+    # reader (SIGBUS, see the next test); now the frame is refused and only that frame is lost.
+    q = ringpool.Queue()
+    pickled = pickle.dumps("forged")
+    _put_forged(q, _forged_block(64 * 1024, pickled, seal=False), len(pickled))
+    q.put("after")
+    with pytest.raises(ringpool.ProtocolError, match=r"out-of-band block is not sealed \(F_SEAL_SHRINK and "
+                                                     r"F_SEAL_GROW missing\)"):
+        q.get(timeout=5)
+    assert q.get(timeout=5) == "after"
+    # A memfd that merely lacks one of the two seals is no better.
+    import fcntl
+    fd = _forged_block(64 * 1024, pickled, seal=False)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    _put_forged(q, fd, len(pickled))
+    with pytest.raises(ringpool.ProtocolError, match="F_SEAL_GROW missing"):
+        q.get(timeout=5)
+
+
+@pytest.mark.parametrize("capacity,claim,why", [
+    (64 * 1024, 64 * 1024 + 1, "too short: 69632 bytes, at least 69633 expected"),
+    (16 << 20, 100, "too large"),  # 16 MiB mapped (and populated) for a 100-byte message
+])
+def test_sealed_block_of_the_wrong_size_is_refused_and_loses_nothing_else(capacity, claim, why):
+    q = ringpool.Queue()
+    q.put("before")
+    _put_forged(q, _forged_block(capacity, pickle.dumps("forged")), claim)
+    q.put_many(["after", 1])
+    got, errors = [], []
+    while len(got) < 3:
+        try:
+            got.extend(q.get_many(10, timeout=5))
+        except ringpool.ProtocolError as e:
+            errors.append(str(e))
+    assert got == ["before", "after", 1]
+    assert len(errors) == 1 and f"out-of-band block is {why}" in errors[0]
+
+
+_TRUNCATE_AFTER_SEND = r"""
+import os, pickle, sys
+sys.path.insert(0, os.environ["TESTS_DIR"])
+import ringpool
+from ringpool import _core
+from test_queue import _forged_block
+import struct
+
+ch = _core.Channel.create()
+data = os.urandom(64 * 1024)
+fd = _forged_block(64 * 1024, data, seal=False)
+ch.put(struct.pack("<QQ", len(data), 0), _core.FLAG_OUT_OF_BAND, [fd])
+try:
+    flags, payload, fds = ch.get(5.0)
+except ringpool.ProtocolError as e:
+    print("refused:", e)
+    sys.exit(0)
+view = memoryview(payload)
+assert bytes(view[:16]) == data[:16]  # mapped and readable
+os.ftruncate(fd, 0)                    # the sender shrinks its segment under the reader
+print("read after truncation:", bytes(view[-16:]))
+"""
+
+
+def test_a_block_truncated_after_sending_cannot_sigbus_the_reader():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TESTS_DIR": os.path.dirname(__file__)}
+    r = subprocess.run([sys.executable, "-c", _TRUNCATE_AFTER_SEND], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, f"reader died (signal {-r.returncode})" if r.returncode < 0 else r.stderr
+    assert r.stdout.startswith("refused: out-of-band block is not sealed"), r.stdout + r.stderr
+
+
+def test_received_memfd_check_from_python():
+    fd = _core.create_memfd("ours", 8192)
+    try:
+        assert _core.check_received_memfd(fd, 8192, 8192, "ours") == 8192
+        with pytest.raises(ringpool.ProtocolError, match="ours is too short: 8192 bytes, at least 8193"):
+            _core.check_received_memfd(fd, 8193, 1 << 20, "ours")
+    finally:
+        os.close(fd)

@@ -2,7 +2,7 @@
 // passed as handle 0 of an OOB frame. Blocks are recycled, never allocated per message:
 //
 //   producer process                           consumer process
-//   BlockPool::acquire(len) ── state=BUSY       BlockCache::open(fd) ── mapping reused by inode
+//   BlockPool::acquire(len) ── state=BUSY       BlockCache::open(fd, len) ── vetted, mapped once per inode
 //   copy payload into block                     reader uses the bytes in place (zero copy)
 //   publish frame + block fd ─────────────────▶ last view dropped ── state=FREE (release)
 //   acquire() reuses a FREE block  ◀────────────────────────────────┘ (acquire load)
@@ -30,6 +30,17 @@ inline constexpr std::uint32_t kBlockMagic = 0x4b4c4250u;  // "PBLK"
 inline constexpr std::uint32_t kBlockVersion = 1;
 inline constexpr std::uint32_t kBlockFree = 0;  // the producer may reuse it
 inline constexpr std::uint32_t kBlockBusy = 1;  // staged, in flight, or held by a reader
+
+// The longest payload a block may carry: the descriptor's length is a u64 another process wrote,
+// and sizes are computed from it. The same bound as a ring's capacity; far beyond any real message.
+inline constexpr std::size_t kMaxBlockPayload = std::size_t{1} << 40;
+
+// The data area BlockPool::acquire gives a payload of len bytes (len rounded up to 1/8 of its
+// power of two, at least 64 KiB), and the largest one it may reuse for it (25% more). A reader
+// refuses a block outside [len, block_capacity_limit(len)], so a peer cannot make it map (and
+// populate) far more memory than the message it claims to send. len <= kMaxBlockPayload.
+std::size_t block_size_class(std::size_t len) noexcept;
+std::size_t block_capacity_limit(std::size_t len) noexcept;
 
 // First page of a block; the data area starts at the next page.
 struct BlockHeader {
@@ -88,8 +99,12 @@ class BlockPool {
 class BlockCache {
  public:
   static BlockCache& instance();
-  // Takes ownership of fd (closed before returning); validates the block header.
-  std::shared_ptr<Block> open(UniqueFd fd);
+  // The block behind fd, holding a payload of `length` bytes (the descriptor's claim). Takes
+  // ownership of fd (closed before returning). A block not mapped yet is vetted before mmap
+  // (check_received_memfd: sealed, a size that fits `length`) and its header validated; a cached
+  // one was vetted when first mapped (its seals are permanent), so a hit costs one fstat. Throws
+  // ProtocolError for a block that fails, or whose capacity does not fit `length`.
+  std::shared_ptr<Block> open(UniqueFd fd, std::uint64_t length);
   void set_max_bytes(std::size_t n);
 
  private:

@@ -17,8 +17,18 @@ namespace ringpool {
 
 std::size_t page_size() noexcept;
 
-// A new memfd of `size` bytes (MFD_CLOEXEC; sealed against shrinking so a peer cannot SIGBUS us).
+// A new memfd of `size` bytes (MFD_CLOEXEC), sealed against shrinking and growing before it can
+// leave the process: a receiver refuses any segment without both seals (check_received_memfd).
 UniqueFd create_memfd(const char* debug_name, std::size_t size);
+
+// Vets a memfd received from another process before it is mapped; returns its size. It must carry
+// F_SEAL_SHRINK and F_SEAL_GROW (else its sender could ftruncate it under our mapping, and the
+// next access to a page past the new end is a SIGBUS), must not be sealed against writing (our
+// mappings are writable), and its size must lie in [min_size, max_size]. Seals are never removed,
+// so what this checks holds for the life of any mapping made afterwards. Throws ProtocolError
+// naming `what` and the fault. Two system calls (fcntl, fstat): callers that cache mappings run
+// it once per segment, not per message.
+std::size_t check_received_memfd(int fd, std::size_t min_size, std::size_t max_size, const char* what);
 
 class Segment {
  public:
