@@ -1,4 +1,5 @@
 """Type stubs for ringpool._core, the native core (bindings/src/*.cpp)."""
+import types
 from typing import Any, Sequence
 
 PROTOCOL_VERSION: int
@@ -9,6 +10,11 @@ FLAG_RAW: int
 COUNT_ITEM: int
 COUNT_TASK: int
 NO_BACKPRESSURE: int
+# The task records' ops (CALL, CHUNK, PING, STOP, RUN), statuses (OK, ERR, STARTED, PONG,
+# INIT_FAILED, DIED), field positions (CALL_*, RESULT_*, ERROR_*, CALL_FIELDS, RESULT_FIELDS),
+# SINGLE and limits (MAX_RUN_CALLS, MAX_RUN_BYTES, WORKER_TAKE, CALL_CAPACITY, RESULT_CAPACITY,
+# MIN_DEPTH, MAX_DEPTH, QUEUED_WORK): proto/include/ringpool/proto/task.hpp.
+task: types.ModuleType
 
 class ProtocolError(RuntimeError): ...
 

@@ -14,8 +14,9 @@
   ``consumed`` counter tells which of its tasks it had taken (those fail with ``WorkerDied``) and
   which it had not (those go to other workers): a crash fails only the task that was running.
 - The bound on tasks in flight per worker adapts to the task duration the workers report: about
-  2 ms of queued work (between 2 and 256 tasks). Short tasks then travel in batches (one ring
-  synchronization per batch), long ones are not stuck behind a busy worker while another idles.
+  2 ms of queued work (between 2 and 1024 tasks: task.hpp's kMinDepth and kMaxDepth). Short tasks
+  then travel in batches (one ring synchronization per batch), long ones are not stuck behind a
+  busy worker while another idles.
 - Only the collector thread reads the result ring, so a death is always handled after every
   result the dead worker had published (the watcher posts the DIED record into the same ring).
 - ``map`` and ``imap_unordered`` do not make a Future per item.
@@ -58,20 +59,34 @@ from .reduction import dumps
 
 __all__ = ["Executor", "WorkerDied", "TaskTimeout", "RemoteTraceback"]
 
-# Call records (parent -> worker): (op, tid, fn, args, kwargs). A _RUN record carries a map's
-# calls to one worker: args is a list of argument tuples, item k has task id tid + k, and each item
-# is answered with its own result record, as a _CALL is. A _RUN or _CHUNK record whose kwargs is
-# _SINGLE carries single arguments instead of tuples (a map over one iterable: no 1-tuples to
-# build, pickle and memoize).
-_CALL, _CHUNK, _PING, _STOP, _RUN = 0, 1, 2, 3, 4
-# Result records (-> parent): (wid, tid, status, value, elapsed)
-_OK, _ERR, _STARTED, _PONG, _INIT_FAILED, _DIED = 0, 1, 2, 3, 4, 5
-_SINGLE = 1
+# The task records, their kinds, field positions and limits have one home, task.hpp
+# (proto/include/ringpool/proto/task.hpp, drawn in docs/design/protocol.md "Task records"),
+# shared with the C++ ringpool::Pool and read here through _core.task.
+#   call records (parent -> worker): (op, tid, fn, args, kwargs). A _RUN record carries a map's
+#     calls to one worker: args is a list of argument tuples, item k has task id tid + k, and each
+#     item is answered with its own result record, as a _CALL is. A _RUN or _CHUNK record whose
+#     kwargs is _SINGLE carries single arguments instead of tuples (a map over one iterable: no
+#     1-tuples to build, pickle and memoize).
+#   result records (-> parent): (wid, tid, status, value, elapsed)
+_task = _core.task
+_CALL, _CHUNK, _PING, _STOP, _RUN = _task.CALL, _task.CHUNK, _task.PING, _task.STOP, _task.RUN
+_OK, _ERR, _STARTED, _PONG, _INIT_FAILED, _DIED = (_task.OK, _task.ERR, _task.STARTED, _task.PONG,
+                                                   _task.INIT_FAILED, _task.DIED)
+_SINGLE = _task.SINGLE
+_CALL_FN, _RESULT_ELAPSED = _task.CALL_FN, _task.RESULT_ELAPSED
+# The hot paths build records as tuple displays and read them by unpacking (an index lookup or an
+# accessor call per record would cost more than the rest of a no-op task's bookkeeping), so they
+# are written in task.hpp's field order: a header whose order differs fails here, at import.
+if (_task.CALL_FIELDS != ("op", "tid", "fn", "args", "kwargs")
+        or _task.RESULT_FIELDS != ("wid", "tid", "status", "value", "elapsed")
+        or (_task.ERROR_TYPE, _task.ERROR_MESSAGE, _task.ERROR_TRACEBACK) != (0, 1, 2)):
+    raise ImportError(f"ringpool._core's task records ({_task.CALL_FIELDS}, {_task.RESULT_FIELDS}) are not "
+                      f"the ones ringpool.executor writes: rebuild the extension")
 
-_CALL_CAPACITY = 1 << 20
-_RESULT_CAPACITY = 4 << 20
-_MIN_DEPTH, _MAX_DEPTH = 2, 1024
-_QUEUED_WORK = 0.002  # seconds of work to keep queued per worker
+_CALL_CAPACITY = _task.CALL_CAPACITY
+_RESULT_CAPACITY = _task.RESULT_CAPACITY
+_MIN_DEPTH, _MAX_DEPTH = _task.MIN_DEPTH, _task.MAX_DEPTH
+_QUEUED_WORK = _task.QUEUED_WORK  # seconds of work to keep queued per worker
 _NO_WAIT = _core.NO_BACKPRESSURE
 # A caller waiting for a result reads the result ring itself, in steps of _HELP_STEP seconds; the
 # collector thread leaves the ring to it while it has read within _HELP_GRACE seconds.
@@ -316,12 +331,12 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
         except Exception as exc:
             err = pickle.PicklingError(f"the task's result could not be pickled: {exc}")
             err.__cause__ = exc
-            put((wid, tid, _ERR, error_payload(err), rec[4]))
+            put((wid, tid, _ERR, error_payload(err), rec[_RESULT_ELAPSED]))
         return fn
 
     while True:
         try:
-            batch = get_objs(64, None)
+            batch = get_objs(_task.WORKER_TAKE, None)
         except Exception as exc:
             # A call that does not unpickle here (its function or an argument's class does not
             # exist in the worker); it is the oldest call the parent has not had an answer for.
@@ -353,6 +368,26 @@ def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, 
 
 
 # -- the parent side ---------------------------------------------------------------------------
+
+def _function_id(fn):
+    """The number a call record's fn field names its function by: fn itself once the worker knows
+    it, the first item of (number, function) on its first use there; None for a function that
+    travels whole every time."""
+    if type(fn) is int:
+        return fn
+    if type(fn) is tuple:
+        fid, _ = fn
+        return fid
+    return None
+
+
+def _forget_first_use(w, rec):
+    """rec, not sent to w after all, carried its function's first use there: w does not learn it."""
+    fn = rec[_CALL_FN]
+    if type(fn) is tuple:
+        fid, _ = fn
+        w.known.discard(fid)
+
 
 class _Task:
     """A call, a chunk, or a run: n consecutive calls of a map (op _RUN), items index..index+n-1 of
@@ -655,8 +690,7 @@ class Executor(_Executor):
                     k = chan.committed - before
                     fast = False
                 for r in records[k:]:  # not sent: the worker does not learn their functions
-                    if type(r[2]) is tuple:
-                        w.known.discard(r[2][0])
+                    _forget_first_use(w, r)
                 self._record_sent(w, batch[i:i + k])
                 i += k
                 if i == n:
@@ -670,8 +704,7 @@ class Executor(_Executor):
                     try:
                         payload, flags, fds = dumps(rec)
                     except Exception:
-                        if type(rec[2]) is tuple:
-                            w.known.discard(rec[2][0])
+                        _forget_first_use(w, rec)
                         raise
                 p = (chan.stage(payload, flags, fds, 0) if w.unpublished
                      else chan.put_payload(payload, flags, fds, _NO_WAIT))
@@ -717,8 +750,7 @@ class Executor(_Executor):
             rec = self._record(t, w)
             out.append(rec)
             fn = t.fn
-            f = rec[2]
-            fid = f if type(f) is int else f[0] if type(f) is tuple else None
+            fid = _function_id(rec[_CALL_FN])
         return out
 
     def _record_sent(self, w, tasks):
@@ -782,8 +814,7 @@ class Executor(_Executor):
                 try:
                     p = w.calls.put_obj(rec, _NO_WAIT)  # raises before anything is recorded
                 except Exception as exc:
-                    if type(rec[2]) is tuple:
-                        w.known.discard(rec[2][0])
+                    _forget_first_use(w, rec)
                     _raise_call_error(fn, args, kwargs, exc)
                 self._next_tid += 1
                 f.set_running_or_notify_cancel()

@@ -25,6 +25,7 @@
 #include "ringpool/pickle.hpp"
 #include "ringpool/ring.hpp"
 #include "ringpool/supervisor.hpp"
+#include "task_record.hpp"
 
 extern char** environ;
 
@@ -65,29 +66,23 @@ TaskTimeout::TaskTimeout(pid_t pid, std::chrono::milliseconds timeout)
 
 namespace {
 
-// Records shared with ringpool.executor (Python): calls (op, tid, fn, args, kwargs) and results
-// (wid, tid, status, value, elapsed). A RUN record carries several calls of one function: args is
-// a list of argument tuples (of bare arguments when kwargs is kSingle), item k has task id tid + k,
-// and each item is answered with its own result.
-constexpr std::int64_t kOpCall = 0, kOpPing = 2, kOpStop = 3, kOpRun = 4;
-constexpr std::int64_t kSingle = 1;
-constexpr std::int64_t kOk = 0, kErr = 1, kStarted = 2, kPong = 3, kInitFailed = 4;
+// The records, their kinds and limits are proto/.../task.hpp's (shared with ringpool.executor
+// through _core.task); their bytes are written and read by task_record.hpp.
+namespace task = proto::task;
+using task_record::Result;
+using task_record::read_result;
+using task_record::result_from;
+constexpr std::int64_t kOk = static_cast<std::int64_t>(task::Status::OK);
+constexpr std::int64_t kErr = static_cast<std::int64_t>(task::Status::ERR);
+constexpr std::int64_t kStarted = static_cast<std::int64_t>(task::Status::STARTED);
+constexpr std::int64_t kPong = static_cast<std::int64_t>(task::Status::PONG);
+constexpr std::int64_t kInitFailed = static_cast<std::int64_t>(task::Status::INIT_FAILED);
 
-constexpr std::size_t kCallCapacity = std::size_t{1} << 20;
-constexpr std::size_t kResultCapacity = std::size_t{4} << 20;
-constexpr std::size_t kMinDepth = 2, kMaxDepth = 1024;
-constexpr double kQueuedWork = 0.002;  // seconds of work kept queued per worker
 constexpr std::int64_t kCollectorSpinNs = 50'000;  // the collector polls this long before sleeping
 constexpr auto kTrimAfter = std::chrono::seconds(1);  // idle time before queue memory goes back
 constexpr std::size_t kCompleteGroup = 32;  // results fulfilled last to first (see collect())
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
 constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on it
-// Most calls in one RUN record. CPython's pickler writes a list's items in batches of 1000, and
-// a worker's fast unpickler takes what CPython writes.
-constexpr std::size_t kMaxRun = 1000;
-// A run stops growing at this many bytes of arguments: runs are for small calls (whose records
-// cost more than their work), and a record this size still goes inline in the call ring.
-constexpr std::size_t kMaxRunBytes = 64 * 1024;
 
 using Clock = std::chrono::steady_clock;
 
@@ -165,85 +160,6 @@ class Fifo {
   std::vector<T> slots_;  // a power of two in size
   std::size_t head_ = 0, size_ = 0;
 };
-
-// A worker's answer: the record (wid, tid, status, value, elapsed) that ringpool.executor's
-// worker loop writes.
-struct Result {
-  int wid = 0;
-  std::optional<std::uint64_t> tid;  // None for a start-up failure or an undecodable call
-  std::int64_t status = 0;
-  Value value;
-  std::optional<double> elapsed;
-};
-
-Result result_from(Value rec) {
-  auto& f = rec.as_tuple();
-  if (f.size() != 5) throw PickleError("result record of the wrong shape");
-  Result r;
-  r.wid = static_cast<int>(f[0].as_int());
-  if (!f[1].is_none()) r.tid = static_cast<std::uint64_t>(f[1].as_int());
-  r.status = f[2].as_int();
-  r.value = std::move(f[3]);
-  if (f[4].is_float()) r.elapsed = f[4].as_float();
-  return r;
-}
-
-// The answer's own fields read straight from the record as the worker's pickler writes it
-//   PROTO [FRAME] MARK <wid> <tid|NONE> <status> <value ops> BINFLOAT <elapsed> TUPLE [MEMOIZE] STOP
-// with only <value> decoded as a pickle (an int or None inline; anything else from a copy of its
-// opcodes between PROTO and STOP, `scratch` being the reused buffer). Nothing before <value>
-// stores into the memo, so the value's memo indices are those of a pickle of its own. nullopt
-// when the record has another shape, or its value does not decode alone: the caller decodes the
-// whole record then, which gives the same Result or the error to report.
-std::optional<Result> read_result(std::string_view s, std::string& scratch) {
-  constexpr std::size_t kFragmentLimit = 64 * 1024;  // larger values: no copy, the whole record
-  std::size_t p = 0;
-  if (s.size() < 16 || static_cast<std::uint8_t>(s[0]) != 0x80 || static_cast<std::uint8_t>(s[1]) > 5) return std::nullopt;
-  p = 2;
-  if (static_cast<std::uint8_t>(s[p]) == 0x95) p += 9;  // FRAME
-  if (p >= s.size() || s[p] != '(') return std::nullopt;
-  ++p;
-  Result r;
-  std::int64_t v = 0;
-  if (!detail::read_int_op(s, p, v)) return std::nullopt;
-  r.wid = static_cast<int>(v);
-  if (p < s.size() && s[p] == 'N') {
-    ++p;
-  } else {
-    if (!detail::read_int_op(s, p, v)) return std::nullopt;
-    r.tid = static_cast<std::uint64_t>(v);
-  }
-  if (!detail::read_int_op(s, p, r.status)) return std::nullopt;
-  // The tail: BINFLOAT (9 bytes), TUPLE, an optional MEMOIZE, STOP.
-  std::size_t end = s.size() - 1;
-  if (s[end] != '.') return std::nullopt;
-  if (static_cast<std::uint8_t>(s[end - 1]) == 0x94) --end;
-  if (s[end - 1] != 't') return std::nullopt;
-  end -= 1 + 9;
-  if (end <= p || s[end] != 'G') return std::nullopt;
-  std::uint64_t bits = 0;
-  for (std::size_t i = 1; i <= 8; ++i) bits = (bits << 8) | static_cast<unsigned char>(s[end + i]);
-  double elapsed;
-  std::memcpy(&elapsed, &bits, sizeof elapsed);
-  r.elapsed = elapsed;
-  std::size_t q = p;
-  if (s[p] == 'N' && p + 1 == end) {
-    r.value = Value();
-  } else if (detail::read_int_op(s, q, v) && q == end) {
-    r.value = Value(v);
-  } else {
-    if (end - p > kFragmentLimit) return std::nullopt;
-    scratch.assign("\x80\x05", 2);
-    scratch.append(s.substr(p, end - p));
-    scratch.push_back('.');
-    try {
-      r.value = pickle_loads(scratch);
-    } catch (const std::exception&) {
-      return std::nullopt;
-    }
-  }
-  return r;
-}
 
 // "import sys; sys.path[:0] = [...]; from ringpool.<module> import main; main()"
 std::string bootstrap(const std::vector<std::string>& path, const char* module) {
@@ -372,7 +288,7 @@ struct Pool::Impl {
   int next_wid = 1;
   std::uint64_t started = 0;
   double avg = 1e-4;
-  std::size_t depth = kMinDepth;
+  std::size_t depth = task::kMinDepth;
   std::deque<std::string> lost;  // decode errors not yet matched to their task
   // Results handled and not yet handed to their futures or callbacks: the collector hands them
   // over after releasing mu, so a callback may submit more work and submitters are not held up.
@@ -406,7 +322,7 @@ struct Pool::Impl {
     Value::List pk;
     for (const auto& [name, folder] : opts.packages) pk.push_back(read_package(name, folder));
     packages = Value::list(std::move(pk));
-    results = Ring::create(RingOptions{kResultCapacity, 0, false});
+    results = Ring::create(RingOptions{task::kResultCapacity, 0, false});
     if (opts.zygote) {
       ZygoteOptions z;
       z.launch.executable = opts.python;
@@ -437,7 +353,7 @@ struct Pool::Impl {
   std::unique_ptr<Worker> launch(int wid) {
     auto w = std::make_unique<Worker>();
     w->wid = wid;
-    w->ring = Ring::create(RingOptions{kCallCapacity, 0, false});
+    w->ring = Ring::create(RingOptions{task::kCallCapacity, 0, false});
     w->calls = std::make_unique<Channel>(w->ring);
     if (opts.max_tasks_per_child) w->budget = opts.max_tasks_per_child;
     Value max_tasks = opts.max_tasks_per_child ? Value(static_cast<std::int64_t>(opts.max_tasks_per_child)) : Value();
@@ -575,8 +491,8 @@ struct Pool::Impl {
       spans.clear();
       for (std::size_t i = first; i < w->sent.size();) {
         std::size_t j = i + 1, bytes = w->sent[i].args_len;
-        while (j < w->sent.size() && j - i < kMaxRun && joins_run(w->sent[j - 1], w->sent[j]) &&
-               bytes + w->sent[j].args_len <= kMaxRunBytes)
+        while (j < w->sent.size() && j - i < task::kMaxRunCalls && joins_run(w->sent[j - 1], w->sent[j]) &&
+               bytes + w->sent[j].args_len <= task::kMaxRunBytes)
           bytes += w->sent[j++].args_len;
         const std::size_t at = wire.size();
         for (std::size_t k = i; k < j; ++k) {
@@ -609,37 +525,19 @@ struct Pool::Impl {
            std::string_view(a.body).substr(0, a.args_at) == std::string_view(b.body).substr(0, b.args_at);
   }
 
-  // PROTO 5, MARK, op, tid: how every call record starts.
-  static void write_head(std::string& out, std::int64_t op, std::uint64_t tid) {
-    out += "\x80\x05(";
-    pickle_dump_ops(out, Value(op));
-    pickle_dump_ops(out, Value(static_cast<std::int64_t>(tid)));
-  }
+  // (CALL, tid, function, args, kwargs or None)
+  static void write_call(std::string& out, const Task& t) { task_record::write_call(out, t.tid, t.body); }
 
-  // (kOpCall, tid, function, args, kwargs or None)
-  static void write_call(std::string& out, const Task& t) {
-    write_head(out, kOpCall, t.tid);
-    out += t.body;
-    out += "t.";  // TUPLE, STOP
-  }
-
-  // (kOpRun, tid of the first, function, [args, ...], None or kSingle) for calls[i, j), whose
-  // ids follow each other.
+  // (RUN, tid of the first, function, [args, ...], None or SINGLE) for calls[i, j), whose ids
+  // follow each other.
   static void write_run(std::string& out, const Fifo<Task>& calls, std::size_t i, std::size_t j) {
     bool single = true;
     for (std::size_t k = i; k < j; ++k) single = single && calls[k].nargs == 1;
     const Task& head = calls[i];
-    write_head(out, kOpRun, head.tid);
-    out.append(head.body, 0, head.args_at);  // the function
-    out += "](";  // EMPTY_LIST, MARK
+    task_record::begin_run(out, head.tid, std::string_view(head.body).substr(0, head.args_at));
     for (std::size_t k = i; k < j; ++k)  // a 1-tuple is its item's opcodes and TUPLE1
       out.append(calls[k].body, calls[k].args_at, calls[k].args_len - (single ? 1 : 0));
-    out += 'e';  // APPENDS
-    if (single)
-      pickle_dump_ops(out, Value(kSingle));
-    else
-      out += 'N';
-    out += "t.";  // TUPLE, STOP
+    task_record::end_run(out, single);
   }
 
   void send(Worker& w, const std::string& record) { send(w, Ring::Piece{record.data(), record.size()}); }
@@ -679,7 +577,8 @@ struct Pool::Impl {
         const auto& e = r.value.as_tuple();
         completions.push_back(
             {std::move(t), Value(),
-             std::make_exception_ptr(RemoteError(e.at(0).as_str(), e.at(1).as_str(), e.at(2).as_str()))});
+             std::make_exception_ptr(RemoteError(e.at(task::error::kType).as_str(), e.at(task::error::kMessage).as_str(),
+                                                 e.at(task::error::kTraceback).as_str()))});
       }
     } else if (r.status == kStarted) {
       if (opts.task_timeout.count() > 0 && r.tid) w.running = {*r.tid, Clock::now() + opts.task_timeout};
@@ -734,8 +633,7 @@ struct Pool::Impl {
   // a ping after its earlier results; the call left unanswered in front of it is the one.
   void undecodable(const std::string& why) {
     lost.push_back(why);
-    const std::string ping =
-        pickle_dumps(Value::tuple({Value(kOpPing), Value(), Value(), Value(), Value()}));
+    const std::string ping = task_record::control_record(task::Op::PING);
     for (auto& [_, w] : workers) {
       if (w->sent.empty()) continue;
       send(*w, ping);
@@ -864,7 +762,7 @@ struct Pool::Impl {
         for (auto& [_, w] : workers) w->sent.trim();
         std::string().swap(oob);  // the copy of a large result (beyond the ring's inline limit)
       }
-      depth = std::clamp<std::size_t>(static_cast<std::size_t>(kQueuedWork / (avg + 2e-6)), kMinDepth, kMaxDepth);
+      depth = std::clamp<std::size_t>(static_cast<std::size_t>(task::kQueuedWork / (avg + 2e-6)), task::kMinDepth, task::kMaxDepth);
       if (open_workers() < static_cast<std::size_t>(opts.workers)) replenish(lk);
       dispatch();
       publish_pending();
@@ -955,7 +853,7 @@ struct Pool::Impl {
       if (!wait) fail_all(std::make_exception_ptr(PoolClosed("ringpool::Pool: shut down")));
       drained.wait(lk, [&] { return (outstanding == 0 && completing == 0) || !broken.empty(); });
       // Ask every worker to stop; the collector handles their exits and ends with the last.
-      const std::string stop_rec = pickle_dumps(Value::tuple({Value(kOpStop), Value(), Value(), Value(), Value()}));
+      const std::string stop_rec = task_record::control_record(task::Op::STOP);
       for (auto& [_, w] : workers) send(*w, stop_rec);
       stop = true;
     }

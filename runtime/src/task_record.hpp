@@ -1,0 +1,156 @@
+// The C++ side of the task records (proto/include/ringpool/proto/task.hpp): the call records the
+// C++ pool writes and the result records it reads, byte for byte as docs/design/protocol.md
+// ("Task records") draws them. Private to the runtime (pool.cpp) and its tests
+// (tests/cpp/test_task.cpp checks every writer and reader here against proto/golden/task/).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "ringpool/pickle.hpp"
+#include "ringpool/proto/task.hpp"
+#include "ringpool/value.hpp"
+
+namespace ringpool::task_record {
+
+namespace task = proto::task;
+namespace op = proto::task::opcode;
+
+// -- call records (written) ----------------------------------------------------------------------
+
+// PROTO 5, MARK, op, tid: how every call record with a task id starts.
+inline void write_head(std::string& out, task::Op kind, std::uint64_t tid) {
+  out += op::kProto;
+  out += static_cast<char>(op::kProtocol);
+  out += op::kMark;
+  pickle_dump_ops(out, Value(static_cast<std::int64_t>(kind)));
+  pickle_dump_ops(out, Value(static_cast<std::int64_t>(tid)));
+}
+
+// TUPLE, STOP: how every call record ends.
+inline void write_tail(std::string& out) {
+  out += op::kTuple;
+  out += op::kStop;
+}
+
+// (CALL, tid, fn, args, kwargs) around `body`, the opcodes of fn, args and kwargs (or None)
+// back to back.
+inline void write_call(std::string& out, std::uint64_t tid, std::string_view body) {
+  write_head(out, task::Op::CALL, tid);
+  out += body;
+  write_tail(out);
+}
+
+// (RUN, tid, fn, [args, ...], None or SINGLE): begin_run writes up to the list's MARK, the caller
+// appends each item's opcodes (an argument tuple, or a bare argument when single), end_run closes
+// the list and the record.
+inline void begin_run(std::string& out, std::uint64_t tid, std::string_view fn_ops) {
+  write_head(out, task::Op::RUN, tid);
+  out += fn_ops;
+  out += op::kEmptyList;
+  out += op::kMark;
+}
+inline void end_run(std::string& out, bool single) {
+  out += op::kAppends;
+  if (single)
+    pickle_dump_ops(out, Value(task::kSingle));
+  else
+    out += op::kNone;
+  write_tail(out);
+}
+
+// (PING or STOP, None, None, None, None): the records that carry no call.
+inline std::string control_record(task::Op kind) {
+  Value::List f(task::call::kFields);
+  f[task::call::kOp] = Value(static_cast<std::int64_t>(kind));
+  return pickle_dumps(Value::tuple(std::move(f)));
+}
+
+// -- result records (read) -----------------------------------------------------------------------
+
+// A worker's answer: the record (wid, tid, status, value, elapsed) that ringpool.executor's
+// worker loop writes.
+struct Result {
+  int wid = 0;
+  std::optional<std::uint64_t> tid;  // None for a start-up failure or an undecodable call
+  std::int64_t status = 0;
+  Value value;
+  std::optional<double> elapsed;
+};
+
+// The whole record, decoded as a pickle first.
+inline Result result_from(Value rec) {
+  auto& f = rec.as_tuple();
+  if (f.size() != task::result::kFields) throw PickleError("result record of the wrong shape");
+  Result r;
+  r.wid = static_cast<int>(f[task::result::kWid].as_int());
+  if (!f[task::result::kTid].is_none()) r.tid = static_cast<std::uint64_t>(f[task::result::kTid].as_int());
+  r.status = f[task::result::kStatus].as_int();
+  r.value = std::move(f[task::result::kValue]);
+  if (f[task::result::kElapsed].is_float()) r.elapsed = f[task::result::kElapsed].as_float();
+  return r;
+}
+
+// The answer's own fields read straight from the record as the worker's pickler writes it
+//   PROTO [FRAME] MARK <wid> <tid|NONE> <status> <value ops> BINFLOAT <elapsed> TUPLE [MEMOIZE] STOP
+// with only <value> decoded as a pickle (an int or None inline; anything else from a copy of its
+// opcodes between PROTO and STOP, `scratch` being the reused buffer). Nothing before <value>
+// stores into the memo, so the value's memo indices are those of a pickle of its own. nullopt
+// when the record has another shape, or its value does not decode alone: the caller decodes the
+// whole record then, which gives the same Result or the error to report.
+inline std::optional<Result> read_result(std::string_view s, std::string& scratch) {
+  constexpr std::size_t kFragmentLimit = 64 * 1024;  // larger values: no copy, the whole record
+  std::size_t p = 0;
+  if (s.size() < 16 || s[0] != op::kProto || static_cast<std::uint8_t>(s[1]) > op::kProtocol) return std::nullopt;
+  p = 2;
+  if (s[p] == op::kFrame) p += 9;
+  if (p >= s.size() || s[p] != op::kMark) return std::nullopt;
+  ++p;
+  Result r;
+  std::int64_t v = 0;
+  if (!detail::read_int_op(s, p, v)) return std::nullopt;
+  r.wid = static_cast<int>(v);
+  if (p < s.size() && s[p] == op::kNone) {
+    ++p;
+  } else {
+    if (!detail::read_int_op(s, p, v)) return std::nullopt;
+    r.tid = static_cast<std::uint64_t>(v);
+  }
+  if (!detail::read_int_op(s, p, r.status)) return std::nullopt;
+  // The tail: BINFLOAT (9 bytes), TUPLE, an optional MEMOIZE, STOP.
+  std::size_t end = s.size() - 1;
+  if (s[end] != op::kStop) return std::nullopt;
+  if (s[end - 1] == op::kMemoize) --end;
+  if (s[end - 1] != op::kTuple) return std::nullopt;
+  end -= 1 + 9;
+  if (end <= p || s[end] != op::kBinFloat) return std::nullopt;
+  std::uint64_t bits = 0;
+  for (std::size_t i = 1; i <= 8; ++i) bits = (bits << 8) | static_cast<unsigned char>(s[end + i]);
+  double elapsed;
+  std::memcpy(&elapsed, &bits, sizeof elapsed);
+  r.elapsed = elapsed;
+  std::size_t q = p;
+  if (s[p] == op::kNone && p + 1 == end) {
+    r.value = Value();
+  } else if (detail::read_int_op(s, q, v) && q == end) {
+    r.value = Value(v);
+  } else {
+    if (end - p > kFragmentLimit) return std::nullopt;
+    scratch.clear();
+    scratch += op::kProto;
+    scratch += static_cast<char>(op::kProtocol);
+    scratch.append(s.substr(p, end - p));
+    scratch += op::kStop;
+    try {
+      r.value = pickle_loads(scratch);
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  }
+  return r;
+}
+
+}  // namespace ringpool::task_record
