@@ -3,10 +3,12 @@
 #include <stdexcept>
 #include <string>
 
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <new>
 #include <string>
@@ -290,9 +292,7 @@ void Ring::notify_data(int n) noexcept {
     ctl_->data_futex.fetch_add(1, std::memory_order_release);
     futex::wake(&ctl_->data_futex, n);
   }
-  if (ctl_->poll_armed.load(std::memory_order_relaxed) != 0 &&
-      ctl_->signaled.exchange(1, std::memory_order_seq_cst) == 0)
-    eventfd_signal(event_.get());
+  if (ctl_->poll_armed.load(std::memory_order_relaxed) != 0) signal_if_readable();
 }
 
 void Ring::notify_space() noexcept {
@@ -311,18 +311,61 @@ void Ring::notify_space() noexcept {
   }
 }
 
-void Ring::refresh_readiness() noexcept {
-  // Clear, drain, re-check: a producer that publishes after our re-check sees signaled == 0 and
-  // writes the eventfd itself; one that published before it is seen by the re-check. So the
-  // eventfd is never left empty while a frame is published (no false negatives).
-  if (readable()) return;
-  ctl_->signaled.store(0, std::memory_order_seq_cst);
-  eventfd_drain(event_.get());
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (readable()) {
-    ctl_->signaled.store(1, std::memory_order_seq_cst);
-    eventfd_signal(event_.get());
+// The readiness protocol (ring.md, "Readiness"): the eventfd is readable exactly while a frame is
+// published, so that a poll()/select() caller's next get never blocks. `signaled` is kSignalClear
+// (the eventfd is drained), kSignalling (one thread holds the signal: it is checking for a frame,
+// draining or writing the eventfd; everyone else leaves the signal to it) or kSignalled
+// (written). A producer signals after it publishes, so it can find its own frame already taken by
+// a consumer that woke for an earlier one: it must not write then (the eventfd would be readable
+// over an empty ring: a recv() after a wait() would block).
+void Ring::signal_if_readable() noexcept {
+  for (;;) {
+    std::uint32_t expected = kSignalClear;
+    if (!ctl_->signaled.compare_exchange_strong(expected, kSignalling, std::memory_order_seq_cst)) return;
+    if (!finish_signal()) return;
   }
+}
+
+bool Ring::finish_signal() noexcept {
+  // With the signal held (kSignalling). Seq_cst: pairs with the producers' fence between their
+  // publish and their compare-exchange on signaled (notify_data): a producer that saw the signal
+  // held and left it to us published before we look, or before we release below.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // Every transition out of kSignalling is a compare-exchange: a consumer that waited too long
+  // for us may have taken the signal over (refresh_readiness), and a plain store would then
+  // overwrite its state.
+  std::uint32_t expected = kSignalling;
+  if (readable()) {
+    eventfd_signal(event_.get());
+    ctl_->signaled.compare_exchange_strong(expected, kSignalled, std::memory_order_seq_cst);
+    return false;
+  }
+  // Nothing to signal (the frame we came for was taken): release, then look again for a frame
+  // whose producer saw the signal held (the same Dekker pairing); true: claim again for it.
+  if (!ctl_->signaled.compare_exchange_strong(expected, kSignalClear, std::memory_order_seq_cst)) return false;
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  return readable();
+}
+
+void Ring::refresh_readiness() noexcept {
+  // After a take: if the ring is now empty, hold the signal, drain the eventfd and re-check
+  // (finish_signal). Holding it while we drain means no write can land in between and be eaten
+  // by the drain (a lost wake-up); a producer that publishes meanwhile leaves the signal to us,
+  // and we see its frame. A thread that holds the signal is waited out, so that its write cannot
+  // land after our drain. The wait is bounded: a holder that died there (or stalls longer) is
+  // taken over; one that merely stalled may then still write once over an empty ring.
+  if (readable()) return;
+  const auto deadline = std::chrono::steady_clock::now() + kSignallerWait;
+  for (;;) {
+    std::uint32_t s = ctl_->signaled.load(std::memory_order_seq_cst);
+    if (s == kSignalling && std::chrono::steady_clock::now() < deadline) {
+      ::sched_yield();
+      continue;
+    }
+    if (ctl_->signaled.compare_exchange_weak(s, kSignalling, std::memory_order_seq_cst)) break;
+  }
+  eventfd_drain(event_.get());
+  if (finish_signal()) signal_if_readable();
 }
 
 int Ring::readiness_fd() {
@@ -333,7 +376,7 @@ int Ring::readiness_fd() {
   ctl_->poll_armed.store(1, std::memory_order_seq_cst);
   // Frames published before producers saw poll_armed were not signalled: signal for them.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (readable() && ctl_->signaled.exchange(1, std::memory_order_seq_cst) == 0) eventfd_signal(event_.get());
+  signal_if_readable();
   armed_.store(true, std::memory_order_relaxed);
   return event_.get();
 }

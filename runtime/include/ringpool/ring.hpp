@@ -14,6 +14,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -81,7 +82,7 @@ struct RingControl {
   std::atomic<std::int64_t> pending;                    // accepted, not yet published (no kOptCountItems)
   // -- readiness fd --------------------------------------------------------------------------
   alignas(64) std::atomic<std::uint32_t> poll_armed;    // someone asked for the eventfd
-  std::atomic<std::uint32_t> signaled;                  // the eventfd counter is (about to be) > 0
+  std::atomic<std::uint32_t> signaled;                  // Ring::kSignal*: clear, signalling, signalled
   std::uint8_t reserved1[1024];
 };
 static_assert(std::is_standard_layout_v<RingControl>, "RingControl lives in shared memory");
@@ -231,6 +232,16 @@ class Ring {
   void notify_data(int n) noexcept;
   void notify_space() noexcept;
   void refresh_readiness() noexcept;
+  void signal_if_readable() noexcept;
+  bool finish_signal() noexcept;
+
+  // RingControl::signaled (the readiness protocol, ring.cpp): the eventfd is drained; a thread
+  // has claimed the signal and is writing it (only while it sees a frame); it is written.
+  static constexpr std::uint32_t kSignalClear = 0, kSignalled = 1, kSignalling = 2;
+  // How long a consumer clearing the readiness waits for a thread in the middle of signalling
+  // before taking over: long enough for a preempted signaller to finish on a loaded machine,
+  // short enough that one that died there stalls fd waiters only briefly.
+  static constexpr std::chrono::milliseconds kSignallerWait{100};
 
   Segment seg_;
   FdChannel fds_;
