@@ -98,11 +98,14 @@ def test_a_grandchild_has_its_parent_and_notices_its_death(ctx):
     child = ctx.Process(target=_start_grandchild, args=(w, ctx.zygote))
     child.start()
     try:
-        assert r.poll(60), "the worker did not start its own worker"
-        what, child_pid, grand_pid = r.recv()
-        assert what == "started" and child_pid == child.pid
-        assert r.poll(60)
-        assert r.recv() == ("alive", child.pid, child.pid)
+        got = {}
+        for _ in range(2):  # the child's report and the grandchild's, in either order
+            assert r.poll(60), f"the worker did not start its own worker (got {got})"
+            msg = r.recv()
+            got[msg[0]] = msg[1:]
+        child_pid, grand_pid = got["started"]
+        assert child_pid == child.pid
+        assert got["alive"] == (child.pid, child.pid)
         os.kill(child.pid, signal.SIGKILL)
         child.join(30)
         assert r.poll(60), "the grandchild died with its parent (it must outlive it, as under spawn)"
