@@ -1,6 +1,5 @@
 #include "ringpool/pool.hpp"
 
-#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -77,7 +76,6 @@ constexpr std::size_t kCallCapacity = std::size_t{1} << 20;
 constexpr std::size_t kResultCapacity = std::size_t{4} << 20;
 constexpr std::size_t kMinDepth = 2, kMaxDepth = 1024;
 constexpr double kQueuedWork = 0.002;  // seconds of work kept queued per worker
-constexpr std::int64_t kCollectorSpinNs = 50'000;  // the collector polls this long before sleeping
 constexpr auto kTrimAfter = std::chrono::seconds(1);  // idle time before queue memory goes back
 constexpr std::size_t kCompleteGroup = 32;  // results fulfilled last to first (see collect())
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
@@ -774,6 +772,9 @@ struct Pool::Impl {
   }
 
   void collect() {
+    // The collector is the result ring's only consumer; Channel gives it the receive side the
+    // Python queues use (batched takes, handles in record order, out-of-band blocks, waits).
+    Channel inbox(results);
     std::vector<UniqueFd> fds;
     ResultSink sink;
     struct Decoded {
@@ -789,28 +790,23 @@ struct Pool::Impl {
       fds.clear();
       std::size_t n = 0;
       try {
-        n = results->try_get_many(sink, 256, fds);
+        n = inbox.try_get_many(sink, 256, fds);
       } catch (const std::exception& e) {
         std::lock_guard lk(mu);
         undecodable(e.what());
       }
       // Decode without mu (submitters keep going meanwhile); handle in ring order under it.
-      std::size_t fd_pos = 0;
+      ReceivedFds received(fds);
       for (auto& fr : sink.frames) {
-        std::vector<UniqueFd> mine;
-        for (std::uint32_t i = 0; i < fr.header.nhandles && fd_pos < fds.size(); ++i) mine.push_back(std::move(fds[fd_pos++]));
-        if (fr.header.kind != static_cast<std::uint8_t>(proto::Kind::DATA)) continue;  // a nudge
         try {
-          if (fr.header.flags & proto::flag::kOutOfBand) {
-            if (mine.empty() || fr.header.payload_len < sizeof(proto::OobDescriptor))
-              throw PickleError("out-of-band result without its block");
-            proto::OobDescriptor d;
-            std::memcpy(&d, sink.payload(fr).data(), sizeof d);
-            std::shared_ptr<Block> block = BlockCache::instance().open(std::move(mine[0]));
-            if (d.length > block->capacity()) throw PickleError("out-of-band result longer than its block");
-            Value rec = pickle_loads(std::string_view(reinterpret_cast<const char*>(block->data()), d.length));
-            block->mark_free();
-            decoded.push_back({result_from(std::move(rec)), {}});
+          // Handles are matched to frames in ring order, nudges' (none) included.
+          const auto* payload = reinterpret_cast<const std::uint8_t*>(sink.payload(fr).data());
+          const bool oob = fr.header.flags & proto::flag::kOutOfBand;
+          FrameHandles handles = received.next(fr.header, oob ? Channel::oob_length(fr.header, payload) : 0);
+          if (fr.header.kind != static_cast<std::uint8_t>(proto::Kind::DATA)) continue;  // a nudge
+          if (handles.oob) {
+            // Decoded in place; dropping handles.oob hands the block back, even if this throws.
+            decoded.push_back({result_from(pickle_loads(handles.oob->view())), {}});
           } else if (fr.header.flags != 0) {
             throw PickleError("result frame with unexpected flags");
           } else if (std::optional<Result> r = read_result(sink.payload(fr), scratch)) {
@@ -896,15 +892,8 @@ struct Pool::Impl {
         auto wait = std::chrono::nanoseconds(retry_publish ? 1'000'000 : 100'000'000);
         if (next_deadline != Clock::time_point::max())
           wait = std::min<std::chrono::nanoseconds>(wait, next_deadline - Clock::now());
-        // A futex wake-up costs tens of microseconds on these VMs: poll a little first.
-        const std::int64_t t0 = futex::now_ns();
-        for (std::int64_t t = t0; !results->readable() && t - t0 < kCollectorSpinNs; t = futex::now_ns()) {
-          if (t - t0 < 2000)
-            __builtin_ia32_pause();
-          else
-            ::sched_yield();
-        }
-        if (!results->readable()) results->wait_data(std::max<std::int64_t>(wait.count(), 0));
+        // Polls a little first (a futex wake-up costs tens of microseconds on these VMs), then sleeps.
+        inbox.wait_readable(std::max<std::int64_t>(wait.count(), 0));
       }
     }
   }
