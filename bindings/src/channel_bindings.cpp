@@ -6,8 +6,9 @@
 //   never released inside it);
 // - waits (spin, futex) run with the GIL released and no ring lock held;
 // - large copies into out-of-band blocks run with the GIL released.
+// Receiving, opening out-of-band blocks and the wait policy are ringpool::Channel's (channel.hpp,
+// wait.hpp); this file converts Python objects, handles the GIL and runs signal handlers.
 #include <Python.h>
-#include <sched.h>
 #include <pybind11/stl.h>
 
 #include <cxxabi.h>
@@ -34,24 +35,6 @@ namespace ringpool::py_bindings {
 
 namespace {
 
-// How long a blocked call polls (GIL released) before sleeping on the futex. A futex wake-up of
-// a sleeping process costs ~40 us on these VMs (an IPI to an idle vCPU), far more than a message,
-// so a waiter keeps polling for a while: the first microseconds with `pause` (the peer answers
-// from the other core), then with sched_yield, which lets a peer that shares our core run.
-// RINGPOOL_SPIN_NS overrides it (0: sleep at once).
-std::int64_t spin_ns() {
-  static const std::int64_t v = [] {
-    const char* e = std::getenv("RINGPOOL_SPIN_NS");
-    return e ? std::max<std::int64_t>(0, std::atoll(e)) : std::int64_t{50000};
-  }();
-  return v;
-}
-constexpr std::int64_t kPauseSpinNs = 2000;
-
-// A futex sleep never lasts longer than this, so a signal delivered to another thread still
-// reaches PyErr_CheckSignals promptly (Ctrl-C, SIGCHLD handlers).
-constexpr std::int64_t kWaitSliceNs = 20'000'000;
-
 // A put that finds the ring full waits while consumers keep taking frames (backpressure: the
 // producer sleeps, the consumer gets the CPU), and buffers the frame locally once they have taken
 // nothing for this long, so a process that fills its own queue before reading never deadlocks.
@@ -60,45 +43,34 @@ constexpr std::int64_t kStallNs = 5'000'000;
 // An accounting bit of the Python API only: never wait on a full ring, buffer at once.
 constexpr unsigned kNoBackpressure = 1u << 8;
 
-inline void cpu_relax() { __builtin_ia32_pause(); }
-
-
-// Retries try_fn (GIL held) until it succeeds or the timeout passes; in between, spins on ready()
-// and sleeps with wait(ns), both without the GIL, and runs Python signal handlers.
-// timeout < 0: no limit. Returns whether try_fn succeeded.
-template <class Try, class Ready, class Wait>
-bool block_until(double timeout, Try&& try_fn, Ready&& ready, Wait&& wait) {
-  if (try_fn()) return true;
-  if (timeout == 0) return false;
+// A Python timeout in seconds (None arrives as -1) as the runtime's nanoseconds: negative, or too
+// long to count in int64 nanoseconds (inf, 1e12 s), waits forever (converting it would overflow:
+// undefined, on x86 INT64_MIN, an expired deadline and Empty at once); NaN is a ValueError.
+std::int64_t timeout_ns(double timeout) {
   if (std::isnan(timeout)) throw py::value_error("timeout must be a number, not NaN");
-  const std::int64_t start = futex::now_ns();
-  // A timeout too long to count in int64 nanoseconds (inf, 1e12 s) waits forever; converting it
-  // would overflow (undefined; on x86 it gives INT64_MIN, an expired deadline: Empty at once).
-  const std::int64_t deadline =
-      timeout < 0 || !(timeout < static_cast<double>(INT64_MAX - start) / 1e9)
-          ? INT64_MAX
-          : start + static_cast<std::int64_t>(timeout * 1e9);
-  for (;;) {
+  if (timeout < 0 || !(timeout < 9.2e9)) return -1;  // 9.2e9 s: just under INT64_MAX ns
+  const auto ns = static_cast<std::int64_t>(timeout * 1e9);
+  return ns == 0 && timeout > 0 ? 1 : ns;  // a positive timeout still waits one round
+}
+
+// Each wait round of a blocking call (ringpool::block_until's around): run without the GIL, then
+// Python's signal handlers, whose exception (KeyboardInterrupt) ends the wait. Rounds last at
+// most WaitPolicy::slice_ns, so a signal delivered to another thread is seen promptly too.
+struct PyWaitHook {
+  template <class Round>
+  void operator()(Round&& round) const {
     {
       ReleaseGil nogil;
-      const std::int64_t t0 = futex::now_ns();
-      const std::int64_t spin_end = t0 + spin_ns();
-      const std::int64_t pause_end = t0 + std::min(kPauseSpinNs, spin_ns());
-      for (std::int64_t t = t0; !ready() && t < spin_end; t = futex::now_ns()) {
-        if (t < pause_end)
-          cpu_relax();
-        else
-          ::sched_yield();
-      }
-      if (!ready()) {
-        const std::int64_t left = deadline - futex::now_ns();
-        if (left > 0) wait(std::min(left, kWaitSliceNs));
-      }
+      round();
     }
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-    if (try_fn()) return true;
-    if (futex::now_ns() >= deadline) return false;
   }
+};
+
+// The runtime's spin-then-sleep wait for conditions other than a frame (room, an item slot, join).
+template <class Try, class Ready, class Sleep>
+bool block_until(double timeout, Try&& try_fn, Ready&& ready, Sleep&& sleep) {
+  return ringpool::block_until(timeout_ns(timeout), try_fn, ready, sleep, PyWaitHook{});
 }
 
 // Borrowed views of the payload pieces for the duration of one put.
@@ -155,18 +127,6 @@ std::vector<int> to_fds(const py::object& fds) {
   return out;
 }
 
-// A received out-of-band payload: exposes the block's bytes (writable: the reader owns them until
-// it lets go) and hands the block back to its producer when the last view is gone.
-struct OobBuffer {
-  std::shared_ptr<Block> block;
-  std::size_t length;
-  std::uint64_t generation;  // a forked child must not free its parent's block
-  OobBuffer(std::shared_ptr<Block> b, std::size_t n) : block(std::move(b)), length(n), generation(fork_generation()) {}
-  ~OobBuffer() {
-    if (block && generation == fork_generation()) block->mark_free();
-  }
-};
-
 // Collects frames taken under the consumer lock as Python objects (GIL held by the caller).
 struct Frame {
   py::object payload;  // bytes / bytearray, or None for OOB (descriptor below)
@@ -178,10 +138,7 @@ struct Frame {
 Frame make_frame(const proto::FrameHeader& h, const std::uint8_t* p) {
     Frame f{py::none(), h.flags, h.nhandles, 0};
     if (h.flags & proto::flag::kOutOfBand) {
-      if (h.payload_len < sizeof(proto::OobDescriptor)) throw ProtocolError("short out-of-band descriptor");
-      proto::OobDescriptor d;
-      std::memcpy(&d, p, sizeof d);
-      f.oob_len = d.length;
+      f.oob_len = Channel::oob_length(h, p);
     } else {
       PyObject* o = (h.flags & proto::flag::kBuffers)
                         ? PyByteArray_FromStringAndSize(reinterpret_cast<const char*>(p), static_cast<Py_ssize_t>(h.payload_len))
@@ -309,15 +266,12 @@ class PyChannel {
     if (!leftover_.empty()) return raise_if_error(pop_leftover());
     OneSink sink;
     std::vector<UniqueFd> fds;
-    bool ok = block_until(
-        timeout, [&] { return ring().try_get(sink, fds); }, [&] { return ring().readable(); },
-        [&](std::int64_t ns) { ring().wait_data(ns); });
-    if (!ok) return py::none();
+    if (!ch_.get(sink, fds, timeout_ns(timeout), PyWaitHook{})) return py::none();
     // Raw frames (send_bytes) come back as bare bytes too: recv_bytes returns the bytes either way,
     // and recv unpickles them, exactly what the stdlib's Connection does with the same bytes.
     if ((sink.frame.flags & ~proto::flag::kRaw) == 0 && sink.frame.nhandles == 0) return std::move(sink.frame.payload);
-    std::size_t pos = 0;
-    return assemble(sink.frame, fds, pos);
+    ReceivedFds rx(fds);
+    return assemble(sink.frame, rx);
   }
 
   // Up to max frames (at least one unless the timeout passes: then an empty list).
@@ -333,17 +287,14 @@ class PyChannel {
       }
       return out;
     }
-    bool ok = block_until(
-        timeout, [&] { return ring().try_get_many(sink, max, fds) != 0; }, [&] { return ring().readable(); },
-        [&](std::int64_t ns) { ring().wait_data(ns); });
-    if (!ok) return out;
-    std::size_t pos = 0;
+    if (ch_.get_many(sink, max, fds, timeout_ns(timeout), PyWaitHook{}) == 0) return out;
+    ReceivedFds rx(fds);
     for (std::size_t i = 0; i < sink.frames.size(); ++i) {
-      py::object item = assemble_or_error(sink.frames[i], fds, pos);
+      py::object item = assemble_or_error(sink.frames[i], rx);
       if (is_error(item)) {
         // A refused frame raises for itself, once: now if nothing came before it, else next time.
         leftover_.push_back(std::move(item));
-        keep_rest(sink.frames, i + 1, fds, pos);
+        keep_rest(sink.frames, i + 1, rx);
         if (out.size() == 0) return raise_if_error(pop_leftover());
         return out;
       }
@@ -352,11 +303,7 @@ class PyChannel {
     return out;
   }
 
-  bool poll(double timeout) {
-    return block_until(
-        timeout, [&] { return ring().readable(); }, [&] { return ring().readable(); },
-        [&](std::int64_t ns) { ring().wait_data(ns); });
-  }
+  bool poll(double timeout) { return ch_.wait_readable(timeout_ns(timeout), PyWaitHook{}); }
 
   bool acquire_item(std::int64_t maxsize, double timeout) {
     return block_until(
@@ -474,23 +421,20 @@ class PyChannel {
     PySink sink;
     sink.frames.reserve(std::min<std::size_t>(max, 1024));
     std::vector<UniqueFd> fds;
-    bool ok = block_until(
-        timeout, [&] { return ring().try_get_many(sink, max, fds) != 0; }, [&] { return ring().readable(); },
-        [&](std::int64_t ns) { ring().wait_data(ns); });
-    if (!ok) throw_empty();
+    if (ch_.get_many(sink, max, fds, timeout_ns(timeout), PyWaitHook{}) == 0) throw_empty();
     install_pending_modules();
     // Unpickle straight from the taken frames. If one fails, it and the frames after it become
     // leftovers (the failing one is retried, and raises, first), so nothing is lost.
-    std::size_t pos = 0;
+    ReceivedFds rx(fds);
     for (std::size_t i = 0; i < sink.frames.size(); ++i) {
       Frame& f = sink.frames[i];
-      py::object item = (f.flags == 0 && f.nhandles == 0) ? std::move(f.payload) : assemble_or_error(f, fds, pos);
+      py::object item = (f.flags == 0 && f.nhandles == 0) ? std::move(f.payload) : assemble_or_error(f, rx);
       PyObject* r = load_item_or_error(item.ptr());
       if (r == nullptr) {
         py::error_already_set err;
         // The failing frame raises exactly once: now if nothing decoded before it, else next time.
         if (out.size() != 0) leftover_.push_back(std::move(item));
-        keep_rest(sink.frames, i + 1, fds, pos);
+        keep_rest(sink.frames, i + 1, rx);
         if (out.size() == 0) throw err;
         return out;  // deliver what decoded; the error surfaces on the next get
       }
@@ -512,7 +456,7 @@ class PyChannel {
     for (;;) {
       {
         ReleaseGil nogil;
-        const std::int64_t slice_end = last + kWaitSliceNs;
+        const std::int64_t slice_end = last + WaitPolicy::standard().slice_ns;
         for (;;) {
           if (ring().writable(rec)) break;
           const std::int64_t now = futex::now_ns();
@@ -603,19 +547,19 @@ class PyChannel {
   }
 
   // assemble, with a ProtocolError (a block refused by BlockCache::open) as its exception instance.
-  py::object assemble_or_error(Frame& f, std::vector<UniqueFd>& fds, std::size_t& pos) {
+  py::object assemble_or_error(Frame& f, ReceivedFds& rx) {
     try {
-      return assemble(f, fds, pos);
+      return assemble(f, rx);
     } catch (const ProtocolError& e) {
       return py::module_::import("ringpool._core").attr("ProtocolError")(e.what());
     }
   }
 
   // The frames from `from` on, as leftovers, in order (after an earlier one failed).
-  void keep_rest(std::vector<Frame>& frames, std::size_t from, std::vector<UniqueFd>& fds, std::size_t& pos) {
+  void keep_rest(std::vector<Frame>& frames, std::size_t from, ReceivedFds& rx) {
     for (std::size_t j = from; j < frames.size(); ++j) {
       Frame& g = frames[j];
-      leftover_.push_back((g.flags == 0 && g.nhandles == 0) ? std::move(g.payload) : assemble_or_error(g, fds, pos));
+      leftover_.push_back((g.flags == 0 && g.nhandles == 0) ? std::move(g.payload) : assemble_or_error(g, rx));
     }
   }
 
@@ -626,24 +570,17 @@ class PyChannel {
   }
 
   std::deque<py::object> leftover_;
-  // The item for frame f, whose handles are fds[pos, pos + f.nhandles). pos moves past them
-  // before anything can throw, so a refused frame (a block that fails BlockCache's checks) costs
-  // only itself: the frames after it still find their own handles.
-  py::object assemble(Frame& f, std::vector<UniqueFd>& fds, std::size_t& pos) {
-    std::size_t n = f.nhandles;
-    if (pos + n > fds.size()) throw ProtocolError("frame handles missing");
-    py::object payload = f.payload;
-    std::size_t first = pos;
-    pos += n;
-    if (f.flags & proto::flag::kOutOfBand) {
-      ++first;
-      auto block = BlockCache::instance().open(std::move(fds[first - 1]), f.oob_len);
-      payload = py::cast(std::make_unique<OobBuffer>(std::move(block), static_cast<std::size_t>(f.oob_len)));
-    }
+  // A taken frame as get() returns it: the payload (an OobBuffer over the block if the frame is
+  // out of band) alone, or (flags, payload, fds) with the frame's descriptors, now owned by Python.
+  // rx moves past the frame's handles before anything can throw, so a refused frame (a block that
+  // fails BlockCache's checks) costs only itself: the frames after it still find their own.
+  py::object assemble(Frame& f, ReceivedFds& rx) {
+    FrameHandles hs = rx.next(f.flags, f.nhandles, f.oob_len);
+    py::object payload = hs.oob ? py::cast(std::move(hs.oob)) : f.payload;
     const std::uint8_t user_flags = f.flags & static_cast<std::uint8_t>(~proto::flag::kOutOfBand);
-    if (user_flags == 0 && first == pos && !(f.flags & proto::flag::kOutOfBand)) return payload;
+    if (user_flags == 0 && hs.fds.empty() && !(f.flags & proto::flag::kOutOfBand)) return payload;
     py::list fdl;
-    for (std::size_t i = first; i < pos; ++i) fdl.append(fds[i].release());
+    for (UniqueFd& fd : hs.fds) fdl.append(fd.release());
     return py::make_tuple(user_flags, payload, fdl);
   }
 
@@ -810,13 +747,13 @@ void init_channel(py::module_& m) {
       .def_property_readonly("record_bytes", &Pending::record_bytes)
       .def_property_readonly("published", [](const Pending& p) { return p.published; });
 
-  py::class_<OobBuffer>(m, "OobBuffer", py::buffer_protocol(),
-                        "Bytes of an out-of-band frame, in shared memory; freed for reuse when the last view goes.")
-      .def_buffer([](OobBuffer& b) {
-        return py::buffer_info(b.block->data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
-                               {static_cast<py::ssize_t>(b.length)}, {static_cast<py::ssize_t>(1)}, false);
+  py::class_<OobPayload>(m, "OobBuffer", py::buffer_protocol(),
+                         "Bytes of an out-of-band frame, in shared memory; freed for reuse when the last view goes.")
+      .def_buffer([](OobPayload& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size())}, {static_cast<py::ssize_t>(1)}, false);
       })
-      .def("__len__", [](const OobBuffer& b) { return b.length; });
+      .def("__len__", [](const OobPayload& b) { return b.size(); });
 
   auto cls = py::class_<PyChannel>(m, "Channel", R"doc(A shared-memory ring with handle passing and out-of-band blocks.
 

@@ -77,4 +77,37 @@ std::unique_ptr<Pending> Channel::put(proto::Kind kind, std::uint8_t flags, cons
   return p;
 }
 
+std::uint64_t Channel::oob_length(const proto::FrameHeader& h, const std::uint8_t* payload) {
+  if (h.payload_len < sizeof(proto::OobDescriptor)) throw ProtocolError("short out-of-band descriptor");
+  proto::OobDescriptor d;
+  std::memcpy(&d, payload, sizeof d);
+  return d.length;
+}
+
+std::unique_ptr<OobPayload> Channel::open_block(UniqueFd block, std::uint64_t length) {
+  // open() refuses an unsealed block and one whose size does not fit length (security.md).
+  std::shared_ptr<Block> b = BlockCache::instance().open(std::move(block), length);
+  if (length > b->capacity()) {
+    // Ours now, and no producer will see this frame read: hand the block back.
+    b->mark_free();
+    throw ProtocolError("out-of-band length beyond its block");
+  }
+  return std::make_unique<OobPayload>(std::move(b), static_cast<std::size_t>(length));
+}
+
+FrameHandles ReceivedFds::next(std::uint8_t flags, std::uint32_t nhandles, std::uint64_t oob_length) {
+  const std::size_t n = nhandles;
+  if (n > fds_.size() - pos_) throw ProtocolError("frame handles missing");
+  FrameHandles out;
+  std::size_t first = pos_;
+  pos_ += n;  // consumed even if opening the block throws: the next frame's handles stay aligned
+  if (flags & proto::flag::kOutOfBand) {
+    if (n == 0) throw ProtocolError("out-of-band frame without its block");
+    out.oob = Channel::open_block(std::move(fds_[first]), oob_length);
+    ++first;
+  }
+  out.fds = std::span<UniqueFd>(fds_.data() + first, pos_ - first);
+  return out;
+}
+
 }  // namespace ringpool

@@ -1,6 +1,5 @@
 #include "ringpool/pool.hpp"
 
-#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -78,7 +77,6 @@ constexpr std::int64_t kStarted = static_cast<std::int64_t>(task::Status::STARTE
 constexpr std::int64_t kPong = static_cast<std::int64_t>(task::Status::PONG);
 constexpr std::int64_t kInitFailed = static_cast<std::int64_t>(task::Status::INIT_FAILED);
 
-constexpr std::int64_t kCollectorSpinNs = 50'000;  // the collector polls this long before sleeping
 constexpr auto kTrimAfter = std::chrono::seconds(1);  // idle time before queue memory goes back
 constexpr std::size_t kCompleteGroup = 32;  // results fulfilled last to first (see collect())
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
@@ -672,6 +670,9 @@ struct Pool::Impl {
   }
 
   void collect() {
+    // The collector is the result ring's only consumer; Channel gives it the receive side the
+    // Python queues use (batched takes, handles in record order, out-of-band blocks, waits).
+    Channel inbox(results);
     std::vector<UniqueFd> fds;
     ResultSink sink;
     struct Decoded {
@@ -688,29 +689,26 @@ struct Pool::Impl {
       fds.clear();
       std::size_t n = 0;
       try {
-        n = results->try_get_many(sink, 256, fds);
+        n = inbox.try_get_many(sink, 256, fds);
       } catch (const std::exception& e) {
         std::lock_guard lk(mu);
         undecodable(e.what());
       }
       // Decode without mu (submitters keep going meanwhile); handle in ring order under it.
-      std::size_t fd_pos = 0;
+      ReceivedFds received(fds);
       for (auto& fr : sink.frames) {
-        std::vector<UniqueFd> mine;
-        for (std::uint32_t i = 0; i < fr.header.nhandles && fd_pos < fds.size(); ++i) mine.push_back(std::move(fds[fd_pos++]));
-        if (fr.header.kind != static_cast<std::uint8_t>(proto::Kind::DATA)) continue;  // a nudge
         try {
-          if (fr.header.flags & proto::flag::kOutOfBand) {
-            if (mine.empty() || fr.header.payload_len < sizeof(proto::OobDescriptor))
-              throw PickleError("out-of-band result without its block");
-            proto::OobDescriptor d;
-            std::memcpy(&d, sink.payload(fr).data(), sizeof d);
-            // open() refuses an unsealed block and one whose size does not fit d.length.
-            std::shared_ptr<Block> block = BlockCache::instance().open(std::move(mine[0]), d.length);
+          // Handles are matched to frames in ring order, nudges' (none) included.
+          const auto* payload = reinterpret_cast<const std::uint8_t*>(sink.payload(fr).data());
+          const bool out_of_band = fr.header.flags & proto::flag::kOutOfBand;
+          FrameHandles handles = received.next(fr.header, out_of_band ? Channel::oob_length(fr.header, payload) : 0);
+          if (fr.header.kind != static_cast<std::uint8_t>(proto::Kind::DATA)) continue;  // a nudge
+          if (handles.oob) {
             // The worker can still write the block: decode a private copy (security.md, "Shared
-            // memory from another process"). Freed at once, the block goes back to the worker.
-            oob.assign(reinterpret_cast<const char*>(block->data()), static_cast<std::size_t>(d.length));
-            block->mark_free();
+            // memory from another process"). Copied, the block goes back to the worker at once.
+            const std::string_view v = handles.oob->view();
+            oob.assign(v.data(), v.size());
+            handles.oob.reset();
             decoded.push_back({result_from(pickle_loads(oob)), {}});
           } else if (fr.header.flags != 0) {
             throw PickleError("result frame with unexpected flags");
@@ -798,15 +796,8 @@ struct Pool::Impl {
         auto wait = std::chrono::nanoseconds(retry_publish ? 1'000'000 : 100'000'000);
         if (next_deadline != Clock::time_point::max())
           wait = std::min<std::chrono::nanoseconds>(wait, next_deadline - Clock::now());
-        // A futex wake-up costs tens of microseconds on these VMs: poll a little first.
-        const std::int64_t t0 = futex::now_ns();
-        for (std::int64_t t = t0; !results->readable() && t - t0 < kCollectorSpinNs; t = futex::now_ns()) {
-          if (t - t0 < 2000)
-            __builtin_ia32_pause();
-          else
-            ::sched_yield();
-        }
-        if (!results->readable()) results->wait_data(std::max<std::int64_t>(wait.count(), 0));
+        // Polls a little first (a futex wake-up costs tens of microseconds on these VMs), then sleeps.
+        inbox.wait_readable(std::max<std::int64_t>(wait.count(), 0));
       }
     }
   }

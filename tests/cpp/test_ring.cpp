@@ -313,6 +313,8 @@ TEST_CASE("ring: readiness armed once stays exact across calls and attachments")
 TEST_CASE("channel: large payloads go out of band through recycled blocks") {
   auto ring = Ring::create({64 * 1024, 0});
   Channel ch(ring);
+  // The pool is per process: earlier test cases (pool, channel) leave their own free blocks in it.
+  const std::size_t before = BlockPool::instance().cached_bytes();
   std::string big(1 << 20, 'q');
   big[12345] = 'Z';
   for (int i = 0; i < 3; ++i) {
@@ -330,7 +332,7 @@ TEST_CASE("channel: large payloads go out of band through recycled blocks") {
     CHECK(std::memcmp(block->data(), big.data(), big.size()) == 0);
     block->mark_free();
   }
-  CHECK(BlockPool::instance().cached_bytes() == (1u << 20));  // one block, reused
+  CHECK(BlockPool::instance().cached_bytes() - before <= (1u << 20));  // at most one new block, reused
 }
 
 namespace {
