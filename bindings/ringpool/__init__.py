@@ -17,7 +17,14 @@ Public API (this issue's layer: the transport):
 - ``Bundle``, ``BundleWriter``: zip archives of packages, resources and pickles with
   intern/extern/mock/deny rules, loaded in isolation or as the workers' environment
   (``get_context(bundle=...)``).
+
+Linux 5.11 or later only: the import fails with an ImportError naming what this system lacks
+(``ringpool._platform``).
 """
+from . import _platform  # noqa: E402  (first: the check runs before the extension loads)
+
+_platform.check()
+
 from . import reduction
 from ._core import ProtocolError
 from .bundle import BadBundleError, Bundle, BundleError, BundleWriter

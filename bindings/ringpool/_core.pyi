@@ -76,6 +76,9 @@ def block_pool_bytes() -> int: ...
 def set_block_pool_limit(n: int) -> None: ...
 def retain_heap(nbytes: int) -> bool:
     """Keep up to nbytes of freed heap memory for reuse (glibc mallopt); False where not applied."""
+def kernel_features() -> list[tuple[str, str, str, bool, int, str]]:
+    """[(name, since Linux version, what ringpool uses it for, required, errno or 0, strerror)],
+    required features first; probes without side effects (runtime/kernel.hpp)."""
 def _pickle_roundtrip(data: bytes, protocol: int = 5) -> bytes:
     """Decode with the C++ plain-data pickle codec, re-encode; ValueError if refused."""
 
