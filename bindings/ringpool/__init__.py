@@ -19,8 +19,16 @@ Public API (this issue's layer: the transport):
   (``get_context(bundle=...)``).
 
 Linux 5.11 or later only: the import fails with an ImportError naming what this system lacks
-(``ringpool._platform``).
+(``ringpool._platform``). Lifecycle events (workers started, died, replaced; the zygote started
+again; packages shipped) go to the ``logging`` logger ``"ringpool"`` and its children
+(``ringpool.spawner``, ``ringpool.executor``, ``ringpool.modules``), silent unless the
+application configures logging (docs/guide/troubleshooting.md).
 """
+import logging as _logging
+
+# A library stays silent unless the application configures logging (the logging HOWTO's advice).
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
 from . import _platform  # noqa: E402  (first: the check runs before the extension loads)
 
 _platform.check()
