@@ -15,12 +15,11 @@ every probe, the best-effort ones too.
 """
 from __future__ import annotations
 
-import collections
 import sys
 
 MIN_LINUX = "5.11"
 
-Feature = collections.namedtuple("Feature", "name since use required errno error")
+_Feature = None  # the namedtuple, made on first use (making one costs ~0.2 ms: not at every import)
 
 
 def check():
@@ -28,18 +27,29 @@ def check():
     if not sys.platform.startswith("linux"):
         raise ImportError(f"ringpool runs on Linux only (Linux {MIN_LINUX} or later), not on "
                           f"{sys.platform!r}: it is built on memfd shared memory and pidfds")
-    missing = [f for f in features() if f.required and f.errno]
+    missing = [f for f in _probe() if f[3] and f[4]]  # required, errno
     if missing:
         import os  # only on this error path
 
-        what = "; ".join(f"{f.name} (Linux {f.since}, for {f.use}): {f.error}" for f in missing)
+        what = "; ".join(f"{name} (Linux {since}, for {use}): {error}" for name, since, use, _, _, error in missing)
         raise ImportError(f"ringpool needs Linux {MIN_LINUX} or later, and this system "
                           f"({os.uname().release}) lacks: {what}. A container's seccomp profile "
-                          f"can block these calls too; `python -m ringpool info` lists every probe.")
+                          f"can block these calls too (docs/guide/troubleshooting.md).")
 
 
 def features():
-    """Every kernel feature ringpool uses, as ``Feature``s (required ones first)."""
+    """Every kernel feature ringpool uses, as ``Feature(name, since, use, required, errno, error)``
+    namedtuples (required ones first)."""
+    global _Feature
+    if _Feature is None:
+        import collections
+
+        _Feature = collections.namedtuple("Feature", "name since use required errno error")
+    return [_Feature(*f) for f in _probe()]
+
+
+def _probe():
+    """_core.kernel_features(): [(name, since, use, required, errno, error)]."""
     from . import _core  # after the platform test: on another system the extension cannot load
 
-    return [Feature(*f) for f in _core.kernel_features()]
+    return _core.kernel_features()

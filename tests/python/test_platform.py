@@ -33,9 +33,9 @@ def test_probes_leave_nothing_open_and_cost_microseconds():
 
 
 def test_a_missing_kernel_feature_refuses_the_import_naming_it(monkeypatch):
-    feats = [f._replace(errno=38, error="Function not implemented") if f.name == "clone3(CLONE_PIDFD)" else f
-             for f in _platform.features()]
-    monkeypatch.setattr(_platform, "features", lambda: feats)
+    probes = [(*f[:4], 38, "Function not implemented") if f[0] == "clone3(CLONE_PIDFD)" else f
+              for f in _core.kernel_features()]
+    monkeypatch.setattr(_platform, "_probe", lambda: probes)
     with pytest.raises(ImportError) as info:
         _platform.check()
     msg = str(info.value)
