@@ -42,6 +42,7 @@ from .executor import Executor, RemoteTraceback, TaskTimeout, WorkerDied
 from .modules import import_module_from_path, register_module, reload
 from .queues import JoinableQueue, Queue, SimpleQueue
 
+# The one version number: pyproject.toml and CMakeLists.txt read it from this line.
 __version__ = "0.1.0"
 
 __all__ = [
