@@ -5,7 +5,7 @@ pip install --no-build-isolation .      # uses Debian's setuptools and pybind11
 import os
 from glob import glob
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
@@ -34,5 +34,8 @@ ext = Pybind11Extension(
     cxx_std=20,
     extra_compile_args=["-O2"],
 )
+
+# The translation units compile in parallel, one job per CPU (RINGPOOL_BUILD_JOBS=N sets how many).
+ParallelCompile("RINGPOOL_BUILD_JOBS").install()
 
 setup(ext_modules=[ext], cmdclass={"build_ext": build_ext, "build_py": build_py_with_pth})

@@ -17,7 +17,22 @@ Public API (this issue's layer: the transport):
 - ``Bundle``, ``BundleWriter``: zip archives of packages, resources and pickles with
   intern/extern/mock/deny rules, loaded in isolation or as the workers' environment
   (``get_context(bundle=...)``).
+
+Linux 5.11 or later only: the import fails with an ImportError naming what this system lacks
+(``ringpool._platform``). Lifecycle events (workers started, died, replaced; the zygote started
+again; packages shipped) go to the ``logging`` logger ``"ringpool"`` and its children
+(``ringpool.spawner``, ``ringpool.executor``, ``ringpool.modules``), silent unless the
+application configures logging (docs/guide/troubleshooting.md).
 """
+import logging as _logging
+
+# A library stays silent unless the application configures logging (the logging HOWTO's advice).
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+from . import _platform  # noqa: E402  (first: the check runs before the extension loads)
+
+_platform.check()
+
 from . import reduction
 from ._core import ProtocolError
 from .bundle import BadBundleError, Bundle, BundleError, BundleWriter
@@ -27,6 +42,7 @@ from .executor import Executor, RemoteTraceback, TaskTimeout, WorkerDied
 from .modules import import_module_from_path, register_module, reload
 from .queues import JoinableQueue, Queue, SimpleQueue
 
+# The one version number: pyproject.toml and CMakeLists.txt read it from this line.
 __version__ = "0.1.0"
 
 __all__ = [

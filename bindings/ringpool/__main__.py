@@ -3,10 +3,13 @@
 Each command is a module that exposes ``add_arguments(parser)`` and ``main(args) -> int`` (the exit
 code) and keeps its heavy imports inside ``main``, so ``--help`` stays instant. Commands:
 
+- ``info``: versions, the kernel features ringpool relies on and whether they are present, THP
+  mode, limits, the start-method name, ``RINGPOOL_*`` variables (``ringpool.info``).
 - ``stress``: a mixed load over queues, pipes, the Executor and DataLoader, with optional fault
   injection, ending with a throughput table and the invariants it checked (``ringpool.stress``).
 
-Adding one (``bench``, ``doctor``) is one entry in ``_COMMANDS`` and one module.
+``--version`` prints ringpool's version. Adding a command (``bench``) is one entry in
+``_COMMANDS`` and one module. An installed ringpool also has the console script ``ringpool``.
 
 Exit codes: whatever the command returns (0 = success); 2 for usage errors (argparse's).
 """
@@ -18,12 +21,16 @@ import sys
 
 # name -> (module, one-line help)
 _COMMANDS = {
+    "info": ("ringpool.info", "print versions, kernel features, limits and settings (for bug reports)"),
     "stress": ("ringpool.stress", "run a mixed load (optionally killing processes) and check invariants"),
 }
 
 
 def build_parser():
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="python -m ringpool", description="ringpool command-line tools.")
+    parser.add_argument("--version", action="version", version=f"ringpool {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in _COMMANDS.items():
         mod = importlib.import_module(module)

@@ -89,6 +89,9 @@ def check_received_memfd(fd: int, min_size: int, max_size: int, what: str = "seg
     else ProtocolError naming what is wrong. Call before mapping a memfd from another process."""
 def retain_heap(nbytes: int) -> bool:
     """Keep up to nbytes of freed heap memory for reuse (glibc mallopt); False where not applied."""
+def kernel_features() -> list[tuple[str, str, str, bool, int, str]]:
+    """[(name, since Linux version, what ringpool uses it for, required, errno or 0, strerror)],
+    required features first; probes without side effects (runtime/kernel.hpp)."""
 def _pickle_roundtrip(data: bytes, protocol: int = 5) -> bytes:
     """Decode with the C++ plain-data pickle codec, re-encode; ValueError if refused."""
 

@@ -66,10 +66,10 @@ Deviations from the stdlib contexts:
   copy-on-write with its workers); modules this process imports after the zygote started are not
   preloaded (a worker imports them itself, as under spawn; ``ctx.shutdown()`` makes the next
   ``start()`` start a zygote from the state then). A module that fails to import there is skipped
-  (a warning on the ``ringpool`` logger, once per context); a module whose import leaves a thread
-  running in the zygote (which could not fork safely then) is excluded with what it imported, and
-  the zygote starts over without them (``_zygote._auto_preload``; warned too). An explicit
-  ``preload`` list imports exactly that list, and there a failure or a thread is an error.
+  (a warning on the ``ringpool.spawner`` logger, once per context); a module whose import leaves a
+  thread running in the zygote (which could not fork safely then) is excluded with what it
+  imported, and the zygote starts over without them (``_zygote._auto_preload``; warned too). An
+  explicit ``preload`` list imports exactly that list, and there a failure or a thread is an error.
 - Memory in a worker is reused rather than fresh: torch storages made with ``_new_shared`` (what
   DataLoader's collate makes in a worker) come from recycled shared-memory files
   (``ringpool/_torch.py``, ``RINGPOOL_RECYCLE_SHARED=0`` turns it off), and glibc's malloc keeps
@@ -86,6 +86,11 @@ Deviations from the stdlib contexts:
   ``torch.set_num_threads(1)``, where a fresh interpreter would make it with a thread per core on
   first use (``ringpool/_zygote.py:_settle_torch_pool``: a worker's ``set_num_threads(1)``, which
   DataLoader calls, then starts no thread).
+
+Logging (``ringpool.spawner``; silent unless configured): a worker started (DEBUG, ``popen.py``), a
+zygote started, or started again after the previous one ended (INFO; seen at the next ``start()``
+or ``ensure_running()``), a start retried because its zygote died meanwhile and what the
+automatic preload skipped (WARNING).
 """
 from __future__ import annotations
 
@@ -105,6 +110,7 @@ from multiprocessing import util as _mp_util
 __all__ = ["RingpoolContext", "RingpoolProcess", "get_context", "register_start_method"]
 
 _RINGPOOL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_log = logging.getLogger("ringpool.spawner")
 
 
 class RingpoolProcess(_mp_process.BaseProcess):
@@ -156,6 +162,8 @@ class RingpoolContext(_mp_context.BaseContext):
         self._spawning = 0  # Popens between _supervisor(spawning=True) and _spawn_done()
         self._zygote_modules = {}  # name -> hash of the snapshots the zygote was started with
         self._zygote_note = ""  # the last zygote note logged (see _log_zygote_note)
+        self._logged_zygote = None  # pid of the last zygote logged as started (see _log_zygote)
+        self._stopped_zygote = False  # shutdown() stopped it: the next one is no restart after a death
         self._warned = set()  # what the automatic preload warned about: once per context
         self._lock = threading.Lock()
         _live_contexts.add(self)
@@ -254,10 +262,30 @@ class RingpoolContext(_mp_context.BaseContext):
         """
         sup = self._supervisor()
         sup.start()
-        self._log_zygote_note(sup)
+        self._log_zygote(sup)
+
+    def _log_zygote(self, sup):
+        """Once the zygote is ready (after ``ensure_running()`` and every zygote ``start()``): logs
+        a zygote not seen before (INFO) and what the automatic preload skipped (WARNING)."""
+        if self.preload is None:
+            self._log_zygote_note(sup)
+        if not self.zygote or not _log.isEnabledFor(logging.INFO):
+            return  # (reading the pid is a round trip to the supervisor's thread)
+        pid = sup.zygote_pid
+        if pid <= 0 or pid == self._logged_zygote:
+            return
+        if self._logged_zygote is None:
+            _log.info("zygote started (pid %d) for %s", pid, self)
+        elif self._stopped_zygote:
+            _log.info("zygote started again (pid %d) for %s after shutdown() stopped pid %d",
+                      pid, self, self._logged_zygote)
+        else:
+            _log.info("zygote restarted (pid %d) for %s: the previous one (pid %d) died, and the "
+                      "workers it had forked with it", pid, self, self._logged_zygote)
+        self._logged_zygote, self._stopped_zygote = pid, False
 
     def _log_zygote_note(self, sup):
-        """Warns (``ringpool`` logger) of what the automatic preload skipped, once per context.
+        """Warns (``ringpool.spawner`` logger) of what the automatic preload skipped, once per context.
 
         Called once the zygote is ready (after ``ensure_running()`` and every zygote ``start()``):
         the zygote's READY carries the note (``_zygote._auto_preload``), and reading it is a copy
@@ -267,7 +295,7 @@ class RingpoolContext(_mp_context.BaseContext):
         if not note or note == self._zygote_note:
             return
         self._zygote_note = note
-        log = logging.getLogger("ringpool")
+        log = _log
         note = json.loads(note)
         for name, error in note.get("skipped", ()):
             if ("skipped", name) not in self._warned:
@@ -304,6 +332,7 @@ class RingpoolContext(_mp_context.BaseContext):
             if sup is None:
                 return
             sup.stop()
+            self._stopped_zygote = True
             if self._spawning or sup.live_workers():
                 return
             self._sup = None

@@ -32,11 +32,18 @@ Deviations from ``concurrent.futures.ProcessPoolExecutor``:
 - ``map`` takes ``progress=True`` (a tqdm bar); ``imap_unordered`` streams results of a large or
   endless input in completion order, reading the input lazily.
 - A function may be given as a string ``"package.module:qualname"`` (resolved in the worker).
+
+Logging (``ringpool.executor``): a worker started (DEBUG), recycled after ``max_tasks_per_child``
+(DEBUG: planned, and one per task at ``max_tasks_per_child=1``), died or killed for its task's
+timeout and replaced (WARNING), a replacement that failed to start (WARNING), the pool broken
+(ERROR). Events noticed under the pool lock are logged once it is released (``_events``): a
+handler's I/O never holds up dispatch.
 """
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 import pickle
 import queue
@@ -58,6 +65,8 @@ from . import _core
 from .reduction import dumps
 
 __all__ = ["Executor", "WorkerDied", "TaskTimeout", "RemoteTraceback"]
+
+_log = logging.getLogger(__name__)
 
 # The task records, their kinds, field positions and limits have one home, task.hpp
 # (proto/include/ringpool/proto/task.hpp, drawn in docs/design/protocol.md "Task records"),
@@ -560,9 +569,11 @@ class Executor(_Executor):
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
         self._spawn_failures = 0        # replacement starts that failed in a row
+        self._events = collections.deque()  # (level, message, args) to log once the lock is released
         with self._lock:
             for _ in range(self._max_workers):
                 self._start_worker(initial=True)
+        self._flush_events()
         self._collector = threading.Thread(target=self._collect, name="ringpool-executor-collector", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="ringpool-executor-watcher", daemon=True)
         self._collector.start()
@@ -601,12 +612,30 @@ class Executor(_Executor):
                 raise
             self._spawn_failures += 1
             self._spawn_error = exc
+            self._event(logging.WARNING, "a replacement worker failed to start (attempt %d of %d): %s: %s",
+                        self._spawn_failures, _SPAWN_ATTEMPTS, type(exc).__name__, exc)
             if not watcher:
                 self._wake_watcher()  # it retries (on its own schedule)
             return
         self._spawn_failures = 0
         self._workers[wid] = _Worker(wid, proc, calls, self._max_tasks)
+        self._event(logging.DEBUG, "worker %d started (pid %d)", wid, proc.pid)
         self._wake_watcher()
+
+    def _event(self, level, msg, *args):
+        """Log msg once the pool lock is released (pool lock held): see _flush_events."""
+        if _log.isEnabledFor(level):
+            self._events.append((level, msg, args))
+
+    def _flush_events(self):
+        """Log the events queued under the pool lock (pool lock not held; any thread)."""
+        events = self._events
+        while events:
+            try:
+                level, msg, args = events.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            _log.log(level, msg, *args)
 
     def _short_of_workers(self):
         """Fewer open workers than asked for, with work to do or to come (pool lock held)."""
@@ -1015,6 +1044,8 @@ class Executor(_Executor):
         """Hand results to their futures and batches. Batches are filled under the pool lock
         (held if locked); futures are set after it is released (they run callbacks), so call
         again with locked=False for those: returns what is left."""
+        if not locked and self._events:
+            self._flush_events()
         if not done:
             return []
         futures = []
@@ -1291,7 +1322,17 @@ class Executor(_Executor):
         w.unpublished.clear()
         self._backlog.extendleft(reversed(retry))
         busy = self._tasks or not self._shutdown
-        if self._broken is None and busy and len(self._open_workers()) < self._max_workers:
+        replace = self._broken is None and busy and len(self._open_workers()) < self._max_workers
+        if w.timed_out is not None:
+            self._event(logging.WARNING, "worker %d (pid %d) was killed: its task ran longer than %g s%s",
+                        w.wid, proc.pid, self._task_timeout, "; replacing it" if replace else "")
+        elif w.retiring and code == 0:
+            self._event(logging.DEBUG, "worker %d (pid %d) retired after max_tasks_per_child=%d tasks%s",
+                        w.wid, proc.pid, self._max_tasks, "; replacing it" if replace else "")
+        elif not self._closed and self._broken is None:  # (a broken pool's workers exit: logged as broken)
+            self._event(logging.WARNING, "worker %d (pid %d) died (%s)%s%s", w.wid, proc.pid, _describe_exit(code),
+                        " while running a task" if running else "", "; replacing it" if replace else "")
+        if replace:
             self._start_worker()
         self._wake_watcher()
 
@@ -1299,6 +1340,7 @@ class Executor(_Executor):
         if self._broken is not None:
             return
         self._broken = reason
+        self._event(logging.ERROR, "the pool is broken: %s", reason)
         for t in self._tasks.values():
             for item in (t.item(j) for j in range(t.k, t.n)) if t.op == _RUN else (t,):
                 err = BrokenProcessPool(reason)
@@ -1351,8 +1393,8 @@ class Executor(_Executor):
                 sentinels = {w.proc.sentinel: w for w in self._workers.values() if w.wid not in posted}
                 deadline = min((w.running[1] for w in self._workers.values()
                                 if w.running is not None and w.timed_out is None), default=None)
+            self._deliver(done)  # and the events logged under the lock
             if done:
-                self._deliver(done)
                 if self._broken is not None:
                     self._post((0, None, _DIED, None, 0.0))  # the collector notices the pool broke
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)

@@ -41,6 +41,9 @@ moved or absent on the worker's machine.
 
 This module imports nothing from ringpool (no ``_core``): a worker can load it by file path.
 
+Logging (``ringpool.modules``, after the registry lock is released): a package registered or
+reloaded with new sources (INFO), a snapshot installed from a sender (DEBUG).
+
 Deviations from importing the folder normally (``sys.path.insert`` + ``import``):
 - Only ``.py`` files are part of a package: in the package folder and in sub-folders that have an
   ``__init__.py`` and an identifier name, skipping ``__pycache__``, hidden entries and files whose
@@ -66,6 +69,7 @@ import importlib
 import importlib.util
 import keyword
 import linecache
+import logging
 import os
 import pickle
 import struct
@@ -289,7 +293,8 @@ def import_module_from_path(name, path):
             raise
         _registry[name] = _Entry(name, root, snap)
         _bump()
-        return module
+    _log.info("registered package %s from %s (%d files, %s)", name, root, len(snap.files), snap.hash[:12])
+    return module
 
 
 def register_module(module_or_name):
@@ -342,7 +347,8 @@ def register_module(module_or_name):
         _set_installed(name, snap)
         _registry[name] = _Entry(name, path, snap)
         _bump()
-        return snap
+    _log.info("registered %s from %s (%d files, %s)", name, path, len(snap.files), snap.hash[:12])
+    return snap
 
 
 def reload(name):
@@ -383,7 +389,9 @@ def reload(name):
             _drop_linecache_entry(f)
         entry.snapshot = new
         _bump()
-        return module
+    _log.info("reloaded %s from %s: %s -> %s (%d files)", name, entry.path, old.hash[:12], new.hash[:12],
+              len(new.files))
+    return module
 
 
 def snapshots():
@@ -426,7 +434,8 @@ def install(snapshot):
             _drop_linecache(current)
         _set_installed(name, snapshot)
         _bump()
-        return True
+    _log.debug("installed %s %s from a snapshot (%d files)", name, snapshot.hash[:12], len(snapshot.files))
+    return True
 
 
 def installed():
@@ -757,6 +766,7 @@ def _read_single(name, file):
     return Snapshot(name, root, {base: _read_file(root, file, name)})
 
 
+_log = logging.getLogger("ringpool.modules")
 _listeners = []
 
 

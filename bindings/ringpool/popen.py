@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import os
 import pickle
 import signal
@@ -45,6 +46,8 @@ from . import modules as _modules
 from . import reduction as _reduction
 
 __all__ = ["Popen"]
+
+_log = logging.getLogger("ringpool.spawner")
 
 # The bootstrap frame is small (prep data + process object); a larger one goes out of band.
 _BOOT_CAPACITY = 1 << 16
@@ -194,10 +197,10 @@ class Popen:
                         raise
                     if chan.get(0.0) is None:
                         raise  # a child the zygote forked took it: it may be running the target
+                    _log.warning("starting %s: %s; asking the zygote that replaces it", process_obj.name, exc)
                     chan = boot_channel()
                     fds = [*chan.handles(), *self._fds]
-            if context.preload is None:  # the zygote is ready now: what its automatic preload skipped
-                context._log_zygote_note(supervisor)
+            context._log_zygote(supervisor)  # the zygote is ready now: a new one? what did it skip?
         else:
             exe = _mp_spawn.get_executable()
             argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", context._bootstrap("_worker")]
@@ -206,6 +209,11 @@ class Popen:
         self._chan = chan  # the worker's channel; later frames (module updates) go here
         self.pid = self._child.pid
         self.sentinel = self._child.sentinel
+        if _log.isEnabledFor(logging.DEBUG):
+            have = context._zygote_modules if context.zygote else {}  # as _ringpool_state decided
+            shipped = sorted(n for n, h in self._hashes.items() if have.get(n) != h)
+            _log.debug("started %s (pid %d, %s)%s", process_obj.name, self.pid, "zygote" if context.zygote else "exec",
+                       f" with packages {', '.join(shipped)}" if shipped else "")
         self.finalizer = _mp_util.Finalize(self, Popen._release, (self.__dict__,))
         _live.add(self)
         if _modules.registry_version() != modver:  # changed while we were starting it
@@ -221,6 +229,7 @@ class Popen:
             self._unsent.append(chan.stage(payload, 0, None, 0) if self._unsent else chan.put(payload, 0, None, 0))
             for s in changed:
                 self._hashes[s.name] = s.hash
+            _log.debug("sent new sources of %s to pid %d", ", ".join(s.name for s in changed), self.pid)
         while self._unsent and (self._unsent[0] is None or chan.publish(self._unsent[0])):
             self._unsent.popleft()
 

@@ -3,6 +3,7 @@ import concurrent.futures as cf
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -11,7 +12,7 @@ import types
 import pytest
 
 import ringpool
-from conftest import alive, our_children
+from conftest import BINDINGS, alive, our_children
 from ringpool import Executor, TaskTimeout, WorkerDied
 
 
@@ -210,6 +211,40 @@ def test_a_dead_worker_fails_only_its_task_and_is_replaced(how, desc):
         assert err.exitcode == (-signal.SIGKILL if how == "kill" else 3)
         after = set(ex.map(_sleep_pid, [0.05] * 8))
         assert err.pid not in after and len(after) == 2
+
+
+def test_a_dead_worker_and_its_replacement_are_logged(caplog):
+    # ringpool.executor: each worker's start (DEBUG), the death (WARNING, naming pid and signal).
+    with caplog.at_level("DEBUG", logger="ringpool"):
+        with Executor(2) as ex:
+            before = set(ex.map(_sleep_pid, [0.05] * 4))
+            with pytest.raises(WorkerDied) as info:
+                ex.submit(_die_on, 1, 1).result(60)
+            after = set(ex.map(_sleep_pid, [0.05] * 8))
+    victim = info.value.pid
+    records = [r for r in caplog.records if r.name == "ringpool.executor"]
+    died = [r for r in records if r.levelname == "WARNING"]
+    assert len(died) == 1, [r.getMessage() for r in records]
+    assert died[0].getMessage().startswith("worker ") and f"(pid {victim}) died (killed by signal SIGKILL) " \
+        "while running a task; replacing it" in died[0].getMessage()
+    started = {int(r.getMessage().rpartition("pid ")[2].rstrip(")")) for r in records
+               if r.levelname == "DEBUG" and " started (pid " in r.getMessage()}
+    assert started >= before | after | {victim} and len(started) == 3  # two at construction, one replacement
+
+
+def test_logging_is_silent_unless_configured():
+    # A library's logger: a NullHandler on "ringpool", so an unconfigured application prints
+    # nothing (not even through logging's last-resort handler) when a worker dies.
+    code = ("import ringpool, os, signal\n"
+            "def die(): os.kill(os.getpid(), signal.SIGKILL)\n"
+            "if __name__ == '__main__':\n"
+            "    with ringpool.Executor(1) as ex:\n"
+            "        try: ex.submit(die).result(60)\n"
+            "        except ringpool.WorkerDied: print('died')\n"
+            "        print(ex.submit(abs, -3).result(60))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90,
+                       env={**os.environ, "PYTHONPATH": BINDINGS})
+    assert (r.returncode, r.stdout.split(), r.stderr) == (0, ["died", "3"], "")
 
 
 class _OnlyInParent:

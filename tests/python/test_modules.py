@@ -388,6 +388,21 @@ def test_reload_picks_up_edit_and_purges_submodules(mods, tmp_path, name):
     assert type(old_point) is pkg.Point and pkg.Point is not new.Point  # old objects keep classes
 
 
+def test_registration_and_reload_are_logged(mods, tmp_path, name, caplog):
+    root = basic(tmp_path, name)
+    with caplog.at_level("INFO", logger="ringpool"):
+        mods.import_module_from_path(name, root)
+        (h1,) = mods.installed().values()
+        mods.reload(name)  # unchanged: nothing to log
+        (root / "sub" / "mod.py").write_text("VALUE = 'edited'\n")
+        mods.reload(name)
+        (h2,) = mods.installed().values()
+    got = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    real = os.path.realpath(root)
+    assert got == [("ringpool.modules", "INFO", f"registered package {name} from {real} (3 files, {h1[:12]})"),
+                   ("ringpool.modules", "INFO", f"reloaded {name} from {real}: {h1[:12]} -> {h2[:12]} (3 files)")]
+
+
 def test_failed_reload_restores_previous_version(mods, tmp_path, name):
     root = basic(tmp_path, name)
     pkg = mods.import_module_from_path(name, root)

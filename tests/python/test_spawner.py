@@ -254,6 +254,33 @@ def test_sigkilled_zygote_ends_its_workers_and_a_new_one_takes_over():
     ctx.shutdown()
 
 
+def test_zygote_start_and_restart_are_logged(caplog):
+    # ringpool.spawner: the first zygote and the one that replaces it after a SIGKILL (INFO, seen
+    # at the next start), and each worker's start (DEBUG).
+    ctx = ringpool.RingpoolContext(preload=())
+    try:
+        with caplog.at_level("DEBUG", logger="ringpool"):
+            p = ctx.Process(target=_sleep, args=(60,))
+            p.start()
+            first = ctx.zygote_pid()
+            os.kill(first, signal.SIGKILL)
+            p.join(10)
+            q = ctx.Process(target=_sleep, args=(0,))
+            q.start()
+            q.join(30)
+            second = ctx.zygote_pid()
+    finally:
+        ctx.shutdown()
+    assert p.exitcode == -signal.SIGKILL and q.exitcode == 0 and second not in (None, first)
+    spawner = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "ringpool.spawner"]
+    infos = [m for level, m in spawner if level == "INFO"]
+    assert len(infos) == 2, spawner
+    assert infos[0].startswith(f"zygote started (pid {first}) for <ringpool context (zygote, preload=[])>")
+    assert infos[1].startswith(f"zygote restarted (pid {second}) ") and f"(pid {first}) died" in infos[1]
+    started = [m for level, m in spawner if level == "DEBUG" and m.startswith("started ")]
+    assert [m.split("(pid ")[1].split(",")[0] for m in started] == [str(p.pid), str(q.pid)], spawner
+
+
 def test_a_start_whose_zygote_dies_meanwhile_is_served_by_the_next_zygote():
     # The zygote dies while it serves a start (killed at that moment): the start goes to the
     # zygote that replaces it, with a fresh boot channel, instead of failing.
@@ -666,7 +693,7 @@ def test_a_module_that_fails_in_the_zygote_is_logged_once_and_workers_start(impo
                 assert got == {"rp_auto_fails": "absent", "rp_auto_fine": ctx.zygote_pid()}
         warned = [r.getMessage() for r in caplog.records if "rp_auto_fails" in r.getMessage()]
         assert len(warned) == 1 and "RuntimeError: only in the parent" in warned[0], warned
-        assert all(r.name == "ringpool" for r in caplog.records if "rp_auto" in r.getMessage())
+        assert all(r.name == "ringpool.spawner" for r in caplog.records if "rp_auto" in r.getMessage())
     finally:
         ctx.shutdown()
 
