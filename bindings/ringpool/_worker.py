@@ -191,7 +191,7 @@ def _watch_root(root, daemon):
 
         try:
             _core.die_with(root)
-        except OSError:  # the root is gone already: so must we be
+        except ProcessLookupError:  # the root is gone already (ESRCH): so must we be
             os._exit(255)
 
 

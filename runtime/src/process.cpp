@@ -6,6 +6,7 @@
 #include <linux/sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -182,7 +183,9 @@ bool ChildProcess::send_signal(int sig) {
 void die_with(pid_t root) {
   // Watch first, then disarm: there is no moment in which neither would take this process down.
   const int fd = open_pidfd(root).release();  // O_CLOEXEC: exec'd children do not keep it
-  std::thread([fd] {
+  struct stat ours {};
+  if (::fstat(fd, &ours) != 0) throw_errno("fstat(pidfd)");
+  std::thread([fd, ours] {
     // Signals are for the application's threads.
     sigset_t all;
     sigfillset(&all);
@@ -190,7 +193,13 @@ void die_with(pid_t root) {
     pollfd p{fd, POLLIN, 0};
     while (::poll(&p, 1, -1) < 0 && errno == EINTR) {
     }
-    ::kill(::getpid(), SIGKILL);  // root exited (or the poll failed: never outlive it by mistake)
+    // Readable: the root exited (a pidfd is readable from its exit on, reaped or not), if fd is
+    // still our pidfd. The process's own code may have closed it (POLLNVAL), or closed it and
+    // opened something else readable at that number (another inode). Either ends the watch
+    // without killing: this process then outlives the root, as a spawn child does.
+    struct stat now {};
+    if ((p.revents & POLLIN) && ::fstat(fd, &now) == 0 && now.st_dev == ours.st_dev && now.st_ino == ours.st_ino)
+      ::kill(::getpid(), SIGKILL);
   }).detach();
   if (::prctl(PR_SET_PDEATHSIG, 0) != 0) throw_errno("prctl(PR_SET_PDEATHSIG)");
 }

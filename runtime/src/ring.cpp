@@ -312,37 +312,52 @@ void Ring::notify_space() noexcept {
 }
 
 // The readiness protocol (ring.md, "Readiness"): the eventfd is readable exactly while a frame is
-// published, so that a poll()/select() caller's next get never blocks. `signaled` is kSignalClear
-// (the eventfd is drained), kSignalling (one thread holds the signal: it is checking for a frame,
-// draining or writing the eventfd; everyone else leaves the signal to it) or kSignalled
-// (written). A producer signals after it publishes, so it can find its own frame already taken by
-// a consumer that woke for an earlier one: it must not write then (the eventfd would be readable
-// over an empty ring: a recv() after a wait() would block).
+// published, so that a poll()/select() caller's next get never blocks. `signaled` holds a state in
+// its low bits, kSignalClear (the eventfd is drained), kSignalling (one thread holds the signal: it
+// is checking for a frame, draining or writing the eventfd; everyone else leaves the signal to it)
+// or kSignalled (written), and above them a generation that every claim advances, so that a holder
+// that was taken over (refresh_readiness) can no longer change the state: each of its transitions
+// is a compare-exchange against the exact word it claimed. A producer signals after it publishes,
+// so it can find its own frame already taken by a consumer that woke for an earlier one: it must
+// not write then (the eventfd would be readable over an empty ring: a recv() after a wait() would
+// block).
+namespace {
+constexpr std::uint32_t signal_state(std::uint32_t word) noexcept { return word & Ring::kSignalStateMask; }
+// The word a claim of `word` writes: the next generation, held.
+constexpr std::uint32_t signal_claim(std::uint32_t word) noexcept {
+  return ((word & ~Ring::kSignalStateMask) + Ring::kSignalStateMask + 1) | Ring::kSignalling;
+}
+constexpr std::uint32_t signal_with(std::uint32_t held, std::uint32_t state) noexcept {
+  return (held & ~Ring::kSignalStateMask) | state;
+}
+}  // namespace
+
 void Ring::signal_if_readable() noexcept {
   for (;;) {
-    std::uint32_t expected = kSignalClear;
-    if (!ctl_->signaled.compare_exchange_strong(expected, kSignalling, std::memory_order_seq_cst)) return;
-    if (!finish_signal()) return;
+    std::uint32_t word = ctl_->signaled.load(std::memory_order_seq_cst);
+    if (signal_state(word) != kSignalClear) return;  // held or written: not ours to do
+    const std::uint32_t held = signal_claim(word);
+    if (!ctl_->signaled.compare_exchange_strong(word, held, std::memory_order_seq_cst)) continue;
+    if (!finish_signal(held)) return;
   }
 }
 
-bool Ring::finish_signal() noexcept {
-  // With the signal held (kSignalling). Seq_cst: pairs with the producers' fence between their
-  // publish and their compare-exchange on signaled (notify_data): a producer that saw the signal
-  // held and left it to us published before we look, or before we release below.
+bool Ring::finish_signal(std::uint32_t held) noexcept {
+  // With the signal held (the word `held`). Seq_cst: pairs with the producers' fence between
+  // their publish and their look at signaled (notify_data): a producer that saw the signal held
+  // and left it to us published before we look, or before we release below.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  // Every transition out of kSignalling is a compare-exchange: a consumer that waited too long
-  // for us may have taken the signal over (refresh_readiness), and a plain store would then
-  // overwrite its state.
-  std::uint32_t expected = kSignalling;
+  std::uint32_t expected = held;
   if (readable()) {
     eventfd_signal(event_.get());
-    ctl_->signaled.compare_exchange_strong(expected, kSignalled, std::memory_order_seq_cst);
+    // Fails only if a consumer took the signal over meanwhile: it drains and re-checks itself.
+    ctl_->signaled.compare_exchange_strong(expected, signal_with(held, kSignalled), std::memory_order_seq_cst);
     return false;
   }
   // Nothing to signal (the frame we came for was taken): release, then look again for a frame
   // whose producer saw the signal held (the same Dekker pairing); true: claim again for it.
-  if (!ctl_->signaled.compare_exchange_strong(expected, kSignalClear, std::memory_order_seq_cst)) return false;
+  if (!ctl_->signaled.compare_exchange_strong(expected, signal_with(held, kSignalClear), std::memory_order_seq_cst))
+    return false;
   std::atomic_thread_fence(std::memory_order_seq_cst);
   return readable();
 }
@@ -353,19 +368,22 @@ void Ring::refresh_readiness() noexcept {
   // by the drain (a lost wake-up); a producer that publishes meanwhile leaves the signal to us,
   // and we see its frame. A thread that holds the signal is waited out, so that its write cannot
   // land after our drain. The wait is bounded: a holder that died there (or stalls longer) is
-  // taken over; one that merely stalled may then still write once over an empty ring.
+  // taken over (a claim of the next generation, so none of its own transitions can succeed any
+  // more); one that merely stalled may then still write once over an empty ring.
   if (readable()) return;
   const auto deadline = std::chrono::steady_clock::now() + kSignallerWait;
+  std::uint32_t held;
   for (;;) {
-    std::uint32_t s = ctl_->signaled.load(std::memory_order_seq_cst);
-    if (s == kSignalling && std::chrono::steady_clock::now() < deadline) {
+    std::uint32_t word = ctl_->signaled.load(std::memory_order_seq_cst);
+    if (signal_state(word) == kSignalling && std::chrono::steady_clock::now() < deadline) {
       ::sched_yield();
       continue;
     }
-    if (ctl_->signaled.compare_exchange_weak(s, kSignalling, std::memory_order_seq_cst)) break;
+    held = signal_claim(word);
+    if (ctl_->signaled.compare_exchange_weak(word, held, std::memory_order_seq_cst)) break;
   }
   eventfd_drain(event_.get());
-  if (finish_signal()) signal_if_readable();
+  if (finish_signal(held)) signal_if_readable();
 }
 
 int Ring::readiness_fd() {

@@ -233,11 +233,15 @@ class Ring {
   void notify_space() noexcept;
   void refresh_readiness() noexcept;
   void signal_if_readable() noexcept;
-  bool finish_signal() noexcept;
+  bool finish_signal(std::uint32_t held) noexcept;
 
-  // RingControl::signaled (the readiness protocol, ring.cpp): the eventfd is drained; a thread
-  // has claimed the signal and is writing it (only while it sees a frame); it is written.
-  static constexpr std::uint32_t kSignalClear = 0, kSignalled = 1, kSignalling = 2;
+ public:
+  // RingControl::signaled (the readiness protocol, ring.cpp): its low bits are the state (the
+  // eventfd is drained; it is written; a thread holds the signal: it is checking for a frame and
+  // writing or draining the eventfd), the bits above a generation that every claim advances.
+  static constexpr std::uint32_t kSignalClear = 0, kSignalled = 1, kSignalling = 2, kSignalStateMask = 3;
+
+ private:
   // How long a consumer clearing the readiness waits for a thread in the middle of signalling
   // before taking over: long enough for a preempted signaller to finish on a loaded machine,
   // short enough that one that died there stalls fd waiters only briefly.
