@@ -85,13 +85,9 @@ std::uint64_t Channel::oob_length(const proto::FrameHeader& h, const std::uint8_
 }
 
 std::unique_ptr<OobPayload> Channel::open_block(UniqueFd block, std::uint64_t length) {
-  // open() refuses an unsealed block and one whose size does not fit length (security.md).
+  // open() is the one place a received block is vetted: it refuses an unsealed block and one
+  // whose capacity does not fit length (security.md), so the block holds length bytes here.
   std::shared_ptr<Block> b = BlockCache::instance().open(std::move(block), length);
-  if (length > b->capacity()) {
-    // Ours now, and no producer will see this frame read: hand the block back.
-    b->mark_free();
-    throw ProtocolError("out-of-band length beyond its block");
-  }
   return std::make_unique<OobPayload>(std::move(b), static_cast<std::size_t>(length));
 }
 
