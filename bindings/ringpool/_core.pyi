@@ -13,7 +13,8 @@ NO_BACKPRESSURE: int
 # The task records' ops (CALL, CHUNK, PING, STOP, RUN), statuses (OK, ERR, STARTED, PONG,
 # INIT_FAILED, DIED), field positions (CALL_*, RESULT_*, ERROR_*, CALL_FIELDS, RESULT_FIELDS),
 # SINGLE and limits (MAX_RUN_CALLS, MAX_RUN_BYTES, WORKER_TAKE, CALL_CAPACITY, RESULT_CAPACITY,
-# MIN_DEPTH, MAX_DEPTH, QUEUED_WORK): proto/include/ringpool/proto/task.hpp.
+# MIN_DEPTH, MAX_DEPTH, QUEUED_WORK, RESULT_COST, INITIAL_TASK_TIME, TASK_TIME_WEIGHT, and
+# depth_for(average_task_time) -> int): proto/include/ringpool/proto/task.hpp.
 task: types.ModuleType
 
 class ProtocolError(RuntimeError): ...

@@ -94,8 +94,12 @@ if (_task.CALL_FIELDS != ("op", "tid", "fn", "args", "kwargs")
 
 _CALL_CAPACITY = _task.CALL_CAPACITY
 _RESULT_CAPACITY = _task.RESULT_CAPACITY
+# The depth bound (unanswered calls per worker) and the moving average of reported task times it
+# comes from: task.hpp's "tuning both pools share", one definition for both languages.
 _MIN_DEPTH, _MAX_DEPTH = _task.MIN_DEPTH, _task.MAX_DEPTH
 _QUEUED_WORK = _task.QUEUED_WORK  # seconds of work to keep queued per worker
+_RESULT_COST = _task.RESULT_COST  # the parent's own time per result, counted in the bound
+_TASK_TIME_WEIGHT = _task.TASK_TIME_WEIGHT  # of each reported task time in the moving average
 _NO_WAIT = _core.NO_BACKPRESSURE
 # A caller waiting for a result reads the result ring itself, in steps of _HELP_STEP seconds; the
 # collector thread leaves the ring to it while it has read within _HELP_GRACE seconds.
@@ -558,7 +562,7 @@ class Executor(_Executor):
         self._backlog = collections.deque()  # tasks waiting for room in a worker
         self._next_tid = 1             # task ids (pool lock); a run takes one per item
         self._wids = itertools.count(1)
-        self._avg = 1e-4               # moving average of the task time the workers report
+        self._avg = _task.INITIAL_TASK_TIME  # moving average of the task time the workers report
         self._depth = _MIN_DEPTH
         self._broken = None            # the reason, once broken
         self._shutdown = False
@@ -1145,7 +1149,7 @@ class Executor(_Executor):
                     continue
                 w.load -= 1
                 w.running = None
-                avg += (elapsed - avg) * 0.05
+                avg += (elapsed - avg) * _TASK_TIME_WEIGHT
                 if t.op == _RUN:  # one of a run's items: the run stays until its last
                     t.k = k = k + 1
                     if k == t.n:
@@ -1172,7 +1176,7 @@ class Executor(_Executor):
             for sink in sinks:
                 sink.flush()
             if recs:
-                self._depth = max(_MIN_DEPTH, min(_MAX_DEPTH, int(_QUEUED_WORK / (avg + 2e-6))))
+                self._depth = max(_MIN_DEPTH, min(_MAX_DEPTH, int(_QUEUED_WORK / (avg + _RESULT_COST))))
                 self._dispatch(done)
             self._publish_pending()
             finished = (self._shutdown or self._broken is not None) and not self._tasks
@@ -1214,7 +1218,7 @@ class Executor(_Executor):
             w.running = None
             if t is None:
                 return
-            self._avg += (elapsed - self._avg) * 0.05
+            self._avg += (elapsed - self._avg) * _TASK_TIME_WEIGHT
             if status == _OK:
                 done.append((t, True, value))
             else:

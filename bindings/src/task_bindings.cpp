@@ -66,6 +66,11 @@ void init_task(py::module_& m) {
   t.attr("MIN_DEPTH") = task::kMinDepth;
   t.attr("MAX_DEPTH") = task::kMaxDepth;
   t.attr("QUEUED_WORK") = task::kQueuedWork;
+  t.attr("RESULT_COST") = task::kResultCost;
+  t.attr("INITIAL_TASK_TIME") = task::kInitialTaskTime;
+  t.attr("TASK_TIME_WEIGHT") = task::kTaskTimeWeight;
+  t.def("depth_for", &task::depth_for, py::arg("average_task_time"),
+        "Unanswered calls a worker may have, given the average task time in seconds.");
 }
 
 }  // namespace ringpool::py_bindings

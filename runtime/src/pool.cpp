@@ -20,6 +20,8 @@
 
 #include "ringpool/block.hpp"
 #include "ringpool/channel.hpp"
+#include "ringpool/detail/fifo.hpp"
+#include "ringpool/detail/scheduler.hpp"
 #include "ringpool/error.hpp"
 #include "ringpool/pickle.hpp"
 #include "ringpool/ring.hpp"
@@ -68,6 +70,7 @@ namespace {
 // The records, their kinds and limits are proto/.../task.hpp's (shared with ringpool.executor
 // through _core.task); their bytes are written and read by task_record.hpp.
 namespace task = proto::task;
+using detail::Fifo;
 using task_record::Result;
 using task_record::read_result;
 using task_record::result_from;
@@ -103,60 +106,6 @@ struct ResultSink final : Ring::Sink {
     frames.clear();
     bytes.clear();
   }
-};
-
-// A first-in first-out queue in one circular buffer that doubles when full. Tasks pass through
-// the backlog and a worker's queue at hundreds of thousands a second; std::deque allocates and
-// frees a node every few of them, and those frees (from another thread than the allocations)
-// kept glibc consolidating its free lists. This allocates only to grow; trim() gives a large
-// buffer back once a burst is over. T is default-constructible and movable; a slot keeps its
-// moved-from element until it is reused or cleared.
-template <class T>
-class Fifo {
- public:
-  bool empty() const noexcept { return size_ == 0; }
-  std::size_t size() const noexcept { return size_; }
-  T& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & (slots_.size() - 1)]; }
-  const T& operator[](std::size_t i) const noexcept { return slots_[(head_ + i) & (slots_.size() - 1)]; }
-  T& front() noexcept { return (*this)[0]; }
-  T& back() noexcept { return (*this)[size_ - 1]; }
-  void push_back(T&& v) {
-    if (size_ == slots_.size()) grow();
-    (*this)[size_] = std::move(v);
-    ++size_;
-  }
-  void push_front(T&& v) {
-    if (size_ == slots_.size()) grow();
-    head_ = (head_ + slots_.size() - 1) & (slots_.size() - 1);
-    slots_[head_] = std::move(v);
-    ++size_;
-  }
-  T take_front() {
-    T v = std::move(front());
-    head_ = (head_ + 1) & (slots_.size() - 1);
-    --size_;
-    return v;
-  }
-  void clear() {
-    for (std::size_t i = 0; i < size_; ++i) (*this)[i] = T();
-    head_ = size_ = 0;
-  }
-  // Gives the buffer back if the queue is empty and holds more than kKeep slots (after a burst).
-  void trim() {
-    if (size_ == 0 && slots_.size() > kKeep) std::vector<T>().swap(slots_);
-    head_ = 0;
-  }
-
- private:
-  static constexpr std::size_t kKeep = std::size_t{1} << 16;
-  void grow() {
-    std::vector<T> bigger(std::max<std::size_t>(16, slots_.size() * 2));
-    for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move((*this)[i]);
-    slots_.swap(bigger);
-    head_ = 0;
-  }
-  std::vector<T> slots_;  // a power of two in size
-  std::size_t head_ = 0, size_ = 0;
 };
 
 // "import sys; sys.path[:0] = [...]; from ringpool.<module> import main; main()"
@@ -211,15 +160,11 @@ Value read_package(const std::string& name, const std::string& folder) {
 
 struct Pool::Impl {
   // A task and where its outcome goes: a future's promise (submit), a promise of bytes
-  // (submit_raw) or a callback (async_submit). A task lives in the backlog until it is sent, then
-  // in its worker's `sent` queue until answered, so an answer finds it at the front of that queue
-  // (no lookup by id). Nothing (monostate): a ping, or a task already failed while its call is
-  // still out (shutdown without waiting): its answer is taken and dropped.
+  // (submit_raw) or a callback (async_submit). The scheduler (detail/scheduler.hpp) holds it in
+  // its backlog until it is sent, then in its worker's queue of unanswered calls until answered,
+  // and gives it its wire id when it is sent: ids run in the order calls are sent, whichever
+  // thread submitted them, so that any calls sent together can share a RUN record.
   struct Task {
-    // Its id on the wire, given when it is sent (0: a ping, or not sent yet): ids run in the
-    // order calls are sent, whichever thread submitted them, so that any calls sent together
-    // can share a RUN record.
-    std::uint64_t tid = 0;
     // The opcodes of its function, argument tuple and keyword dict (or None), back to back: the
     // record it travels in (a call of its own or a run) is written around them when it is sent.
     std::string body;
@@ -227,11 +172,7 @@ struct Pool::Impl {
     // the call may join a run.
     std::uint32_t args_at = 0, args_len = 0, nargs = 0;
     bool runnable = false;        // no keyword arguments
-    bool alone = false;           // sent as a call of its own (its run did not unpickle)
-    bool last_of_record = true;   // the last call of the record that carried it
     std::variant<std::monostate, std::promise<Value>, std::promise<std::string>, Callback> sink;
-
-    bool pending() const noexcept { return sink.index() != 0; }
 
     void ok(Value v) {
       if (auto* p = std::get_if<std::promise<Value>>(&sink)) {
@@ -256,18 +197,16 @@ struct Pool::Impl {
     }
   };
 
+  using Scheduler = detail::Scheduler<Task>;
+  using Entry = Scheduler::Entry;
+
+  // A worker's process and rings; its calls and their bookkeeping are the scheduler's.
   struct Worker {
     int wid = 0;
     ChildProcess proc;
     std::shared_ptr<Ring> ring;
     std::unique_ptr<Channel> calls;
-    Fifo<Task> sent;                  // unanswered calls, in order (tid 0: a ping)
-    std::uint64_t answered = 1;       // records answered; the start-up config counts as one
-    std::optional<std::size_t> budget;
-    bool retiring = false;
     std::deque<std::unique_ptr<Pending>> unpublished;
-    std::optional<std::pair<std::uint64_t, Clock::time_point>> running;
-    std::uint64_t timed_out = 0;
     std::optional<int> exit_code;     // from the supervisor
     std::optional<std::uint64_t> death_barrier;  // result records to take before handling the death
   };
@@ -280,14 +219,13 @@ struct Pool::Impl {
   std::mutex mu;
   std::condition_variable drained;
   std::map<int, std::unique_ptr<Worker>> workers;
-  Fifo<Task> backlog;             // submitted, not yet sent to a worker
-  std::size_t outstanding = 0;   // tasks not yet answered or failed (backlog and in flight)
-  std::uint64_t next_tid = 1;
+  // Every scheduling decision: the backlog, each worker's unanswered calls, depth, deaths,
+  // deadlines, budgets. Under mu, like everything here.
+  Scheduler sched;
+  std::vector<Scheduler::Failure> failures;  // the scheduler's, turned into completions at once
+  std::vector<int> wids;                     // workers it names (pings to send, workers to kill)
   int next_wid = 1;
   std::uint64_t started = 0;
-  double avg = 1e-4;
-  std::size_t depth = task::kMinDepth;
-  std::deque<std::string> lost;  // decode errors not yet matched to their task
   // Results handled and not yet handed to their futures or callbacks: the collector hands them
   // over after releasing mu, so a callback may submit more work and submitters are not held up.
   struct Completion {
@@ -299,9 +237,6 @@ struct Pool::Impl {
   std::vector<Ring::Piece> dispatch_batch;  // dispatch()'s, kept between calls
   std::string dispatch_wire;                // dispatch()'s records, back to back
   std::vector<std::pair<std::size_t, std::size_t>> spans;  // and where each stands in it
-  // Calls travel in RUN records unless max_tasks_per_child is set (a worker then counts exactly
-  // the calls it was sent, one record each, as ringpool.Executor does).
-  bool runs_allowed = true;
   std::size_t completing = 0;    // being handed over (shutdown waits for them too)
   Clock::time_point idle_since = Clock::now();  // when the last task was answered
   std::map<int, int> early_exits;  // exits of workers not yet recorded
@@ -310,9 +245,19 @@ struct Pool::Impl {
   bool stop = false;
   std::thread collector;
 
-  explicit Impl(PoolOptions o) : opts(std::move(o)) {
-    if (opts.workers <= 0) throw std::invalid_argument("ringpool::Pool: workers must be > 0");
-    runs_allowed = opts.max_tasks_per_child == 0;
+  static detail::SchedulerOptions scheduler_options(const PoolOptions& o) {
+    if (o.workers <= 0) throw std::invalid_argument("ringpool::Pool: workers must be > 0");
+    detail::SchedulerOptions s;
+    s.workers = static_cast<std::size_t>(o.workers);
+    s.max_tasks_per_child = o.max_tasks_per_child;
+    s.task_timeout = o.task_timeout;
+    // Calls travel in RUN records unless max_tasks_per_child is set (a worker then counts exactly
+    // the calls it was sent, one record each, as ringpool.Executor does).
+    s.runs = o.max_tasks_per_child == 0;
+    return s;
+  }
+
+  explicit Impl(PoolOptions o) : opts(std::move(o)), sched(scheduler_options(opts)) {
     if (opts.env.empty())
       for (char** e = environ; e && *e; ++e) opts.env.emplace_back(*e);
     if (!opts.bundle.empty() && !std::filesystem::is_regular_file(opts.bundle))
@@ -353,7 +298,6 @@ struct Pool::Impl {
     w->wid = wid;
     w->ring = Ring::create(RingOptions{task::kCallCapacity, 0, false});
     w->calls = std::make_unique<Channel>(w->ring);
-    if (opts.max_tasks_per_child) w->budget = opts.max_tasks_per_child;
     Value max_tasks = opts.max_tasks_per_child ? Value(static_cast<std::int64_t>(opts.max_tasks_per_child)) : Value();
     const std::string config = pickle_dumps(Value::dict({{Value("ringpool_pool"), Value::dict({
         {Value("wid"), Value(wid)},
@@ -385,10 +329,12 @@ struct Pool::Impl {
     {
       std::lock_guard lk(mu);
       auto it = workers.find(wid);
-      if (it != workers.end())
+      if (it != workers.end()) {
         it->second->exit_code = code;
-      else
+        sched.exited(wid);
+      } else {
         early_exits[wid] = code;  // it died before replenish() recorded it
+      }
     }
     nudge();
   }
@@ -400,17 +346,10 @@ struct Pool::Impl {
     results->try_put(proto::Kind::HEARTBEAT, 0, &none, 1, nullptr, 0, 0);
   }
 
-  std::size_t open_workers() const {
-    std::size_t n = 0;
-    for (auto& [_, w] : workers) n += !w->retiring;
-    return n;
-  }
-
   // Starts workers until there are opts.workers open ones (mu held on entry and exit; released
   // while spawning).
   void replenish(std::unique_lock<std::mutex>& lk) {
-    while (!stop && broken.empty() && open_workers() < static_cast<std::size_t>(opts.workers) &&
-           (!shutting_down || outstanding > 0)) {
+    while (!stop && broken.empty() && sched.shortfall() > 0 && (!shutting_down || sched.outstanding() > 0)) {
       const int wid = next_wid++;
       lk.unlock();
       std::unique_ptr<Worker> w;
@@ -426,12 +365,14 @@ struct Pool::Impl {
       }
       lk.lock();
       if (!w) {
-        if (open_workers() == 0) fail_everything("ringpool::Pool: could not start a worker: " + err);
+        if (sched.open_workers() == 0) fail_everything("ringpool::Pool: could not start a worker: " + err);
         return;
       }
       ++started;
+      sched.add_worker(wid, 1);  // its ring's first record is the start-up configuration
       if (auto e = early_exits.find(wid); e != early_exits.end()) {
         w->exit_code = e->second;
+        sched.exited(wid);
         early_exits.erase(e);
       }
       workers.emplace(wid, std::move(w));
@@ -442,65 +383,50 @@ struct Pool::Impl {
   void fail_everything(const std::string& why) {
     broken = why;
     fail_all(std::make_exception_ptr(PoolClosed(why)));
-    for (auto& [_, w] : workers) w->sent.clear();
+    sched.forget_in_flight();
     drained.notify_all();
   }
 
-  // Fails every task not yet answered; calls still out stay in `sent`, answered by nothing.
+  // Fails every task not yet answered; calls still out stay with the scheduler, their answers
+  // dropped.
   void fail_all(std::exception_ptr e) {
-    for (std::size_t i = 0; i < backlog.size(); ++i) backlog[i].fail(e);
-    backlog.clear();
-    for (auto& [_, w] : workers)
-      for (std::size_t i = 0; i < w->sent.size(); ++i) {
-        w->sent[i].fail(e);
-        w->sent[i].sink = std::monostate{};
-      }
-    outstanding = 0;
+    std::vector<Task> owed;
+    sched.drain(owed);
+    for (Task& t : owed) t.fail(e);
   }
 
   // -- dispatch (mu held) ------------------------------------------------------------------------
-  Worker* least_busy() {
-    Worker* best = nullptr;
-    for (auto& [_, w] : workers)
-      if (!w->retiring && !w->exit_code && (!best || w->sent.size() < best->sent.size())) best = w.get();
-    return best;
-  }
+  // What the scheduler needs to know of a call to group calls into records.
+  struct RecordRules {
+    // b may follow a in one RUN record: both without keywords, calling the same function.
+    bool joins(const Task& a, const Task& b) const {
+      return a.runnable && b.runnable &&
+             std::string_view(a.body).substr(0, a.args_at) == std::string_view(b.body).substr(0, b.args_at);
+    }
+    std::size_t bytes(const Task& t) const { return t.args_len; }
+  };
 
+  // Sends what the scheduler assigns: to the least busy workers, up to the depth bound.
   void dispatch() {
     std::vector<Ring::Piece>& batch = dispatch_batch;
-    while (!backlog.empty()) {
-      Worker* w = least_busy();
-      if (!w || w->sent.size() >= depth) return;
-      std::size_t room = depth - w->sent.size();
-      if (w->budget) room = std::min(room, *w->budget);
-      const std::size_t first = w->sent.size();
-      while (room-- > 0 && !backlog.empty()) {
-        w->sent.push_back(backlog.take_front());
-        if (w->budget && --*w->budget == 0) {
-          w->retiring = true;
-          break;
-        }
-      }
+    while (std::optional<Scheduler::Assignment> a = sched.assign(RecordRules{})) {
+      Worker& w = *workers.at(a->wid);
+      const Fifo<Entry>& q = sched.sent(a->wid);
       // The new calls as records, written back to back into `wire`: consecutive calls of one
       // function travel as one RUN record (the worker decodes one record, not one per call, and
       // resolves the function once).
       std::string& wire = dispatch_wire;
       wire.clear();
       spans.clear();
-      for (std::size_t i = first; i < w->sent.size();) {
-        std::size_t j = i + 1, bytes = w->sent[i].args_len;
-        while (j < w->sent.size() && j - i < task::kMaxRunCalls && joins_run(w->sent[j - 1], w->sent[j]) &&
-               bytes + w->sent[j].args_len <= task::kMaxRunBytes)
-          bytes += w->sent[j++].args_len;
+      for (std::size_t i = a->first, end = a->first + a->count; i < end;) {
+        std::size_t j = i;
+        while (!q[j].last_of_record) ++j;
+        ++j;
         const std::size_t at = wire.size();
-        for (std::size_t k = i; k < j; ++k) {
-          w->sent[k].tid = next_tid++;
-          w->sent[k].last_of_record = k + 1 == j;
-        }
         if (j - i == 1)
-          write_call(wire, w->sent[i]);
+          task_record::write_call(wire, q[i].tid, q[i].task.body);
         else
-          write_run(wire, w->sent, i, j);
+          write_run(wire, q, i, j);
         spans.emplace_back(at, wire.size() - at);
         i = j;
       }
@@ -509,32 +435,25 @@ struct Pool::Impl {
       // One ring critical section (and at most one wake-up) for the records that fit inline;
       // the rest (large, or the ring full) one at a time, in order.
       std::size_t done = 0;
-      bool inline_only = w->unpublished.empty();
-      for (const auto& p : batch) inline_only = inline_only && !w->calls->out_of_band(p.len);
+      bool inline_only = w.unpublished.empty();
+      for (const auto& p : batch) inline_only = inline_only && !w.calls->out_of_band(p.len);
       if (inline_only && !batch.empty())
-        done = w->ring->try_put_many(proto::Kind::CALL, 0, batch.data(), batch.size(), 0);
-      for (std::size_t i = done; i < batch.size(); ++i) send(*w, batch[i]);
+        done = w.ring->try_put_many(proto::Kind::CALL, 0, batch.data(), batch.size(), 0);
+      for (std::size_t i = done; i < batch.size(); ++i) send(w, batch[i]);
     }
   }
 
-  // b may follow a in one RUN record.
-  bool joins_run(const Task& a, const Task& b) const {
-    return runs_allowed && a.runnable && b.runnable && !a.alone && !b.alone &&
-           std::string_view(a.body).substr(0, a.args_at) == std::string_view(b.body).substr(0, b.args_at);
-  }
-
-  // (CALL, tid, function, args, kwargs or None)
-  static void write_call(std::string& out, const Task& t) { task_record::write_call(out, t.tid, t.body); }
-
   // (RUN, tid of the first, function, [args, ...], None or SINGLE) for calls[i, j), whose ids
   // follow each other.
-  static void write_run(std::string& out, const Fifo<Task>& calls, std::size_t i, std::size_t j) {
+  static void write_run(std::string& out, const Fifo<Entry>& calls, std::size_t i, std::size_t j) {
     bool single = true;
-    for (std::size_t k = i; k < j; ++k) single = single && calls[k].nargs == 1;
-    const Task& head = calls[i];
-    task_record::begin_run(out, head.tid, std::string_view(head.body).substr(0, head.args_at));
-    for (std::size_t k = i; k < j; ++k)  // a 1-tuple is its item's opcodes and TUPLE1
-      out.append(calls[k].body, calls[k].args_at, calls[k].args_len - (single ? 1 : 0));
+    for (std::size_t k = i; k < j; ++k) single = single && calls[k].task.nargs == 1;
+    const Task& head = calls[i].task;
+    task_record::begin_run(out, calls[i].tid, std::string_view(head.body).substr(0, head.args_at));
+    for (std::size_t k = i; k < j; ++k) {  // a 1-tuple is its item's opcodes and TUPLE1
+      const Task& t = calls[k].task;
+      out.append(t.body, t.args_at, t.args_len - (single ? 1 : 0));
+    }
     task_record::end_run(out, single);
   }
 
@@ -554,118 +473,78 @@ struct Pool::Impl {
 
   // -- results (collector thread, mu held) --------------------------------------------------------
   void handle(Result&& r) {
-    auto wit = workers.find(r.wid);
-    if (wit == workers.end()) return;
-    Worker& w = *wit->second;
     if (r.status == kOk || r.status == kErr) {
-      if (r.tid) {
-        while (!w.sent.empty() && w.sent.front().tid != 0 && w.sent.front().tid != *r.tid) lost_result(w);
-      }
-      while (!w.sent.empty() && w.sent.front().tid == 0) pop_answered(w);  // pings: answered by pongs
-      if (w.sent.empty()) return;
-      if (!r.tid && !w.sent.front().last_of_record) unpickle_failed(w);
-      Task t = pop_answered(w);
-      w.running.reset();
-      if (!t.pending()) return;
-      --outstanding;
-      if (r.elapsed) avg += (*r.elapsed - avg) * 0.05;
-      if (r.status == kOk) {
-        completions.push_back({std::move(t), std::move(r.value), nullptr});
-      } else {
-        const auto& e = r.value.as_tuple();
-        completions.push_back(
-            {std::move(t), Value(),
-             std::make_exception_ptr(RemoteError(e.at(task::error::kType).as_str(), e.at(task::error::kMessage).as_str(),
-                                                 e.at(task::error::kTraceback).as_str()))});
+      std::optional<Task> t = sched.answer(r.wid, r.tid, r.elapsed, failures);
+      if (t) {
+        if (r.status == kOk)
+          completions.push_back({std::move(*t), std::move(r.value), nullptr});
+        else
+          completions.push_back({std::move(*t), Value(), remote_error(r.wid, r.value)});
       }
     } else if (r.status == kStarted) {
-      if (opts.task_timeout.count() > 0 && r.tid) w.running = {*r.tid, Clock::now() + opts.task_timeout};
+      if (r.tid) sched.started(r.wid, *r.tid, Clock::now());
     } else if (r.status == kPong) {
-      while (!w.sent.empty() && w.sent.front().tid != 0) lost_result(w);
-      if (!w.sent.empty())
-        pop_answered(w);  // the ping
-      else
-        ++w.answered;
+      sched.pong(r.wid, failures);
     } else if (r.status == kInitFailed) {
       // The C++ pool has no initializer; a worker that says so is broken: let it be replaced.
-      w.proc.send_signal(SIGKILL);
+      if (auto it = workers.find(r.wid); it != workers.end()) it->second->proc.send_signal(SIGKILL);
     }
+    settle(-1, 0);
   }
 
-  // The oldest unanswered call of w, now answered (a record is answered with its last call).
-  static Task pop_answered(Worker& w) {
-    Task t = w.sent.take_front();
-    if (t.last_of_record) ++w.answered;
-    return t;
-  }
-
-  // The worker could not unpickle the record in front (its answer names no task): that call
-  // fails with the worker's error; the other calls of a RUN record go back to the backlog, each
-  // to be sent alone, so that only a call at fault fails.
-  void unpickle_failed(Worker& w) {
-    Task head = w.sent.take_front();
-    std::vector<Task> rest;
-    while (!head.last_of_record && !w.sent.empty()) {
-      rest.push_back(w.sent.take_front());
-      head.last_of_record = rest.back().last_of_record;
+  // The error an ERR record's value stands for: (type, message, traceback), three strs. Anything
+  // else (a worker that breaks the protocol) fails the task with a ProtocolError saying so.
+  static std::exception_ptr remote_error(int wid, const Value& v) {
+    if (v.is_tuple()) {
+      const auto& e = v.as_tuple();
+      if (e.size() == task::error::kFields && e[task::error::kType].is_str() && e[task::error::kMessage].is_str() &&
+          e[task::error::kTraceback].is_str())
+        return std::make_exception_ptr(RemoteError(e[task::error::kType].as_str(), e[task::error::kMessage].as_str(),
+                                                   e[task::error::kTraceback].as_str()));
     }
-    for (auto it = rest.rbegin(); it != rest.rend(); ++it) {
-      it->alone = true;
-      it->last_of_record = true;
-      backlog.push_front(std::move(*it));
+    return std::make_exception_ptr(ProtocolError(
+        "ringpool::Pool: worker " + std::to_string(wid) +
+        " answered this task with a malformed error record (expected (type, message, traceback) as three str, got " +
+        (v.is_tuple() ? "a tuple of " + std::to_string(v.as_tuple().size()) + " items" : "a " + std::string(v.type_name())) +
+        ")"));
+  }
+
+  // The scheduler's failures as completions (their errors named here); pid and exit code: the
+  // worker whose death they come from.
+  void settle(pid_t pid, int code) {
+    for (auto& f : failures) {
+      std::exception_ptr e;
+      switch (f.fate) {
+        case detail::Fate::kLost:
+          e = std::make_exception_ptr(PickleError("the task's result could not be decoded: " + f.why));
+          break;
+        case detail::Fate::kDied:
+          e = std::make_exception_ptr(WorkerDied(pid, code));
+          break;
+        case detail::Fate::kTimedOut:
+          e = std::make_exception_ptr(TaskTimeout(pid, opts.task_timeout));
+          break;
+      }
+      completions.push_back({std::move(f.task), Value(), e});
     }
-    head.last_of_record = true;
-    w.sent.push_front(std::move(head));
+    failures.clear();
   }
 
-  void lost_result(Worker& w) {
-    Task t = pop_answered(w);
-    if (!t.pending()) return;
-    std::string why = lost.empty() ? "unknown error" : lost.front();
-    if (!lost.empty()) lost.pop_front();
-    t.fail(std::make_exception_ptr(PickleError("the task's result could not be decoded: " + why)));
-    --outstanding;
-  }
-
-  // A record that does not decode names no task: ask each worker with calls in flight to answer
-  // a ping after its earlier results; the call left unanswered in front of it is the one.
+  // A record that does not decode names no task: the scheduler has each worker with calls in
+  // flight pinged; the call left unanswered in front of the pong is the one.
   void undecodable(const std::string& why) {
-    lost.push_back(why);
+    wids.clear();
+    sched.result_gap(why, wids);
     const std::string ping = task_record::control_record(task::Op::PING);
-    for (auto& [_, w] : workers) {
-      if (w->sent.empty()) continue;
-      send(*w, ping);
-      w->sent.push_back(Task());
-    }
+    for (int wid : wids) send(*workers.at(wid), ping);
   }
 
   // The worker has exited and every result it published has been handled.
   void died(Worker& w) {
     int code = w.exit_code.value_or(-1);
     if (auto reaped = w.proc.poll()) code = *reaped;
-    // It takes a few records at a time and answers each call (a run's items one by one) before
-    // starting the next; `answered` counts a record once its last call is answered. If it took
-    // a record it did not answer in full, its oldest unanswered call was running; the rest never
-    // started and go to other workers.
-    const bool running = w.ring->consumed() > w.answered;
-    std::vector<Task> retry;
-    bool first = true;
-    for (std::size_t i = 0; i < w.sent.size(); ++i) {
-      Task& t = w.sent[i];
-      if (t.pending()) {
-        if (first && running) {
-          if (w.timed_out == t.tid)
-            t.fail(std::make_exception_ptr(TaskTimeout(w.proc.pid(), opts.task_timeout)));
-          else
-            t.fail(std::make_exception_ptr(WorkerDied(w.proc.pid(), code)));
-          --outstanding;
-        } else {
-          retry.push_back(std::move(t));
-        }
-      }
-      first = false;
-    }
-    for (auto it = retry.rbegin(); it != retry.rend(); ++it) backlog.push_front(std::move(*it));
+    sched.died(w.wid, w.ring->consumed(), failures);
+    settle(w.proc.pid(), code);
     workers.erase(w.wid);
   }
 
@@ -740,33 +619,25 @@ struct Pool::Impl {
       }
       for (Worker* w : dead) died(*w);
       // Timeouts.
-      auto next_deadline = Clock::time_point::max();
       const auto now = Clock::now();
-      for (auto& [_, w] : workers) {
-        if (!w->running || w->timed_out == w->running->first) continue;
-        if (w->running->second <= now) {
-          w->timed_out = w->running->first;
-          w->proc.send_signal(SIGKILL);
-        } else {
-          next_deadline = std::min(next_deadline, w->running->second);
-        }
-      }
+      wids.clear();
+      const auto next_deadline = sched.expire(now, wids);
+      for (int wid : wids) workers.at(wid)->proc.send_signal(SIGKILL);
       // A pool idle for a second gives back the queue memory a burst of tasks grew (not at once:
       // back-to-back bursts would grow it again every time).
-      if (outstanding > 0 || completing > 0) {
+      if (sched.outstanding() > 0 || completing > 0) {
         idle_since = now;
       } else if (now - idle_since > kTrimAfter) {
-        backlog.trim();
-        for (auto& [_, w] : workers) w->sent.trim();
+        sched.trim();
         std::string().swap(oob);  // the copy of a large result (beyond the ring's inline limit)
       }
-      depth = std::clamp<std::size_t>(static_cast<std::size_t>(task::kQueuedWork / (avg + 2e-6)), task::kMinDepth, task::kMaxDepth);
-      if (open_workers() < static_cast<std::size_t>(opts.workers)) replenish(lk);
+      sched.retune();
+      if (sched.shortfall() > 0) replenish(lk);
       dispatch();
       publish_pending();
       ready.swap(completions);  // both empty before: completions keeps ready's old capacity
       completing = ready.size();
-      if (outstanding == 0 && completing == 0) drained.notify_all();
+      if (sched.outstanding() == 0 && completing == 0) drained.notify_all();
       if (stop && workers.empty()) return;
       bool retry_publish = false;
       for (auto& [_, w] : workers) retry_publish |= !w->unpublished.empty();
@@ -789,7 +660,7 @@ struct Pool::Impl {
         ready.clear();
         lk.lock();
         completing = 0;
-        if (outstanding == 0) drained.notify_all();
+        if (sched.outstanding() == 0) drained.notify_all();
         lk.unlock();
       }
       if (n == 0) {
@@ -807,8 +678,7 @@ struct Pool::Impl {
     std::lock_guard lk(mu);
     if (shutting_down) throw PoolClosed("ringpool::Pool: submit after shutdown");
     if (!broken.empty()) throw PoolClosed(broken);
-    ++outstanding;
-    backlog.push_back(std::move(t));
+    sched.submit(std::move(t));
     dispatch();
   }
 
@@ -842,7 +712,7 @@ struct Pool::Impl {
       if (stop) return;
       shutting_down = true;
       if (!wait) fail_all(std::make_exception_ptr(PoolClosed("ringpool::Pool: shut down")));
-      drained.wait(lk, [&] { return (outstanding == 0 && completing == 0) || !broken.empty(); });
+      drained.wait(lk, [&] { return (sched.outstanding() == 0 && completing == 0) || !broken.empty(); });
       // Ask every worker to stop; the collector handles their exits and ends with the last.
       const std::string stop_rec = task_record::control_record(task::Op::STOP);
       for (auto& [_, w] : workers) send(*w, stop_rec);

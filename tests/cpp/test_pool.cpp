@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "ringpool/error.hpp"
 #include "ringpool/pickle.hpp"
 #include "ringpool/pool.hpp"
 
@@ -117,6 +118,28 @@ TEST_CASE("Pool reports Python errors, refuses non-plain results, keeps going" *
   CHECK_THROWS_AS(pool.submit("rp_tasks:echo", {Value(std::string("\xff\xfe"))}), PickleError);
   auto ok = pool.submit("rp_tasks:add", {Value(1), Value(1)});
   CHECK(get(ok) == Value(2));
+}
+
+TEST_CASE("Pool: a malformed error record fails its task with ProtocolError, and the pool goes on" * doctest::timeout(120)) {
+  Pool pool(options(true, 1));  // one worker: the records after the forged one meet the next tasks
+  const auto pids = pool.worker_pids();
+  const std::vector<Value> payloads = {
+      Value("not a tuple"), Value::tuple({Value("ValueError"), Value("two items")}),
+      Value::tuple({Value("ValueError"), Value(7), Value("tb")}), Value()};
+  for (const Value& payload : payloads) {
+    CAPTURE(payload.repr());
+    auto bad = pool.submit("rp_tasks:forge_error", {payload});
+    auto next = pool.submit("rp_tasks:add", {Value(2), Value(3)});  // queued behind it, same worker
+    try {
+      get(bad);
+      FAIL("no error");
+    } catch (const ProtocolError& e) {
+      CHECK(std::string(e.what()).find("malformed error record") != std::string::npos);
+    }
+    // The forged task's own OK record arrives after; it answers nothing.
+    CHECK(get(next) == Value(5));
+  }
+  CHECK(pool.worker_pids() == pids);  // nobody died
 }
 
 TEST_CASE("Pool: a dead worker fails only its task and is replaced" * doctest::timeout(120)) {

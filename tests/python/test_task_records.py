@@ -76,8 +76,12 @@ def test_core_task_matches_task_hpp():
     for py, cpp in [("SINGLE", "kSingle"), ("MAX_RUN_CALLS", "kMaxRunCalls"), ("MAX_RUN_BYTES", "kMaxRunBytes"),
                     ("WORKER_TAKE", "kWorkerTake"), ("CALL_CAPACITY", "kCallCapacity"),
                     ("RESULT_CAPACITY", "kResultCapacity"), ("MIN_DEPTH", "kMinDepth"), ("MAX_DEPTH", "kMaxDepth"),
-                    ("QUEUED_WORK", "kQueuedWork")]:
+                    ("QUEUED_WORK", "kQueuedWork"), ("RESULT_COST", "kResultCost"),
+                    ("INITIAL_TASK_TIME", "kInitialTaskTime"), ("TASK_TIME_WEIGHT", "kTaskTimeWeight")]:
         assert getattr(T, py) == const(cpp), py
+    # The depth bound: one formula, task.hpp's depth_for, also the one the executor computes.
+    for avg in (0.0, 1e-6, T.INITIAL_TASK_TIME, 1e-3, 10.0):
+        assert T.depth_for(avg) == max(T.MIN_DEPTH, min(T.MAX_DEPTH, int(T.QUEUED_WORK / (avg + T.RESULT_COST))))
 
 
 def test_executor_uses_core_task():
@@ -89,6 +93,7 @@ def test_executor_uses_core_task():
     assert executor._SINGLE == T.SINGLE
     assert (executor._MIN_DEPTH, executor._MAX_DEPTH, executor._QUEUED_WORK) == (T.MIN_DEPTH, T.MAX_DEPTH,
                                                                                    T.QUEUED_WORK)
+    assert (executor._RESULT_COST, executor._TASK_TIME_WEIGHT) == (T.RESULT_COST, T.TASK_TIME_WEIGHT)
 
 
 # --- the golden records ----------------------------------------------------------------------------

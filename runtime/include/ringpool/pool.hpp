@@ -117,7 +117,8 @@ class Pool {
   // Thread-safe. Throws PoolClosed after shutdown, PickleError for an argument that cannot be
   // pickled (a str that is not UTF-8, ...); everything else arrives through the future:
   // RemoteError, WorkerDied, TaskTimeout, PickleError (a result that is not plain data is
-  // refused in the worker and arrives as a RemoteError of type TypeError).
+  // refused in the worker and arrives as a RemoteError of type TypeError; a result that does not
+  // decode here), ProtocolError (the worker answered with a malformed error record).
   std::future<Value> submit(std::string function, std::vector<Value> args = {},
                             std::vector<std::pair<std::string, Value>> kwargs = {});
 

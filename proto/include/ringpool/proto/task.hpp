@@ -111,6 +111,21 @@ inline constexpr std::size_t kResultCapacity = std::size_t{4} << 20;
 inline constexpr std::size_t kMinDepth = 2;
 inline constexpr std::size_t kMaxDepth = 1024;
 inline constexpr double kQueuedWork = 0.002;
+// The parent's own time per result (seconds), added to the task time in the depth bound:
+// "unanswered" includes results the parent has not read yet, so for no-op tasks the bound must
+// cover the parent's per-result work, or a worker idles while its answers wait to be read.
+inline constexpr double kResultCost = 2e-6;
+// The task time the depth bound starts from (seconds), before any worker has reported one.
+inline constexpr double kInitialTaskTime = 1e-4;
+// The weight of each reported task time in the moving average the depth bound is computed from.
+inline constexpr double kTaskTimeWeight = 0.05;
+// Unanswered calls a worker may have, given the average task time (seconds).
+constexpr std::size_t depth_for(double average_task_time) {
+  const double d = kQueuedWork / (average_task_time + kResultCost);
+  if (!(d >= static_cast<double>(kMinDepth))) return kMinDepth;  // NaN included
+  if (d >= static_cast<double>(kMaxDepth)) return kMaxDepth;
+  return static_cast<std::size_t>(d);
+}
 
 // -- the pickle bytes the C++ side writes and reads around a record's fields ---------------------
 //

@@ -50,3 +50,21 @@ def die_at(i, k):
     if i == k:
         os.kill(os.getpid(), signal.SIGKILL)
     return i
+
+
+def forge_error(payload):
+    """Answers its own task with an ERR record whose value is `payload` instead of the
+    (type, message, traceback) strs a C++ Pool worker sends (a broken worker), then returns 0,
+    whose record the pool must find answering nothing. Finds the worker loop's own `put` and the
+    task's id in its caller's frame."""
+    import sys
+
+    err = sys.modules["ringpool._core"].task.ERR  # (not imported by name: a bundle of rp_tasks has no ringpool)
+    f = sys._getframe(1)
+    while f is not None and not ("put" in f.f_locals and "tid" in f.f_locals and "wid" in f.f_locals):
+        f = f.f_back
+    if f is None:
+        raise RuntimeError("forge_error: the worker loop's frame was not found")
+    loc = f.f_locals
+    loc["put"]((loc["wid"], loc["tid"], err, payload, 0.0))
+    return 0

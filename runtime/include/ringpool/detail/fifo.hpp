@@ -1,0 +1,66 @@
+// ringpool::detail::Fifo: the task queues' container (the scheduler's backlog and each worker's
+// queue of unanswered calls). Internal to the runtime: not public API.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+namespace ringpool::detail {
+
+// A first-in first-out queue in one circular buffer that doubles when full. Tasks pass through
+// the backlog and a worker's queue at hundreds of thousands a second; std::deque allocates and
+// frees a node every few of them, and those frees (from another thread than the allocations)
+// kept glibc consolidating its free lists. This allocates only to grow; trim() gives a large
+// buffer back once a burst is over. T is default-constructible and movable; a slot keeps its
+// moved-from element until it is reused or cleared.
+template <class T>
+class Fifo {
+ public:
+  bool empty() const noexcept { return size_ == 0; }
+  std::size_t size() const noexcept { return size_; }
+  T& operator[](std::size_t i) noexcept { return slots_[(head_ + i) & (slots_.size() - 1)]; }
+  const T& operator[](std::size_t i) const noexcept { return slots_[(head_ + i) & (slots_.size() - 1)]; }
+  T& front() noexcept { return (*this)[0]; }
+  T& back() noexcept { return (*this)[size_ - 1]; }
+  void push_back(T&& v) {
+    if (size_ == slots_.size()) grow();
+    (*this)[size_] = std::move(v);
+    ++size_;
+  }
+  void push_front(T&& v) {
+    if (size_ == slots_.size()) grow();
+    head_ = (head_ + slots_.size() - 1) & (slots_.size() - 1);
+    slots_[head_] = std::move(v);
+    ++size_;
+  }
+  T take_front() {
+    T v = std::move(front());
+    head_ = (head_ + 1) & (slots_.size() - 1);
+    --size_;
+    return v;
+  }
+  void clear() {
+    for (std::size_t i = 0; i < size_; ++i) (*this)[i] = T();
+    head_ = size_ = 0;
+  }
+  // Gives the buffer back if the queue is empty and holds more than kKeep slots (after a burst).
+  void trim() {
+    if (size_ == 0 && slots_.size() > kKeep) std::vector<T>().swap(slots_);
+    head_ = 0;
+  }
+
+ private:
+  static constexpr std::size_t kKeep = std::size_t{1} << 16;
+  void grow() {
+    std::vector<T> bigger(std::max<std::size_t>(16, slots_.size() * 2));
+    for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move((*this)[i]);
+    slots_.swap(bigger);
+    head_ = 0;
+  }
+  std::vector<T> slots_;  // a power of two in size
+  std::size_t head_ = 0, size_ = 0;
+};
+
+}  // namespace ringpool::detail

@@ -1,0 +1,428 @@
+// detail::Scheduler driven without processes: fake workers (a count of the records each took from
+// its call ring) and a fake clock, for the cases that are hard to hit with real workers.
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ringpool/detail/scheduler.hpp"
+#include "ringpool/proto/task.hpp"
+
+using ringpool::detail::Fate;
+using ringpool::detail::Scheduler;
+using ringpool::detail::SchedulerOptions;
+namespace task = ringpool::proto::task;
+using namespace std::chrono_literals;
+
+namespace {
+
+// A call is an int: calls of the same parity share a function (they may form a run).
+struct Rules {
+  std::size_t size = 10;  // argument bytes per call
+  bool joins(int a, int b) const { return a % 2 == b % 2; }
+  std::size_t bytes(int) const { return size; }
+};
+
+using Sched = Scheduler<int>;
+
+// Fake workers: what each was sent, as records (lists of (tid, call)), and how many records it
+// took from its ring (the ring's `consumed`).
+struct Fakes {
+  struct Worker {
+    std::vector<std::vector<std::pair<std::uint64_t, int>>> records;
+    std::uint64_t consumed = 0;
+  };
+  std::map<int, Worker> w;
+
+  // Sends everything the scheduler assigns; returns the number of assignments.
+  int dispatch(Sched& s, Rules rules = {}) {
+    int n = 0;
+    while (auto a = s.assign(rules)) {
+      auto& q = s.sent(a->wid);
+      std::vector<std::pair<std::uint64_t, int>> rec;
+      for (std::size_t i = a->first; i < a->first + a->count; ++i) {
+        rec.emplace_back(q[i].tid, q[i].task);
+        if (q[i].last_of_record) {
+          w[a->wid].records.push_back(rec);
+          rec.clear();
+        }
+      }
+      REQUIRE(rec.empty());  // an assignment ends with a whole record
+      ++n;
+    }
+    return n;
+  }
+  // The worker takes its next k records.
+  void take(int wid, std::uint64_t k) { w[wid].consumed += k; }
+  std::uint64_t tid_of(int wid, std::size_t record, std::size_t item = 0) { return w[wid].records.at(record).at(item).first; }
+};
+
+SchedulerOptions opts(std::size_t workers) {
+  SchedulerOptions o;
+  o.workers = workers;
+  return o;
+}
+
+// A reported task time that makes the depth bound `depth` (between kMinDepth and kMaxDepth).
+double time_for_depth(std::size_t depth) { return task::kQueuedWork / (static_cast<double>(depth) + 0.5) - task::kResultCost; }
+
+}  // namespace
+
+TEST_CASE("scheduler: the depth bound follows the reported task times") {
+  CHECK(task::depth_for(task::kInitialTaskTime) == static_cast<std::size_t>(task::kQueuedWork / (task::kInitialTaskTime + task::kResultCost)));
+  CHECK(task::depth_for(0.0) == static_cast<std::size_t>(task::kQueuedWork / task::kResultCost));
+  CHECK(task::depth_for(10.0) == task::kMinDepth);
+  CHECK(task::depth_for(-1.0) == task::kMinDepth);  // nonsense from a worker: the floor, not a huge cast
+  CHECK(task::depth_for(1e-9) <= task::kMaxDepth);
+
+  Sched s(opts(1));
+  s.add_worker(1);
+  CHECK(s.depth() == task::kMinDepth);  // before any report
+  std::vector<Sched::Failure> failed;
+  Fakes f;
+  for (int i = 0; i < 2000; ++i) s.submit(0);
+  f.dispatch(s);
+  CHECK(s.sent(1).size() == task::kMinDepth);
+  // Many fast answers: the moving average falls, the bound rises.
+  for (int i = 0; i < 400; ++i) {
+    auto& q = s.sent(1);
+    const std::uint64_t tid = q.front().tid;
+    REQUIRE(s.answer(1, tid, time_for_depth(50), failed).has_value());
+    s.retune();
+    f.dispatch(s);
+  }
+  CHECK(s.depth() == 50);
+  CHECK(s.sent(1).size() == 50);
+  CHECK(failed.empty());
+}
+
+TEST_CASE("scheduler: calls go to the least busy worker, in runs of one function") {
+  Sched s(opts(2));
+  s.add_worker(1);
+  s.add_worker(2);
+  std::vector<Sched::Failure> failed;
+  // Raise the bound to 8 first.
+  for (int i = 0; i < 200; ++i) {
+    s.submit(0);
+    Fakes f;
+    f.dispatch(s);
+    for (int wid : {1, 2})
+      while (!s.sent(wid).empty()) REQUIRE(s.answer(wid, s.sent(wid).front().tid, time_for_depth(8), failed).has_value());
+    s.retune();
+  }
+  REQUIRE(s.depth() == 8);
+  Fakes f;
+  for (int c : {0, 2, 4, 1, 3, 6, 8, 10, 12, 14, 16, 18}) s.submit(c);
+  CHECK(f.dispatch(s) == 2);
+  // Worker 1 (first of the least busy) takes 8: a run of three even calls, a run of two odd
+  // ones, a run of three even ones; worker 2 the other four as one run.
+  REQUIRE(f.w[1].records.size() == 3);
+  CHECK(f.w[1].records[0].size() == 3);
+  CHECK(f.w[1].records[1].size() == 2);
+  CHECK(f.w[1].records[2].size() == 3);
+  REQUIRE(f.w[2].records.size() == 1);
+  CHECK(f.w[2].records[0].size() == 4);
+  // Wire ids follow the order calls are sent, consecutive within a run.
+  CHECK(f.tid_of(1, 0, 1) == f.tid_of(1, 0, 0) + 1);
+  CHECK(f.tid_of(2, 0, 0) == f.tid_of(1, 2, 2) + 1);
+  // Worker 2 has room for four more; then both are at the bound and nothing moves until an answer.
+  for (int c : {20, 22, 24, 26, 28}) s.submit(c);
+  CHECK(f.dispatch(s) == 1);
+  CHECK(f.w[2].records.back().size() == 4);
+  CHECK(f.dispatch(s) == 0);
+  CHECK(s.backlog_size() == 1);
+  CHECK(s.answer(2, f.tid_of(2, 0, 0), 1e-3, failed) == 12);
+  CHECK(f.dispatch(s) == 1);
+  CHECK(f.w[2].records.back().at(0).second == 28);
+  CHECK(s.outstanding() == 16);
+}
+
+TEST_CASE("scheduler: a run stops at kMaxRunBytes of arguments") {
+  Sched s(opts(1));
+  s.add_worker(1);
+  std::vector<Sched::Failure> failed;
+  const std::size_t top = task::depth_for(0.0);
+  for (int i = 0; i < 2000 && s.depth() < top; ++i) {  // instant tasks: the bound climbs to its top
+    s.submit(0);
+    Fakes f;
+    f.dispatch(s);
+    while (!s.sent(1).empty()) REQUIRE(s.answer(1, s.sent(1).front().tid, 0.0, failed).has_value());
+    s.retune();
+  }
+  REQUIRE(s.depth() == top);
+  CHECK(top <= task::kMaxRunCalls);  // so a run is cut by its bytes before its count
+  Fakes f;
+  for (std::size_t i = 0; i < top; ++i) s.submit(0);
+  Rules big;
+  big.size = 200;
+  f.dispatch(s, big);
+  const std::size_t per_run = task::kMaxRunBytes / big.size;
+  REQUIRE(f.w[1].records.size() == (top + per_run - 1) / per_run);
+  CHECK(f.w[1].records[0].size() == per_run);
+  std::size_t total = 0;
+  for (auto& r : f.w[1].records) total += r.size();
+  CHECK(total == top);
+}
+
+TEST_CASE("scheduler: a death during a run fails the running item and requeues the rest in order") {
+  Sched s(opts(2));
+  s.add_worker(1, 1);  // one record (a start-up configuration) ahead of the calls
+  Fakes f;
+  f.take(1, 1);
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 2}) s.submit(c);  // kMinDepth = 2: one run of two
+  f.dispatch(s);
+  for (int c : {4, 6, 8}) s.submit(c);  // waiting in the backlog
+  REQUIRE(f.w[1].records.size() == 1);
+  REQUIRE(f.w[1].records[0].size() == 2);
+  f.take(1, 1);  // it took the run
+  CHECK(s.answer(1, f.tid_of(1, 0, 0), 1e-3, failed) == 0);
+  CHECK(s.exited(1));
+  CHECK(f.dispatch(s) == 0);  // no open worker: nothing moves
+  auto d = s.died(1, f.w[1].consumed, failed);
+  CHECK(d.running);
+  CHECK_FALSE(d.timed_out);
+  REQUIRE(failed.size() == 1);
+  CHECK(failed[0].task == 2);
+  CHECK(failed[0].fate == Fate::kDied);
+  CHECK(s.shortfall() == 2);
+  CHECK_FALSE(s.has_worker(1));
+  CHECK(s.outstanding() == 3);
+  // The replacement gets the backlog in its order.
+  s.add_worker(2);
+  f.dispatch(s);
+  CHECK(f.w[2].records.at(0).at(0).second == 4);
+  CHECK(f.w[2].records.at(0).at(1).second == 6);
+}
+
+TEST_CASE("scheduler: a death before taking the rest of a batch fails nothing it did not take") {
+  Sched s(opts(1));
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  s.submit(0);
+  s.submit(1);  // a different function: two records
+  f.dispatch(s);
+  REQUIRE(f.w[1].records.size() == 2);
+  f.take(1, 1);
+  CHECK(s.answer(1, f.tid_of(1, 0), 1e-3, failed) == 0);
+  // It dies having answered all it took: nothing was running.
+  auto d = s.died(1, f.w[1].consumed, failed);
+  CHECK_FALSE(d.running);
+  CHECK(d.requeued == 1);
+  CHECK(failed.empty());
+  CHECK(s.backlog_size() == 1);
+  CHECK(s.outstanding() == 1);
+}
+
+TEST_CASE("scheduler: a task past its deadline kills its worker and fails with kTimedOut") {
+  SchedulerOptions o = opts(1);
+  o.task_timeout = 100ms;
+  Sched s(o);
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  std::vector<int> kill;
+  const Sched::TimePoint t0{};  // the fake clock
+  s.submit(0);
+  s.submit(1);
+  f.dispatch(s);
+  f.take(1, 2);
+  const auto tid = f.tid_of(1, 0);
+  CHECK(s.expire(t0, kill) == Sched::TimePoint::max());  // nothing started
+  s.started(1, tid, t0);
+  CHECK(s.expire(t0 + 99ms, kill) == t0 + 100ms);
+  CHECK(kill.empty());
+  CHECK(s.expire(t0 + 100ms, kill) == Sched::TimePoint::max());
+  CHECK(kill == std::vector<int>{1});
+  kill.clear();
+  s.expire(t0 + 200ms, kill);
+  CHECK(kill.empty());  // asked once
+  auto d = s.died(1, f.w[1].consumed, failed);
+  CHECK(d.timed_out);
+  REQUIRE(failed.size() == 1);
+  CHECK(failed[0].task == 0);
+  CHECK(failed[0].fate == Fate::kTimedOut);
+  CHECK(s.backlog_size() == 1);  // the call it had not started
+}
+
+TEST_CASE("scheduler: a timeout racing its result: the result wins, the next call is not at fault") {
+  SchedulerOptions o = opts(1);
+  o.task_timeout = 100ms;
+  Sched s(o);
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  std::vector<int> kill;
+  const Sched::TimePoint t0{};
+  s.submit(0);
+  s.submit(1);
+  f.dispatch(s);
+  f.take(1, 2);
+  s.started(1, f.tid_of(1, 0), t0);
+  s.expire(t0 + 150ms, kill);
+  REQUIRE(kill == std::vector<int>{1});
+  // The answer was already in the result ring when the pool killed the worker, which had
+  // started its next call.
+  CHECK(s.answer(1, f.tid_of(1, 0), 0.15, failed) == 0);
+  s.started(1, f.tid_of(1, 1), t0 + 150ms);
+  auto d = s.died(1, f.w[1].consumed, failed);
+  CHECK(d.running);
+  CHECK(d.timed_out);
+  CHECK(failed.empty());  // the call killed with it goes to another worker instead
+  CHECK(s.backlog_size() == 1);
+  CHECK(s.outstanding() == 1);
+}
+
+TEST_CASE("scheduler: max_tasks_per_child retires workers under load and asks for replacements") {
+  SchedulerOptions o = opts(2);
+  o.max_tasks_per_child = 3;
+  Sched s(o);
+  CHECK_FALSE(s.options().runs);  // a worker's count of calls is its count of records
+  s.add_worker(1);
+  s.add_worker(2);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  for (int i = 0; i < 10; ++i) s.submit(0);
+  int next_wid = 3;
+  int answered = 0;
+  std::map<int, int> calls_per_worker;
+  // Run the pool to the end: answer everything sent, retire and replace as the scheduler says.
+  for (int round = 0; round < 100 && s.outstanding() > 0; ++round) {
+    f.dispatch(s);
+    while (s.shortfall() > 0) s.add_worker(next_wid++);
+    std::vector<int> ids;
+    s.for_each_worker([&](int wid) { ids.push_back(wid); });
+    for (int wid : ids) {
+      auto& q = s.sent(wid);
+      if (q.empty()) continue;
+      f.take(wid, 1);
+      REQUIRE(s.answer(wid, q.front().tid, 1e-3, failed).has_value());
+      ++answered;
+      ++calls_per_worker[wid];
+      // A retiring worker exits once it answered its budget.
+      if (calls_per_worker[wid] == 3) {
+        s.exited(wid);
+        auto d = s.died(wid, f.w[wid].consumed, failed);
+        CHECK(d.retiring);
+        CHECK_FALSE(d.running);
+      }
+    }
+  }
+  CHECK(answered == 10);
+  CHECK(failed.empty());
+  for (auto& [wid, n] : calls_per_worker) CHECK(n <= 3);
+  for (auto& [wid, fw] : f.w)
+    for (auto& rec : fw.records) CHECK(rec.size() == 1);
+  CHECK(s.open_workers() == 2);
+}
+
+TEST_CASE("scheduler: a result that does not decode is found by pinging") {
+  Sched s(opts(2));
+  s.add_worker(1);
+  s.add_worker(2);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 1, 2, 3}) s.submit(c);
+  f.dispatch(s);
+  REQUIRE(s.sent(1).size() == 2);
+  REQUIRE(s.sent(2).size() == 2);
+  const auto a = s.sent(1)[0].tid, b = s.sent(1)[1].tid;
+  // Worker 1's first result does not decode.
+  std::vector<int> ping;
+  s.result_gap("no module named 'gone'", ping);
+  CHECK(ping == std::vector<int>{1, 2});
+  CHECK(s.unmatched_gaps() == 1);
+  // Worker 2 answers both its calls, then its pong: nothing lost there.
+  CHECK(s.answer(2, s.sent(2)[0].tid, 1e-3, failed) == 2);
+  CHECK(s.answer(2, s.sent(2)[0].tid, 1e-3, failed) == 3);
+  s.pong(2, failed);
+  CHECK(failed.empty());
+  // Worker 1's second answer comes: the one before it is the lost one.
+  CHECK(s.answer(1, b, 1e-3, failed) == 1);
+  REQUIRE(failed.size() == 1);
+  CHECK(failed[0].task == 0);
+  CHECK(failed[0].fate == Fate::kLost);
+  CHECK(failed[0].why == "no module named 'gone'");
+  s.pong(1, failed);
+  CHECK(failed.size() == 1);
+  CHECK(s.sent(1).empty());
+  CHECK(s.unmatched_gaps() == 0);
+  CHECK(s.outstanding() == 0);
+  CHECK(a + 1 == b);
+}
+
+TEST_CASE("scheduler: a pong reveals a lost last result") {
+  Sched s(opts(1));
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  s.submit(5);
+  f.dispatch(s);
+  std::vector<int> ping;
+  s.result_gap("bad class", ping);
+  CHECK(ping == std::vector<int>{1});
+  s.pong(1, failed);
+  REQUIRE(failed.size() == 1);
+  CHECK(failed[0].task == 5);
+  CHECK(failed[0].why == "bad class");
+  CHECK(s.outstanding() == 0);
+}
+
+TEST_CASE("scheduler: a run the worker could not unpickle fails its first call, and the rest go alone") {
+  Sched s(opts(1));
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  s.submit(0);
+  s.submit(2);
+  f.dispatch(s);
+  REQUIRE(f.w[1].records.size() == 1);
+  f.take(1, 1);
+  // (None tid: the record in front did not unpickle.) The owner fails this call with the error.
+  CHECK(s.answer(1, std::nullopt, 1e-3, failed) == 0);
+  CHECK(failed.empty());
+  CHECK(s.backlog_size() == 1);
+  s.submit(4);  // joins nothing: the requeued call goes alone
+  f.dispatch(s);
+  REQUIRE(f.w[1].records.size() == 3);
+  CHECK(f.w[1].records[1].size() == 1);
+  CHECK(f.w[1].records[1][0].second == 2);
+  CHECK(f.w[1].records[2][0].second == 4);
+}
+
+TEST_CASE("scheduler: an answer for no call of its worker changes nothing") {
+  Sched s(opts(1));
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  s.submit(0);
+  f.dispatch(s);
+  const auto tid = s.sent(1).front().tid;
+  CHECK_FALSE(s.answer(1, tid + 1000, 1e-3, failed).has_value());
+  CHECK_FALSE(s.answer(7, tid, 1e-3, failed).has_value());  // an unknown worker
+  CHECK(failed.empty());
+  CHECK(s.answer(1, tid, 1e-3, failed) == 0);
+}
+
+TEST_CASE("scheduler: drain hands back every owed call, and later answers are dropped") {
+  Sched s(opts(1));
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 1, 2}) s.submit(c);
+  f.dispatch(s);
+  const auto tid = s.sent(1).front().tid;
+  std::vector<int> owed;
+  s.drain(owed);
+  CHECK(owed.size() == 3);
+  CHECK(s.outstanding() == 0);
+  CHECK_FALSE(s.answer(1, tid, 1e-3, failed).has_value());
+  auto d = s.died(1, 1, failed);
+  CHECK(failed.empty());
+  CHECK(d.requeued == 0);
+}
