@@ -1130,6 +1130,7 @@ class Executor(_Executor):
         done = []
         with self._lock:
             workers, tasks, avg = self._workers, self._tasks, self._avg
+            weight = _TASK_TIME_WEIGHT  # (a local: read once per batch, not per result)
             sinks = set()
             for rec in recs:
                 # The common case inline: a result for a live worker's oldest call.
@@ -1149,7 +1150,7 @@ class Executor(_Executor):
                     continue
                 w.load -= 1
                 w.running = None
-                avg += (elapsed - avg) * _TASK_TIME_WEIGHT
+                avg += (elapsed - avg) * weight
                 if t.op == _RUN:  # one of a run's items: the run stays until its last
                     t.k = k = k + 1
                     if k == t.n:
