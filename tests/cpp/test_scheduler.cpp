@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -219,6 +220,29 @@ TEST_CASE("scheduler: a death before taking the rest of a batch fails nothing it
   CHECK(s.outstanding() == 1);
 }
 
+TEST_CASE("scheduler: calls a dead worker never took go back in front of the backlog, in their order") {
+  Sched s(opts(1));
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 1, 2}) s.submit(c);  // 0 and 1 sent (two records), 2 waits
+  f.dispatch(s);
+  auto d = s.died(1, 0, failed);
+  CHECK_FALSE(d.running);
+  CHECK(d.requeued == 2);
+  s.add_worker(2);
+  for (int c : {4, 5}) s.submit(c);
+  for (int round = 0; round < 3; ++round) {
+    f.dispatch(s);
+    while (!s.sent(2).empty()) REQUIRE(s.answer(2, s.sent(2).front().tid, 1e-3, failed).has_value());
+  }
+  std::vector<int> order;
+  for (auto& rec : f.w[2].records)
+    for (auto& [tid, c] : rec) order.push_back(c);
+  CHECK(order == std::vector<int>{0, 1, 2, 4, 5});
+  CHECK(failed.empty());
+}
+
 TEST_CASE("scheduler: a task past its deadline kills its worker and fails with kTimedOut") {
   SchedulerOptions o = opts(1);
   o.task_timeout = 100ms;
@@ -425,4 +449,219 @@ TEST_CASE("scheduler: drain hands back every owed call, and later answers are dr
   auto d = s.died(1, 1, failed);
   CHECK(failed.empty());
   CHECK(d.requeued == 0);
+}
+
+// -- a simulated pool: random submits, workers that take and answer records in order, deaths,
+// timeouts, lost results and retirements, checked against what the workers really did ----------
+
+namespace {
+
+struct SimWorker {
+  struct Record {
+    bool ping = false;
+    std::vector<std::pair<std::uint64_t, int>> calls;  // (tid, task)
+  };
+  std::vector<Record> records;  // as sent, in order
+  std::uint64_t consumed = 0;   // records taken
+  std::size_t pos = 0, item = 0;  // the next call to run: records[pos].calls[item]
+  bool started = false;         // it reported STARTED for that call
+  Sched::TimePoint done_at{};   // when that call finishes
+  std::size_t lost_pending = 0;  // its results lost and not yet revealed
+  int answered_calls = 0;
+};
+
+struct Sim {
+  std::mt19937 rng;
+  Sched s;
+  std::map<int, SimWorker> w;
+  Sched::TimePoint now{};
+  int next_wid = 1, next_task = 0;
+  std::vector<int> outcomes;  // per task: times completed (answered or failed)
+  std::vector<Sched::Failure> failed;
+  std::size_t max_tasks;
+  std::map<Fate, int>& fates;  // what happened, over every seed: the cases were all hit
+  int& retirements;
+
+  Sim(unsigned seed, SchedulerOptions o, std::map<Fate, int>& f, int& r)
+      : rng(seed), s(o), max_tasks(o.max_tasks_per_child), fates(f), retirements(r) {
+    replenish();
+  }
+
+  bool chance(double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; }
+
+  void replenish() {
+    while (s.shortfall() > 0) {
+      s.add_worker(next_wid);
+      w[next_wid];
+      ++next_wid;
+    }
+  }
+  void complete(int task) { ++outcomes.at(static_cast<std::size_t>(task)); }
+  void take_failures(Fate expected_fate, std::optional<int> expected_task) {
+    for (auto& f : failed) {
+      complete(f.task);
+      ++fates[f.fate];
+      if (expected_task) {
+        CHECK(f.fate == expected_fate);
+        CHECK(f.task == *expected_task);
+      }
+    }
+    failed.clear();
+  }
+  void dispatch() {
+    while (auto a = s.assign(Rules{})) {
+      auto& q = s.sent(a->wid);
+      SimWorker::Record rec;
+      for (std::size_t i = a->first; i < a->first + a->count; ++i) {
+        rec.calls.emplace_back(q[i].tid, q[i].task);
+        if (q[i].last_of_record) {
+          w.at(a->wid).records.push_back(std::move(rec));
+          rec = {};
+        }
+      }
+    }
+    replenish();  // workers whose budget was just spent are replaced at once
+  }
+  // The worker's process ends (killed, or retired after its budget).
+  void die(int wid, bool timed_out) {
+    SimWorker& x = w.at(wid);
+    // The call it was running: in a record it took and had not finished.
+    std::optional<int> running;
+    if (x.pos < x.consumed && !x.records[x.pos].ping) running = x.records[x.pos].calls[x.item].second;
+    s.exited(wid);
+    auto d = s.died(wid, x.consumed, failed);
+    // (With a result lost and not yet revealed, the scheduler takes that call for the running
+    // one: it fails in its place, and the running one goes to another worker. Still once each.)
+    if (x.lost_pending == 0) {
+      CHECK(d.running == (x.pos < x.consumed));
+      CHECK(d.timed_out == timed_out);
+      if (running) {
+        REQUIRE(failed.size() == 1);
+        take_failures(timed_out ? Fate::kTimedOut : Fate::kDied, running);
+      } else {
+        CHECK(failed.empty());
+      }
+    }
+    take_failures(Fate::kDied, std::nullopt);
+    w.erase(wid);
+    replenish();
+  }
+  // One step of one worker: take a record, start a call, or finish it.
+  void step(int wid) {
+    SimWorker& x = w.at(wid);
+    if (x.pos == x.consumed) {
+      if (x.consumed < x.records.size()) ++x.consumed;
+      return;
+    }
+    SimWorker::Record& r = x.records[x.pos];
+    if (r.ping) {
+      s.pong(wid, failed);
+      x.lost_pending = 0;
+      take_failures(Fate::kLost, std::nullopt);
+      ++x.pos;
+      return;
+    }
+    auto [tid, task] = r.calls[x.item];
+    if (!x.started) {
+      s.started(wid, tid, now);
+      x.started = true;
+      x.done_at = now + std::chrono::milliseconds(chance(0.02) ? 200 : 1);
+      return;
+    }
+    if (now < x.done_at) return;
+    x.started = false;
+    if (++x.item == r.calls.size()) {
+      ++x.pos;
+      x.item = 0;
+    }
+    ++x.answered_calls;
+    if (chance(0.03)) {  // its result does not decode in the parent
+      std::vector<int> ping;
+      s.result_gap("undecodable", ping);
+      for (int p : ping) {
+        SimWorker::Record pr;
+        pr.ping = true;
+        w.at(p).records.push_back(std::move(pr));
+      }
+      ++x.lost_pending;
+    } else {
+      const std::size_t before = failed.size();
+      auto t = s.answer(wid, tid, 1e-3, failed);
+      REQUIRE(t.has_value());
+      CHECK(*t == task);
+      complete(*t);
+      if (failed.size() > before) x.lost_pending = 0;
+      take_failures(Fate::kLost, std::nullopt);
+    }
+    // A worker whose budget is spent exits once it has answered it.
+    if (max_tasks && static_cast<std::size_t>(x.answered_calls) == max_tasks) {
+      ++retirements;
+      die(wid, false);
+    }
+  }
+  void run(int steps, bool faults) {
+    for (int i = 0; i < steps; ++i) {
+      now += 1ms;
+      if (chance(0.1)) {
+        const int n = std::uniform_int_distribution<int>(1, 8)(rng);
+        for (int k = 0; k < n; ++k) {
+          outcomes.push_back(0);
+          s.submit(next_task++);
+        }
+      }
+      dispatch();
+      std::vector<int> ids;
+      for (auto& [wid, _] : w) ids.push_back(wid);
+      for (int wid : ids)
+        if (w.count(wid) && chance(0.7)) step(wid);
+      if (faults && chance(0.01) && !w.empty()) {
+        auto it = w.begin();
+        std::advance(it, std::uniform_int_distribution<std::size_t>(0, w.size() - 1)(rng));
+        die(it->first, false);
+      }
+      std::vector<int> kill;
+      s.expire(now, kill);
+      for (int wid : kill) die(wid, true);
+      s.retune();
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("scheduler: a simulated pool ends every task exactly once, through deaths, timeouts, lost results, recycling") {
+  std::map<Fate, int> fates;
+  int retirements = 0;
+  for (unsigned seed = 1; seed <= 60; ++seed) {
+    CAPTURE(seed);
+    SchedulerOptions o = opts(3);
+    o.task_timeout = 100ms;
+    if (seed % 3 == 0) o.max_tasks_per_child = 7;
+    Sim sim(seed, o, fates, retirements);
+    sim.run(1500, true);
+    sim.run(2000, false);  // no more random kills (slow calls still time out)
+    for (int k = 0; k < 100000 && sim.s.outstanding() > 0; ++k) {
+      sim.now += 1ms;
+      sim.dispatch();
+      std::vector<int> ids;
+      for (auto& [wid, _] : sim.w) ids.push_back(wid);
+      for (int wid : ids)
+        if (sim.w.count(wid)) sim.step(wid);
+      std::vector<int> kill;
+      sim.s.expire(sim.now, kill);
+      for (int wid : kill) sim.die(wid, true);
+    }
+    CHECK(sim.s.outstanding() == 0);
+    CHECK(sim.s.backlog_size() == 0);
+    std::size_t once = 0;
+    for (int n : sim.outcomes) once += n == 1;
+    CHECK(once == sim.outcomes.size());
+    CHECK(sim.outcomes.size() > 500);
+  }
+  MESSAGE("lost " << fates[Fate::kLost] << ", died " << fates[Fate::kDied] << ", timed out " << fates[Fate::kTimedOut]
+                  << ", retired " << retirements);
+  CHECK(fates[Fate::kLost] > 10);
+  CHECK(fates[Fate::kDied] > 10);
+  CHECK(fates[Fate::kTimedOut] > 10);
+  CHECK(retirements > 10);
 }
