@@ -1121,7 +1121,7 @@ class Executor(_Executor):
         """Take the waiting records (up to timeout for the first) and handle them, in ring order
         (reader role held). True once the pool has finished: shut down with nothing left."""
         try:
-            recs = self._results.get_objs(256, timeout)
+            recs = self._results.get_objs(_task.RESULT_BATCH, timeout)
         except queue.Empty:
             recs = ()
         except Exception as exc:
@@ -1368,7 +1368,7 @@ class Executor(_Executor):
                     w.calls.put_obj((_STOP, None, None, None, None), _NO_WAIT)
                 except Exception:
                     pass
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + _task.STOP_GRACE
         for w in workers:
             w.proc.join(max(deadline - time.monotonic(), 0.0))
             if w.proc.exitcode is None:

@@ -69,6 +69,8 @@ void init_task(py::module_& m) {
   t.attr("RESULT_COST") = task::kResultCost;
   t.attr("INITIAL_TASK_TIME") = task::kInitialTaskTime;
   t.attr("TASK_TIME_WEIGHT") = task::kTaskTimeWeight;
+  t.attr("RESULT_BATCH") = task::kResultBatch;
+  t.attr("STOP_GRACE") = task::kStopGrace;
   t.def("depth_for", &task::depth_for, py::arg("average_task_time"),
         "Unanswered calls a worker may have, given the average task time in seconds.");
 }

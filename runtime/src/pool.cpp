@@ -502,11 +502,11 @@ struct Pool::Impl {
         return std::make_exception_ptr(RemoteError(e[task::error::kType].as_str(), e[task::error::kMessage].as_str(),
                                                    e[task::error::kTraceback].as_str()));
     }
-    return std::make_exception_ptr(ProtocolError(
-        "ringpool::Pool: worker " + std::to_string(wid) +
-        " answered this task with a malformed error record (expected (type, message, traceback) as three str, got " +
-        (v.is_tuple() ? "a tuple of " + std::to_string(v.as_tuple().size()) + " items" : "a " + std::string(v.type_name())) +
-        ")"));
+    const std::string got = v.is_tuple() ? "a tuple of " + std::to_string(v.as_tuple().size()) + " items"
+                                         : "a " + std::string(v.type_name());
+    return std::make_exception_ptr(ProtocolError("ringpool::Pool: worker " + std::to_string(wid) +
+                                                 " answered this task with a malformed error record (expected "
+                                                 "(type, message, traceback) as three str, got " + got + ")"));
   }
 
   // The scheduler's failures as completions (their errors named here); pid and exit code: the
@@ -568,7 +568,7 @@ struct Pool::Impl {
       fds.clear();
       std::size_t n = 0;
       try {
-        n = inbox.try_get_many(sink, 256, fds);
+        n = inbox.try_get_many(sink, task::kResultBatch, fds);
       } catch (const std::exception& e) {
         std::lock_guard lk(mu);
         undecodable(e.what());
@@ -719,8 +719,9 @@ struct Pool::Impl {
       stop = true;
     }
     nudge();
-    // Workers that do not stop within 5 s are killed.
-    const auto deadline = Clock::now() + std::chrono::seconds(5);
+    // Workers that do not stop within kStopGrace seconds are killed.
+    const auto deadline =
+        Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(task::kStopGrace));
     for (;;) {
       {
         std::lock_guard lk(mu);

@@ -77,7 +77,8 @@ def test_core_task_matches_task_hpp():
                     ("WORKER_TAKE", "kWorkerTake"), ("CALL_CAPACITY", "kCallCapacity"),
                     ("RESULT_CAPACITY", "kResultCapacity"), ("MIN_DEPTH", "kMinDepth"), ("MAX_DEPTH", "kMaxDepth"),
                     ("QUEUED_WORK", "kQueuedWork"), ("RESULT_COST", "kResultCost"),
-                    ("INITIAL_TASK_TIME", "kInitialTaskTime"), ("TASK_TIME_WEIGHT", "kTaskTimeWeight")]:
+                    ("INITIAL_TASK_TIME", "kInitialTaskTime"), ("TASK_TIME_WEIGHT", "kTaskTimeWeight"),
+                    ("RESULT_BATCH", "kResultBatch"), ("STOP_GRACE", "kStopGrace")]:
         assert getattr(T, py) == const(cpp), py
     # The depth bound: one formula, task.hpp's depth_for, also the one the executor computes.
     for avg in (0.0, 1e-6, T.INITIAL_TASK_TIME, 1e-3, 10.0):

@@ -119,6 +119,12 @@ inline constexpr double kResultCost = 2e-6;
 inline constexpr double kInitialTaskTime = 1e-4;
 // The weight of each reported task time in the moving average the depth bound is computed from.
 inline constexpr double kTaskTimeWeight = 0.05;
+// Result records the parent takes from the result ring at once (one ring critical section), and
+// handles under one hold of its pool lock.
+inline constexpr std::size_t kResultBatch = 256;
+// Seconds a pool's shutdown waits for its workers to exit after their STOP records before it
+// kills them.
+inline constexpr double kStopGrace = 5.0;
 // Unanswered calls a worker may have, given the average task time (seconds).
 constexpr std::size_t depth_for(double average_task_time) {
   const double d = kQueuedWork / (average_task_time + kResultCost);
