@@ -24,10 +24,11 @@ class Fifo {
   const T& operator[](std::size_t i) const noexcept { return slots_[(head_ + i) & (slots_.size() - 1)]; }
   T& front() noexcept { return (*this)[0]; }
   T& back() noexcept { return (*this)[size_ - 1]; }
-  void push_back(T&& v) {
+  void push_back(T&& v) { append() = std::move(v); }
+  // A new last slot, to be filled in place (it holds a default or moved-from T).
+  T& append() {
     if (size_ == slots_.size()) grow();
-    (*this)[size_] = std::move(v);
-    ++size_;
+    return (*this)[size_++];
   }
   void push_front(T&& v) {
     if (size_ == slots_.size()) grow();
@@ -37,9 +38,13 @@ class Fifo {
   }
   T take_front() {
     T v = std::move(front());
+    drop_front();
+    return v;
+  }
+  // Forgets the first element (its slot keeps it until reused).
+  void drop_front() noexcept {
     head_ = (head_ + 1) & (slots_.size() - 1);
     --size_;
-    return v;
   }
   void clear() {
     for (std::size_t i = 0; i < size_; ++i) (*this)[i] = T();

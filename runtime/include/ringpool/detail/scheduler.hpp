@@ -148,8 +148,14 @@ class Scheduler {
   Fifo<Entry>& sent(int wid) { return workers_.at(wid).sent; }
 
   // -- submission and dispatch --------------------------------------------------------------------
-  void submit(T task) {
-    backlog_.push_back(Entry{std::move(task), 0, true, true, false});
+  void submit(const T& task) { submit(T(task)); }
+  void submit(T&& task) {
+    Entry& e = backlog_.append();  // filled in place: a task is moved once on its way in
+    e.task = std::move(task);
+    e.tid = 0;
+    e.live = true;
+    e.last_of_record = true;
+    e.alone = false;
     ++outstanding_;
   }
 
@@ -219,12 +225,17 @@ class Scheduler {
       }
     }
     if (!tid && !w.sent.front().last_of_record) unpickle_failed(w);
-    Entry e = pop_answered(w);
     w.running.reset();
-    if (!e.live) return std::nullopt;
-    --outstanding_;
-    if (elapsed) avg_ += (*elapsed - avg_) * proto::task::kTaskTimeWeight;
-    return std::move(e.task);
+    Entry& e = w.sent.front();  // moved from in place: its slot is reused
+    if (e.last_of_record) ++w.answered;
+    std::optional<T> out;
+    if (e.live) {
+      out.emplace(std::move(e.task));
+      --outstanding_;
+      if (elapsed) avg_ += (*elapsed - avg_) * proto::task::kTaskTimeWeight;
+    }
+    w.sent.drop_front();
+    return out;
   }
 
   // A STARTED record: with a task timeout, the call's deadline runs from now.
