@@ -154,7 +154,15 @@ def _apply_state(state):
     if state.get("tracker") is not None:
         from multiprocessing import resource_tracker
 
-        resource_tracker._resource_tracker._fd = passed_fd(state["tracker"])
+        tracker = resource_tracker._resource_tracker
+        inherited = tracker._fd  # a zygote's own tracker, when its preload started one
+        tracker._fd = passed_fd(state["tracker"])
+        tracker._pid = None  # the tracker is the parent's child, not ours (as under spawn)
+        if inherited is not None and inherited != tracker._fd:
+            try:
+                os.close(inherited)  # else the zygote's tracker sees EOF only when we exit
+            except OSError:
+                pass
     env = state.get("environ")
     if env is not None and env != dict(os.environ):
         os.environ.clear()
