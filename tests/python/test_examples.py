@@ -91,3 +91,20 @@ def test_code_from_folder():
     # The example edits a copy: the shipped package is unchanged.
     with open(os.path.join(EXAMPLES, "plugins", "geometry", "__init__.py")) as f:
         assert "VERSION = 1" in f.read()
+
+
+def test_joblib_backend():
+    pytest.importorskip("joblib")
+    out, _ = run_example("joblib_backend.py")
+
+    def steps(n):
+        s = 0
+        while n != 1:
+            n, s = (3 * n + 1 if n % 2 else n // 2), s + 1
+        return s
+
+    all_steps = [steps(n) for n in range(1, 20_001)]
+    best = all_steps.index(max(all_steps)) + 1
+    assert f"longest Collatz chain below 20001: {best} ({max(all_steps)} steps)" in out
+    assert "roots: [1.0, 2.0, 3.0]" in out
+    assert "error from a worker: negative input -4" in out
