@@ -108,6 +108,7 @@ class RingpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self.parallel = None
 
     def effective_n_jobs(self, n_jobs):
+        """The number of workers ``n_jobs`` stands for (joblib's rules; module docstring)."""
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is None:
@@ -129,6 +130,7 @@ class RingpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         return n_jobs
 
     def apply_async(self, func, callback=None):
+        """Submit one batch to the Executor; the Future doubles as joblib's job (``get``)."""
         future = self._executor.submit(SafeFunction(func))
         # joblib calls job.get(timeout=...) as on a multiprocessing AsyncResult; in Python 3.11
         # concurrent.futures.TimeoutError is the builtin TimeoutError joblib expects.
@@ -158,7 +160,7 @@ class RingpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel, **self.parallel._backend_args)
 
     def terminate(self):
-        # The pool is kept for the next call (module docstring); only this call's state goes.
+        """End of a ``Parallel`` call: forget this call's state, keep the pool for the next."""
         self._executor = None
         self.reset_batch_stats()
 
