@@ -278,7 +278,8 @@ def draw_chart(res, path):
 
     m = res["machine"]
     fig.suptitle(f"ringpool bench{' --quick' if res['quick'] else ''}, {m['date']}: {m['cpu']}, "
-                 f"{m['usable_cores']} cores, Linux {m['kernel']}, Python {m['python']}", fontsize=10)
+                 f"{m['usable_cores']} cores, Linux {m['kernel']}, Python {m['python']}, "
+                 f"load average {m['loadavg_at_start'][0]} at start", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
