@@ -21,6 +21,7 @@ _PACKAGES = ("cloudpickle", "numpy", "torch", "tqdm")
 
 
 def add_arguments(p):
+    """The ``info`` command's options (``--json``)."""
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -125,6 +126,7 @@ def _text(info):
 
 
 def main(args):
+    """Print the report; exit code 1 if a required kernel feature is missing."""
     info = collect()
     print(json.dumps(info, indent=2) if args.json else _text(info), flush=True)
     return 1 if any(f["required"] and not f["present"] for f in info["features"]) else 0

@@ -125,6 +125,11 @@ _ZYGOTE_ATTEMPTS = 3
 
 
 class Popen:
+    """The ``Popen`` of ringpool's ``Process`` (the stdlib's popen protocol: ``poll``, ``wait``,
+    ``terminate``, ``kill``, ``close``, ``sentinel``, ``pid``): made by ``Process.start()``, it asks
+    the context's supervisor to fork the worker from the zygote (or exec it) and hands it the
+    pickled process object with its file descriptors."""
+
     method = "ringpool"
     DupFd = _InheritedFd
 
@@ -138,6 +143,7 @@ class Popen:
 
     # -- the spawning-popen protocol used by reducers while the process object is pickled ----
     def duplicate_for_child(self, fd):
+        """Collect ``fd`` to be sent to the child with its process object; returns its index there (``DupFd``)."""
         self._fds.append(fd)
         return len(self._fds) - 1
 
@@ -241,6 +247,7 @@ class Popen:
 
     # -- what BaseProcess uses ------------------------------------------------------------------
     def poll(self, flag=os.WNOHANG):
+        """The exit code (negative: the killing signal), or None while running; ``flag=0`` waits."""
         if self.returncode is None and self._child is not None:
             rc = self._child.poll() if flag & os.WNOHANG else self._child.wait()
             if rc is not None:
@@ -248,6 +255,7 @@ class Popen:
         return self.returncode
 
     def wait(self, timeout=None):
+        """Wait up to ``timeout`` seconds (None: forever) for the exit; the exit code, or None on timeout."""
         if self.returncode is None:
             if timeout is not None and not _mp_connection.wait([self.sentinel], timeout):
                 return None
@@ -259,11 +267,14 @@ class Popen:
             self._child.send_signal(sig)
 
     def terminate(self):
+        """Send SIGTERM through the worker's pidfd (nothing if it has exited)."""
         self._send_signal(signal.SIGTERM)
 
     def kill(self):
+        """Send SIGKILL through the worker's pidfd (nothing if it has exited)."""
         self._send_signal(signal.SIGKILL)
 
     def close(self):
+        """Release the worker's pidfd and sentinel (after it exited)."""
         if self.finalizer is not None:
             self.finalizer()

@@ -206,18 +206,22 @@ class Report:
 
     @property
     def passed(self):
+        """True if every invariant held."""
         return all(i.ok for i in self.invariants)
 
     @property
     def failures(self):
+        """The invariants that did not hold."""
         return [i for i in self.invariants if not i.ok]
 
     def to_dict(self):
+        """The report as plain data (for ``--json``), with ``passed``."""
         d = dataclasses.asdict(self)
         d["passed"] = self.passed
         return d
 
     def to_markdown(self):
+        """The report as Markdown: the throughput table per channel and the invariants checked."""
         secs = max(self.elapsed, 1e-9)
         out = [f"ringpool stress: {self.elapsed:.1f} s (asked {self.duration:g} s), seed {self.seed}, "
                f"faults {'on' if self.faults_enabled else 'off'}, max message {_fmt_bytes(self.max_size)}",
@@ -1404,6 +1408,7 @@ def _positive(text):
 
 
 def add_arguments(p):
+    """The ``stress`` command's options."""
     p.add_argument("--duration", type=_positive, default=30.0, metavar="SECONDS",
                    help="length of the load phase (default 30)")
     p.add_argument("--faults", action="store_true",
@@ -1422,6 +1427,7 @@ def add_arguments(p):
 
 
 def main(args):
+    """Run the stress command; exit code 0 if every invariant held, 1 otherwise."""
     rep = run(duration=args.duration, faults=args.faults, seed=args.seed, channels=args.channels,
               max_size=args.max_size, progress=args.progress or sys.stderr.isatty(),
               hang_timeout=args.hang_timeout, fault_interval=args.fault_interval)
