@@ -107,6 +107,14 @@ from multiprocessing import process as _mp_process
 from multiprocessing import spawn as _mp_spawn
 from multiprocessing import util as _mp_util
 
+from . import _core
+from . import connection as _connection
+from . import modules
+from . import queues as _queues
+from .bundle import _as_bundle
+from .modules import _SnapshotLoader
+from .popen import Popen
+
 __all__ = ["RingpoolContext", "RingpoolProcess", "get_context", "register_start_method"]
 
 _RINGPOOL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,8 +127,6 @@ class RingpoolProcess(_mp_process.BaseProcess):
 
     @staticmethod
     def _Popen(process_obj):
-        from .popen import Popen
-
         # A plain multiprocessing.Process under set_start_method("ringpool") has no context of its
         # own: it gets the registered one.
         context = getattr(type(process_obj), "_ringpool_context", None) or get_context()
@@ -147,8 +153,6 @@ class RingpoolContext(_mp_context.BaseContext):
         self.preload = _normalize_preload(preload, self.zygote)
         if self.preload and not self.zygote:
             raise ValueError("preload needs the zygote (zygote=True)")
-        from .bundle import _as_bundle
-
         self.bundle = _as_bundle(bundle)
         self._zygote_has_bundle = False  # set when the zygote's configuration carried it
         self._ready_timeout = float(ready_timeout)
@@ -208,8 +212,6 @@ class RingpoolContext(_mp_context.BaseContext):
 
     def _supervisor_locked(self):
         if self._sup is None:
-            from . import _core
-
             if self.zygote:
                 exe = _mp_spawn.get_executable()
                 argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", self._bootstrap("_zygote")]
@@ -218,8 +220,6 @@ class RingpoolContext(_mp_context.BaseContext):
                 if self._preload_main:
                     prep = _mp_spawn.get_preparation_data("zygote")
                     main = {k: prep[k] for k in ("init_main_from_path", "init_main_from_name") if k in prep}
-                from . import modules
-
                 snaps = modules.snapshots()  # registered packages, installed before the preload
                 self._check_bundle(snaps)
                 self._zygote_modules = {s.name: s.hash for s in snaps}
@@ -241,8 +241,6 @@ class RingpoolContext(_mp_context.BaseContext):
                 self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
                                                          ready_timeout=self._ready_timeout, spares=self._spares)
             else:
-                from . import modules
-
                 self._check_bundle(modules.snapshots())
                 self._sup = _core.Supervisor.exec_mode()
         return self._sup
@@ -340,24 +338,16 @@ class RingpoolContext(_mp_context.BaseContext):
 
     # -- what differs from BaseContext -----------------------------------------------------------
     def Queue(self, maxsize=0):
-        from .queues import Queue
-
-        return Queue(maxsize)
+        return _queues.Queue(maxsize)
 
     def JoinableQueue(self, maxsize=0):
-        from .queues import JoinableQueue
-
-        return JoinableQueue(maxsize)
+        return _queues.JoinableQueue(maxsize)
 
     def SimpleQueue(self):
-        from .queues import SimpleQueue
-
-        return SimpleQueue()
+        return _queues.SimpleQueue()
 
     def Pipe(self, duplex=True):
-        from .connection import Pipe
-
-        return Pipe(duplex)
+        return _connection.Pipe(duplex)
 
     def get_start_method(self, allow_none=False):
         return self._name
@@ -417,7 +407,6 @@ def _preloadable_modules(exclude_top=()):
     """
     zipimporter = sys.modules.get("zipimport")
     zip_loader = getattr(zipimporter, "zipimporter", ())
-    from .modules import _SnapshotLoader
 
     cwd = os.getcwd()
     roots = {os.path.abspath(p or cwd) for p in sys.path if isinstance(p, str)}
@@ -488,8 +477,6 @@ def get_context(preload=None, zygote=True, bundle=None):
     bundle: a ``ringpool.Bundle`` or a path to one: its modules are installed in every worker under
         their real names (contexts are cached by the bundle's hash, so a path is read each call).
     """
-    from .bundle import _as_bundle
-
     bundle = _as_bundle(bundle)
     key = (_normalize_preload(preload, bool(zygote)), bool(zygote), None if bundle is None else bundle.hash)
     with _contexts_lock:
