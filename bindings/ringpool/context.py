@@ -357,7 +357,8 @@ class RingpoolContext(_mp_context.BaseContext):
 
 
 # The zygote's configuration travels in one control message (kMaxControlPayload in
-# runtime/include/ringpool/control.hpp); a bundle that does not fit goes to each worker at its start.
+# runtime/include/ringpool/detail/control.hpp); a bundle that does not fit goes to each worker at
+# its start.
 _ZYGOTE_CONFIG_MAX = (1 << 20) - 4096
 
 _contexts = {}
