@@ -12,7 +12,9 @@
 
 This is the first task code of every pool worker, so it imports nothing of the parent side
 (``executor``, ``context``, ``popen``, ...): a test (tests/python/test_imports.py) holds it to
-that. The records it reads and writes are proto/include/ringpool/proto/task.hpp's, through
+that. (Python runs ``ringpool/__init__`` before any submodule, and that imports the public API,
+the Executor included: in a worker those modules are loaded, though nothing here uses them.)
+The records it reads and writes are proto/include/ringpool/proto/task.hpp's, through
 ``_core.task``.
 """
 from __future__ import annotations
@@ -107,10 +109,8 @@ def serve_pool(config, calls, results):
     if config.get("bundle_file"):  # a no-op when the zygote installed it already
         with open(config["bundle_file"], "rb") as f:
             _install_environment(config["bundle_file"], f.read())
-    packages = config.get("packages") or ()
-    if packages:
-        for pkg in packages:
-            modules.install(modules.Snapshot(pkg["name"], pkg["root"], pkg["files"]))
+    for pkg in config.get("packages") or ():
+        modules.install(modules.Snapshot(pkg["name"], pkg["root"], pkg["files"]))
     serve(config["wid"], calls, results, None, (), config.get("max_tasks"), bool(config.get("report_start")), True)
     return 0
 
