@@ -1,6 +1,6 @@
 """ringpool: a multiprocess runtime with a shared-memory transport.
 
-Public API (this issue's layer: the transport):
+Public API:
 
 - ``Queue``, ``JoinableQueue``, ``SimpleQueue``: ``multiprocessing``'s queues over shared-memory
   rings, plus ``put_many``/``get_many``.

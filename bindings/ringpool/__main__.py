@@ -22,6 +22,8 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+
 # name -> (module, one-line help)
 _COMMANDS = {
     "bench": ("ringpool.bench", "a short benchmark against the stdlib (queues, pools, start-up); --chart PNG"),
@@ -31,8 +33,6 @@ _COMMANDS = {
 
 
 def build_parser():
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="python -m ringpool", description="ringpool command-line tools.")
     parser.add_argument("--version", action="version", version=f"ringpool {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -108,12 +108,19 @@ from multiprocessing import process as _mp_process
 from multiprocessing import spawn as _mp_spawn
 from multiprocessing import util as _mp_util
 
+from . import _core
+from . import connection as _connection
+from . import modules
+from . import queues as _queues
+from .bundle import _as_bundle
+from .modules import _SnapshotLoader
+from .popen import Popen
+
 __all__ = ["RingpoolContext", "RingpoolProcess", "get_context", "register_start_method"]
 
 if TYPE_CHECKING:
     from .bundle import Bundle
     from .connection import Connection
-    from . import queues as _queues  # the methods Queue etc. shadow the class names in the class body
 
 _RINGPOOL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _log = logging.getLogger("ringpool.spawner")
@@ -129,8 +136,6 @@ class RingpoolProcess(_mp_process.BaseProcess):
 
     @staticmethod
     def _Popen(process_obj):
-        from .popen import Popen
-
         # A plain multiprocessing.Process under set_start_method("ringpool") has no context of its
         # own: it gets the registered one.
         context = getattr(type(process_obj), "_ringpool_context", None) or get_context()
@@ -171,8 +176,6 @@ class RingpoolContext(_mp_context.BaseContext):
         self.preload = _normalize_preload(preload, self.zygote)
         if self.preload and not self.zygote:
             raise ValueError("preload needs the zygote (zygote=True)")
-        from .bundle import _as_bundle
-
         self.bundle = _as_bundle(bundle)
         self._zygote_has_bundle = False  # set when the zygote's configuration carried it
         self._ready_timeout = float(ready_timeout)
@@ -231,8 +234,6 @@ class RingpoolContext(_mp_context.BaseContext):
 
     def _supervisor_locked(self):
         if self._sup is None:
-            from . import _core
-
             if self.zygote:
                 exe = _mp_spawn.get_executable()
                 argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", self._bootstrap("_zygote")]
@@ -241,8 +242,6 @@ class RingpoolContext(_mp_context.BaseContext):
                 if self._preload_main:
                     prep = _mp_spawn.get_preparation_data("zygote")
                     main = {k: prep[k] for k in ("init_main_from_path", "init_main_from_name") if k in prep}
-                from . import modules
-
                 snaps = modules.snapshots()  # registered packages, installed before the preload
                 self._check_bundle(snaps)
                 self._zygote_modules = {s.name: s.hash for s in snaps}
@@ -264,8 +263,6 @@ class RingpoolContext(_mp_context.BaseContext):
                 self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
                                                          ready_timeout=self._ready_timeout, spares=self._spares)
             else:
-                from . import modules
-
                 self._check_bundle(modules.snapshots())
                 self._sup = _core.Supervisor.exec_mode()
         return self._sup
@@ -364,27 +361,19 @@ class RingpoolContext(_mp_context.BaseContext):
     # -- what differs from BaseContext -----------------------------------------------------------
     def Queue(self, maxsize: int = 0) -> _queues.Queue:  # type: ignore[override]
         """A ringpool ``Queue`` (shared-memory ring) in place of the stdlib's pipe-based one."""
-        from .queues import Queue
-
-        return Queue(maxsize)
+        return _queues.Queue(maxsize)
 
     def JoinableQueue(self, maxsize: int = 0) -> _queues.JoinableQueue:  # type: ignore[override]
         """A ringpool ``JoinableQueue`` in place of the stdlib's."""
-        from .queues import JoinableQueue
-
-        return JoinableQueue(maxsize)
+        return _queues.JoinableQueue(maxsize)
 
     def SimpleQueue(self) -> _queues.SimpleQueue:  # type: ignore[override]
         """A ringpool ``SimpleQueue`` (with the ``_reader``/``_writer`` the stdlib's pools use)."""
-        from .queues import SimpleQueue
-
-        return SimpleQueue()
+        return _queues.SimpleQueue()
 
     def Pipe(self, duplex: bool = True) -> tuple[Connection, Connection]:  # type: ignore[override]
         """A ringpool ``Pipe``: two ``Connection`` ends over shared-memory rings."""
-        from .connection import Pipe
-
-        return Pipe(duplex)
+        return _connection.Pipe(duplex)
 
     def get_start_method(self, allow_none: bool = False) -> str:
         """Always ``"ringpool"`` (never ``"fork"``: SemLocks must keep their names, see the module docstring)."""
@@ -397,7 +386,8 @@ class RingpoolContext(_mp_context.BaseContext):
 
 
 # The zygote's configuration travels in one control message (kMaxControlPayload in
-# runtime/include/ringpool/control.hpp); a bundle that does not fit goes to each worker at its start.
+# runtime/include/ringpool/detail/control.hpp); a bundle that does not fit goes to each worker at
+# its start.
 _ZYGOTE_CONFIG_MAX = (1 << 20) - 4096
 
 _contexts = {}
@@ -447,7 +437,6 @@ def _preloadable_modules(exclude_top=()):
     """
     zipimporter = sys.modules.get("zipimport")
     zip_loader = getattr(zipimporter, "zipimporter", ())
-    from .modules import _SnapshotLoader
 
     cwd = os.getcwd()
     roots = {os.path.abspath(p or cwd) for p in sys.path if isinstance(p, str)}
@@ -535,8 +524,6 @@ def get_context(preload: Union[str, Iterable[str], None] = None, zygote: bool = 
         spawn does in every worker) so that its classes and functions are preloaded (default
         True); False when importing the main module a second time must not happen.
     """
-    from .bundle import _as_bundle
-
     if isinstance(preload, str):
         if preload in _STDLIB_START_METHODS:
             raise ValueError(

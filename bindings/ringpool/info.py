@@ -16,6 +16,10 @@ import json
 import os
 import sys
 
+import ringpool
+
+from . import _platform
+
 _THP = "/sys/kernel/mm/transparent_hugepage/"
 _PACKAGES = ("cloudpickle", "numpy", "torch", "tqdm")
 
@@ -70,10 +74,6 @@ def collect():
     """Everything ``info`` prints, as a dict of plain data."""
     import platform
     import resource
-
-    import ringpool
-
-    from . import _platform
 
     feats = _platform.features()
     return {

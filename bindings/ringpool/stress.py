@@ -62,6 +62,8 @@ import zlib
 from multiprocessing import resource_tracker
 from multiprocessing.reduction import DupFd
 
+import ringpool
+
 from . import _core
 
 __all__ = ["CHANNELS", "Report", "Invariant", "ChannelStats", "QueueLedger", "check_queue_ledger",
@@ -683,8 +685,6 @@ class _QueueChannel(_ProcChannel):
 
     def __init__(self, run, producers=2, consumers=2):
         super().__init__(run)
-        import ringpool
-
         self.np, self.nc = producers, consumers
         self.q = ringpool.Queue()
         self.reports = ringpool.SimpleQueue()
@@ -838,8 +838,6 @@ class _PipeChannel(_ProcChannel):
         self.seen = 0
 
     def _spawn(self):
-        import ringpool
-
         inc = self.inc
         self.inc += 1
         shared = _Shared(9)
@@ -948,8 +946,6 @@ class _ExecutorChannel(_Channel):
         self.submitted = self.completed = 0
 
     def body(self):
-        import ringpool
-
         r = self.run
         self.ex = ex = ringpool.Executor(2, mp_context=r.ctx)
         rng = random.Random(f"{r.seed}:executor")
@@ -993,8 +989,6 @@ class _ExecutorChannel(_Channel):
         try:
             pid, ok, back = f.result(0)
         except Exception as exc:
-            import ringpool
-
             if isinstance(exc, ringpool.WorkerDied):
                 self.died[exc.pid] += 1
                 with self.run.lock:
@@ -1170,8 +1164,6 @@ def _inject_faults(run, chans, rng, interval):
 def _load(channels, duration, faults, seed, max_size, progress, hang_timeout, fault_interval, t0):
     """The load phase and the channels' own invariants. Everything it made (the context, the
     channels, their processes) is unreachable once it returns, so run() can check for leftovers."""
-    import ringpool
-
     preload = [m for m in ("numpy", "torch") if m in sys.modules and (m != "torch" or "dataloader" in channels)]
     ctx = ringpool.RingpoolContext(preload=preload, ready_timeout=max(hang_timeout, 60.0))
     r = _Run(ctx, duration, faults, seed, max_size, hang_timeout)
@@ -1304,10 +1296,6 @@ def run(duration=30.0, faults=False, seed=None, channels=CHANNELS, max_size=MAX_
         import numpy  # noqa: F401
     except ImportError:
         pass
-    import ringpool
-
-    from . import _core
-
     machine = _machine()
     # Other contexts of this process (earlier work) refill their zygotes' spare workers about
     # 100 ms after their last start: let that settle, so their spares and pidfds are part of the

@@ -1,4 +1,4 @@
-#include "ringpool/control.hpp"
+#include "ringpool/detail/control.hpp"
 
 #include <poll.h>
 #include <sys/socket.h>

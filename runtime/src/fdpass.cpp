@@ -1,4 +1,4 @@
-#include "ringpool/fdpass.hpp"
+#include "ringpool/detail/fdpass.hpp"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -8,8 +8,8 @@
 #include <cstring>
 #include <string>
 
+#include "ringpool/detail/futex.hpp"
 #include "ringpool/error.hpp"
-#include "ringpool/futex.hpp"
 
 namespace ringpool {
 

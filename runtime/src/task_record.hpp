@@ -71,8 +71,8 @@ inline std::string control_record(task::Op kind) {
 
 // -- result records (read) -----------------------------------------------------------------------
 
-// A worker's answer: the record (wid, tid, status, value, elapsed) that ringpool.executor's
-// worker loop writes.
+// A worker's answer: the record (wid, tid, status, value, elapsed) that the worker loop
+// (ringpool._pool_worker) writes.
 struct Result {
   int wid = 0;
   std::optional<std::uint64_t> tid;  // None for a start-up failure or an undecodable call

@@ -99,23 +99,3 @@ def test_executor_stub_matches_the_module():
         for args in defs:
             assert _stub_params(args) == actual, f"{qual}: stub {_stub_params(args)} != module {actual}"
 
-
-def test_core_stub_covers_the_extension():
-    # Every public name the compiled ringpool._core exports is in _core.pyi, and the stub names
-    # nothing the extension lacks (private helpers included: they are typed for ringpool's own use).
-    from ringpool import _core
-
-    with open(os.path.join(BINDINGS, "ringpool", "_core.pyi")) as f:
-        tree = ast.parse(f.read())
-    stub = set()
-    for node in tree.body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
-            stub.add(node.name)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            stub.add(node.target.id)
-        elif isinstance(node, ast.Assign):
-            stub.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    runtime = {n for n in dir(_core) if not n.startswith("__")}
-    type_aliases = {"Item"}  # stub-only names for annotations
-    assert sorted({n for n in runtime if not n.startswith("_")} - stub) == []
-    assert sorted(stub - runtime - type_aliases) == []

@@ -22,9 +22,9 @@
 
 #include <pthread.h>
 
+#include "ringpool/detail/fdpass.hpp"
+#include "ringpool/detail/futex.hpp"
 #include "ringpool/fd.hpp"
-#include "ringpool/fdpass.hpp"
-#include "ringpool/futex.hpp"
 #include "ringpool/proto/frame.hpp"
 #include "ringpool/segment.hpp"
 
