@@ -26,6 +26,11 @@ import statistics
 import sys
 import time
 
+from . import __version__
+from .context import get_context
+from .executor import Executor
+from .queues import Queue
+
 __all__ = ["add_arguments", "draw_chart", "machine_info", "main", "run", "to_markdown"]
 
 SIZES = (64, 4096, 65536, 1 << 20)
@@ -51,8 +56,6 @@ def machine_info():
             mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
     except OSError:
         pass
-    from . import __version__
-
     return {
         "cpu": cpu,
         "usable_cores": len(os.sched_getaffinity(0)),
@@ -124,7 +127,6 @@ def _pool_rate(kind, tasks):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from .executor import Executor
 
     fork = mp.get_context("fork")
     if kind == "ringpool.Executor":
@@ -168,8 +170,6 @@ def run(quick=False, progress=None):
     """Run the three measures; returns a dict (``machine``, ``queues``, ``pools``, ``startup``)."""
     import multiprocessing as mp
 
-    from .context import get_context
-    from .queues import Queue
 
     runs = 1 if quick else 3
     scale = 4 if quick else 1
