@@ -188,7 +188,10 @@ class Ring {
   // Frames accepted and not yet taken: the item count, or published - taken + pending.
   std::int64_t size() const noexcept {
     if (counts_items_) return items();
-    return static_cast<std::int64_t>(committed() - consumed()) + ctl_->pending.load(std::memory_order_acquire);
+    // In unsigned arithmetic: the counters live in shared memory, and a peer that garbles them
+    // must get a wrong size, not signed overflow (undefined behaviour; found by fuzz_ring).
+    return static_cast<std::int64_t>(committed() - consumed() +
+                                     static_cast<std::uint64_t>(ctl_->pending.load(std::memory_order_acquire)));
   }
   bool counts_items() const noexcept { return counts_items_; }
   std::int64_t unfinished() const noexcept { return ctl_->unfinished.load(std::memory_order_acquire); }
