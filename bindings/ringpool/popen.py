@@ -242,10 +242,31 @@ class Popen:
     # -- what BaseProcess uses ------------------------------------------------------------------
     def poll(self, flag=os.WNOHANG):
         if self.returncode is None and self._child is not None:
+            if not self._observe_exit(flag):
+                return None  # still running
             rc = self._child.poll() if flag & os.WNOHANG else self._child.wait()
             if rc is not None:
                 self.returncode = rc
         return self.returncode
+
+    def _observe_exit(self, flag):
+        """Waits for the exit as poll(flag) would, without reaping; whether the worker has exited.
+        A worker that ended abnormally (a signal, a non-zero status) may have died inside torch's
+        share_memory_(), between creating /dev/shm/torch_<pid>_* and unlinking it: remove what it
+        left while its zombie still holds the pid (no other process can be using that name)."""
+        try:
+            si = os.waitid(os.P_PIDFD, self._child.sentinel, os.WEXITED | os.WNOWAIT | (flag & os.WNOHANG))
+        except ChildProcessError:
+            return True  # reaped already (by the owner of another handle): nothing left to do here
+        if si is None:
+            return False
+        if si.si_code != os.CLD_EXITED or si.si_status != 0:
+            from . import _torch  # light (no torch import): only on an abnormal exit
+
+            left = _torch.remove_left_segments(self.pid)
+            if left:
+                _log.debug("removed %d torch segment(s) left by pid %d: %s", len(left), self.pid, ", ".join(left))
+        return True
 
     def wait(self, timeout=None):
         if self.returncode is None:
