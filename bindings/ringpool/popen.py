@@ -254,10 +254,17 @@ class Popen:
         A worker that ended abnormally (a signal, a non-zero status) may have died inside torch's
         share_memory_(), between creating /dev/shm/torch_<pid>_* and unlinking it: remove what it
         left while its zombie still holds the pid (no other process can be using that name)."""
-        try:
-            si = os.waitid(os.P_PIDFD, self._child.sentinel, os.WEXITED | os.WNOWAIT | (flag & os.WNOHANG))
-        except ChildProcessError:
-            return True  # reaped already (by the owner of another handle): nothing left to do here
+        sentinel = self._child.sentinel
+        while True:
+            try:
+                si = os.waitid(os.P_PIDFD, sentinel, os.WEXITED | os.WNOWAIT | (flag & os.WNOHANG))
+                break
+            except BlockingIOError:  # someone made the pidfd non-blocking: it has not exited yet
+                if flag & os.WNOHANG:
+                    return False
+                _mp_connection.wait([sentinel])
+            except OSError:
+                return True  # reaped already, or no pidfd to ask: the reap below says what it can
         if si is None:
             return False
         if si.si_code != os.CLD_EXITED or si.si_status != 0:
