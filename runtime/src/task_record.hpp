@@ -152,7 +152,11 @@ inline std::optional<Result> read_result(std::string_view s, std::string& scratc
     scratch.append(s.substr(p, end - p));
     scratch += op::kStop;
     try {
-      r.value = pickle_loads(scratch);
+      // One level less deep than alone: in the whole record the value sits inside the record's
+      // tuple, and the whole decode must accept what this one does (found by fuzz_task_record).
+      PickleLimits limits;
+      limits.max_depth -= 1;
+      r.value = pickle_loads(scratch, limits);
     } catch (const std::exception&) {
       return std::nullopt;
     }
