@@ -1267,6 +1267,16 @@ def _new_fds(before):
     return leaked, pooled, nbytes
 
 
+def _foreign_shm_entry(name):
+    """Whether a new /dev/shm entry cannot be this run's: the stdlib's semaphores (``sem.mp-*``,
+    named by design), and loky's (``sem.loky-*``, joblib's backend) while loky was never imported
+    here (other programs on the machine, e.g. a joblib benchmark, make them during the run)."""
+    if name.startswith("sem.mp-"):
+        return True
+    return name.startswith("sem.loky-") and not any(m == "loky" or m.startswith(("loky.", "joblib.externals.loky"))
+                                                   for m in sys.modules)
+
+
 def _shm_entries():
     try:
         return set(os.listdir("/dev/shm"))
@@ -1350,7 +1360,7 @@ def run(duration=30.0, faults=False, seed=None, channels=CHANNELS, max_size=MAX_
     invariants.append(Invariant("block descriptors: sender pool == block_pool_bytes, reader cache <= 512 MiB",
                                 f"{pooled} memfds, {pooled_bytes / MiB:.1f} MiB = {pool_bytes / MiB:.1f} pool + "
                                 f"{reader / MiB:.1f} reader cache", 0 <= reader <= _READER_CACHE))
-    shm_new = sorted(e for e in _shm_entries() - shm_before if not e.startswith("sem.mp-"))
+    shm_new = sorted(e for e in _shm_entries() - shm_before if not _foreign_shm_entry(e))
     invariants.append(Invariant("new /dev/shm entries", f"{len(shm_new)} {shm_new[:4]}" if shm_new else "0",
                                 not shm_new))
     total = time.monotonic() - t0
