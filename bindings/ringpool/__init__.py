@@ -1,14 +1,15 @@
 """ringpool: a multiprocess runtime with a shared-memory transport.
 
-Public API (this issue's layer: the transport):
+Public API:
 
 - ``Queue``, ``JoinableQueue``, ``SimpleQueue``: ``multiprocessing``'s queues over shared-memory
   rings, plus ``put_many``/``get_many``.
 - ``Pipe``/``Connection``: ``multiprocessing.Pipe`` over rings.
 - ``reduction``: how objects, handles and buffers become frames.
-- ``get_context(preload=None, zygote=True)``: a ``multiprocessing`` context whose workers ringpool
-  starts (forked by a preloaded zygote, by default preloaded with what this process imported, or
-  exec mode).
+- ``get_context(preload=None, zygote=True, bundle=None, *, ready_timeout, spares, preload_main)``:
+  a ``multiprocessing`` context whose workers ringpool starts (forked by a preloaded zygote, by
+  default preloaded with what this process imported, or exec mode).
+- ``import ringpool.joblib``: joblib's ``Parallel(backend="ringpool")`` on an ``Executor``.
 - ``Executor``: a ``concurrent.futures`` process pool over per-worker rings (``WorkerDied``,
   ``TaskTimeout``, ``RemoteTraceback``).
 - ``import_module_from_path(name, path)``, ``register_module(module)``, ``reload(name)``:

@@ -8,7 +8,10 @@ code) and keeps its heavy imports inside ``main``, so ``--help`` stays instant. 
 - ``stress``: a mixed load over queues, pipes, the Executor and DataLoader, with optional fault
   injection, ending with a throughput table and the invariants it checked (``ringpool.stress``).
 
-``--version`` prints ringpool's version. Adding a command (``bench``) is one entry in
+- ``bench``: a short benchmark of queues, task pools and worker start-up against the stdlib, as a
+  Markdown report, optionally JSON and a PNG chart (``ringpool.bench``).
+
+``--version`` prints ringpool's version. Adding a command is one entry in
 ``_COMMANDS`` and one module. An installed ringpool also has the console script ``ringpool``.
 
 Exit codes: whatever the command returns (0 = success); 2 for usage errors (argparse's).
@@ -19,16 +22,17 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+
 # name -> (module, one-line help)
 _COMMANDS = {
+    "bench": ("ringpool.bench", "a short benchmark against the stdlib (queues, pools, start-up); --chart PNG"),
     "info": ("ringpool.info", "print versions, kernel features, limits and settings (for bug reports)"),
     "stress": ("ringpool.stress", "run a mixed load (optionally killing processes) and check invariants"),
 }
 
 
 def build_parser():
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="python -m ringpool", description="ringpool command-line tools.")
     parser.add_argument("--version", action="version", version=f"ringpool {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

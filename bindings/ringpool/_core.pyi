@@ -1,6 +1,11 @@
-"""Type stubs for ringpool._core, the native core (bindings/src/*.cpp)."""
+"""Type stubs for ringpool._core, the native core (bindings/src/*.cpp).
+
+tests/python/test_core_stub.py holds this file to the extension: every public name (of the
+module, of its classes, of ``task``) here with its kind, and nothing here the extension lacks
+(but the private type helpers ``_Item`` and ``_TaskModule``).
+"""
 import types
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 PROTOCOL_VERSION: int
 HEADER_SIZE: int
@@ -10,13 +15,59 @@ FLAG_RAW: int
 COUNT_ITEM: int
 COUNT_TASK: int
 NO_BACKPRESSURE: int
-# The task records' ops (CALL, CHUNK, PING, STOP, RUN), statuses (OK, ERR, STARTED, PONG,
-# INIT_FAILED, DIED), field positions (CALL_*, RESULT_*, ERROR_*, CALL_FIELDS, RESULT_FIELDS),
-# SINGLE and limits (MAX_RUN_CALLS, MAX_RUN_BYTES, WORKER_TAKE, CALL_CAPACITY, RESULT_CAPACITY,
-# MIN_DEPTH, MAX_DEPTH, QUEUED_WORK, RESULT_COST, INITIAL_TASK_TIME, TASK_TIME_WEIGHT,
-# RESULT_BATCH, STOP_GRACE, and
-# depth_for(average_task_time) -> int): proto/include/ringpool/proto/task.hpp.
-task: types.ModuleType
+
+class _TaskModule(types.ModuleType):
+    """The submodule ``_core.task``: proto/include/ringpool/proto/task.hpp's records and limits."""
+    # call record ops
+    CALL: int
+    CHUNK: int
+    PING: int
+    STOP: int
+    RUN: int
+    # result record statuses
+    OK: int
+    ERR: int
+    STARTED: int
+    PONG: int
+    INIT_FAILED: int
+    DIED: int
+    # field positions
+    CALL_OP: int
+    CALL_TID: int
+    CALL_FN: int
+    CALL_ARGS: int
+    CALL_KWARGS: int
+    CALL_FIELDS: tuple[str, ...]
+    RESULT_WID: int
+    RESULT_TID: int
+    RESULT_STATUS: int
+    RESULT_VALUE: int
+    RESULT_ELAPSED: int
+    RESULT_FIELDS: tuple[str, ...]
+    ERROR_TYPE: int
+    ERROR_MESSAGE: int
+    ERROR_TRACEBACK: int
+    ERROR_FIELDS: int
+    # a RUN or CHUNK whose kwargs is SINGLE carries bare arguments
+    SINGLE: int
+    # limits
+    MAX_RUN_CALLS: int
+    MAX_RUN_BYTES: int
+    WORKER_TAKE: int
+    CALL_CAPACITY: int
+    RESULT_CAPACITY: int
+    MIN_DEPTH: int
+    MAX_DEPTH: int
+    QUEUED_WORK: float
+    RESULT_COST: float
+    INITIAL_TASK_TIME: float
+    TASK_TIME_WEIGHT: float
+    RESULT_BATCH: int
+    STOP_GRACE: float
+    def depth_for(self, average_task_time: float) -> int:
+        """Unanswered calls a worker may have, given the average task time in seconds."""
+
+task: _TaskModule
 
 class ProtocolError(RuntimeError): ...
 
@@ -31,7 +82,7 @@ class OobBuffer:
     """Bytes of an out-of-band frame in shared memory (buffer protocol, writable)."""
     def __len__(self) -> int: ...
 
-Item = bytes | tuple[int, Any, list[int]]
+_Item = bytes | tuple[int, Any, list[int]]
 
 class Channel:
     @staticmethod
@@ -49,8 +100,8 @@ class Channel:
     def publish(self, pending: Pending) -> bool: ...
     def put_payload(self, payload: bytes | Sequence[Any], flags: int = 0, fds: list[int] | None = None,
                     accounting: int = ...) -> Pending | None: ...
-    def get(self, timeout: float | None = None) -> Item | None: ...
-    def get_many(self, max: int, timeout: float = -1.0) -> list[Item]: ...
+    def get(self, timeout: float | None = None) -> _Item | None: ...
+    def get_many(self, max: int, timeout: float = -1.0) -> list[_Item]: ...
     # objects (pickled in C)
     def put_obj(self, obj: Any, accounting: int = ...) -> Pending | None: ...
     def put_objs(self, objs: Sequence[Any], start: int = 0, accounting: int = ...) -> int: ...
@@ -109,3 +160,37 @@ class ChildProcess:
     def poll(self) -> int | None: ...
     def wait(self) -> int: ...
     def send_signal(self, sig: int) -> bool: ...
+
+class Supervisor:
+    """Starts and watches a context's workers from one C++ thread (runtime/supervisor.hpp)."""
+    @staticmethod
+    def exec_mode() -> Supervisor: ...
+    @staticmethod
+    def zygote_mode(executable: str, argv: list[str], env: list[str], cwd: str, config: bytes,
+                    ready_timeout: float = 300.0, fork_timeout: float = 30.0, spares: int = 4) -> Supervisor: ...
+    def spawn(self, fds: list[int], stdio: list[int] = ..., executable: str = "", argv: list[str] = ...,
+              env: list[str] = ..., cwd: str = "") -> ChildProcess: ...
+    def start(self) -> None: ...
+    def start_async(self) -> None: ...
+    def stop(self) -> None: ...
+    def live_workers(self) -> list[int]: ...
+    def exit_code(self, pid: int, /) -> int | None: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def zygote_pid(self) -> int: ...
+    @property
+    def zygote_note(self) -> str: ...
+    @property
+    def zygote_exits(self) -> int: ...
+
+def zygote_receive_config(control: int, timeout: float = -1.0) -> bytes: ...
+def zygote_send_ready(control: int, ok: bool, message: str = "") -> None: ...
+def zygote_serve(control: int) -> tuple[int, int] | None:
+    """The zygote's fork loop: None in the zygote when told to stop; (fd_base, nfds) in each worker."""
+def zygote_use_huge_pages() -> int: ...
+def die_with(root: int) -> None:
+    """A nested worker: outlive the parent and die with root (ProcessLookupError if root is gone)."""
+def thread_count() -> int: ...
+def set_modules_channel(chan: Channel | None, install: Callable[[], None] | None = None) -> None:
+    """A worker's code-shipping hook: object-level gets call install() when chan has a frame."""

@@ -18,6 +18,12 @@ exactly when every process is done with the memory of its last batch.
 
 Files are unnamed (``O_TMPFILE`` in /dev/shm: leases do not work on memfds), so nothing can be
 left behind. ``RINGPOOL_RECYCLE_SHARED=0`` in the environment turns the pool off.
+
+torch's own shared storages are named, briefly: under the file_descriptor strategy
+``share_memory_()`` creates ``/dev/shm/torch_<pid>_<random>_<n>``, sizes and maps it, and unlinks
+the name at once. A process SIGKILLed between the create and the unlink leaves the name behind for
+good. ``remove_left_segments(pid)`` removes them; ringpool's Popen calls it for a worker that ended
+abnormally, before reaping it (docs/design/security.md, "A killed worker leaks nothing").
 """
 from __future__ import annotations
 
@@ -126,6 +132,43 @@ class SharedFilePool:
 
 
 _pool = SharedFilePool()
+
+
+def remove_left_segments(pid, directory="/dev/shm"):
+    """Unlinks the shared-memory files torch named for process ``pid`` (``torch_<pid>_*``) that no
+    process has open or mapped; returns their names.
+
+    Call it only for a process that is dead and not yet reaped: its zombie holds the pid, so no
+    other process can be creating files under that name meanwhile. A file someone holds (the
+    file_system strategy's storages live on under their names while in use) is left alone: the
+    test is the same write lease as SharedFilePool's, held while the name is removed.
+    """
+    prefix = f"torch_{pid}_"
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile, or not a file of ours
+        try:
+            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_WRLCK)  # fails if any other open of it exists
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            pass
+        finally:
+            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+            os.close(fd)
+    return removed
 
 
 def install(torch):

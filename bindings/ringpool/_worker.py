@@ -15,6 +15,13 @@ import io
 import os
 import sys
 
+from . import _core
+from . import _torch
+from . import modules
+from ._pool_worker import serve_pool
+from .bundle import _install_environment
+from .reduction import loads
+
 EXEC_FD_BASE = 3
 CHANNEL_FDS = 4
 _fd_base = EXEC_FD_BASE
@@ -52,8 +59,6 @@ def run(fd_base):
     from multiprocessing import process, spawn
     from multiprocessing import reduction
 
-    from . import _core
-
     chan = _core.Channel.attach(*range(fd_base, fd_base + CHANNEL_FDS))
     frame = chan.get(60.0)
     if frame is None:
@@ -69,15 +74,13 @@ def run(fd_base):
     if type(prep_data) is dict and "ringpool_pool" in prep_data:
         # A worker of the C++ ringpool::Pool: a plain configuration instead of a process object,
         # and the pool's result ring as the passed descriptors.
-        from .executor import serve_pool
-
         results = _core.Channel.attach(*(passed_fd(i) for i in range(CHANNEL_FDS)))
         os._exit(serve_pool(prep_data["ringpool_pool"], chan, results))
     _apply_state(prep_data.pop("ringpool", {}))
     if prep_data.get("start_method") == "ringpool":
-        from .context import register_start_method
-
-        register_start_method()
+        # The parent named the start method: make the name resolve here too (spawn.prepare sets
+        # it), on first use, without importing the parent side (ringpool.context) now.
+        import _ringpool_start_method  # noqa: F401  (not ringpool's: the .pth's module, at its import)
     process.current_process()._inheriting = True
     try:
         spawn.prepare(prep_data)
@@ -112,12 +115,8 @@ def _install_pending_modules():
             item = chan.get(0.0)
             if item is None:
                 return
-            from .reduction import loads
-
             kind, blobs = loads(item)
             if kind == "modules":
-                from . import modules
-
                 for data in blobs:
                     modules.install(modules.Snapshot.from_bytes(data))
     except Exception as exc:
@@ -131,8 +130,6 @@ def _forget_boot_channel():
     _root = None
     if _boot is not None:
         _boot = None
-        from . import _core
-
         _core.set_modules_channel(None)
 
 
@@ -142,19 +139,23 @@ os.register_at_fork(after_in_child=_forget_boot_channel)
 def _apply_state(state):
     """The parent's state at start() that spawn's preparation data does not carry."""
     if state.get("modules"):  # before anything is unpickled: classes may come from these
-        from . import modules
-
         for data in state["modules"]:
             modules.install(modules.Snapshot.from_bytes(data))
     if state.get("bundle"):  # the context's bundle, when the zygote did not install it
-        from .bundle import _install_environment
-
         _install_environment(*state["bundle"])
     _watch_root(state.get("root"), state.get("daemon", False))
     if state.get("tracker") is not None:
         from multiprocessing import resource_tracker
 
-        resource_tracker._resource_tracker._fd = passed_fd(state["tracker"])
+        tracker = resource_tracker._resource_tracker
+        inherited = tracker._fd  # a zygote's own tracker, when its preload started one
+        tracker._fd = passed_fd(state["tracker"])
+        tracker._pid = None  # the tracker is the parent's child, not ours (as under spawn)
+        if inherited is not None and inherited != tracker._fd:
+            try:
+                os.close(inherited)  # else the zygote's tracker sees EOF only when we exit
+            except OSError:
+                pass
     env = state.get("environ")
     if env is not None and env != dict(os.environ):
         os.environ.clear()
@@ -165,8 +166,6 @@ def _apply_state(state):
     def on_torch(torch):
         if torch_state is not None:
             _apply_torch(torch_state, torch)
-        from . import _torch
-
         _torch.install(torch)  # recycled shared memory for the storages collate makes
 
     if "torch" in sys.modules:
@@ -187,8 +186,6 @@ def _watch_root(root, daemon):
         return
     _root = root
     if root != os.getppid() and not daemon:
-        from . import _core
-
         try:
             _core.die_with(root)
         except ProcessLookupError:  # the root is gone already (ESRCH): so must we be
@@ -221,8 +218,6 @@ def _retain_heap(env):
             return False
     if nbytes <= 0:
         return False
-    from . import _core
-
     return _core.retain_heap(nbytes)
 
 

@@ -17,14 +17,19 @@ import sys
 import time
 import traceback
 
+from . import _core
+from . import modules
+from ._worker import run
+from .bundle import _install_environment
+
 CONTROL_FD = 3
 
 
 # What every worker imports after its fork: imported once here instead. In a worker each of these
 # cost milliseconds of CPU (a sys.path search, and a compile where no .pyc was written: the
 # zygote runs with -B), on the path from start() to the target's first line.
-_WORKER_MODULES = ("ringpool._worker", "ringpool.popen", "ringpool._torch", "multiprocessing.spawn",
-                   "multiprocessing.synchronize")
+_WORKER_MODULES = ("ringpool._worker", "ringpool._pool_worker", "ringpool.popen", "ringpool._torch",
+                   "multiprocessing.spawn", "multiprocessing.synchronize")
 
 
 def _import_worker_modules():
@@ -179,8 +184,6 @@ def _preload_main(main):
 
 
 def main():
-    from . import _core
-
     config = _receive_config(_core)
     if "sys_path" in config:  # a Python parent's; the C++ Pool's zygote keeps its own
         ringpool_dir = sys.path[0]
@@ -192,19 +195,13 @@ def main():
         if config.get("modules") or config.get("packages"):
             # Registered packages (a Python parent's, as snapshot bytes; the C++ Pool's, as plain
             # name/root/files): importable, and preloadable, from memory.
-            from . import modules
-
             for data in config.get("modules") or ():
                 modules.install(modules.Snapshot.from_bytes(data))
             for pkg in config.get("packages") or ():
                 modules.install(modules.Snapshot(pkg["name"], pkg["root"], pkg["files"]))
         if config.get("bundle"):  # the context's bundle: the workers' environment, preloadable
-            from .bundle import _install_environment
-
             _install_environment(*config["bundle"])
         if config.get("bundle_file"):  # the C++ Pool's bundle, read here
-            from .bundle import _install_environment
-
             with open(config["bundle_file"], "rb") as f:
                 _install_environment(config["bundle_file"], f.read())
         _import_worker_modules()
@@ -246,8 +243,6 @@ def main():
     # (atexit handlers, buffered output): whatever happens, it leaves through os._exit.
     code = 1
     try:
-        from ._worker import run
-
         run(fd_base)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1

@@ -943,9 +943,11 @@ class Bundle:
         return _BundleUnpickler(io.BytesIO(data), self).load()
 
     def load_text(self, package, resource, *, encoding="utf-8", errors="strict"):
+        """The text of resource ``resource`` of ``package`` in the bundle, decoded (FileNotFoundError if absent)."""
         return self.load_binary(package, resource).decode(encoding, errors)
 
     def load_binary(self, package, resource):
+        """The bytes of resource ``resource`` of ``package`` in the bundle (FileNotFoundError if absent)."""
         path = _resource_path(package, resource)
         try:
             return self._archive.files[path]
@@ -1021,6 +1023,7 @@ class Directory:
         node.children[parts[-1]] = Directory(parts[-1], False)
 
     def has_file(self, path):
+        """Whether ``path`` (``/``-separated, relative to this directory) names a file in the tree."""
         node = self
         for part in path.split("/"):
             node = node.children.get(part)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue
 import select
 import socket
+from typing import Any
 from multiprocessing import BufferTooShort
 from multiprocessing.reduction import DupFd
 
@@ -52,15 +53,18 @@ class Connection:
 
     # -- state ------------------------------------------------------------------------------
     @property
-    def closed(self):
+    def closed(self) -> bool:
+        """True once ``close()`` was called on this end."""
         return self._closed
 
     @property
-    def readable(self):
+    def readable(self) -> bool:
+        """True if this end can receive (``Pipe(duplex=False)``'s first end, or a duplex end)."""
         return self._recv is not None
 
     @property
-    def writable(self):
+    def writable(self) -> bool:
+        """True if this end can send (``Pipe(duplex=False)``'s second end, or a duplex end)."""
         return self._send is not None
 
     def _check_open(self):
@@ -77,20 +81,23 @@ class Connection:
         if self._send is None:
             raise OSError("connection is read-only")
 
-    def fileno(self):
+    def fileno(self) -> int:
+        """A descriptor that is readable when a message may be waiting (for ``select`` and
+        ``multiprocessing.connection.wait``)."""
         self._check_open()
         return self._recv.fileno() if self._recv is not None else self._peer.fileno()
 
-    def close(self):
+    def close(self) -> None:
+        """Close this end; the peer's ``recv`` then raises EOFError once the sent messages are read. Idempotent."""
         if not self._closed:
             self._closed = True
             self._peer.close()
             self._recv = self._send = None
 
-    def __enter__(self):
+    def __enter__(self) -> Connection:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self):
@@ -103,7 +110,7 @@ class Connection:
         return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLIN) for _, ev in p.poll(0))
 
     # -- sending ------------------------------------------------------------------------------
-    def send(self, obj):
+    def send(self, obj: object) -> None:
         """Send a picklable object (handles inside travel with it)."""
         if self._closed or self._send is None:
             self._check_writable()
@@ -111,7 +118,7 @@ class Connection:
         if p is not None:
             self._wait_published(p)
 
-    def send_bytes(self, buf, offset=0, size=None):
+    def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send bytes from a bytes-like object; recv_bytes on the other end returns them."""
         if type(buf) is bytes and offset == 0 and size is None and not self._closed and self._send is not None:
             p = self._send.put(buf, _RAW, None, 0)  # the common case, without memoryview work
@@ -158,7 +165,7 @@ class Connection:
                 raise EOFError
             self._check_readable()
 
-    def recv(self):
+    def recv(self) -> Any:
         """Receive an object sent with send()."""
         if self._closed or self._recv is None:
             self._check_readable()
@@ -172,7 +179,7 @@ class Connection:
                 raise EOFError
             self._check_readable()
 
-    def recv_bytes(self, maxlength=None):
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receive one message's bytes. Raises OSError (and closes) if longer than maxlength."""
         if maxlength is not None and maxlength < 0:
             raise ValueError("negative maxlength")
@@ -183,7 +190,7 @@ class Connection:
             raise OSError("bad message length")
         return data
 
-    def recv_bytes_into(self, buf, offset=0):
+    def recv_bytes_into(self, buf: Any, offset: int = 0) -> int:
         """Receive one message into buf at offset; returns its length. BufferTooShort carries the
         whole message if it does not fit."""
         data = payload_bytes(self._recv_item())
@@ -199,7 +206,7 @@ class Connection:
             m.cast("B")[offset:offset + len(data)] = data
         return len(data)
 
-    def poll(self, timeout=0.0):
+    def poll(self, timeout: float | None = 0.0) -> bool:
         """Whether recv would not block (a message waits, or the peer is gone)."""
         self._check_readable()
         if timeout is None:
@@ -228,7 +235,7 @@ def _rebuild_connection(recv_tokens, send_tokens, peer_token):
     return Connection(recv, send, peer)
 
 
-def Pipe(duplex=True, *, capacity=None):
+def Pipe(duplex: bool = True, *, capacity: int | None = None) -> tuple[Connection, Connection]:
     """Return (conn1, conn2). With duplex=False, conn1 only receives and conn2 only sends."""
     cap = DEFAULT_CAPACITY if capacity is None else capacity
     s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -101,26 +101,41 @@ import pickle
 import sys
 import threading
 import weakref
+from typing import TYPE_CHECKING, Iterable, Union
 from importlib import machinery as _machinery
 from multiprocessing import context as _mp_context
 from multiprocessing import process as _mp_process
 from multiprocessing import spawn as _mp_spawn
 from multiprocessing import util as _mp_util
 
+from . import _core
+from . import connection as _connection
+from . import modules
+from . import queues as _queues
+from .bundle import _as_bundle
+from .modules import _SnapshotLoader
+from .popen import Popen
+
 __all__ = ["RingpoolContext", "RingpoolProcess", "get_context", "register_start_method"]
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
+    from .connection import Connection
 
 _RINGPOOL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _log = logging.getLogger("ringpool.spawner")
 
 
 class RingpoolProcess(_mp_process.BaseProcess):
+    """``multiprocessing.Process`` for the ringpool start method: ``ctx.Process(...)`` (each
+    context has its own subclass) or a plain ``Process`` under ``set_start_method("ringpool")``.
+    The stdlib's API; ``start()`` goes through ``ringpool.popen.Popen``."""
+
     _start_method = None
     _ringpool_context = None  # set on each context's subclass
 
     @staticmethod
     def _Popen(process_obj):
-        from .popen import Popen
-
         # A plain multiprocessing.Process under set_start_method("ringpool") has no context of its
         # own: it gets the registered one.
         context = getattr(type(process_obj), "_ringpool_context", None) or get_context()
@@ -139,6 +154,20 @@ def _rebuild_process(cls):
 
 
 class RingpoolContext(_mp_context.BaseContext):
+    """A ``multiprocessing`` context whose workers ringpool starts (module docstring). Make it
+    with ``ringpool.get_context(...)``, which caches one per settings; every argument is a
+    keyword of ``get_context`` too.
+
+    preload, zygote, bundle: see ``get_context``.
+    ready_timeout: seconds the first ``start()`` waits for the zygote's preload (a cold disk
+        importing torch takes long; a preload that hangs is reported after this).
+    spares: workers the zygote keeps forked ahead of ``start()`` (0: fork on demand). More spares
+        make bursts of starts faster, each an idle process holding a little memory.
+    preload_main: the zygote imports this process's main module (as ``__mp_main__``, as spawn
+        does in every worker), so that its classes and functions are preloaded; False when the
+        main module must not be imported twice.
+    """
+
     _name = "ringpool"
 
     def __init__(self, preload=None, zygote=True, ready_timeout=300.0, spares=4, preload_main=True, bundle=None):
@@ -147,8 +176,6 @@ class RingpoolContext(_mp_context.BaseContext):
         self.preload = _normalize_preload(preload, self.zygote)
         if self.preload and not self.zygote:
             raise ValueError("preload needs the zygote (zygote=True)")
-        from .bundle import _as_bundle
-
         self.bundle = _as_bundle(bundle)
         self._zygote_has_bundle = False  # set when the zygote's configuration carried it
         self._ready_timeout = float(ready_timeout)
@@ -178,9 +205,8 @@ class RingpoolContext(_mp_context.BaseContext):
         return f"<ringpool context ({mode})>"
 
     def __reduce__(self):
-        if self.bundle is not None:
-            return (get_context, (self.preload, self.zygote, self.bundle))
-        return (get_context, (self.preload, self.zygote))
+        tunables = (self._ready_timeout, self._spares, self._preload_main)
+        return (_rebuild_context, (self.preload, self.zygote, self.bundle, tunables))
 
     def _after_fork(self):
         # A forked child (os.fork, a fork-context child, a zygote worker) has its parent's objects
@@ -208,8 +234,6 @@ class RingpoolContext(_mp_context.BaseContext):
 
     def _supervisor_locked(self):
         if self._sup is None:
-            from . import _core
-
             if self.zygote:
                 exe = _mp_spawn.get_executable()
                 argv = [exe, *_mp_util._args_from_interpreter_flags(), "-c", self._bootstrap("_zygote")]
@@ -218,8 +242,6 @@ class RingpoolContext(_mp_context.BaseContext):
                 if self._preload_main:
                     prep = _mp_spawn.get_preparation_data("zygote")
                     main = {k: prep[k] for k in ("init_main_from_path", "init_main_from_name") if k in prep}
-                from . import modules
-
                 snaps = modules.snapshots()  # registered packages, installed before the preload
                 self._check_bundle(snaps)
                 self._zygote_modules = {s.name: s.hash for s in snaps}
@@ -241,8 +263,6 @@ class RingpoolContext(_mp_context.BaseContext):
                 self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
                                                          ready_timeout=self._ready_timeout, spares=self._spares)
             else:
-                from . import modules
-
                 self._check_bundle(modules.snapshots())
                 self._sup = _core.Supervisor.exec_mode()
         return self._sup
@@ -255,7 +275,7 @@ class RingpoolContext(_mp_context.BaseContext):
             raise ValueError(f"bundle {self.bundle.path} and the registered packages both provide {clash}")
 
     # -- ringpool's own ------------------------------------------------------------------------
-    def ensure_running(self):
+    def ensure_running(self) -> None:
         """Start the zygote now and wait until its preload is done (raises the preload's error).
 
         Otherwise the first ``start()`` does it. A no-op in exec mode.
@@ -320,7 +340,7 @@ class RingpoolContext(_mp_context.BaseContext):
         pid = self._sup.zygote_pid
         return pid if pid > 0 else None
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         """Stop the zygote; running workers go on, and the next ``start()`` starts a new one.
 
         With no worker running or starting, the supervisor goes too: its thread ends, its
@@ -339,35 +359,35 @@ class RingpoolContext(_mp_context.BaseContext):
         del sup  # the last reference: joins the supervisor's thread
 
     # -- what differs from BaseContext -----------------------------------------------------------
-    def Queue(self, maxsize=0):
-        from .queues import Queue
+    def Queue(self, maxsize: int = 0) -> _queues.Queue:  # type: ignore[override]
+        """A ringpool ``Queue`` (shared-memory ring) in place of the stdlib's pipe-based one."""
+        return _queues.Queue(maxsize)
 
-        return Queue(maxsize)
+    def JoinableQueue(self, maxsize: int = 0) -> _queues.JoinableQueue:  # type: ignore[override]
+        """A ringpool ``JoinableQueue`` in place of the stdlib's."""
+        return _queues.JoinableQueue(maxsize)
 
-    def JoinableQueue(self, maxsize=0):
-        from .queues import JoinableQueue
+    def SimpleQueue(self) -> _queues.SimpleQueue:  # type: ignore[override]
+        """A ringpool ``SimpleQueue`` (with the ``_reader``/``_writer`` the stdlib's pools use)."""
+        return _queues.SimpleQueue()
 
-        return JoinableQueue(maxsize)
+    def Pipe(self, duplex: bool = True) -> tuple[Connection, Connection]:  # type: ignore[override]
+        """A ringpool ``Pipe``: two ``Connection`` ends over shared-memory rings."""
+        return _connection.Pipe(duplex)
 
-    def SimpleQueue(self):
-        from .queues import SimpleQueue
-
-        return SimpleQueue()
-
-    def Pipe(self, duplex=True):
-        from .connection import Pipe
-
-        return Pipe(duplex)
-
-    def get_start_method(self, allow_none=False):
+    def get_start_method(self, allow_none: bool = False) -> str:
+        """Always ``"ringpool"`` (never ``"fork"``: SemLocks must keep their names, see the module docstring)."""
         return self._name
 
     def set_start_method(self, method, force=False):
+        """Refused with ValueError: set the process-wide method with
+        ``multiprocessing.set_start_method("ringpool")``."""
         raise ValueError("set the start method on the default context (multiprocessing.set_start_method)")
 
 
 # The zygote's configuration travels in one control message (kMaxControlPayload in
-# runtime/include/ringpool/control.hpp); a bundle that does not fit goes to each worker at its start.
+# runtime/include/ringpool/detail/control.hpp); a bundle that does not fit goes to each worker at
+# its start.
 _ZYGOTE_CONFIG_MAX = (1 << 20) - 4096
 
 _contexts = {}
@@ -417,7 +437,6 @@ def _preloadable_modules(exclude_top=()):
     """
     zipimporter = sys.modules.get("zipimport")
     zip_loader = getattr(zipimporter, "zipimporter", ())
-    from .modules import _SnapshotLoader
 
     cwd = os.getcwd()
     roots = {os.path.abspath(p or cwd) for p in sys.path if isinstance(p, str)}
@@ -477,29 +496,65 @@ def _preloadable_modules(exclude_top=()):
     return ordered
 
 
-def get_context(preload=None, zygote=True, bundle=None):
+# Start-method names that a caller may pass by mistake, expecting multiprocessing.get_context's
+# meaning; as a preload they would be module names, and none of them is a module worth preloading.
+_STDLIB_START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def get_context(preload: Union[str, Iterable[str], None] = None, zygote: bool = True,
+                bundle: Union[Bundle, str, os.PathLike[str], None] = None, *, ready_timeout: float = 300.0,
+                spares: int = 4, preload_main: bool = True) -> RingpoolContext:
     """The ringpool multiprocessing context for these settings (one per process and settings).
 
     preload: modules the zygote imports once, before forking any worker (e.g. ``("torch",)``).
         None (the default): what this process has imported when the zygote starts, those that a
         fresh interpreter can import by name (skipping with a warning any that fails there);
         ``()``: nothing but ringpool's own worker modules (module docstring: the trade-off).
+        A start-method name (``"spawn"``, ``"fork"``, ``"forkserver"``) is refused with a
+        ValueError: ``multiprocessing.get_context`` gives those; ``"ringpool"`` means the default
+        context, as in ``multiprocessing.get_context("ringpool")``.
     zygote: False for exec mode (a fresh interpreter per worker; no preload).
     bundle: a ``ringpool.Bundle`` or a path to one: its modules are installed in every worker under
         their real names (contexts are cached by the bundle's hash, so a path is read each call).
+    ready_timeout: seconds a start waits for the zygote's preload before failing (default 300: a
+        cold disk importing torch can take a minute; a preload that hangs is reported then).
+    spares: workers the zygote keeps forked ahead of ``start()`` (default 4; 0: fork on demand).
+        More make bursts of starts faster; each is an idle process holding a little memory.
+    preload_main: whether the zygote imports this process's main module (as ``__mp_main__``, as
+        spawn does in every worker) so that its classes and functions are preloaded (default
+        True); False when importing the main module a second time must not happen.
     """
-    from .bundle import _as_bundle
-
+    if isinstance(preload, str):
+        if preload in _STDLIB_START_METHODS:
+            raise ValueError(
+                f"{preload!r} is a start method of the standard library, not a module to preload: "
+                f"use multiprocessing.get_context({preload!r}) for it, or ringpool.get_context() for "
+                "ringpool's (preload= names modules for ringpool's zygote to import)")
+        if preload == "ringpool":
+            preload = None  # multiprocessing.get_context("ringpool") is this default context
+    if not float(ready_timeout) > 0:
+        raise ValueError("ready_timeout must be a positive number of seconds")
+    if isinstance(spares, bool) or int(spares) != spares or spares < 0:
+        raise ValueError("spares must be an int >= 0")
     bundle = _as_bundle(bundle)
-    key = (_normalize_preload(preload, bool(zygote)), bool(zygote), None if bundle is None else bundle.hash)
+    tunables = (float(ready_timeout), int(spares), bool(preload_main))
+    key = (_normalize_preload(preload, bool(zygote)), bool(zygote), None if bundle is None else bundle.hash,
+           tunables)
     with _contexts_lock:
         ctx = _contexts.get(key)
         if ctx is None:
-            ctx = _contexts[key] = RingpoolContext(key[0], key[1], bundle=bundle)
+            ctx = _contexts[key] = RingpoolContext(key[0], key[1], bundle=bundle, ready_timeout=tunables[0],
+                                                   spares=tunables[1], preload_main=tunables[2])
         return ctx
 
 
-def register_start_method():
+def _rebuild_context(preload, zygote, bundle, tunables):
+    """Unpickling a context: the same settings' context in this process (see __reduce__)."""
+    return get_context(preload, zygote, bundle, ready_timeout=tunables[0], spares=tunables[1],
+                       preload_main=tunables[2])
+
+
+def register_start_method() -> RingpoolContext:
     """Make ``multiprocessing.get_context("ringpool")`` and ``set_start_method("ringpool")`` work
     now, and return the context the name stands for (the default one: zygote mode, the automatic
     preload).

@@ -47,11 +47,8 @@ import logging
 import os
 import pickle
 import queue
-import signal
-import sys
 import threading
 import time
-import traceback
 import types
 import weakref
 from concurrent.futures import Executor as _Executor
@@ -59,10 +56,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FuturesTimeout
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import connection as _mp_connection
-from multiprocessing.reduction import DupFd
 
 from . import _core
-from .reduction import dumps
+from . import _pool_worker
+from ._errors import RemoteTraceback, TaskTimeout, WorkerDied
+from ._errors import describe_exit as _describe_exit
+from .context import get_context
+from .reduction import dumps, explain_parts
 
 __all__ = ["Executor", "WorkerDied", "TaskTimeout", "RemoteTraceback"]
 
@@ -83,14 +83,8 @@ _OK, _ERR, _STARTED, _PONG, _INIT_FAILED, _DIED = (_task.OK, _task.ERR, _task.ST
                                                    _task.INIT_FAILED, _task.DIED)
 _SINGLE = _task.SINGLE
 _CALL_FN, _RESULT_ELAPSED = _task.CALL_FN, _task.RESULT_ELAPSED
-# The hot paths build records as tuple displays and read them by unpacking (an index lookup or an
-# accessor call per record would cost more than the rest of a no-op task's bookkeeping), so they
-# are written in task.hpp's field order: a header whose order differs fails here, at import.
-if (_task.CALL_FIELDS != ("op", "tid", "fn", "args", "kwargs")
-        or _task.RESULT_FIELDS != ("wid", "tid", "status", "value", "elapsed")
-        or (_task.ERROR_TYPE, _task.ERROR_MESSAGE, _task.ERROR_TRACEBACK) != (0, 1, 2)):
-    raise ImportError(f"ringpool._core's task records ({_task.CALL_FIELDS}, {_task.RESULT_FIELDS}) are not "
-                      f"the ones ringpool.executor writes: rebuild the extension")
+# The hot paths build records as tuple displays and read them by unpacking, in task.hpp's field
+# order: _pool_worker (the worker loop, imported above) checks that order at import.
 
 _CALL_CAPACITY = _task.CALL_CAPACITY
 _RESULT_CAPACITY = _task.RESULT_CAPACITY
@@ -114,270 +108,6 @@ _SPAWN_ATTEMPTS = 25
 # object on every call, unlike bound methods or partials).
 _TABLED = (types.FunctionType, types.BuiltinFunctionType, str)
 _MAX_FUNCTIONS = 4096
-
-
-class WorkerDied(BrokenProcessPool):
-    """The worker running this task died (killed by a signal, or exited) before finishing it."""
-
-    def __init__(self, pid, exitcode):
-        self.pid, self.exitcode = pid, exitcode
-        super().__init__(f"ringpool worker (pid {pid}) died while running this task: {_describe_exit(exitcode)}")
-
-    def __reduce__(self):
-        return (WorkerDied, (self.pid, self.exitcode))
-
-
-class TaskTimeout(TimeoutError):
-    """The task ran longer than the pool's ``task_timeout``; its worker was killed and replaced."""
-
-    def __init__(self, pid, timeout):
-        self.pid, self.timeout = pid, timeout
-        super().__init__(f"task ran longer than {timeout:g} s; ringpool killed its worker (pid {pid})")
-
-    def __reduce__(self):
-        return (TaskTimeout, (self.pid, self.timeout))
-
-
-class RemoteTraceback(Exception):
-    """The ``__cause__`` of an exception raised in a worker: its traceback there, as text."""
-
-    def __init__(self, tb):
-        self.tb = tb
-
-    def __str__(self):
-        return self.tb
-
-
-def _describe_exit(code):
-    if code is None:
-        return "exit status unknown"
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-# -- the worker side ---------------------------------------------------------------------------
-
-class _ChannelRef:
-    """A channel as a Process argument: its descriptors travel with the process object."""
-
-    __slots__ = ("chan",)
-
-    def __init__(self, chan):
-        self.chan = chan
-
-    def __reduce__(self):
-        return (_attach_channel, (tuple(DupFd(fd) for fd in self.chan.handles()),))
-
-
-def _attach_channel(tokens):
-    return _ChannelRef(_core.Channel.attach(*(t.detach() for t in tokens)))
-
-
-def _resolve(spec):
-    """'package.module:qualname' -> the object."""
-    import importlib
-
-    mod, sep, qual = spec.partition(":")
-    if not sep or not mod or not qual:
-        raise ValueError(f"a task function given as a string must read 'module:qualname', not {spec!r}")
-    obj = importlib.import_module(mod)
-    for part in qual.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _error_payload(exc):
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        pickle.dumps(exc)
-    except Exception as perr:
-        exc = RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception itself could not be pickled: {perr})")
-    return (exc, tb)
-
-
-class _FunctionTable(dict):
-    def __missing__(self, fid):
-        raise LookupError(f"task function #{fid} is unknown in this worker: the call that carried it did not "
-                          f"unpickle here (see that task's error)")
-
-
-def _serve_refs(wid, calls_ref, results_ref, initializer, initargs, max_tasks, report_start):
-    """The target of an Executor's worker Process."""
-    calls, results = calls_ref.chan, results_ref.chan
-    del calls_ref, results_ref
-    _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, False)
-
-
-def serve_pool(config, calls, results):
-    """A worker of the C++ ``ringpool::Pool`` (started by ``_worker.run`` when its first frame is a
-    plain configuration): calls and results are plain data only. Returns the exit code."""
-    for p in reversed(config.get("sys_path_prepend") or ()):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    if config.get("bundle_file"):  # a no-op when the zygote installed it already
-        from .bundle import _install_environment
-
-        with open(config["bundle_file"], "rb") as f:
-            _install_environment(config["bundle_file"], f.read())
-    packages = config.get("packages") or ()
-    if packages:
-        from . import modules
-
-        for pkg in packages:
-            modules.install(modules.Snapshot(pkg["name"], pkg["root"], pkg["files"]))
-    _serve(config["wid"], calls, results, None, (), config.get("max_tasks"), bool(config.get("report_start")), True)
-    return 0
-
-
-_PLAIN_SCALARS = (type(None), bool, float, str, bytes)
-_INT64 = (-(1 << 63), (1 << 63) - 1)
-
-
-def _plain_problem(v, depth=0):
-    """Why v is not plain data the C++ codec reads (None when it is)."""
-    t = type(v)
-    if t is int:
-        return None if _INT64[0] <= v <= _INT64[1] else f"the int {v} does not fit in 64 bits"
-    if t is str:
-        if not v.isascii():
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return "a str that is not valid UTF-8 (lone surrogates)"
-        return None
-    if t in _PLAIN_SCALARS:
-        return None
-    if depth >= 100:
-        return "nesting deeper than 100"
-    if t is list or t is tuple:
-        for x in v:
-            why = _plain_problem(x, depth + 1)
-            if why:
-                return why
-        return None
-    if t is dict:
-        for k, x in v.items():
-            if type(k) in (list, dict):
-                return "an unhashable dict key"
-            why = _plain_problem(k, depth + 1) or _plain_problem(x, depth + 1)
-            if why:
-                return why
-        return None
-    return f"a value of type {t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else \
-        f"a value of type {t.__qualname__}"
-
-
-def _plain_error(exc):
-    t = type(exc)
-    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    tb = "".join(traceback.format_exception(t, exc, exc.__traceback__))
-    return (name, str(exc), tb)
-
-
-def _serve(wid, calls, results, initializer, initargs, max_tasks, report_start, plain):
-    """A worker's loop: one call at a time, each result published before the next call is taken.
-    plain: the C++ Pool's worker (errors as (type, message, traceback), results plain data)."""
-    error_payload = _plain_error if plain else _error_payload
-
-    def put(rec):
-        p = results.put_obj(rec, 0)
-        while p is not None and not results.publish(p):
-            results.wait_writable(p.record_bytes, 0.05)
-
-    if initializer is not None:
-        try:
-            initializer(*initargs)
-        except BaseException as exc:
-            put((wid, None, _INIT_FAILED, error_payload(exc), 0.0))
-            return
-    done = 0
-    clock = time.perf_counter
-    functions = _FunctionTable()
-    resolved = {}  # "module:qualname" -> function; forgotten when a package version is installed
-    from . import modules
-
-    modules.add_listener(resolved.clear)
-    get_objs = calls.get_objs
-
-    def run(tid, fn, args, kwargs, op):
-        """One call (or chunk), its result published. Returns fn resolved, for a run's next item."""
-        if report_start:
-            put((wid, tid, _STARTED, None, 0.0))
-        t0 = clock()
-        try:
-            if type(fn) is int:
-                fn = functions[fn]
-            elif type(fn) is tuple:  # first use here: (id, function)
-                fid, f = fn
-                if type(f) is str:
-                    f = _resolve(f)
-                fn = functions[fid] = f
-            elif type(fn) is str:  # the C++ Pool names its functions
-                f = resolved.get(fn)
-                if f is None:
-                    f = resolved[fn] = _resolve(fn)
-                fn = f
-            if op == _CHUNK:
-                value = [fn(a) for a in args] if kwargs == _SINGLE else [fn(*a) for a in args]
-            else:
-                value = fn(*args, **kwargs) if kwargs else fn(*args)
-            if plain:
-                t = type(value)
-                if t is bytearray or t is memoryview:
-                    value = bytes(value)
-                # (the common scalars answered here; everything else by _plain_problem)
-                why = None if value is None or t is float or t is bool or (
-                    t is int and _INT64[0] <= value <= _INT64[1]) else _plain_problem(value)
-                if why:
-                    raise TypeError(f"the task returned {why}; a ringpool::Pool task must return plain "
-                                    f"data (None, bool, int, float, str, bytes, list, tuple, dict)")
-            rec = (wid, tid, _OK, value, clock() - t0)
-        except BaseException as exc:
-            rec = (wid, tid, _ERR, error_payload(exc), clock() - t0)
-        value = None
-        try:
-            put(rec)
-        except Exception as exc:
-            err = pickle.PicklingError(f"the task's result could not be pickled: {exc}")
-            err.__cause__ = exc
-            put((wid, tid, _ERR, error_payload(err), rec[_RESULT_ELAPSED]))
-        return fn
-
-    while True:
-        try:
-            batch = get_objs(_task.WORKER_TAKE, None)
-        except Exception as exc:
-            # A call that does not unpickle here (its function or an argument's class does not
-            # exist in the worker); it is the oldest call the parent has not had an answer for.
-            # (The parent sends a run that fails so again one call at a time.)
-            put((wid, None, _ERR, error_payload(exc), 0.0))
-            done += 1
-            if max_tasks and done >= max_tasks:
-                return
-            continue
-        for op, tid, fn, args, kwargs in batch:
-            if op == _STOP:
-                return
-            if op == _PING:
-                put((wid, tid, _PONG, None, 0.0))
-                continue
-            if op == _RUN:  # a map's calls: item k has task id tid + k (never cut by max_tasks)
-                single = kwargs == _SINGLE
-                for a in args:
-                    fn = run(tid, fn, (a,) if single else a, None, _CALL)
-                    tid += 1
-                done += len(args)
-            else:
-                run(tid, fn, args, kwargs, op)
-                done += 1
-            fn = args = kwargs = None
-            if max_tasks and done >= max_tasks:
-                return
-        batch = None
 
 
 # -- the parent side ---------------------------------------------------------------------------
@@ -543,8 +273,6 @@ class Executor(_Executor):
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
         if mp_context is None:
-            from .context import get_context
-
             mp_context = get_context(preload, zygote)
         self._ctx = mp_context
         self._max_workers = int(max_workers)
@@ -605,8 +333,9 @@ class Executor(_Executor):
         wid = next(self._wids)
         calls = _core.Channel.create(_CALL_CAPACITY)
         proc = self._ctx.Process(
-            target=_serve_refs,
-            args=(wid, _ChannelRef(calls), _ChannelRef(self._results), self._initializer, self._initargs,
+            target=_pool_worker.serve_executor,
+            args=(wid, _pool_worker.ChannelRef(calls), _pool_worker.ChannelRef(self._results), self._initializer,
+                  self._initargs,
                   self._max_tasks, self._task_timeout is not None),
             name=f"ringpool-executor-{wid}", daemon=True)
         try:
@@ -1441,8 +1170,6 @@ def _emit(ok, value, chunksize, bar):
 
 def _raise_call_error(fn, args, kwargs, exc):
     """Re-raise a call's pickling error naming the argument path that failed (args[1].conf.lock)."""
-    from .reduction import explain_parts
-
     parts = [("fn", fn), *((f"args[{i}]", a) for i, a in enumerate(args)),
              *((f"kwargs[{k!r}]", v) for k, v in (kwargs or {}).items())]
     better = explain_parts(parts, getattr(exc, "__cause__", None) or exc)

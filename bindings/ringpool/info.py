@@ -16,11 +16,16 @@ import json
 import os
 import sys
 
+import ringpool
+
+from . import _platform
+
 _THP = "/sys/kernel/mm/transparent_hugepage/"
 _PACKAGES = ("cloudpickle", "numpy", "torch", "tqdm")
 
 
 def add_arguments(p):
+    """The ``info`` command's options (``--json``)."""
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -69,10 +74,6 @@ def collect():
     """Everything ``info`` prints, as a dict of plain data."""
     import platform
     import resource
-
-    import ringpool
-
-    from . import _platform
 
     feats = _platform.features()
     return {
@@ -125,6 +126,7 @@ def _text(info):
 
 
 def main(args):
+    """Print the report; exit code 1 if a required kernel feature is missing."""
     info = collect()
     print(json.dumps(info, indent=2) if args.json else _text(info), flush=True)
     return 1 if any(f["required"] and not f["present"] for f in info["features"]) else 0

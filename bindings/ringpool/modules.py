@@ -74,6 +74,7 @@ import os
 import pickle
 import struct
 import sys
+import types
 import threading
 from importlib.machinery import ModuleSpec
 from importlib.readers import FileReader
@@ -158,6 +159,7 @@ class Snapshot:
 
     @property
     def is_package(self):
+        """True if the snapshot is a package (it has an ``__init__.py``), False for a single module."""
         return "__init__.py" in self.files
 
     def filename(self, rel):
@@ -248,7 +250,7 @@ class _Entry:
 # --- public API ---
 
 
-def import_module_from_path(name, path):
+def import_module_from_path(name: str, path: str | os.PathLike[str]) -> types.ModuleType:
     """Import the package in folder ``path`` as top-level ``name``; return the module.
 
     ``path`` need not be on ``sys.path``; it must be a folder (else NotADirectoryError, or
@@ -297,7 +299,7 @@ def import_module_from_path(name, path):
     return module
 
 
-def register_module(module_or_name):
+def register_module(module_or_name: types.ModuleType | str) -> Snapshot:
     """Register an already imported top-level package (or single-file module) for shipping.
 
     ``module_or_name``: the module object or its name (imported normally first if it is not
@@ -351,7 +353,7 @@ def register_module(module_or_name):
     return snap
 
 
-def reload(name):
+def reload(name: str) -> types.ModuleType:
     """Re-read registered ``name`` from disk; if its hash changed, switch to the new sources.
 
     On a change: ``name`` and its submodules are removed from ``sys.modules`` here, the new

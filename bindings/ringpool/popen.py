@@ -125,6 +125,11 @@ _ZYGOTE_ATTEMPTS = 3
 
 
 class Popen:
+    """The ``Popen`` of ringpool's ``Process`` (the stdlib's popen protocol: ``poll``, ``wait``,
+    ``terminate``, ``kill``, ``close``, ``sentinel``, ``pid``): made by ``Process.start()``, it asks
+    the context's supervisor to fork the worker from the zygote (or exec it) and hands it the
+    pickled process object with its file descriptors."""
+
     method = "ringpool"
     DupFd = _InheritedFd
 
@@ -138,6 +143,7 @@ class Popen:
 
     # -- the spawning-popen protocol used by reducers while the process object is pickled ----
     def duplicate_for_child(self, fd):
+        """Collect ``fd`` to be sent to the child with its process object; returns its index there (``DupFd``)."""
         self._fds.append(fd)
         return len(self._fds) - 1
 
@@ -241,13 +247,43 @@ class Popen:
 
     # -- what BaseProcess uses ------------------------------------------------------------------
     def poll(self, flag=os.WNOHANG):
+        """The exit code (negative: the killing signal), or None while running; ``flag=0`` waits."""
         if self.returncode is None and self._child is not None:
+            if not self._observe_exit(flag):
+                return None  # still running
             rc = self._child.poll() if flag & os.WNOHANG else self._child.wait()
             if rc is not None:
                 self.returncode = rc
         return self.returncode
 
+    def _observe_exit(self, flag):
+        """Waits for the exit as poll(flag) would, without reaping; whether the worker has exited.
+        A worker that ended abnormally (a signal, a non-zero status) may have died inside torch's
+        share_memory_(), between creating /dev/shm/torch_<pid>_* and unlinking it: remove what it
+        left while its zombie still holds the pid (no other process can be using that name)."""
+        sentinel = self._child.sentinel
+        while True:
+            try:
+                si = os.waitid(os.P_PIDFD, sentinel, os.WEXITED | os.WNOWAIT | (flag & os.WNOHANG))
+                break
+            except BlockingIOError:  # someone made the pidfd non-blocking: it has not exited yet
+                if flag & os.WNOHANG:
+                    return False
+                _mp_connection.wait([sentinel])
+            except OSError:
+                return True  # reaped already, or no pidfd to ask: the reap below says what it can
+        if si is None:
+            return False
+        if si.si_code != os.CLD_EXITED or si.si_status != 0:
+            from . import _torch  # light (no torch import): only on an abnormal exit
+
+            left = _torch.remove_left_segments(self.pid)
+            if left:
+                _log.debug("removed %d torch segment(s) left by pid %d: %s", len(left), self.pid, ", ".join(left))
+        return True
+
     def wait(self, timeout=None):
+        """Wait up to ``timeout`` seconds (None: forever) for the exit; the exit code, or None on timeout."""
         if self.returncode is None:
             if timeout is not None and not _mp_connection.wait([self.sentinel], timeout):
                 return None
@@ -259,11 +295,14 @@ class Popen:
             self._child.send_signal(sig)
 
     def terminate(self):
+        """Send SIGTERM through the worker's pidfd (nothing if it has exited)."""
         self._send_signal(signal.SIGTERM)
 
     def kill(self):
+        """Send SIGKILL through the worker's pidfd (nothing if it has exited)."""
         self._send_signal(signal.SIGKILL)
 
     def close(self):
+        """Release the worker's pidfd and sentinel (after it exited)."""
         if self.finalizer is not None:
             self.finalizer()

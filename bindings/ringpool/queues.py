@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 import weakref
+from typing import Any, Iterable
 from multiprocessing import context as _mp_context
 from multiprocessing import util as _mp_util
 from multiprocessing.reduction import DupFd
@@ -157,7 +158,8 @@ class Queue:
 
     _accounting = _COUNT_ITEM
 
-    def __init__(self, maxsize=0, *, ctx=None, capacity=None, backpressure=True):
+    def __init__(self, maxsize: int = 0, *, ctx: object = None, capacity: int | None = None,
+                 backpressure: bool = True) -> None:
         self._maxsize = int(maxsize) if maxsize and maxsize > 0 else 0
         # Only a bounded queue keeps an exact shared item count (one more atomic per message).
         self._chan = _core.Channel.create(DEFAULT_CAPACITY if capacity is None else capacity, 0, bool(self._maxsize))
@@ -188,7 +190,9 @@ class Queue:
             raise ValueError(f"Queue {self!r} is closed")
 
     # -- producer ----------------------------------------------------------------------------
-    def put(self, obj, block=True, timeout=None):
+    def put(self, obj: object, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj`` (``multiprocessing.Queue.put``), pickled in the caller; ``queue.Full`` if a
+        bounded queue stays full past ``timeout``. Raises ValueError once closed."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         acct = self._accounting
@@ -214,10 +218,11 @@ class Queue:
         if p is not None:
             feeder.add(p)
 
-    def put_nowait(self, obj):
+    def put_nowait(self, obj: object) -> None:
+        """``put(obj, block=False)``."""
         return self.put(obj, False)
 
-    def put_many(self, objs, block=True, timeout=None):
+    def put_many(self, objs: Iterable[object], block: bool = True, timeout: float | None = None) -> None:
         """Put every object of a sequence (or iterable), in order. Runs of small plain objects are
         pickled in C and published in batches, one synchronization each."""
         if self._closed:
@@ -240,40 +245,48 @@ class Queue:
                 i += 1
 
     # -- consumer ----------------------------------------------------------------------------
-    def get(self, block=True, timeout=None):
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The oldest item; blocks up to ``timeout`` (None: forever), then raises ``queue.Empty``.
+        Signals interrupt the wait."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         return self._chan.get_obj(-1.0 if block and timeout is None else _timeout(block, timeout))
 
-    def get_nowait(self):
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
         return self.get(False)
 
-    def get_many(self, max_items, block=True, timeout=None):
+    def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list[Any]:
         """Between 1 and max_items items, oldest first; raises queue.Empty like get()."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         return self._chan.get_objs(int(max_items), _timeout(block, timeout))
 
     # -- state -------------------------------------------------------------------------------
-    def qsize(self):
+    def qsize(self) -> int:
+        """The approximate number of items (exact only for a bounded queue)."""
         return max(self._chan.items, 0)
 
-    def empty(self):
+    def empty(self) -> bool:
+        """True if no item is ready now (approximate: another process may put or get meanwhile)."""
         return not self._chan.readable()
 
-    def full(self):
+    def full(self) -> bool:
+        """True if a bounded queue holds ``maxsize`` items now (approximate); always False when unbounded."""
         return bool(self._maxsize) and self._chan.items >= self._maxsize
 
-    def close(self):
+    def close(self) -> None:
         """No more puts from this process; buffered items are still delivered."""
         self._closed = True
 
-    def join_thread(self):
+    def join_thread(self) -> None:
+        """Wait until this process's buffered puts are in the ring (after ``close()``, as in the stdlib)."""
         if not self._closed:
             raise AssertionError(f"Queue {self!r} not closed")
         self._feeder.join()
 
-    def cancel_join_thread(self):
+    def cancel_join_thread(self) -> None:
+        """Do not wait for buffered puts at exit (they may be lost), as in the stdlib."""
         self._feeder.cancel()
 
 
@@ -283,11 +296,13 @@ class JoinableQueue(Queue):
 
     _accounting = _COUNT_ITEM | _COUNT_TASK
 
-    def task_done(self):
+    def task_done(self) -> None:
+        """Mark one item taken with ``get`` as processed; ValueError if called more times than items were put."""
         if not self._chan.task_done():
             raise ValueError("task_done() called too many times")
 
-    def join(self):
+    def join(self) -> None:
+        """Block until every item put has been marked with ``task_done``."""
         self._chan.join(-1.0)
 
 
@@ -332,7 +347,7 @@ class _ConnectionEnd:
 class SimpleQueue:
     """``multiprocessing.SimpleQueue`` over a ring: put is synchronous, get blocks."""
 
-    def __init__(self, *, ctx=None, capacity=None):
+    def __init__(self, *, ctx: object = None, capacity: int | None = None) -> None:
         self._chan = _core.Channel.create(DEFAULT_CAPACITY if capacity is None else capacity)
         self._setup()
 
@@ -366,13 +381,16 @@ class SimpleQueue:
         self._chan = rebuild_channel(tokens)
         self._setup()
 
-    def close(self):
+    def close(self) -> None:
+        """No more ``put``/``get`` from this process."""
         self._closed = True
 
-    def empty(self):
+    def empty(self) -> bool:
+        """True if no item is ready now (approximate)."""
         return not self._chan.readable()
 
-    def put(self, obj):
+    def put(self, obj: object) -> None:
+        """Put ``obj``, synchronously (it is in the ring when ``put`` returns, as a pipe write would be)."""
         if self._closed:
             raise ValueError("SimpleQueue is closed")
         self._publish_sync(self._chan.put_obj(obj, _COUNT_ITEM))
@@ -392,12 +410,14 @@ class SimpleQueue:
             raise ValueError("SimpleQueue is closed")
         return self._chan.get(-1.0)
 
-    def get(self):
+    def get(self) -> Any:
+        """The oldest item, waiting as long as it takes (signals interrupt the wait)."""
         if self._closed:
             raise ValueError("SimpleQueue is closed")
         return self._chan.get_obj(-1.0)
 
-    def get_many(self, max_items):
+    def get_many(self, max_items: int) -> list[Any]:
+        """Between 1 and ``max_items`` items, oldest first, waiting for the first."""
         if self._closed:
             raise ValueError("SimpleQueue is closed")
         return self._chan.get_objs(int(max_items), -1.0)

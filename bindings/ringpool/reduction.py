@@ -230,6 +230,8 @@ class Pickler(ForkingPickler):
         _function_getnewargs = _cp.CloudPickler._function_getnewargs
 
     def reducer_override(self, obj):
+        """The pickle hook: handles (fds, Connections, registered types) first, then code by
+        reference or by value (the module docstring's order)."""
         # Called by the C pickler for every object whose type is not a builtin atom or container.
         t = type(obj)
         r = self._mro.get(t, _NO_REDUCER)

@@ -62,6 +62,8 @@ import zlib
 from multiprocessing import resource_tracker
 from multiprocessing.reduction import DupFd
 
+import ringpool
+
 from . import _core
 
 __all__ = ["CHANNELS", "Report", "Invariant", "ChannelStats", "QueueLedger", "check_queue_ledger",
@@ -206,18 +208,22 @@ class Report:
 
     @property
     def passed(self):
+        """True if every invariant held."""
         return all(i.ok for i in self.invariants)
 
     @property
     def failures(self):
+        """The invariants that did not hold."""
         return [i for i in self.invariants if not i.ok]
 
     def to_dict(self):
+        """The report as plain data (for ``--json``), with ``passed``."""
         d = dataclasses.asdict(self)
         d["passed"] = self.passed
         return d
 
     def to_markdown(self):
+        """The report as Markdown: the throughput table per channel and the invariants checked."""
         secs = max(self.elapsed, 1e-9)
         out = [f"ringpool stress: {self.elapsed:.1f} s (asked {self.duration:g} s), seed {self.seed}, "
                f"faults {'on' if self.faults_enabled else 'off'}, max message {_fmt_bytes(self.max_size)}",
@@ -679,8 +685,6 @@ class _QueueChannel(_ProcChannel):
 
     def __init__(self, run, producers=2, consumers=2):
         super().__init__(run)
-        import ringpool
-
         self.np, self.nc = producers, consumers
         self.q = ringpool.Queue()
         self.reports = ringpool.SimpleQueue()
@@ -834,8 +838,6 @@ class _PipeChannel(_ProcChannel):
         self.seen = 0
 
     def _spawn(self):
-        import ringpool
-
         inc = self.inc
         self.inc += 1
         shared = _Shared(9)
@@ -944,8 +946,6 @@ class _ExecutorChannel(_Channel):
         self.submitted = self.completed = 0
 
     def body(self):
-        import ringpool
-
         r = self.run
         self.ex = ex = ringpool.Executor(2, mp_context=r.ctx)
         rng = random.Random(f"{r.seed}:executor")
@@ -989,8 +989,6 @@ class _ExecutorChannel(_Channel):
         try:
             pid, ok, back = f.result(0)
         except Exception as exc:
-            import ringpool
-
             if isinstance(exc, ringpool.WorkerDied):
                 self.died[exc.pid] += 1
                 with self.run.lock:
@@ -1166,8 +1164,6 @@ def _inject_faults(run, chans, rng, interval):
 def _load(channels, duration, faults, seed, max_size, progress, hang_timeout, fault_interval, t0):
     """The load phase and the channels' own invariants. Everything it made (the context, the
     channels, their processes) is unreachable once it returns, so run() can check for leftovers."""
-    import ringpool
-
     preload = [m for m in ("numpy", "torch") if m in sys.modules and (m != "torch" or "dataloader" in channels)]
     ctx = ringpool.RingpoolContext(preload=preload, ready_timeout=max(hang_timeout, 60.0))
     r = _Run(ctx, duration, faults, seed, max_size, hang_timeout)
@@ -1271,6 +1267,16 @@ def _new_fds(before):
     return leaked, pooled, nbytes
 
 
+def _foreign_shm_entry(name):
+    """Whether a new /dev/shm entry cannot be this run's: the stdlib's semaphores (``sem.mp-*``,
+    named by design), and loky's (``sem.loky-*``, joblib's backend) while loky was never imported
+    here (other programs on the machine, e.g. a joblib benchmark, make them during the run)."""
+    if name.startswith("sem.mp-"):
+        return True
+    return name.startswith("sem.loky-") and not any(m == "loky" or m.startswith(("loky.", "joblib.externals.loky"))
+                                                   for m in sys.modules)
+
+
 def _shm_entries():
     try:
         return set(os.listdir("/dev/shm"))
@@ -1300,10 +1306,6 @@ def run(duration=30.0, faults=False, seed=None, channels=CHANNELS, max_size=MAX_
         import numpy  # noqa: F401
     except ImportError:
         pass
-    import ringpool
-
-    from . import _core
-
     machine = _machine()
     # Other contexts of this process (earlier work) refill their zygotes' spare workers about
     # 100 ms after their last start: let that settle, so their spares and pidfds are part of the
@@ -1358,7 +1360,7 @@ def run(duration=30.0, faults=False, seed=None, channels=CHANNELS, max_size=MAX_
     invariants.append(Invariant("block descriptors: sender pool == block_pool_bytes, reader cache <= 512 MiB",
                                 f"{pooled} memfds, {pooled_bytes / MiB:.1f} MiB = {pool_bytes / MiB:.1f} pool + "
                                 f"{reader / MiB:.1f} reader cache", 0 <= reader <= _READER_CACHE))
-    shm_new = sorted(e for e in _shm_entries() - shm_before if not e.startswith("sem.mp-"))
+    shm_new = sorted(e for e in _shm_entries() - shm_before if not _foreign_shm_entry(e))
     invariants.append(Invariant("new /dev/shm entries", f"{len(shm_new)} {shm_new[:4]}" if shm_new else "0",
                                 not shm_new))
     total = time.monotonic() - t0
@@ -1404,6 +1406,7 @@ def _positive(text):
 
 
 def add_arguments(p):
+    """The ``stress`` command's options."""
     p.add_argument("--duration", type=_positive, default=30.0, metavar="SECONDS",
                    help="length of the load phase (default 30)")
     p.add_argument("--faults", action="store_true",
@@ -1422,6 +1425,7 @@ def add_arguments(p):
 
 
 def main(args):
+    """Run the stress command; exit code 0 if every invariant held, 1 otherwise."""
     rep = run(duration=args.duration, faults=args.faults, seed=args.seed, channels=args.channels,
               max_size=args.max_size, progress=args.progress or sys.stderr.isatty(),
               hang_timeout=args.hang_timeout, fault_interval=args.fault_interval)

@@ -1,9 +1,15 @@
 // ringpool._core.Channel: the Python face of ringpool::Channel.
 //
 // GIL rules (they keep a cross-process lock and the GIL from ever deadlocking):
-// - ring locks are taken only while holding the GIL, and nothing that needs the GIL runs while a
-//   ring lock is held (payload objects are allocated before the lock is released, but the GIL is
-//   never released inside it);
+// - the producer lock is taken only while holding the GIL, and the GIL is never released inside
+//   it, so its holder never waits for the GIL;
+// - the consumer lock is lock-or-release (PyBlockingHook): tried with the GIL held; if another
+//   thread or process holds it, waited for with the GIL released, and the GIL taken back once it
+//   is ours. Inside it, a wait for a frame's handles (a producer that sent them late, or never)
+//   also runs without the GIL. A thread holding the consumer lock may so wait for the GIL, which
+//   is safe because no thread ever waits for the consumer lock while holding the GIL;
+// - payload objects are allocated under the consumer lock (with the GIL), nothing else that needs
+//   the GIL runs there;
 // - waits (spin, futex) run with the GIL released and no ring lock held;
 // - large copies into out-of-band blocks run with the GIL released.
 // Receiving, opening out-of-band blocks and the wait policy are ringpool::Channel's (channel.hpp,
@@ -66,6 +72,17 @@ struct PyWaitHook {
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
   }
 };
+
+// Where a take blocks inside the consumer lock, or for it (Ring::try_get_many): without the GIL.
+// Every take from Python passes it; a take without it would wait for the consumer lock holding the
+// GIL, while the lock's holder may be waiting for the GIL (see the rules above).
+struct PyBlockingHook final : BlockingHook {
+  void invoke(void (*fn)(void*), void* arg) override {
+    ReleaseGil nogil;
+    fn(arg);
+  }
+};
+PyBlockingHook g_blocking;
 
 // The runtime's spin-then-sleep wait for conditions other than a frame (room, an item slot, join).
 template <class Try, class Ready, class Sleep>
@@ -266,7 +283,7 @@ class PyChannel {
     if (!leftover_.empty()) return raise_if_error(pop_leftover());
     OneSink sink;
     std::vector<UniqueFd> fds;
-    if (!ch_.get(sink, fds, timeout_ns(timeout), PyWaitHook{})) return py::none();
+    if (!ch_.get(sink, fds, timeout_ns(timeout), PyWaitHook{}, nullptr, &g_blocking)) return py::none();
     // Raw frames (send_bytes) come back as bare bytes too: recv_bytes returns the bytes either way,
     // and recv unpickles them, exactly what the stdlib's Connection does with the same bytes.
     if ((sink.frame.flags & ~proto::flag::kRaw) == 0 && sink.frame.nhandles == 0) return std::move(sink.frame.payload);
@@ -287,7 +304,7 @@ class PyChannel {
       }
       return out;
     }
-    if (ch_.get_many(sink, max, fds, timeout_ns(timeout), PyWaitHook{}) == 0) return out;
+    if (ch_.get_many(sink, max, fds, timeout_ns(timeout), PyWaitHook{}, nullptr, &g_blocking) == 0) return out;
     ReceivedFds rx(fds);
     for (std::size_t i = 0; i < sink.frames.size(); ++i) {
       py::object item = assemble_or_error(sink.frames[i], rx);
@@ -421,7 +438,7 @@ class PyChannel {
     PySink sink;
     sink.frames.reserve(std::min<std::size_t>(max, 1024));
     std::vector<UniqueFd> fds;
-    if (ch_.get_many(sink, max, fds, timeout_ns(timeout), PyWaitHook{}) == 0) throw_empty();
+    if (ch_.get_many(sink, max, fds, timeout_ns(timeout), PyWaitHook{}, nullptr, &g_blocking) == 0) throw_empty();
     install_pending_modules();
     // Unpickle straight from the taken frames. If one fails, it and the frames after it become
     // leftovers (the failing one is retried, and raises, first), so nothing is lost.

@@ -11,6 +11,9 @@ namespace ringpool::py_bindings {
 
 void init_errors(py::module_& m) {
   static py::exception<ProtocolError> protocol_error(m, "ProtocolError", PyExc_RuntimeError);
+  protocol_error.attr("__doc__") =
+      "A frame, record or shared-memory block that breaks the wire format (docs/design/protocol.md):\n"
+      "the peer is corrupt or hostile. The message names what is wrong.";
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

@@ -1,5 +1,5 @@
 // ringpool._core.ChildProcess, Supervisor and the zygote's fork loop (runtime/process.hpp,
-// supervisor.hpp, zygote.hpp).
+// supervisor.hpp, detail/zygote.hpp).
 #include <malloc.h>
 #include <poll.h>
 #include <pybind11/stl.h>
@@ -9,9 +9,9 @@
 #include <climits>
 
 #include "bindings.h"
+#include "ringpool/detail/zygote.hpp"
 #include "ringpool/process.hpp"
 #include "ringpool/supervisor.hpp"
-#include "ringpool/zygote.hpp"
 
 namespace py = pybind11;
 

@@ -1,4 +1,4 @@
-#include "ringpool/control.hpp"
+#include "ringpool/detail/control.hpp"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -104,6 +104,11 @@ std::optional<ControlMessage> receive(int sock, int flags, bool& would_block) {
   if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) throw ProtocolError("control message truncated");
   const auto d = proto::decode(buf.data(), static_cast<std::size_t>(got), kMaxControlPayload);
   if (!d) throw ProtocolError("bad control message: " + std::string(proto::to_string(d.error)));
+  // One frame per message, nothing after it (bytes the header does not account for would be
+  // dropped unseen; found by fuzz_control).
+  if (proto::kHeaderSize + d.header.payload_len != static_cast<std::uint64_t>(got))
+    throw ProtocolError("control message of " + std::to_string(got) + " bytes holds a frame of " +
+                        std::to_string(proto::kHeaderSize + d.header.payload_len));
   if (d.header.nhandles != m.fds.size())
     throw ProtocolError("control message claims " + std::to_string(d.header.nhandles) + " descriptors, carries " +
                         std::to_string(m.fds.size()));

@@ -1,5 +1,6 @@
-#include "ringpool/fdpass.hpp"
+#include "ringpool/detail/fdpass.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -8,8 +9,8 @@
 #include <cstring>
 #include <string>
 
+#include "ringpool/detail/futex.hpp"
 #include "ringpool/error.hpp"
-#include "ringpool/futex.hpp"
 
 namespace ringpool {
 
@@ -66,49 +67,149 @@ FdChannel::SendStatus FdChannel::send(std::uint64_t seq, const int* fds, std::si
   return SendStatus::ok;
 }
 
-void FdChannel::recv(std::uint64_t seq, std::size_t n, std::vector<UniqueFd>& out, int timeout_ms) {
-  const std::uint32_t nparts = static_cast<std::uint32_t>((n + kMaxFdsPerPacket - 1) / kMaxFdsPerPacket);
-  std::uint32_t next_part = 0;
-  const std::int64_t deadline = futex::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+namespace {
+
+// One packet read (or peeked) from the handle socket, with the descriptors the kernel installed.
+struct Received {
+  ssize_t len = 0;  // bytes read; 0 at end of stream
+  FdPacket pkt{};
+  int flags = 0;    // msg_flags
+  std::vector<UniqueFd> fds;
+};
+
+// recvmsg of one packet, never blocking: false when nothing is queued.
+bool read_packet(int sock, int flags, Received& out) {
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerPacket)];
-  while (next_part < nparts) {
-    FdPacket pkt{};
-    iovec iov{&pkt, sizeof pkt};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
-    ssize_t r = ::recvmsg(rx_.get(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      // The producer sent these before committing the record, so they are normally queued
-      // already; wait a little in case of scheduling noise, then give up loudly.
-      std::int64_t left = deadline - futex::now_ns();
-      if (left <= 0) throw ProtocolError("handles of a committed frame never arrived");
-      pollfd p{rx_.get(), POLLIN, 0};
-      ::poll(&p, 1, static_cast<int>(std::min<std::int64_t>(left / 1000000 + 1, 100)));
+  iovec iov{&out.pkt, sizeof out.pkt};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  ssize_t r;
+  do r = ::recvmsg(sock, &msg, flags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  while (r < 0 && errno == EINTR);
+  if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return false;
+  if (r < 0) throw_errno("recvmsg(fds)");
+  out.len = r;
+  out.flags = msg.msg_flags;
+  // Collect whatever descriptors arrived, even with a malformed packet, so they are closed.
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const std::size_t cnt = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    const unsigned char* p = CMSG_DATA(c);
+    for (std::size_t i = 0; i < cnt; ++i) {
+      int fd;
+      std::memcpy(&fd, p + i * sizeof(int), sizeof fd);
+      out.fds.emplace_back(fd);
+    }
+  }
+  return true;
+}
+
+[[noreturn]] void throw_no_room(std::size_t n) {
+  throw SysError(EMFILE, "cannot receive the " + std::to_string(n) +
+                             " descriptor(s) of a frame: this process is out of file descriptors "
+                             "(RLIMIT_NOFILE); the frame stays queued, take it again once some are closed");
+}
+
+}  // namespace
+
+void FdChannel::discard_front() {
+  FdPacket pkt{};
+  iovec iov{&pkt, sizeof pkt};
+  msghdr msg{};  // no control buffer: the kernel closes the packet's descriptors
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  ssize_t r;
+  do r = ::recvmsg(rx_.get(), &msg, MSG_DONTWAIT);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) throw_errno("recvmsg(fds)");
+}
+
+void FdChannel::wait_readable(std::int64_t deadline, BlockingHook* hook) {
+  const std::int64_t left = deadline - futex::now_ns();
+  if (left <= 0) throw ProtocolError("handles of a committed frame never arrived");
+  // The producer sent them before committing the record, so they are normally queued already;
+  // wait a little in case of scheduling noise, then give up loudly (the caller's lock released).
+  pollfd p{rx_.get(), POLLIN, 0};
+  run_blocking(hook, [&] { ::poll(&p, 1, static_cast<int>(std::min<std::int64_t>(left / 1000000 + 1, 100))); });
+}
+
+std::vector<UniqueFd> FdChannel::peek(std::uint64_t seq, std::size_t n, BlockingHook* hook, int timeout_ms) {
+  const std::uint32_t nparts = static_cast<std::uint32_t>((n + kMaxFdsPerPacket - 1) / kMaxFdsPerPacket);
+  const std::size_t first = std::min<std::size_t>(n, kMaxFdsPerPacket);
+  const std::int64_t deadline = futex::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+  for (;;) {
+    Received got;
+    if (!read_packet(rx_.get(), MSG_PEEK, got)) {
+      wait_readable(deadline, hook);
       continue;
     }
-    if (r < 0) throw_errno("recvmsg(fds)");
-    if (r == 0) throw ProtocolError("handle socket closed");
-    // Collect whatever descriptors arrived, even on a malformed packet, so they are closed.
-    std::vector<UniqueFd> got;
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      std::size_t cnt = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      const int* p = reinterpret_cast<const int*>(CMSG_DATA(c));
-      for (std::size_t i = 0; i < cnt; ++i) got.emplace_back(p[i]);
-    }
-    if (r != static_cast<ssize_t>(sizeof pkt) || pkt.magic != kFdPacketMagic)
+    if (got.len == 0) throw ProtocolError("handle socket closed");
+    if (got.len != static_cast<ssize_t>(sizeof got.pkt) || got.pkt.magic != kFdPacketMagic) {
+      discard_front();
       throw ProtocolError("malformed packet on the handle socket");
-    if (msg.msg_flags & MSG_CTRUNC) throw ProtocolError("handle packet truncated (descriptor limit reached?)");
-    if (pkt.seq < seq) continue;  // orphan of a record that was never committed: `got` closes them
-    if (pkt.seq > seq || pkt.part != next_part || pkt.nparts != nparts || got.size() != pkt.nfds)
+    }
+    if (got.pkt.seq < seq) {  // orphan of a record that was never committed
+      discard_front();
+      continue;
+    }
+    // Our descriptor table is full: the peek installed fewer than the packet carries (and closed
+    // what it did install, with `got`). The packet stays queued, as does the record.
+    if (got.flags & MSG_CTRUNC) throw_no_room(n);
+    if (got.pkt.seq > seq || got.pkt.part != 0 || got.pkt.nparts != nparts || got.pkt.nfds != first ||
+        got.fds.size() != first) {
+      discard_front();
       throw ProtocolError("handle packets out of order with ring records");
-    for (auto& fd : got) out.push_back(std::move(fd));
+    }
+    if (nparts > 1) {
+      // The later packets cannot be peeked before this one is consumed: check for room for them
+      // now, by taking that many descriptors and giving them back.
+      std::vector<UniqueFd> room;
+      room.reserve(n - first);
+      for (std::size_t i = first; i < n; ++i) {
+        const int d = ::fcntl(rx_.get(), F_DUPFD_CLOEXEC, 0);
+        if (d < 0) {
+          if (errno == EMFILE || errno == ENFILE) throw_no_room(n);
+          throw_errno("fcntl(F_DUPFD_CLOEXEC)");
+        }
+        room.emplace_back(d);
+      }
+    }
+    return std::move(got.fds);
+  }
+}
+
+void FdChannel::finish(std::uint64_t seq, std::size_t n, std::vector<UniqueFd>& peeked, std::vector<UniqueFd>& out,
+                       BlockingHook* hook, int timeout_ms) {
+  const std::uint32_t nparts = static_cast<std::uint32_t>((n + kMaxFdsPerPacket - 1) / kMaxFdsPerPacket);
+  discard_front();  // the packet peek() installed: we hold its descriptors already
+  for (auto& fd : peeked) out.push_back(std::move(fd));
+  peeked.clear();
+  const std::int64_t deadline = futex::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
+  std::uint32_t next_part = 1;
+  while (next_part < nparts) {
+    Received got;
+    if (!read_packet(rx_.get(), 0, got)) {
+      wait_readable(deadline, hook);
+      continue;
+    }
+    if (got.len == 0) throw ProtocolError("handle socket closed");
+    if (got.len != static_cast<ssize_t>(sizeof got.pkt) || got.pkt.magic != kFdPacketMagic)
+      throw ProtocolError("malformed packet on the handle socket");
+    if (got.flags & MSG_CTRUNC) throw ProtocolError("handle packet truncated (descriptor limit reached?)");
+    if (got.pkt.seq != seq || got.pkt.part != next_part || got.pkt.nparts != nparts || got.fds.size() != got.pkt.nfds)
+      throw ProtocolError("handle packets out of order with ring records");
+    for (auto& fd : got.fds) out.push_back(std::move(fd));
     ++next_part;
   }
+}
+
+void FdChannel::recv(std::uint64_t seq, std::size_t n, std::vector<UniqueFd>& out, int timeout_ms) {
+  if (n == 0) return;
+  std::vector<UniqueFd> first = peek(seq, n, nullptr, timeout_ms);
+  finish(seq, n, first, out, nullptr, timeout_ms);
 }
 
 }  // namespace ringpool

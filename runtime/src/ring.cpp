@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <exception>
 #include <chrono>
 #include <cstring>
 #include <new>
@@ -24,8 +25,11 @@ namespace {
 // the caller repairs the frame counters from the intent its predecessor left.
 class RobustLock {
  public:
-  explicit RobustLock(pthread_mutex_t* m) : m_(m) {
-    int r = ::pthread_mutex_lock(m_);
+  // With a hook, a lock another thread or process holds is waited for through it (the Python
+  // bindings release the GIL there: see BlockingHook).
+  explicit RobustLock(pthread_mutex_t* m, BlockingHook* hook = nullptr) : m_(m) {
+    int r = ::pthread_mutex_trylock(m_);
+    if (r == EBUSY) run_blocking(hook, [&] { r = ::pthread_mutex_lock(m_); });
     if (r == EOWNERDEAD) {
       ::pthread_mutex_consistent(m_);
       recovered_ = true;
@@ -235,12 +239,15 @@ std::size_t Ring::try_put_many(proto::Kind kind, std::uint8_t flags, const Piece
   return done;
 }
 
-bool Ring::try_get(Sink& sink, std::vector<UniqueFd>& fds) { return try_get_many(sink, 1, fds) == 1; }
+bool Ring::try_get(Sink& sink, std::vector<UniqueFd>& fds, BlockingHook* hook) {
+  return try_get_many(sink, 1, fds, hook) == 1;
+}
 
-std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd>& fds) {
+std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd>& fds, BlockingHook* hook) {
   std::size_t got = 0;
+  std::exception_ptr broken;  // a record with broken handles was passed over: thrown at the end
   {
-    RobustLock lock(&ctl_->cons_lock);
+    RobustLock lock(&ctl_->cons_lock, hook);
     if (lock.recovered()) repair_consumer_side(ctl_);
     std::uint64_t h = ctl_->head.load(std::memory_order_relaxed);  // only written under this lock
     // tail_cache lags tail, so it only ever understates what is published; read tail (the
@@ -251,6 +258,17 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
       t = ctl_->tail.load(std::memory_order_acquire);
       ctl_->tail_cache.store(t, std::memory_order_relaxed);
     }
+    // Moves head past the record at h (taken, or dropped): the one place consumed and head move.
+    const auto advance = [&](std::size_t rsize) {
+      h += rsize;
+      if (counts_items_) ctl_->items.fetch_sub(1, std::memory_order_relaxed);
+      const std::uint64_t c = ctl_->consumed.load(std::memory_order_relaxed);
+      ctl_->cons_intent_consumed.store(c, std::memory_order_relaxed);
+      ctl_->cons_intent_head.store(h, std::memory_order_relaxed);
+      ctl_->consumed.store(c + 1, std::memory_order_relaxed);
+      // Release pairs with the producer's acquire load of head: we are done reading these bytes.
+      ctl_->head.store(h, std::memory_order_release);
+    };
     while (got < max && h != t) {
       const std::uint8_t* rec = data_ + (h & mask_);
       proto::FrameHeader hd;
@@ -260,27 +278,36 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
         throw ProtocolError("corrupt ring record: " + std::string(proto::to_string(err)));
       const std::size_t rsize = record_size(hd.payload_len);
       if (rsize > t - h) throw ProtocolError("corrupt ring record: runs past the published tail");
-      if (got != 0 && hd.nhandles != 0) break;  // hand over what we have; handles go one frame at a time
-      sink.take(hd, rec + proto::kHeaderSize);  // may throw: this record stays, earlier ones are taken
-      h += rsize;
-      ++got;
-      if (counts_items_) ctl_->items.fetch_sub(1, std::memory_order_relaxed);
-      const std::uint64_t c = ctl_->consumed.load(std::memory_order_relaxed);
-      ctl_->cons_intent_consumed.store(c, std::memory_order_relaxed);
-      ctl_->cons_intent_head.store(h, std::memory_order_relaxed);
-      ctl_->consumed.store(c + 1, std::memory_order_relaxed);
-      // Release pairs with the producer's acquire load of head: we are done reading these bytes.
-      ctl_->head.store(h, std::memory_order_release);
-      // After the head moved: if we die here the packets are orphans the next consumer drops.
+      std::vector<UniqueFd> staged;
       if (hd.nhandles != 0) {
-        fds_.recv(hd.seq, hd.nhandles, fds);
+        if (got != 0) break;  // hand over what we have; handles go one frame at a time
+        // The handles first, by a peek that consumes nothing: a process out of descriptors gets
+        // SysError(EMFILE) here with the record and its handles still queued.
+        try {
+          staged = fds_.peek(hd.seq, hd.nhandles, hook);
+        } catch (const ProtocolError&) {
+          // Handles missing or garbled: this record can never be delivered whole. Pass over it
+          // (a corrupt record costs itself, not the ring), then report it.
+          advance(rsize);
+          broken = std::current_exception();
+          break;
+        }
+      }
+      sink.take(hd, rec + proto::kHeaderSize);  // may throw: this record stays, earlier ones are taken
+      advance(rsize);
+      ++got;
+      // After the head moved: if we die here the packet is an orphan the next consumer drops (the
+      // descriptors the peek installed die with us).
+      if (hd.nhandles != 0) {
+        fds_.finish(hd.seq, hd.nhandles, staged, fds, hook);
         break;
       }
     }
   }
-  if (got == 0) return 0;
+  if (got == 0 && !broken) return 0;
   notify_space();
-  if (ctl_->poll_armed.load(std::memory_order_relaxed) != 0) refresh_readiness();
+  if (ctl_->poll_armed.load(std::memory_order_relaxed) != 0) refresh_readiness(hook);
+  if (broken) std::rethrow_exception(broken);
   return got;
 }
 
@@ -362,7 +389,7 @@ bool Ring::finish_signal(std::uint32_t held) noexcept {
   return readable();
 }
 
-void Ring::refresh_readiness() noexcept {
+void Ring::refresh_readiness(BlockingHook* hook) {
   // After a take: if the ring is now empty, hold the signal, drain the eventfd and re-check
   // (finish_signal). Holding it while we drain means no write can land in between and be eaten
   // by the drain (a lost wake-up); a producer that publishes meanwhile leaves the signal to us,
@@ -372,11 +399,19 @@ void Ring::refresh_readiness() noexcept {
   // more); one that merely stalled may then still write once over an empty ring.
   if (readable()) return;
   const auto deadline = std::chrono::steady_clock::now() + kSignallerWait;
+  const auto holder_busy = [&] {
+    return signal_state(ctl_->signaled.load(std::memory_order_seq_cst)) == kSignalling &&
+           std::chrono::steady_clock::now() < deadline;
+  };
   std::uint32_t held;
   for (;;) {
     std::uint32_t word = ctl_->signaled.load(std::memory_order_seq_cst);
     if (signal_state(word) == kSignalling && std::chrono::steady_clock::now() < deadline) {
-      ::sched_yield();
+      // Usually a few instructions away from done; a preempted or dead holder takes longer, so
+      // the wait runs through the hook (without the caller's GIL).
+      run_blocking(hook, [&] {
+        while (holder_busy()) ::sched_yield();
+      });
       continue;
     }
     held = signal_claim(word);

@@ -71,8 +71,8 @@ inline std::string control_record(task::Op kind) {
 
 // -- result records (read) -----------------------------------------------------------------------
 
-// A worker's answer: the record (wid, tid, status, value, elapsed) that ringpool.executor's
-// worker loop writes.
+// A worker's answer: the record (wid, tid, status, value, elapsed) that the worker loop
+// (ringpool._pool_worker) writes.
 struct Result {
   int wid = 0;
   std::optional<std::uint64_t> tid;  // None for a start-up failure or an undecodable call
@@ -106,7 +106,14 @@ inline std::optional<Result> read_result(std::string_view s, std::string& scratc
   std::size_t p = 0;
   if (s.size() < 16 || s[0] != op::kProto || static_cast<std::uint8_t>(s[1]) > op::kProtocol) return std::nullopt;
   p = 2;
-  if (s[p] == op::kFrame) p += 9;
+  if (s[p] == op::kFrame) {
+    // As the decoders check it: the frame's length fits in what follows (a record that claims
+    // more is refused by the whole decode, so it must not pass here; found by fuzz_task_record).
+    std::uint64_t frame = 0;
+    for (std::size_t i = 8; i >= 1; --i) frame = (frame << 8) | static_cast<unsigned char>(s[p + i]);
+    p += 9;
+    if (frame > s.size() - p) return std::nullopt;
+  }
   if (p >= s.size() || s[p] != op::kMark) return std::nullopt;
   ++p;
   Result r;
@@ -145,7 +152,11 @@ inline std::optional<Result> read_result(std::string_view s, std::string& scratc
     scratch.append(s.substr(p, end - p));
     scratch += op::kStop;
     try {
-      r.value = pickle_loads(scratch);
+      // One level less deep than alone: in the whole record the value sits inside the record's
+      // tuple, and the whole decode must accept what this one does (found by fuzz_task_record).
+      PickleLimits limits;
+      limits.max_depth -= 1;
+      r.value = pickle_loads(scratch, limits);
     } catch (const std::exception&) {
       return std::nullopt;
     }

@@ -1,4 +1,4 @@
-#include "ringpool/zygote.hpp"
+#include "ringpool/detail/zygote.hpp"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "ringpool/block.hpp"
-#include "ringpool/control.hpp"
+#include "ringpool/detail/control.hpp"
 #include "ringpool/error.hpp"
 
 namespace ringpool {

@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "ringpool/control.hpp"
+#include "ringpool/detail/control.hpp"
 #include "ringpool/error.hpp"
 #include "ringpool/spawner.hpp"
 

@@ -15,10 +15,10 @@
 #include <string>
 #include <thread>
 
-#include "ringpool/control.hpp"
+#include "ringpool/detail/control.hpp"
+#include "ringpool/detail/zygote.hpp"
 #include "ringpool/error.hpp"
 #include "ringpool/supervisor.hpp"
-#include "ringpool/zygote.hpp"
 
 using namespace ringpool;
 

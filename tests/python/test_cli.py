@@ -28,7 +28,7 @@ def test_version():
 def test_help_lists_every_command():
     r = _run("--help")
     assert r.returncode == 0
-    for command in ("info", "stress", "--version"):
+    for command in ("info", "stress", "bench", "--version"):
         assert command in r.stdout
 
 
@@ -77,3 +77,38 @@ def test_info_sees_the_start_method_pth(ringpool_venv):
     assert sm["loaded_at_start"] and sm["registered"], sm
     assert os.path.basename(sm["pth_file"]) == "ringpool-start-method.pth"
     assert sm["pth_file"].startswith(os.path.dirname(os.path.dirname(ringpool_venv)))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_bench_quick_report_json_and_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    r = subprocess.run([sys.executable, "-m", "ringpool", "bench", "--quick", "--json", str(out_json),
+                        "--chart", str(out_png)], capture_output=True, text=True, timeout=360,
+                       env={**os.environ, "PYTHONPATH": BINDINGS})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out_json.read_text())
+    assert res["quick"] is True and res["machine"]["python"] and res["machine"]["cpu"]
+    kinds = {q["payload"] for q in res["queues"]}
+    assert "bytes" in kinds
+    for q in res["queues"]:
+        assert q["ringpool.Queue"] > 0 and q["multiprocessing.Queue"] > 0
+    assert [p["pool"] for p in res["pools"]] == ["ringpool.Executor", "multiprocessing.Pool", "ProcessPoolExecutor"]
+    assert all(p["tasks_per_s"] > 0 for p in res["pools"])
+    assert [s["method"] for s in res["startup"]] == ["ringpool", "fork", "spawn"]
+    assert all(s["seconds"] > 0 for s in res["startup"])
+    # The Markdown report has one row per measurement, and names the machine.
+    assert r.stdout.count("| `bytes` of ") == 4 and "| ProcessPoolExecutor |" in r.stdout
+    assert res["machine"]["cpu"] in r.stdout.splitlines()[0]
+    png = out_png.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_bench_chart_needs_matplotlib(tmp_path):
+    # A matplotlib that cannot be imported: the command says what to install, before any run.
+    (tmp_path / "matplotlib.py").write_text("raise ImportError('no matplotlib here')\n")
+    r = _run("bench", "--quick", "--chart", str(tmp_path / "x.png"),
+             env={"PYTHONPATH": os.pathsep.join([str(tmp_path), BINDINGS])})
+    assert r.returncode == 2 and "python3-matplotlib" in r.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -4,6 +4,7 @@ import concurrent.futures
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import pickle
 import re
 import signal
 import socket
@@ -681,3 +682,39 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path):
 @pytest.mark.timeout(300)
 def test_300_cycles_leave_no_fds_or_zombies():
     _start_join_cycles(ringpool.get_context(), 300)
+
+
+# -- get_context's arguments --------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
+def test_get_context_refuses_a_start_method_name(method):
+    with pytest.raises(ValueError, match=rf"multiprocessing\.get_context\('{method}'\)"):
+        ringpool.get_context(method)
+
+
+def test_get_context_ringpool_name_is_the_default_context():
+    assert ringpool.get_context("ringpool") is ringpool.get_context()
+
+
+def test_get_context_tunables():
+    ctx = ringpool.get_context(preload=(), spares=0, ready_timeout=60, preload_main=False)
+    assert (ctx._spares, ctx._ready_timeout, ctx._preload_main) == (0, 60.0, False)
+    assert ringpool.get_context(preload=(), spares=0, ready_timeout=60, preload_main=False) is ctx
+    assert ringpool.get_context(preload=(), spares=1, ready_timeout=60, preload_main=False) is not ctx
+    assert ringpool.get_context(preload=()) is not ctx
+    # Pickled (to a worker, say), a context comes back as the same settings' context.
+    assert pickle.loads(pickle.dumps(ctx)) is ctx
+    for bad in ({"spares": -1}, {"spares": 1.5}, {"ready_timeout": 0}, {"ready_timeout": -3}):
+        with pytest.raises(ValueError):
+            ringpool.get_context(preload=(), **bad)
+
+
+def test_get_context_spares_zero_still_starts_workers():
+    ctx = ringpool.get_context(preload=(), spares=0)
+    q = ctx.Queue()
+    p = ctx.Process(target=q.put, args=("hello",))
+    p.start()
+    try:
+        assert q.get(timeout=60) == "hello"
+    finally:
+        p.join(60)
+    assert p.exitcode == 0

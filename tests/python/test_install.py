@@ -28,7 +28,8 @@ _SDIST_MUST_HAVE = [
     "bindings/ringpool-start-method.pth", "bindings/_ringpool_start_method.py",
     "bindings/ringpool/__init__.py", "bindings/ringpool/_core.pyi", "bindings/ringpool/py.typed",
     "bindings/src/bindings.h", "bindings/src/module.cpp",
-    "runtime/include/ringpool/kernel.hpp", "runtime/src/kernel.cpp", "runtime/src/keyed_hash.hpp",
+    "runtime/include/ringpool/kernel.hpp", "runtime/include/ringpool/detail/futex.hpp", "runtime/src/kernel.cpp",
+    "runtime/src/keyed_hash.hpp",
     "proto/include/ringpool/proto/frame.hpp",
 ]
 

@@ -251,3 +251,45 @@ def test_nothing_outlives_a_sigkilled_top_process(tmp_path, zygote):
     finally:
         top.kill()
         top.wait(30)
+
+
+_TRACKER_MODULE = """
+import os
+from multiprocessing import resource_tracker
+
+resource_tracker.ensure_running()  # in the zygote's preload: a tracker of the zygote's own
+FD = resource_tracker._resource_tracker._fd
+INO = os.fstat(FD).st_ino
+"""
+
+
+def _zygote_tracker_state(conn):
+    from multiprocessing import resource_tracker
+
+    import rp_zygote_tracker as m
+
+    try:
+        inherited_open = os.fstat(m.FD).st_ino == m.INO
+    except OSError:
+        inherited_open = False
+    t = resource_tracker._resource_tracker
+    conn.send((inherited_open, t._pid, os.fstat(t._fd).st_ino != m.INO))
+
+
+def test_a_worker_drops_the_tracker_its_zygote_started(tmp_path, monkeypatch):
+    (tmp_path / "rp_zygote_tracker.py").write_text(_TRACKER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ctx = ringpool.get_context(preload=["rp_zygote_tracker"])
+    r, w = mp.Pipe(duplex=False)
+    p = ctx.Process(target=_zygote_tracker_state, args=(w,))
+    p.start()
+    try:
+        assert r.poll(60)
+        inherited_open, pid, uses_ours = r.recv()
+    finally:
+        p.join(60)
+        ctx.shutdown()
+    assert not inherited_open, "the worker kept the zygote's tracker pipe open"
+    assert pid is None
+    assert uses_ours
+    assert p.exitcode == 0

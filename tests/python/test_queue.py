@@ -667,3 +667,135 @@ def test_received_memfd_check_from_python():
             _core.check_received_memfd(fd, 8193, 1 << 20, "ours")
     finally:
         os.close(fd)
+
+
+# -- a take that blocks, or cannot hold its descriptors (docs/design/security.md, "Descriptors") --
+
+def _run_script(script, timeout=120):
+    """Runs script in a fresh interpreter (it may lower its limits or wedge); its stdout."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TESTS_DIR": os.path.dirname(__file__)}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+_OUT_OF_DESCRIPTORS = r"""
+import errno, os, resource, socket
+import ringpool
+from ringpool import _core
+
+q = ringpool.Queue()
+a, b = socket.socketpair()
+q.put("before")
+q.put(a)                       # travels as a descriptor
+q.put("after")
+a.close()
+ch = _core.Channel.create()    # the same at the channel level: bytes plus a pipe's read end
+r, w = os.pipe()
+os.write(w, b"kept")
+ch.put(b"fd item", 0, [r])
+os.close(r)
+
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+hog = []
+try:
+    while True:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as e:
+    assert e.errno == errno.EMFILE
+assert q.get_many(10, timeout=5) == ["before"]  # what comes before the descriptor still arrives
+for get in (lambda: q.get(timeout=5), lambda: q.get_many(10, timeout=5), lambda: ch.get(5.0)):
+    for attempt in range(3):   # refused each time, and each time nothing is lost
+        try:
+            got = get()
+        except OSError as e:
+            assert e.errno == errno.EMFILE, e
+            assert "out of file descriptors" in str(e) and "stays queued" in str(e), e
+        else:
+            raise AssertionError(f"took {got!r} with no descriptor free")
+print("refused")
+for fd in hog[:16]:
+    os.close(fd)
+s = q.get(timeout=5)
+s.sendall(b"ping")
+assert b.recv(4) == b"ping"
+assert q.get(timeout=5) == "after"
+flags, payload, fds = ch.get(5.0)
+assert payload == b"fd item" and os.read(fds[0], 4) == b"kept"
+print("delivered")
+"""
+
+
+def test_an_fd_item_waits_for_a_receiver_out_of_descriptors():
+    # Before: the descriptor packet was read with the frame already taken; EMFILE truncated it
+    # (MSG_CTRUNC), the frame was gone and a ProtocolError was all that was left of the item.
+    out = _run_script(_OUT_OF_DESCRIPTORS)
+    assert out.split() == ["refused", "delivered"], out
+
+
+_GIL_FREE_WHILE_HANDLES_WAIT = r"""
+import os, socket, threading, time
+from ringpool import _core
+
+ch = _core.Channel.create()
+r, w = os.pipe()
+os.write(w, b"one")
+ch.put(b"first", 0, [r])
+ch.put(b"second")
+os.close(r)
+memfd, tx, rx, event = ch.handles()
+# Take the first frame's descriptor packet off the side socket: its reader now waits for it,
+# as it would for a producer that sends late (or never).
+thief = socket.socket(fileno=os.dup(rx))
+packet, ancdata, _, _ = thief.recvmsg(24, socket.CMSG_SPACE(4 * 4))
+assert len(packet) == 24 and ancdata
+
+results, native = {}, {}
+def take(name):
+    native[name] = threading.get_native_id()
+    try:
+        results[name] = ch.get(60.0)
+    except Exception as e:
+        results[name] = e
+
+def syscall(name):
+    try:
+        with open(f"/proc/self/task/{native[name]}/syscall") as f:
+            return f.read().split()[0]
+    except OSError:
+        return None  # the thread has ended
+
+t1 = threading.Thread(target=take, args=("t1",))
+t1.start()
+deadline = time.monotonic() + 30
+# Python runs here while t1 waits for the packet in poll() (7, or ppoll 271): it holds no GIL.
+while not (t1.is_alive() and "t1" in native and syscall("t1") in ("7", "271")):
+    assert t1.is_alive() or "t1" not in native, f"t1 ended first: {results}"
+    assert time.monotonic() < deadline, "t1 never waited in poll"
+    time.sleep(0.001)
+print("waiting-in-poll")
+# A second reader finds the consumer lock held by t1: it must wait for it without the GIL too.
+t2 = threading.Thread(target=take, args=("t2",))
+t2.start()
+time.sleep(0.2)
+counter = sum(range(100000))  # more Python while both wait
+sender = socket.socket(fileno=os.dup(tx))
+sender.sendmsg([packet], ancdata)
+t1.join(60)
+t2.join(60)
+flags, payload, fds = results["t1"]
+assert payload == b"first" and os.read(fds[0], 3) == b"one", results
+assert results["t2"] == b"second", results
+print("delivered")
+"""
+
+
+def test_a_take_waiting_for_handles_or_the_consumer_lock_releases_the_gil():
+    # Before: t1 waited for the packet (up to 10 s, then ProtocolError) holding the GIL, so this
+    # script's main thread could not run until then, and t2 blocked on the lock holding it too.
+    out = _run_script(_GIL_FREE_WHILE_HANDLES_WAIT)
+    assert out.split() == ["waiting-in-poll", "delivered"], out

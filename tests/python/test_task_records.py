@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from ringpool import _core, executor
+from ringpool import _core, _pool_worker, executor
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "proto" / "golden" / "task"
@@ -153,7 +153,7 @@ def test_worker_loop_answers_golden_calls():
     call_ring, result_ring = _core.Channel.create(1 << 16), _core.Channel.create(1 << 16)
     for e in calls + [stop]:
         assert call_ring.put(e["data"]) is None
-    executor._serve(7, call_ring, result_ring, None, (), None, False, True)  # returns at STOP
+    _pool_worker.serve(7, call_ring, result_ring, None, (), None, False, True)  # returns at STOP
     expected = [a for e in calls for a in _answers(e)]
     got = []
     while len(got) < len(expected):

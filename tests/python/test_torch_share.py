@@ -83,3 +83,58 @@ def test_dataloader_batches_are_shared_correct_and_recycled(monkeypatch, recycle
         assert 1 <= max(files) <= 16
     else:
         assert files == {0}
+
+
+# -- a killed worker leaks no torch segment (docs/design/security.md) -------------------------------
+
+def _die_inside_share(path_ready):
+    """As a worker SIGKILLed inside torch's share_memory_(): torch has created (and sized) its
+    /dev/shm/torch_<pid>_<random>_<n> file and not yet unlinked it."""
+    import signal
+
+    fd = os.open(f"/dev/shm/torch_{os.getpid()}_4242_0", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, 4096)
+    with open(path_ready, "w") as f:
+        f.write("created")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _left(pid):
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"torch_{pid}_"))
+
+
+def test_a_worker_killed_inside_share_memory_leaves_no_torch_segment(tmp_path):
+    # Before: the name stayed in /dev/shm for good (stress --faults --seed 7 found one).
+    ctx = ringpool.get_context()
+    p = ctx.Process(target=_die_inside_share, args=(str(tmp_path / "ready"),))
+    p.start()
+    p.join(60)
+    assert p.exitcode == -9
+    assert (tmp_path / "ready").read_text() == "created"
+    assert _left(p.pid) == []
+
+
+def test_a_torch_segment_someone_holds_is_kept():
+    # Under the file_system strategy a storage lives on under its name while in use: a segment
+    # another process (here, this one) has open is not removed, even for a dead pid.
+    from ringpool._torch import remove_left_segments
+
+    pid = 2 ** 22 + 17  # above the default pid_max: names no live process would use
+    held = f"/dev/shm/torch_{pid}_1_0"
+    free = f"/dev/shm/torch_{pid}_1_1"
+    other = f"/dev/shm/torch_{pid + 1}_1_0"
+    fds = [os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600) for path in (held, free, other)]
+    try:
+        os.close(fds[1])
+        os.close(fds[2])
+        os.ftruncate(fds[0], 4096)
+        m = mmap.mmap(fds[0], 4096)
+        os.close(fds[0])  # only the mapping holds it now
+        assert remove_left_segments(pid) == [f"torch_{pid}_1_1"]
+        assert os.path.exists(held) and not os.path.exists(free) and os.path.exists(other)
+        m.close()
+        assert remove_left_segments(pid) == [f"torch_{pid}_1_0"]
+    finally:
+        for path in (held, free, other):
+            if os.path.exists(path):
+                os.unlink(path)

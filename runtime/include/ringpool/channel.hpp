@@ -109,31 +109,36 @@ class Channel {
   // -- consumer side: any thread of any process ------------------------------------------------
   // Takes the oldest frame now: sink.take() copies its payload under the consumer lock, its
   // handles are appended to fds. False if no frame is published.
-  bool try_get(Ring::Sink& sink, std::vector<UniqueFd>& fds) { return ring_->try_get(sink, fds); }
+  // hook: see Ring::try_get_many (where a take may block).
+  bool try_get(Ring::Sink& sink, std::vector<UniqueFd>& fds, BlockingHook* hook = nullptr) {
+    return ring_->try_get(sink, fds, hook);
+  }
   // Takes 1..max frames now in one critical section (a frame with handles ends the batch).
-  std::size_t try_get_many(Ring::Sink& sink, std::size_t max, std::vector<UniqueFd>& fds) {
-    return ring_->try_get_many(sink, max, fds);
+  std::size_t try_get_many(Ring::Sink& sink, std::size_t max, std::vector<UniqueFd>& fds,
+                           BlockingHook* hook = nullptr) {
+    return ring_->try_get_many(sink, max, fds, hook);
   }
   // try_get, waiting up to timeout_ns (negative: no limit; 0: no wait) with the spin-then-sleep
   // policy of wait.hpp (policy nullptr: WaitPolicy::standard()); around(round) runs each wait
   // round (see block_until: the bindings release the GIL there and run signal handlers, whose
-  // exception ends the wait). False on timeout.
+  // exception ends the wait); hook runs what may block inside a take (Ring::try_get_many).
+  // False on timeout.
   template <class Around = NoWaitHook>
   bool get(Ring::Sink& sink, std::vector<UniqueFd>& fds, std::int64_t timeout_ns, Around&& around = {},
-           const WaitPolicy* policy = nullptr) {
+           const WaitPolicy* policy = nullptr, BlockingHook* hook = nullptr) {
     return ringpool::block_until(
-        timeout_ns, [&] { return ring_->try_get(sink, fds); }, [&] { return ring_->readable(); },
+        timeout_ns, [&] { return ring_->try_get(sink, fds, hook); }, [&] { return ring_->readable(); },
         [&](std::int64_t ns) { ring_->wait_data(ns); }, around, policy);
   }
   // try_get_many, waiting as get() does for the first frame: 1..max frames, or 0 on timeout
   // (max 0: 0 at once).
   template <class Around = NoWaitHook>
   std::size_t get_many(Ring::Sink& sink, std::size_t max, std::vector<UniqueFd>& fds, std::int64_t timeout_ns,
-                       Around&& around = {}, const WaitPolicy* policy = nullptr) {
+                       Around&& around = {}, const WaitPolicy* policy = nullptr, BlockingHook* hook = nullptr) {
     std::size_t n = 0;
     if (max == 0) return 0;
     ringpool::block_until(
-        timeout_ns, [&] { return (n = ring_->try_get_many(sink, max, fds)) != 0; },
+        timeout_ns, [&] { return (n = ring_->try_get_many(sink, max, fds, hook)) != 0; },
         [&] { return ring_->readable(); }, [&](std::int64_t ns) { ring_->wait_data(ns); }, around, policy);
     return n;
   }

@@ -22,9 +22,9 @@
 
 #include <pthread.h>
 
+#include "ringpool/detail/fdpass.hpp"
+#include "ringpool/detail/futex.hpp"
 #include "ringpool/fd.hpp"
-#include "ringpool/fdpass.hpp"
-#include "ringpool/futex.hpp"
 #include "ringpool/proto/frame.hpp"
 #include "ringpool/segment.hpp"
 
@@ -169,10 +169,15 @@ class Ring {
   // -- consumer side: any thread of any process ------------------------------------------------
   // Takes up to max frames in one critical section; sink.take() sees each in order and fds get
   // each frame's handles appended in order (header.nhandles tells how many). Returns the count.
-  std::size_t try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd>& fds);
+  // Where it may block (the consumer lock held elsewhere, a frame's handles not queued yet, a
+  // readiness signaller to wait out) it blocks through hook, if given (blocking.hpp).
+  // Throws ProtocolError on a corrupt record (one whose handles are missing or garbled is passed
+  // over first), and SysError(EMFILE) when this process cannot hold the next frame's handles:
+  // that frame and its handles then stay queued, and the frames before it were taken.
+  std::size_t try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd>& fds, BlockingHook* hook = nullptr);
   // Takes the oldest frame: sink.take() copies its payload, its fds are appended to fds.
-  // Returns false if no frame is published. Throws ProtocolError on a corrupt record.
-  bool try_get(Sink& sink, std::vector<UniqueFd>& fds);
+  // Returns false if no frame is published. Throws as try_get_many.
+  bool try_get(Sink& sink, std::vector<UniqueFd>& fds, BlockingHook* hook = nullptr);
 
   // -- waiting: any thread; none of these hold a lock -------------------------------------------
   // Return when the condition may hold (callers re-check), on timeout, or when a signal arrives.
@@ -188,7 +193,10 @@ class Ring {
   // Frames accepted and not yet taken: the item count, or published - taken + pending.
   std::int64_t size() const noexcept {
     if (counts_items_) return items();
-    return static_cast<std::int64_t>(committed() - consumed()) + ctl_->pending.load(std::memory_order_acquire);
+    // In unsigned arithmetic: the counters live in shared memory, and a peer that garbles them
+    // must get a wrong size, not signed overflow (undefined behaviour; found by fuzz_ring).
+    return static_cast<std::int64_t>(committed() - consumed() +
+                                     static_cast<std::uint64_t>(ctl_->pending.load(std::memory_order_acquire)));
   }
   bool counts_items() const noexcept { return counts_items_; }
   std::int64_t unfinished() const noexcept { return ctl_->unfinished.load(std::memory_order_acquire); }
@@ -231,7 +239,7 @@ class Ring {
   Ring(Segment seg, FdChannel fds, UniqueFd event);
   void notify_data(int n) noexcept;
   void notify_space() noexcept;
-  void refresh_readiness() noexcept;
+  void refresh_readiness(BlockingHook* hook = nullptr);
   void signal_if_readable() noexcept;
   bool finish_signal(std::uint32_t held) noexcept;
 

@@ -1,7 +1,7 @@
 // Spawner: how a worker process comes to exist. Two start modes behind one interface:
 //  - exec (exec_spawner.cpp): a fresh interpreter per worker through ChildProcess::launch;
 //  - zygote (zygote_spawner.cpp): one long-lived, preloaded zygote per context that forks each
-//    worker on request (its side of the exchange is zygote.hpp).
+//    worker on request (its side of the exchange is detail/zygote.hpp).
 // A Spawner lives on a Supervisor's io thread (supervisor.hpp) and is only called there; it
 // answers each request asynchronously, exactly once.
 #pragma once

@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "ringpool/futex.hpp"
+#include "ringpool/detail/futex.hpp"
 
 namespace ringpool {
 

@@ -1,5 +1,22 @@
-// Publishes a frame through an installed ringpool::runtime and reads it back.
+// Publishes a frame through an installed ringpool::runtime and reads it back. Includes every
+// public header (docs/guide/cpp-pool.md, "Headers"), so that one which needs a header the
+// install left out fails here.
+#include <ringpool/block.hpp>
 #include <ringpool/channel.hpp>
+#include <ringpool/error.hpp>
+#include <ringpool/fd.hpp>
+#include <ringpool/kernel.hpp>
+#include <ringpool/pickle.hpp>
+#include <ringpool/pool.hpp>
+#include <ringpool/process.hpp>
+#include <ringpool/proto/frame.hpp>
+#include <ringpool/proto/task.hpp>
+#include <ringpool/ring.hpp>
+#include <ringpool/segment.hpp>
+#include <ringpool/spawner.hpp>
+#include <ringpool/supervisor.hpp>
+#include <ringpool/value.hpp>
+#include <ringpool/wait.hpp>
 
 #include <cstdio>
 #include <cstring>

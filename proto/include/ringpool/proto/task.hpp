@@ -1,6 +1,6 @@
 // ringpool wire protocol: the task records that CALL and DATA frames carry between a task pool
-// (ringpool.Executor in Python, ringpool::Pool in C++) and its workers (executor._serve /
-// serve_pool, always Python).
+// (ringpool.Executor in Python, ringpool::Pool in C++) and its workers (the worker loop in
+// bindings/ringpool/_pool_worker.py, always Python).
 //
 // A record is the payload of one frame: a pickle (protocol 5) of a 5-tuple of plain fields.
 //
