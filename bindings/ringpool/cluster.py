@@ -35,6 +35,7 @@ import io
 import itertools
 import logging
 import pickle
+import queue
 import threading
 import time
 from concurrent.futures import Executor as _Executor
@@ -62,6 +63,10 @@ _MONITOR_STEP = 0.5
 # Out-of-band buffers (numpy arrays) at least this large are scattered to a worker ahead of the
 # task instead of riding in the task's message through the scheduler.
 _SCATTER_BYTES = 1 << 20
+# A map's window of chunks in flight (see ClusterExecutor._window).
+_WINDOW_ITEMS = 16384
+_WINDOW_CHUNKS = 1024
+_GATHER_BATCH = 256  # finished chunks fetched by one gather at most
 
 # The task function, built by value: cloudpickle ships its code (its module does not exist on the
 # worker), so unpickling it needs nothing but Python; it then imports ringpool itself.
@@ -190,8 +195,8 @@ class ClusterExecutor(_Executor):
     connect_timeout: seconds to reach the scheduler at construction (TimeoutError naming it).
     scheduler_timeout: seconds without a scheduler after which pending futures fail
         (``SchedulerLost``).
-    max_in_flight: chunks one map keeps submitted ahead of the one it yields (default: twice the
-        cluster's dask threads, at least 4).
+    max_in_flight: chunks one map keeps submitted ahead of the one it yields (default: enough for
+        every dask thread twice over, and up to 16384 items' worth of small chunks, at most 1024).
 
     Any thread may call submit/map/imap_unordered/shutdown. Deviations from ``ringpool.Executor``:
     ``map`` reads its iterables lazily (a bounded window of chunks); ``worker_pids`` does not exist
@@ -244,6 +249,9 @@ class ClusterExecutor(_Executor):
                 self._client.close()
             raise
         self._stop = threading.Event()
+        self._done = queue.SimpleQueue()  # finished dask futures, for the collector
+        self._collector = threading.Thread(target=self._collect, name="ringpool-cluster-collector", daemon=True)
+        self._collector.start()
         self._monitor = threading.Thread(target=self._watch_scheduler, name="ringpool-cluster-monitor", daemon=True)
         self._monitor.start()
 
@@ -303,44 +311,94 @@ class ClusterExecutor(_Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def _submit_chunk(self, op, call, on_error):
-        """Pickle one chunk (here: errors raise in the caller), ship what it needs, submit it.
-        Returns (dask future, concurrent Future): for "call" the Future gets the call's result
-        or exception, for "map" the chunk's raw answer (see _decode)."""
+    def _submit_chunks(self, op, calls):
+        """Pickle chunks (in the caller: a pickling error raises here), ship what they need,
+        submit them in one message to the scheduler. Returns ([(dask future, concurrent Future)],
+        None or (the call that failed to pickle, its error)): the chunks before a failed one are
+        submitted. For "call" the Future gets the call's result or exception, for "map" the
+        chunk's raw answer (see _decode)."""
         self._check_open()
-        try:
-            payload, bufs = dumps(call)
-        except Exception as exc:
-            on_error(exc)
-            raise
+        prepared, failed = [], None
+        for call in calls:
+            try:
+                prepared.append(dumps(call))
+            except Exception as exc:
+                failed = (call, exc)
+                break
+        if not prepared:
+            return [], failed
         needs = self._ship()  # after pickling: the pickler may have registered a hand-imported module
-        big = [i for i, b in enumerate(bufs) if memoryview(b).nbytes >= _SCATTER_BYTES]
-        if big:
-            # Straight to a worker, not inside the task message through the scheduler (the task
-            # then depends on them: dask moves them to wherever it runs).
-            for i, fut in zip(big, self._client.scatter([bufs[i] for i in big], hash=False)):
-                bufs[i] = fut
-        cf = Future()
+        header = (self._config, needs, op)
+        for _, bufs in prepared:
+            big = [i for i, b in enumerate(bufs) if memoryview(b).nbytes >= _SCATTER_BYTES]
+            if big:
+                # Straight to a worker, not inside the task message through the scheduler (the
+                # task then depends on them: dask moves them to wherever it runs).
+                for i, fut in zip(big, self._client.scatter([bufs[i] for i in big], hash=False)):
+                    bufs[i] = fut
         with self._lock:
             self._check_open()
-            df = self._client.submit(_chunk_task, (self._config, needs, op), payload, bufs, pure=False,
-                                     retries=self._retries)
-            self._pending[df.key] = (df, cf, op, bufs)
-        cf.add_done_callback(lambda cf: cf.cancelled() and self._cancel([df]))
-        df.add_done_callback(self._chunk_done)
-        return df, cf
+            if len(prepared) == 1:
+                dfs = [self._client.submit(_chunk_task, header, *prepared[0], pure=False, retries=self._retries)]
+            else:
+                dfs = self._client.map(_chunk_task, [header] * len(prepared), [p for p, _ in prepared],
+                                       [b for _, b in prepared], pure=False, retries=self._retries)
+            out = []
+            for df, (_, bufs) in zip(dfs, prepared):
+                cf = Future()
+                self._pending[df.key] = (df, cf, op, bufs)
+                out.append((df, cf))
+        for df, cf in out:
+            cf.add_done_callback(lambda cf, df=df: cf.cancelled() and self._cancel([df]))
+            df.add_done_callback(self._chunk_done)
+        return out, failed
 
     def _chunk_done(self, df):
-        """A dask future finished (dask's callback thread): resolve its concurrent Future."""
-        with self._lock:
-            entry = self._pending.pop(df.key, None)
-        if entry is None:
-            return
-        _, cf, op, _ = entry
+        """A dask future finished (dask's callback thread): hand it to the collector."""
+        self._done.put(df)
+
+    def _collect(self):
+        """The collector thread: takes finished dask futures in batches and fetches the results
+        of a batch with one gather (one round trip through the scheduler, where a result() per
+        future would make one each), then resolves their concurrent Futures."""
+        while True:
+            df = self._done.get()
+            if df is None:
+                return
+            batch = [df]
+            while len(batch) < _GATHER_BATCH:
+                try:
+                    df = self._done.get_nowait()
+                except queue.Empty:
+                    break
+                if df is None:
+                    self._done.put(None)  # after this batch
+                    break
+                batch.append(df)
+            with self._lock:
+                entries = [e for e in (self._pending.pop(df.key, None) for df in batch) if e is not None]
+            finished = [e for e in entries if e[0].status == "finished" and not e[1].done()]
+            if finished:
+                try:
+                    raws = self._client.gather([e[0] for e in finished])
+                except Exception:
+                    pass  # one of them went missing meanwhile: each on its own below
+                else:
+                    for e, raw in zip(finished, raws):
+                        self._resolve(e, raw)
+            for e in entries:
+                if not e[1].done():
+                    self._resolve(e)
+
+    _NO_RAW = object()
+
+    def _resolve(self, entry, raw=_NO_RAW):
+        df, cf, op, _ = entry
         if cf.done():
             return
         try:
-            raw = df.result()
+            if raw is self._NO_RAW:
+                raw = df.result()
             if op == "call":
                 values, err = _decode(raw)
                 if err is not None:
@@ -372,7 +430,10 @@ class ClusterExecutor(_Executor):
         """Schedule fn(*args, **kwargs) on the cluster; returns a ``concurrent.futures.Future``
         (cancelling it cancels the dask task). An argument that cannot be pickled raises here,
         naming its path."""
-        return self._submit_chunk("call", (fn, args, kwargs), lambda exc: _raise_call_error(fn, args, kwargs, exc))[1]
+        out, failed = self._submit_chunks("call", [(fn, args, kwargs)])
+        if failed:
+            _raise_call_error(fn, args, kwargs, failed[1])
+        return out[0][1]
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, progress=False, total=None):
         """Like ``Executor.map``: results in order, ``chunksize`` items per dask task. The
@@ -391,7 +452,7 @@ class ClusterExecutor(_Executor):
                 total = None
         chunks = _chunks(iter(iterables[0]) if single else zip(*iterables), chunksize)
         window = collections.deque()
-        limit = self._window()
+        limit = self._window(chunksize)
         self._fill(window, limit, fn, chunks, single)
         return self._ordered(window, limit, fn, chunks, single, end, progress, total)
 
@@ -401,24 +462,28 @@ class ClusterExecutor(_Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         chunks = _chunks(iter(iterable), chunksize)
-        return self._unordered(fn, chunks, progress, total)
+        return self._unordered(fn, chunks, chunksize, progress, total)
 
-    def _window(self):
+    def _window(self, chunksize):
+        """Chunks one map keeps in flight: enough to keep every dask thread busy while results
+        travel, and for small chunks enough items to hide the round trips (at most _WINDOW_ITEMS
+        items or _WINDOW_CHUNKS chunks: the memory a map may hold is bounded)."""
         if self._max_in_flight is not None:
             return self._max_in_flight
         try:
             threads = sum(self._client.nthreads().values())
         except Exception:
             threads = 2
-        return max(4, 2 * threads)
+        return max(2 * threads + 2, min(_WINDOW_CHUNKS, _WINDOW_ITEMS // chunksize))
 
     def _fill(self, window, limit, fn, chunks, single):
-        while len(window) < limit:
-            chunk = next(chunks, None)
-            if chunk is None:
-                return False
-            window.append(self._submit_chunk("map", (fn, chunk, single), lambda exc: _raise_map_error(fn, chunk, exc)))
-        return True
+        calls = [(fn, chunk, single) for chunk in itertools.islice(chunks, limit - len(window))]
+        if not calls:
+            return
+        out, failed = self._submit_chunks("map", calls)
+        window.extend(out)
+        if failed:
+            _raise_map_error(fn, failed[0][1], failed[1])
 
     def _ordered(self, window, limit, fn, chunks, single, end, progress, total):
         bar = _progress_bar(progress, total)
@@ -433,7 +498,8 @@ class ClusterExecutor(_Executor):
                 except _FuturesTimeout:
                     raise
                 window.popleft()
-                self._fill(window, limit, fn, chunks, single)
+                if len(window) <= limit // 2:  # top up in batches: one scheduler message each
+                    self._fill(window, limit, fn, chunks, single)
                 values, err = _decode(raw)
                 if bar is not None:
                     bar.update(len(values))
@@ -445,9 +511,9 @@ class ClusterExecutor(_Executor):
                 bar.close()
             self._cancel([df for df, _ in window])
 
-    def _unordered(self, fn, chunks, progress, total):
+    def _unordered(self, fn, chunks, chunksize, progress, total):
         bar = _progress_bar(progress, total)
-        limit = self._window()
+        limit = self._window(chunksize)
         done = collections.deque()
         ready = threading.Condition()
         live = {}
@@ -460,14 +526,15 @@ class ClusterExecutor(_Executor):
 
         try:
             while True:
-                while not exhausted and len(live) < limit:
-                    chunk = next(chunks, None)
-                    if chunk is None:
-                        exhausted = True
-                        break
-                    df, cf = self._submit_chunk("map", (fn, chunk, True), lambda exc: _raise_map_error(fn, chunk, exc))
-                    live[cf] = df
-                    cf.add_done_callback(arrived)
+                if not exhausted and len(live) <= limit // 2:
+                    calls = [(fn, chunk, True) for chunk in itertools.islice(chunks, limit - len(live))]
+                    exhausted = len(calls) < limit - len(live)
+                    out, failed = self._submit_chunks("map", calls) if calls else ([], None)
+                    for df, cf in out:
+                        live[cf] = df
+                        cf.add_done_callback(arrived)
+                    if failed:
+                        _raise_map_error(fn, failed[0][1], failed[1])
                 if not live:
                     return
                 with ready:
@@ -561,8 +628,10 @@ class ClusterExecutor(_Executor):
                     pass
         if first:
             self._stop.set()
+            self._done.put(None)
             if wait:
                 self._monitor.join()
+                self._collector.join()
             if self._own_client:
                 if self._broken is not None:
                     self._client.close(timeout=2)  # no scheduler to say goodbye to
