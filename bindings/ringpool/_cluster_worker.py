@@ -225,7 +225,13 @@ def run(header, payload, buffers):
     config, needs, op = header
     pool = _pool(config)
     with _Versions(needs):
-        call = pickle.loads(payload, buffers=buffers)
+        try:
+            call = pickle.loads(payload, buffers=buffers)
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                f"{exc} on {host_label()}: the task refers to a module the client imports from its own "
+                f"sys.path; register it there (ringpool.register_module({exc.name!r})) to ship it to the "
+                f"cluster", name=exc.name) from None
         values, err = [], None
         try:
             if op == "call":

@@ -352,3 +352,20 @@ def test_local_cluster_with_processes(tmp_path):
             (pids,) = stats["pools"].values()
             assert len(pids) == 2
         assert client.status == "running"  # a client given to us stays open
+
+
+def test_a_module_only_on_the_client_path_names_the_fix(ex, tmp_path, monkeypatch):
+    name = "rp_cluster_client_only"
+    (tmp_path / f"{name}.py").write_text("def double(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    mod = importlib.import_module(name)
+    try:
+        with pytest.raises(ModuleNotFoundError, match=rf"register_module\('{name}'\)"):
+            ex.submit(mod.double, 2).result(60)
+        ringpool.register_module(mod)
+        assert ex.submit(mod.double, 2).result(60) == 4
+    finally:
+        ringpool.modules.purge(name)
+        sys.modules.pop(name, None)
