@@ -155,9 +155,12 @@ class _PoolPlugin(WorkerPlugin):
         _cluster_worker.prepare(worker.address)
 
     def teardown(self, worker):
-        from . import _cluster_worker
+        # Also called when another ClusterExecutor registers this plugin again (dask replaces a
+        # plugin of the same name): the pools, shared by every executor, stop only with the worker.
+        if getattr(worker.status, "name", "").startswith("clos"):
+            from . import _cluster_worker
 
-        _cluster_worker.shutdown_pools()
+            _cluster_worker.shutdown_pools()
 
 
 def _decode(value):

@@ -1,5 +1,7 @@
 """Real dask schedulers and workers for the cluster tests and benchmark: subprocesses, each in its
-own session (process group), killed with their whole group when the test ends, even on failure."""
+own process group, killed with their whole group when the test ends, even on failure. (A process
+group, not a session: with the kernel's autogroup scheduling a new session would get its own share
+of the CPU, and a benchmark would compare processes with unequal shares.)"""
 import json
 import os
 import signal
@@ -54,7 +56,7 @@ class Procs:
         e.update(env or {})
         out = open(os.path.join(self.tmp.name, f"{log}-{len(self.procs)}.log"), "wb")
         p = subprocess.Popen([*prefix, *argv], env=e, cwd=cwd or self.tmp.name, stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+                             stdin=subprocess.DEVNULL, process_group=0)
         p.log_path = out.name
         out.close()
         self.procs.append(p)

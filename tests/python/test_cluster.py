@@ -369,3 +369,14 @@ def test_a_module_only_on_the_client_path_names_the_fix(ex, tmp_path, monkeypatc
     finally:
         ringpool.modules.purge(name)
         sys.modules.pop(name, None)
+
+
+def test_two_executors_share_the_node_local_pools(ex, cluster):
+    before = {a: s["pools"] for a, s in ex.cluster_stats().items()}
+    with ClusterExecutor(cluster[1], processes_per_worker=1) as other:
+        it = ex.map(_sleep, [0.05] * 40, chunksize=2)  # running while the other registers
+        assert list(other.map(_square, range(30), chunksize=3)) == [i * i for i in range(30)]
+        assert list(it) == [0.05] * 40
+    after = {a: s["pools"] for a, s in ex.cluster_stats().items()}
+    for a, pools in before.items():  # the same pool processes: none was shut down and restarted
+        assert {k: v for k, v in after[a].items() if k in pools} == pools
