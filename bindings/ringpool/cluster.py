@@ -238,7 +238,7 @@ class ClusterExecutor(_Executor):
         self._shipped = {}          # package name -> hash registered on the cluster
         self._shipped_version = -1  # modules.registry_version() at the last check
         self._transfers = collections.Counter()  # package name -> plugin registrations (versions)
-        self._pending = {}          # dask future key -> (dask future, concurrent Future)
+        self._pending = {}          # dask future key -> (dask future, concurrent Future, op, buffers held)
         self._shutdown = False
         self._broken = None
         try:

@@ -26,7 +26,13 @@ import _dask_procs as dp  # noqa: E402
 import _cluster_tasks  # noqa: E402
 from _cluster_tasks import _add, _fail_at, _kill_my_dask_worker, _kill_my_dask_worker_once, _sleep, _square  # noqa: E402
 
-ringpool.register_module(_cluster_tasks)
+
+@pytest.fixture(scope="module", autouse=True)
+def _tasks_registered():
+    # Registered for this module's tests only: other test modules expect an empty registry.
+    ringpool.register_module(_cluster_tasks)
+    yield
+    ringpool.modules.purge("_cluster_tasks")
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -341,7 +347,17 @@ def test_worker_without_ringpool_gets_a_message_saying_so(procs):
             f.result(60)
 
 
-def test_local_cluster_with_processes(tmp_path):
+@pytest.fixture
+def environ_restored():
+    # A nanny in this process (LocalCluster) sets its pre-spawn environment (OMP_NUM_THREADS=1,
+    # MKL_NUM_THREADS=1, ...) in os.environ for good: later tests must not inherit it.
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_local_cluster_with_processes(tmp_path, environ_restored):
     # LocalCluster starts daemonic worker processes through nannies.
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
                                   local_directory=str(tmp_path)) as lc, \

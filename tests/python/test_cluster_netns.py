@@ -19,7 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cluster_tasks  # noqa: E402
 import _dask_procs as dp  # noqa: E402
 
-ringpool.register_module(_cluster_tasks)
+
+@pytest.fixture(scope="module", autouse=True)
+def _tasks_registered():
+    ringpool.register_module(_cluster_tasks)
+    yield
+    ringpool.modules.purge("_cluster_tasks")
 
 
 def _ip(*args, check=True):
