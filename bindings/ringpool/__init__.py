@@ -15,6 +15,9 @@ Public API:
 - ``import_module_from_path(name, path)``, ``register_module(module)``, ``reload(name)``:
   packages imported from arbitrary folders, snapshotted so that workers can import them too
   (``ringpool.modules``; docs/design/code-shipping.md).
+- ``ClusterExecutor``: the Executor's surface over a dask.distributed cluster, each dask worker
+  running its tasks through a node-local pool (``ringpool.cluster``; imported, with dask, only when
+  first used; docs/guide/cluster.md).
 - ``Bundle``, ``BundleWriter``: zip archives of packages, resources and pickles with
   intern/extern/mock/deny rules, loaded in isolation or as the workers' environment
   (``get_context(bundle=...)``).
@@ -51,6 +54,7 @@ __all__ = [
     "Bundle",
     "BundleError",
     "BundleWriter",
+    "ClusterExecutor",
     "Connection",
     "Executor",
     "JoinableQueue",
@@ -70,3 +74,12 @@ __all__ = [
     "reload",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    # Lazily: importing ringpool must not import dask.distributed.
+    if name == "ClusterExecutor":
+        from .cluster import ClusterExecutor
+
+        return ClusterExecutor
+    raise AttributeError(f"module 'ringpool' has no attribute {name!r}")

@@ -251,6 +251,19 @@ class RingpoolContext(_mp_context.BaseContext):
                     bundled = set() if self.bundle is None else {n.partition(".")[0] for n in self.bundle.modules()}
                     settings["auto_preload"] = _preloadable_modules(bundled)
                 config = pickle.dumps(settings)
+                if len(config) > _ZYGOTE_CONFIG_MAX:
+                    # Registered packages too large for the one control message: the zygote gets
+                    # those that fit, each worker the others at its start (popen._ringpool_state
+                    # sends what _zygote_modules does not list).
+                    room = _ZYGOTE_CONFIG_MAX - (len(config) - sum(len(b) for b in settings["modules"])) - 1024
+                    kept = []
+                    for s, data in zip(snaps, settings["modules"]):
+                        if len(data) + 64 <= room:
+                            kept.append((s, data))
+                            room -= len(data) + 64
+                    settings["modules"] = [data for _, data in kept]
+                    self._zygote_modules = {s.name: s.hash for s, _ in kept}
+                    config = pickle.dumps(settings)
                 self._zygote_has_bundle = False
                 if self.bundle is not None:
                     with_bundle = pickle.dumps({**settings, "bundle": (self.bundle.path, self.bundle.data)})

@@ -458,3 +458,26 @@ def test_hand_imported_module_shadowed_on_sys_path_is_shipped(tmp_path, monkeypa
         assert modules.registry_version() == version
     finally:
         sys.modules.pop("rp_shadowed", None)
+
+
+def _data_len(name):
+    import importlib
+
+    return len(importlib.import_module(name).DATA)
+
+
+def test_packages_larger_than_the_zygote_configuration_go_to_each_worker(tmp_path):
+    # The zygote's configuration is one control message (about 1 MiB): registered packages that
+    # do not fit in it reach each worker at its start instead of failing the spawn.
+    name = "rp_big_for_the_zygote"
+    pkg = tmp_path / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(f"DATA = {'x' * (3 << 20)!r}\n")
+    ringpool.import_module_from_path(name, pkg)
+    ctx = ringpool.get_context(preload=["json"])
+    try:
+        with ringpool.Executor(2, mp_context=ctx) as ex:
+            assert list(ex.map(_data_len, [name] * 4)) == [3 << 20] * 4
+        assert name not in ctx._zygote_modules
+    finally:
+        ctx.shutdown()

@@ -1,0 +1,255 @@
+"""The dask-worker side of ``ringpool.ClusterExecutor`` (client side: ``ringpool/cluster.py``).
+
+::
+
+    dask worker process (one per host, or several)
+    ├─ snapshot/bundle plugins ──► receive_snapshot / receive_bundle: bytes kept by hash, counted
+    └─ task threads ──► run(header, payload, buffers)
+          1. pool(config): the node-local ringpool.Executor for this configuration (started once,
+             reused by every later chunk; shut down by the pool plugin's teardown)
+          2. _Versions: install the exact package hashes the chunk was pickled with, waiting until
+             no running chunk uses another version (a chunk never mixes versions)
+          3. unpickle (fn, items), fan them out to the local pool, pickle the results
+             (out-of-band buffers: numpy arrays go through dask's frames, not inside a pickle)
+
+This module imports no dask: the client's task function (built by value, so that a host without
+ringpool gets a message saying so instead of an unpickling traceback) imports it on the worker.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import multiprocessing
+import os
+import pickle
+import socket
+import threading
+import time
+import traceback
+
+from . import modules
+
+# How long a chunk waits for a package version it needs to arrive (its plugin is registered before
+# the first task that needs it is submitted, and a worker that joins later gets the plugins in its
+# registration, before any task: this only covers a message still in flight).
+_SNAPSHOT_WAIT = 30.0
+_KEEP_VERSIONS = 4  # older versions of one package kept for chunks submitted before a reload
+
+_cond = threading.Condition()
+_store = {}                           # hash -> Snapshot received here
+_by_name = collections.defaultdict(collections.deque)  # name -> hashes, oldest first
+_received = collections.Counter()     # (name, hash) -> times its bytes arrived in this process
+_bundles = {}                         # bundle hash -> Bundle
+_pools = {}                           # config -> ringpool.Executor
+_address = None                       # this dask worker's address, for messages
+_active = 0                           # chunks running
+_active_versions = {}                 # name -> hash the running chunks use
+
+
+def host_label():
+    return f"{_address or 'dask worker'} on host {socket.gethostname()} (pid {os.getpid()})"
+
+
+def prepare(address):
+    """The pool plugin's setup: remember our address; let this process start workers.
+
+    Python forbids a daemonic process (what a nanny and LocalCluster(processes=True) start, by
+    default) from having children, because they would be orphaned when it is terminated at its
+    parent's exit. ringpool's workers cannot be orphaned: they watch the outermost ringpool
+    process (this dask worker) and die with it even when it is SIGKILLed (_worker._watch_root,
+    docs/design/spawner.md). So the flag is lifted for this process; the dask worker itself is
+    still ended by its nanny as before."""
+    global _address
+    _address = address
+    cfg = multiprocessing.current_process()._config
+    if cfg.get("daemon"):
+        cfg["daemon"] = False
+
+
+def receive_snapshot(data):
+    snap = modules.Snapshot.from_bytes(data)
+    with _cond:
+        _received[(snap.name, snap.hash)] += 1
+        if snap.hash not in _store:
+            _store[snap.hash] = snap
+            hashes = _by_name[snap.name]
+            hashes.append(snap.hash)
+            while len(hashes) > _KEEP_VERSIONS:
+                old = hashes.popleft()
+                if _active_versions.get(snap.name) != old:
+                    _store.pop(old, None)
+        _cond.notify_all()
+
+
+def receive_bundle(label, data):
+    from .bundle import Bundle
+
+    b = Bundle._from_data(label, data)
+    with _cond:
+        _received[("<bundle>", b.hash)] += 1
+        _bundles.setdefault(b.hash, b)
+        _cond.notify_all()
+
+
+def stats():
+    """What this dask worker received and runs: for tests, the benchmark and troubleshooting."""
+    with _cond:
+        return {"received": {f"{n}:{h}": c for (n, h), c in _received.items()},
+                "installed": modules.installed(),
+                "pools": {repr(k): p.worker_pids() for k, p in _pools.items()},
+                "pid": os.getpid(), "host": socket.gethostname()}
+
+
+def shutdown_pools():
+    with _cond:
+        pools = list(_pools.values())
+        _pools.clear()
+    for p in pools:
+        p.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool(config):
+    processes, preload, bundle_hash = config
+    with _cond:
+        p = _pools.get(config)
+        if p is not None:
+            return p
+        from .context import get_context
+        from .executor import Executor
+
+        bundle = None
+        if bundle_hash is not None:
+            end = time.monotonic() + _SNAPSHOT_WAIT
+            while bundle_hash not in _bundles:
+                if not _cond.wait(max(0.0, end - time.monotonic())) and time.monotonic() >= end:
+                    raise RuntimeError(f"bundle {bundle_hash[:12]} did not reach {host_label()} within "
+                                       f"{_SNAPSHOT_WAIT:g} s")
+            bundle = _bundles[bundle_hash]
+        if multiprocessing.current_process()._config.get("daemon"):
+            # No pool plugin ran here (a worker started some other way): lift it as prepare() does.
+            prepare(_address)
+        ctx = get_context(preload=preload or None, bundle=bundle)
+        try:
+            p = Executor(processes or len(os.sched_getaffinity(0)) or 1, mp_context=ctx)
+        except AssertionError as exc:
+            raise RuntimeError(f"{host_label()} cannot start ringpool workers ({exc}): start dask workers "
+                               f"without the daemon flag (DASK_DISTRIBUTED__WORKER__DAEMON=False)") from exc
+        _pools[config] = p
+        return p
+
+
+class _Versions:
+    """Hold the exact package versions ``needs`` while a chunk runs: install them (waiting for
+    their bytes, and for running chunks of other versions to finish), count the chunk in."""
+
+    def __init__(self, needs):
+        self.needs = needs
+
+    def __enter__(self):
+        global _active
+        needs = self.needs
+        end = time.monotonic() + _SNAPSHOT_WAIT
+        with _cond:
+            while True:
+                missing = [(n, h) for n, h in needs if h not in _store and modules.installed().get(n) != h]
+                clash = _active and any(_active_versions.get(n, h) != h for n, h in needs)
+                if not missing and not clash:
+                    break
+                left = end - time.monotonic()
+                if left <= 0:
+                    if missing:
+                        raise RuntimeError(f"packages {', '.join(f'{n} {h[:12]}' for n, h in missing)} did not reach "
+                                           f"{host_label()} within {_SNAPSHOT_WAIT:g} s")
+                    end = time.monotonic() + _SNAPSHOT_WAIT  # other chunks still running: keep waiting
+                    continue
+                _cond.wait(min(left, 1.0))
+            have = modules.installed()
+            for n, h in needs:
+                if have.get(n) != h and n not in modules._registry:  # registered: the client's own process
+                    modules.install(_store[h])  # pushed to the local pool's workers (popen's listener)
+                _active_versions[n] = h
+            _active += 1
+
+    def __exit__(self, *exc):
+        global _active
+        with _cond:
+            _active -= 1
+            if not _active:
+                _active_versions.clear()
+            _cond.notify_all()
+
+
+def dumps(obj):
+    """ringpool's hybrid pickle of obj, its protocol-5 out-of-band buffers apart, as uint8 numpy
+    arrays: dask sends those as frames of their own (its numpy serializer), so a large array is
+    neither copied into a pickle nor pickled again by dask (whose messages through the scheduler
+    use pickle protocol 4, where a PickleBuffer cannot go). Without numpy, buffers are bytes."""
+    from .reduction import Pickler
+
+    bufs = []
+    f = io.BytesIO()
+    Pickler(f, 5, buffer_callback=bufs.append).dump(obj)
+    if bufs:
+        try:
+            import numpy
+        except ImportError:
+            bufs = [bytes(b.raw()) for b in bufs]
+        else:
+            bufs = [numpy.frombuffer(b.raw(), dtype=numpy.uint8) for b in bufs]
+    return f.getvalue(), bufs
+
+
+def _error(exc, prefix=""):
+    from .executor import RemoteTraceback
+
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        tb = cause.tb
+    else:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = f"{prefix}[on {host_label()}]\n{tb}"
+    try:
+        pickle.dumps(exc)
+    except Exception as perr:
+        exc = RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception itself could not be pickled: {perr})")
+    exc.__cause__ = None
+    exc.__context__ = None
+    exc.__traceback__ = None
+    return exc, tb
+
+
+def run(header, payload, buffers):
+    """One chunk. header: (config, needs, op); payload + buffers: ringpool's pickle of the call.
+    Returns the pickle (and out-of-band buffers) of (values, error): the values of the items
+    before the first that failed, and that failure as (exception, remote traceback) or None."""
+    config, needs, op = header
+    pool = _pool(config)
+    with _Versions(needs):
+        try:
+            call = pickle.loads(payload, buffers=buffers)
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                f"{exc} on {host_label()}: the task refers to a module the client imports from its own "
+                f"sys.path; register it there (ringpool.register_module({exc.name!r})) to ship it to the "
+                f"cluster", name=exc.name) from None
+        values, err = [], None
+        try:
+            if op == "call":
+                fn, args, kwargs = call
+                values.append(pool.submit(fn, *args, **kwargs).result())
+            else:
+                fn, items, single = call
+                if single:
+                    it = pool.map(fn, items)
+                else:
+                    it = pool.map(fn, *zip(*items)) if items else iter(())
+                for v in it:
+                    values.append(v)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                raise
+            err = _error(exc)
+        try:
+            return dumps((values, err))
+        except Exception as exc:
+            return dumps(([], _error(exc, "a result could not be pickled\n")))

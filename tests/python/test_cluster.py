@@ -1,0 +1,398 @@
+"""ringpool.ClusterExecutor (ringpool/cluster.py, ringpool/_cluster_worker.py) against a real dask
+scheduler and real dask workers on loopback: subprocesses in their own sessions, started with a
+nanny (so the dask workers are daemonic processes), each with an empty working directory and only
+ringpool on its path; every process group is killed when its test (or module) ends."""
+import concurrent.futures as cf
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+np = pytest.importorskip("numpy")
+
+import ringpool  # noqa: E402
+from ringpool import _cluster_worker  # noqa: E402
+from ringpool.cluster import ClusterExecutor, ClusterWorkerDied, SchedulerLost  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _dask_procs as dp  # noqa: E402
+# The task functions live in a module the dask workers do not have: registered, it is shipped.
+import _cluster_tasks  # noqa: E402
+from _cluster_tasks import _add, _fail_at, _kill_my_dask_worker, _kill_my_dask_worker_once, _sleep, _square  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tasks_registered():
+    # Registered for this module's tests only: other test modules expect an empty registry.
+    ringpool.register_module(_cluster_tasks)
+    yield
+    ringpool.modules.purge("_cluster_tasks")
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    procs = dp.Procs()
+    try:
+        _, address = procs.scheduler()
+        for i in range(2):
+            procs.worker(address, f"w{i}")
+        yield procs, address
+    finally:
+        procs.close()
+
+
+@pytest.fixture(scope="module")
+def ex(cluster):
+    e = ClusterExecutor(cluster[1], processes_per_worker=1)
+    try:
+        dp.wait_workers(e.client, 2)
+        yield e
+    finally:
+        e.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.fixture
+def procs():
+    p = dp.Procs()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _make_package(root, name, version, pad=0):
+    pkg = root / name
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(
+        f"VERSION = {version}\n"
+        "from .tools import Point\n"
+        "def where(x):\n"
+        "    import os\n"
+        "    return (VERSION, x, os.getcwd())\n")
+    (pkg / "tools.py").write_text(
+        "class Point:\n"
+        "    def __init__(self, x):\n"
+        "        self.x = x\n"
+        "    def norm(self):\n"
+        "        return abs(self.x)\n")
+    if pad:
+        (pkg / "blob.py").write_text(f"DATA = {'x' * pad!r}\n")
+    return pkg
+
+
+# -- the Executor surface ---------------------------------------------------------------------------
+
+def test_import_ringpool_does_not_import_dask():
+    code = "import sys, ringpool; assert 'distributed' not in sys.modules and 'dask' not in sys.modules; " \
+           "assert ringpool.ClusterExecutor.__module__ == 'ringpool.cluster'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": dp.BINDINGS})
+
+
+def test_submit_map_and_waiting(ex):
+    assert ex.submit(_square, 7).result(60) == 49
+    assert ex.submit(_add, 2, b=5).result(60) == 7
+    futs = [ex.submit(_square, i) for i in range(20)]
+    assert sorted(f.result() for f in cf.as_completed(futs, timeout=60)) == [i * i for i in range(20)]
+    done, not_done = cf.wait(futs, timeout=60)
+    assert len(done) == 20 and not not_done
+    for chunksize in (1, 7, 64):
+        assert list(ex.map(_square, range(300), chunksize=chunksize)) == [i * i for i in range(300)]
+    assert list(ex.map(_add, range(50), range(100, 150), chunksize=8)) == [i + 100 + i for i in range(50)]
+    assert list(ex.map(_square, [])) == []
+    assert sorted(ex.imap_unordered(_square, iter(range(200)), chunksize=9)) == [i * i for i in range(200)]
+    assert list(ex.map(_square, range(10), chunksize=3, progress=True)) == [i * i for i in range(10)]
+    assert ex.submit(lambda: 41 + 1).result(60) == 42  # by value, as in ringpool.Executor
+
+
+def test_map_is_lazy_with_a_bounded_window(cluster):
+    pulled = []
+
+    def items():
+        for i in range(10_000):
+            pulled.append(i)
+            yield i
+
+    with ClusterExecutor(cluster[1], processes_per_worker=1, max_in_flight=3) as e:
+        it = e.map(_square, items(), chunksize=10)
+        assert len(pulled) <= 30  # three chunks submitted at the call
+        assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
+        assert len(pulled) <= 40
+        it.close()
+
+
+def test_remote_exception_carries_its_traceback_and_host(ex):
+    with pytest.raises(ValueError, match="item 3 is bad") as info:
+        ex.submit(_fail_at, 3, 3).result(60)
+    tb = str(info.value.__cause__)
+    assert isinstance(info.value.__cause__, ringpool.RemoteTraceback)
+    assert "_fail_at" in tb and "raise ValueError" in tb and "on host" in tb
+    # In map, the items before the failing one are yielded, then its error raises.
+    it = ex.map(_fail_at, range(10), [5] * 10, chunksize=4)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="item 5 is bad"):
+        next(it)
+
+
+def test_unpicklable_function_or_argument_fails_in_submit_naming_the_path(ex):
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"args\[0\]\['held'\]"):
+        ex.submit(_square, {"held": lock})
+    with pytest.raises(TypeError, match=r"fn"):
+        ex.submit(lambda: lock)
+    with pytest.raises(TypeError, match=r"items\[1\]"):
+        list(ex.map(_square, [1, lock], chunksize=2))
+    assert ex.submit(_square, 3).result(60) == 9
+
+
+def test_shutdown_cancel_futures(cluster):
+    e = ClusterExecutor(cluster[1], processes_per_worker=1)
+    futs = [e.submit(_sleep, 0.5) for _ in range(12)]
+    t = time.monotonic()
+    e.shutdown(wait=True, cancel_futures=True)
+    assert time.monotonic() - t < 30
+    assert any(f.cancelled() for f in futs)
+    assert all(f.done() for f in futs)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        e.submit(_square, 1)
+
+
+# -- code shipping ----------------------------------------------------------------------------------
+
+def test_packages_reach_every_worker_once_per_version(ex, tmp_path):
+    name = "rp_cluster_pkg_a"
+    _make_package(tmp_path, name, 1, pad=5 << 20)  # a 5 MB package
+    mod = ringpool.import_module_from_path(name, tmp_path / name)
+    try:
+        out = list(ex.map(mod.where, range(40), chunksize=2))
+        assert [o[:2] for o in out] == [(1, i) for i in range(40)]
+        assert all(str(tmp_path) not in o[2] for o in out)  # ran elsewhere, in the workers' folders
+        p = ex.submit(mod.Point, -4).result(60)  # an object of a registered class, by reference
+        assert type(p) is mod.Point and p.norm() == 4
+        for _ in range(3):  # resubmitting the same version ships nothing again
+            assert ex.submit(mod.where, 0).result(60)[0] == 1
+        _make_package(tmp_path, name, 2, pad=5 << 20)
+        mod = ringpool.reload(name)
+        assert [o[:2] for o in ex.map(mod.where, range(40), chunksize=2)] == [(2, i) for i in range(40)]
+        stats = ex.cluster_stats()
+        assert len(stats) == 2
+        hashes = {f"{name}:{h}" for h in _shipped_hashes(stats, name)}
+        assert len(hashes) == 2
+        for addr, s in stats.items():
+            got = {k: v for k, v in s["received"].items() if k.startswith(name + ":")}
+            assert got == {h: 1 for h in hashes}, (addr, got)  # one transfer per worker per version
+        assert ex._transfers[name] == 2
+    finally:
+        ringpool.modules.purge(name)
+
+
+def _shipped_hashes(stats, name):
+    return {k.split(":", 1)[1] for s in stats.values() for k in s["received"] if k.startswith(name + ":")}
+
+
+def test_hand_imported_module_is_shipped(ex, tmp_path):
+    import importlib.util
+
+    name = "rp_cluster_hand"
+    (tmp_path / f"{name}.py").write_text("def triple(x):\n    return 3 * x\n")
+    spec = importlib.util.spec_from_file_location(name, tmp_path / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    try:
+        assert list(ex.map(mod.triple, range(6), chunksize=2)) == [0, 3, 6, 9, 12, 15]
+    finally:
+        ringpool.modules.purge(name)
+        sys.modules.pop(name, None)
+
+
+def test_a_worker_joining_later_gets_the_packages(cluster, tmp_path):
+    procs, address = cluster
+    name = "rp_cluster_pkg_late"
+    _make_package(tmp_path, name, 7)
+    mod = ringpool.import_module_from_path(name, tmp_path / name)
+    e = ClusterExecutor(address, processes_per_worker=1)
+    late = None
+    try:
+        assert e.submit(mod.where, 1).result(60)[0] == 7
+        late = procs.worker(address, "late")
+        dp.wait_workers(e.client, 3)
+        stats = e.cluster_stats()
+        for addr, s in stats.items():
+            assert [v for k, v in s["received"].items() if k.startswith(name + ":")] == [1], addr
+        # Chunks land on all three (dask decides where), all with the package.
+        assert [o[:2] for o in e.map(mod.where, range(60), chunksize=1)] == [(7, i) for i in range(60)]
+    finally:
+        e.shutdown()
+        ringpool.modules.purge(name)
+        if late is not None:
+            dp.kill_group(late)
+
+
+def test_bundle_is_the_environment_on_every_host(cluster, tmp_path):
+    name = "rp_cluster_bundled"
+    out = tmp_path / "b.zip"
+    with ringpool.BundleWriter(out) as w:
+        w.save_source_string(name, "from .calc import compute\n", is_package=True)
+        w.save_source_string(f"{name}.calc", "def compute(x):\n    return ('bundled', x * x + 1)\n")
+    with ClusterExecutor(cluster[1], processes_per_worker=1, bundle=str(out)) as e:
+        assert e.submit(f"{name}.calc:compute", 3).result(60) == ("bundled", 10)
+        assert list(e.map(f"{name}:compute", range(4), chunksize=2)) == [("bundled", x * x + 1) for x in range(4)]
+        assert all(v["received"] for v in e.cluster_stats().values())
+    assert name not in sys.modules
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+def test_numpy_buffers_travel_out_of_band():
+    a = np.arange(1 << 20, dtype=np.float64)
+    payload, bufs = _cluster_worker.dumps((np.negative, [a], True))
+    assert len(payload) < 1000  # the array is not inside the pickle ...
+    assert [b.nbytes for b in bufs] == [a.nbytes] and np.shares_memory(bufs[0], a)  # ... nor copied
+
+
+def test_large_numpy_arguments_and_results(ex):
+    a = np.random.default_rng(0).random(2_000_000)
+    r = ex.submit(np.multiply, a, 2.0).result(120)
+    assert isinstance(r, np.ndarray) and np.array_equal(r, a * 2.0)
+    parts = np.split(np.arange(4_000_000, dtype=np.int64), 4)
+    sums = list(ex.map(np.sum, parts, chunksize=2))
+    assert sums == [int(p.sum()) for p in parts]
+
+
+# -- failures ---------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_dask_worker_killed_mid_map_reruns_its_chunks(procs, tmp_path):
+    _, address = procs.scheduler()
+    for i in range(2):
+        procs.worker(address, f"k{i}")
+    with ClusterExecutor(address, processes_per_worker=1) as e:
+        dp.wait_workers(e.client, 2)
+        out = list(e.map(_kill_my_dask_worker_once, range(200), [str(tmp_path / "marker")] * 200, [57] * 200,
+                         chunksize=5))
+        assert out == [3 * i for i in range(200)]  # every result once, in order
+        assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.timeout(180)
+def test_no_retry_left_fails_with_worker_died_naming_the_host(procs):
+    _, address = procs.scheduler(env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+    procs.worker(address, "only")
+    with ClusterExecutor(address, processes_per_worker=1) as e:
+        dp.wait_workers(e.client, 1)
+        worker = dp.wait_workers(e.client, 1)[0]
+        with pytest.raises(ClusterWorkerDied, match="died while running") as info:
+            e.submit(_kill_my_dask_worker, 0).result(120)
+        assert isinstance(info.value, ringpool.WorkerDied)
+        assert worker in str(info.value)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_losing_the_scheduler_fails_pending_futures_in_bounded_time(procs, how):
+    sched, address = procs.scheduler()
+    procs.worker(address, "s0")
+    e = ClusterExecutor(address, processes_per_worker=1, scheduler_timeout=3)
+    try:
+        dp.wait_workers(e.client, 1)
+        f = e.submit(_sleep, 60)
+        it = e.map(_sleep, [60] * 4)
+        time.sleep(0.5)
+        if how == "frozen":
+            os.killpg(sched.pid, signal.SIGSTOP)  # no reset: only the executor's pings notice
+        else:
+            os.killpg(sched.pid, signal.SIGKILL)
+        t = time.monotonic()
+        with pytest.raises(SchedulerLost, match=address):
+            f.result(60)
+        with pytest.raises(SchedulerLost):
+            next(it)
+        assert time.monotonic() - t < 30  # scheduler_timeout plus a ping's timeout, with room for load
+        with pytest.raises(SchedulerLost):
+            e.submit(_square, 1)
+    finally:
+        e.shutdown(wait=False)
+        os.killpg(sched.pid, signal.SIGKILL)
+
+
+def test_unreachable_address_fails_in_stated_time():
+    address = "tcp://127.0.0.1:9"  # discard: nothing listens
+    t = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"tcp://127\.0\.0\.1:9 within 2 s"):
+        ClusterExecutor(address, connect_timeout=2)
+    assert time.monotonic() - t < 60
+
+
+def test_worker_without_ringpool_gets_a_message_saying_so(procs):
+    _, address = procs.scheduler()
+    procs.worker(address, "bare", pythonpath=None)  # dask only: no ringpool on its path
+    with distributed.Client(address, timeout=30, set_as_default=False) as client:
+        dp.wait_workers(client, 1)
+        with pytest.raises(RuntimeError, match="ringpool is not importable on 1 dask worker"):
+            ClusterExecutor(client)
+        # A task that reaches such a worker anyway (it joined after the check) says so too.
+        from ringpool import cluster
+
+        f = client.submit(cluster._chunk_task, ((1, (), None), (), "call"), b"", [], pure=False)
+        with pytest.raises(RuntimeError, match="ringpool is not importable on the dask worker"):
+            f.result(60)
+
+
+@pytest.fixture
+def environ_restored():
+    # A nanny in this process (LocalCluster) sets its pre-spawn environment (OMP_NUM_THREADS=1,
+    # MKL_NUM_THREADS=1, ...) in os.environ for good: later tests must not inherit it.
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_local_cluster_with_processes(tmp_path, environ_restored):
+    # LocalCluster starts daemonic worker processes through nannies.
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  local_directory=str(tmp_path)) as lc, \
+            distributed.Client(lc, set_as_default=False) as client:
+        with ClusterExecutor(client, processes_per_worker=2) as e:
+            assert list(e.map(_square, range(50), chunksize=5)) == [i * i for i in range(50)]
+            (stats,) = e.cluster_stats().values()
+            (pids,) = stats["pools"].values()
+            assert len(pids) == 2
+        assert client.status == "running"  # a client given to us stays open
+
+
+def test_a_module_only_on_the_client_path_names_the_fix(ex, tmp_path, monkeypatch):
+    name = "rp_cluster_client_only"
+    (tmp_path / f"{name}.py").write_text("def double(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    mod = importlib.import_module(name)
+    try:
+        with pytest.raises(ModuleNotFoundError, match=rf"register_module\('{name}'\)"):
+            ex.submit(mod.double, 2).result(60)
+        ringpool.register_module(mod)
+        assert ex.submit(mod.double, 2).result(60) == 4
+    finally:
+        ringpool.modules.purge(name)
+        sys.modules.pop(name, None)
+
+
+def test_two_executors_share_the_node_local_pools(ex, cluster):
+    before = {a: s["pools"] for a, s in ex.cluster_stats().items()}
+    with ClusterExecutor(cluster[1], processes_per_worker=1) as other:
+        it = ex.map(_sleep, [0.05] * 40, chunksize=2)  # running while the other registers
+        assert list(other.map(_square, range(30), chunksize=3)) == [i * i for i in range(30)]
+        assert list(it) == [0.05] * 40
+    after = {a: s["pools"] for a, s in ex.cluster_stats().items()}
+    for a, pools in before.items():  # the same pool processes: none was shut down and restarted
+        assert {k: v for k, v in after[a].items() if k in pools} == pools
