@@ -79,7 +79,7 @@ __all__ = [
 def __getattr__(name):
     # Lazily: importing ringpool must not import dask.distributed.
     if name == "ClusterExecutor":
-        from .cluster import ClusterExecutor
+        from .cluster import ClusterExecutor  # lazy: it imports dask
 
         return ClusterExecutor
     raise AttributeError(f"module 'ringpool' has no attribute {name!r}")

@@ -28,6 +28,11 @@ import time
 import traceback
 
 from . import modules
+from ._errors import RemoteTraceback
+from .bundle import Bundle
+from .context import get_context
+from .executor import Executor
+from .reduction import Pickler
 
 # How long a chunk waits for a package version it needs to arrive (its plugin is registered before
 # the first task that needs it is submitted, and a worker that joins later gets the plugins in its
@@ -82,8 +87,6 @@ def receive_snapshot(data):
 
 
 def receive_bundle(label, data):
-    from .bundle import Bundle
-
     b = Bundle._from_data(label, data)
     with _cond:
         _received[("<bundle>", b.hash)] += 1
@@ -114,9 +117,6 @@ def _pool(config):
         p = _pools.get(config)
         if p is not None:
             return p
-        from .context import get_context
-        from .executor import Executor
-
         bundle = None
         if bundle_hash is not None:
             end = time.monotonic() + _SNAPSHOT_WAIT
@@ -184,8 +184,6 @@ def dumps(obj):
     arrays: dask sends those as frames of their own (its numpy serializer), so a large array is
     neither copied into a pickle nor pickled again by dask (whose messages through the scheduler
     use pickle protocol 4, where a PickleBuffer cannot go). Without numpy, buffers are bytes."""
-    from .reduction import Pickler
-
     bufs = []
     f = io.BytesIO()
     Pickler(f, 5, buffer_callback=bufs.append).dump(obj)
@@ -200,8 +198,6 @@ def dumps(obj):
 
 
 def _error(exc, prefix=""):
-    from .executor import RemoteTraceback
-
     cause = exc.__cause__
     if isinstance(cause, RemoteTraceback):
         tb = cause.tb

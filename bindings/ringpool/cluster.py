@@ -46,8 +46,10 @@ from concurrent.futures.process import BrokenProcessPool
 import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import modules
+from . import _cluster_worker, modules
 from ._cluster_worker import dumps
+from .bundle import _as_bundle
+from .reduction import explain_parts
 from .executor import RemoteTraceback, WorkerDied, _progress_bar, _raise_call_error
 
 __all__ = ["ClusterExecutor", "ClusterWorkerDied", "SchedulerLost"]
@@ -128,8 +130,6 @@ class _SnapshotPlugin(WorkerPlugin):
         self.data = data
 
     def setup(self, worker):
-        from . import _cluster_worker
-
         _cluster_worker.receive_snapshot(self.data)
 
 
@@ -139,8 +139,6 @@ class _BundlePlugin(WorkerPlugin):
         self.label, self.data = bundle.path, bundle.data
 
     def setup(self, worker):
-        from . import _cluster_worker
-
         _cluster_worker.receive_bundle(self.label, self.data)
 
 
@@ -150,17 +148,13 @@ class _PoolPlugin(WorkerPlugin):
     name = "ringpool-pool"
 
     def setup(self, worker):
-        from . import _cluster_worker
-
         _cluster_worker.prepare(worker.address)
 
     def teardown(self, worker):
         # Also called when another ClusterExecutor registers this plugin again (dask replaces a
         # plugin of the same name): the pools, shared by every executor, stop only with the worker.
         if getattr(worker.status, "name", "").startswith("clos"):
-            from . import _cluster_worker
-
-            _cluster_worker.shutdown_pools()
+                _cluster_worker.shutdown_pools()
 
 
 def _decode(value):
@@ -217,8 +211,6 @@ class ClusterExecutor(_Executor):
             raise ValueError("max_in_flight must be >= 1")
         if isinstance(preload, str):
             preload = (preload,)
-        from .bundle import _as_bundle
-
         self._bundle = _as_bundle(bundle)
         self._config = (processes_per_worker, tuple(preload or ()), self._bundle.hash if self._bundle else None)
         self._retries = int(retries)
@@ -279,6 +271,7 @@ class ClusterExecutor(_Executor):
 
     @property
     def client(self):
+        """The ``distributed.Client`` the executor submits through (given, or made from the address)."""
         return self._client
 
     # -- code shipping ----------------------------------------------------------------------------
@@ -651,8 +644,6 @@ def _chunks(it, size):
 
 
 def _raise_map_error(fn, chunk, exc):
-    from .reduction import explain_parts
-
     better = explain_parts([("fn", fn), *((f"items[{i}]", a) for i, a in enumerate(chunk))],
                            getattr(exc, "__cause__", None) or exc)
     if better is exc or better is getattr(exc, "__cause__", None):
