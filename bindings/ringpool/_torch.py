@@ -22,8 +22,8 @@ left behind. ``RINGPOOL_RECYCLE_SHARED=0`` in the environment turns the pool off
 torch's own shared storages are named, briefly: under the file_descriptor strategy
 ``share_memory_()`` creates ``/dev/shm/torch_<pid>_<random>_<n>``, sizes and maps it, and unlinks
 the name at once. A process SIGKILLed between the create and the unlink leaves the name behind for
-good. ``remove_left_segments(pid)`` removes them; ringpool's Popen calls it for a worker that ended
-abnormally, before reaping it (docs/design/security.md, "A killed worker leaks nothing").
+good. ``remove_left_segments(pid)`` removes them; ringpool's Popen calls it when it reaps a worker
+that ended abnormally (docs/design/security.md, "A killed worker leaks nothing").
 """
 from __future__ import annotations
 
@@ -138,10 +138,10 @@ def remove_left_segments(pid, directory="/dev/shm"):
     """Unlinks the shared-memory files torch named for process ``pid`` (``torch_<pid>_*``) that no
     process has open or mapped; returns their names.
 
-    Call it only for a process that is dead and not yet reaped: its zombie holds the pid, so no
-    other process can be creating files under that name meanwhile. A file someone holds (the
-    file_system strategy's storages live on under their names while in use) is left alone: the
-    test is the same write lease as SharedFilePool's, held while the name is removed.
+    Call it for a process that has ended. A file someone holds is left alone: a process that got
+    the pid since and is between torch's create and unlink has its file open, and the
+    file_system strategy's storages live on under their names while in use. The test is the same
+    write lease as SharedFilePool's, held while the name is removed.
     """
     prefix = f"torch_{pid}_"
     try:

@@ -249,38 +249,23 @@ class Popen:
     def poll(self, flag=os.WNOHANG):
         """The exit code (negative: the killing signal), or None while running; ``flag=0`` waits."""
         if self.returncode is None and self._child is not None:
-            if not self._observe_exit(flag):
-                return None  # still running
             rc = self._child.poll() if flag & os.WNOHANG else self._child.wait()
             if rc is not None:
                 self.returncode = rc
+                if rc != 0:
+                    self._remove_torch_segments()
         return self.returncode
 
-    def _observe_exit(self, flag):
-        """Waits for the exit as poll(flag) would, without reaping; whether the worker has exited.
-        A worker that ended abnormally (a signal, a non-zero status) may have died inside torch's
-        share_memory_(), between creating /dev/shm/torch_<pid>_* and unlinking it: remove what it
-        left while its zombie still holds the pid (no other process can be using that name)."""
-        sentinel = self._child.sentinel
-        while True:
-            try:
-                si = os.waitid(os.P_PIDFD, sentinel, os.WEXITED | os.WNOWAIT | (flag & os.WNOHANG))
-                break
-            except BlockingIOError:  # someone made the pidfd non-blocking: it has not exited yet
-                if flag & os.WNOHANG:
-                    return False
-                _mp_connection.wait([sentinel])
-            except OSError:
-                return True  # reaped already, or no pidfd to ask: the reap below says what it can
-        if si is None:
-            return False
-        if si.si_code != os.CLD_EXITED or si.si_status != 0:
-            from . import _torch  # light (no torch import): only on an abnormal exit
+    def _remove_torch_segments(self):
+        """A worker that ended abnormally (a signal, a non-zero status) may have died inside
+        torch's share_memory_(), between creating /dev/shm/torch_<pid>_* and unlinking it: remove
+        what it left. Only names nobody has open are removed (a write lease): a process that got
+        the pid since and is inside that window itself has its file open, so it is left alone."""
+        from . import _torch  # light (no torch import): only on an abnormal exit
 
-            left = _torch.remove_left_segments(self.pid)
-            if left:
-                _log.debug("removed %d torch segment(s) left by pid %d: %s", len(left), self.pid, ", ".join(left))
-        return True
+        left = _torch.remove_left_segments(self.pid)
+        if left:
+            _log.debug("removed %d torch segment(s) left by pid %d: %s", len(left), self.pid, ", ".join(left))
 
     def wait(self, timeout=None):
         """Wait up to ``timeout`` seconds (None: forever) for the exit; the exit code, or None on timeout."""
