@@ -104,6 +104,10 @@ _POLL_ITEMS = 256  # a consumer with results in hand reads the ring every this m
 # _SPAWN_ATTEMPTS failures in a row the pool is broken (BrokenProcessPool), never left hanging.
 _SPAWN_RETRY = 0.2
 _SPAWN_ATTEMPTS = 25
+# Workers that exit with an error status before taking a call while no worker has answered (a
+# script that makes the pool at module level, without the __main__ guard, kills each worker in its
+# start-up): after this many in a row the pool is broken instead of replacing them forever.
+_EARLY_DEATHS = 3
 # Functions that travel once per worker and are then named by number (hashable, and the same
 # object on every call, unlike bound methods or partials).
 _TABLED = (types.FunctionType, types.BuiltinFunctionType, str)
@@ -301,6 +305,7 @@ class Executor(_Executor):
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
         self._spawn_failures = 0        # replacement starts that failed in a row
+        self._early_deaths = 0          # workers dead before their first call, in a row (_EARLY_DEATHS)
         self._events = collections.deque()  # (level, message, args) to log once the lock is released
         with self._lock:
             for _ in range(self._max_workers):
@@ -1055,6 +1060,12 @@ class Executor(_Executor):
         w.load = 0
         w.unpublished.clear()
         self._backlog.extendleft(reversed(retry))
+        if code is not None and code > 0 and not w.answered and not w.calls.consumed:
+            self._early_deaths = 0 if any(o.answered for o in self._workers.values()) else self._early_deaths + 1
+            if self._early_deaths >= _EARLY_DEATHS:
+                self._break(_early_death_reason(self._early_deaths, proc.pid, code), None, done)
+        else:
+            self._early_deaths = 0
         busy = self._tasks or not self._shutdown
         replace = self._broken is None and busy and len(self._open_workers()) < self._max_workers
         if w.timed_out is not None:
@@ -1152,6 +1163,16 @@ class Executor(_Executor):
                 if w is not None:
                     posted.add(w.wid)
                     self._post((w.wid, None, _DIED, None, 0.0))
+
+
+def _early_death_reason(n, pid, code):
+    """The broken pool's reason when workers keep dying before their first call."""
+    reason = (f"{n} workers in a row exited before taking a task (the last, pid {pid}: "
+              f"{_describe_exit(code)}); see their error output above")
+    if code == 1:
+        reason += (". If the pool is made at the top level of the main script, put that code under "
+                   "'if __name__ == \"__main__\":' (workers import the main module, as under spawn)")
+    return reason
 
 
 def _emit(ok, value, chunksize, bar):

@@ -522,3 +522,30 @@ def test_worker_pids_names_the_live_workers():
         assert victim not in ex.worker_pids()
         assert ex.submit(_square, 3).result(60) == 9
         assert len(ex.worker_pids()) == 2
+
+
+_UNGUARDED = """
+import ringpool
+
+def square(x):
+    return x * x
+
+ex = ringpool.Executor(2{extra})
+print(list(ex.map(square, range(3))))
+ex.shutdown()
+"""
+
+
+@pytest.mark.parametrize("extra", ["", ", zygote=False"])
+def test_a_pool_made_at_module_level_without_the_main_guard_breaks_once(tmp_path, extra):
+    # Each worker imports the main module (as under spawn), which makes a pool again: the stdlib's
+    # bootstrapping check kills the worker. The pool must break with a message naming the fix,
+    # not replace its workers forever.
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED.format(extra=extra))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, PYTHONPATH=BINDINGS), cwd=tmp_path)
+    assert r.returncode != 0
+    broken = [line for line in r.stderr.splitlines() if line.startswith("concurrent.futures.process.BrokenProcessPool")]
+    assert broken and "if __name__ ==" in broken[-1], r.stderr[-3000:]
+    assert r.stderr.count("Traceback") <= 10, r.stderr[-3000:]
