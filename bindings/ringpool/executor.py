@@ -599,6 +599,7 @@ class Executor(_Executor):
         read at once. ``progress=True`` shows a tqdm bar."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
+        _check_progress(progress)
         end = None if timeout is None else time.monotonic() + timeout
         single = len(iterables) == 1
         items = list(iterables[0]) if single else list(zip(*iterables))
@@ -606,11 +607,33 @@ class Executor(_Executor):
         n = self._enqueue(fn, items, chunksize, batch, single)
         return self._ordered_results(batch, n, chunksize, end, len(items), progress)
 
+    def starmap(self, fn, iterable, timeout=None, chunksize=1, progress=False):
+        """fn(*args) for each args tuple of ``iterable``, results in order (``multiprocessing.Pool``'s
+        starmap); the iterable is read at once, as in ``map``."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        _check_progress(progress)
+        end = None if timeout is None else time.monotonic() + timeout
+        items = [tuple(a) for a in iterable]
+        batch = _Batch(ordered=True)
+        n = self._enqueue(fn, items, chunksize, batch, False)
+        return self._ordered_results(batch, n, chunksize, end, len(items), progress)
+
+    def imap(self, fn, iterable, chunksize=1, progress=False, total=None):
+        """fn(item) for each item, results in input order. ``iterable`` is read lazily, with a
+        bounded number of tasks outstanding (as ``imap_unordered``), so it may be large or endless;
+        closing the iterator early cancels what was queued."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        _check_progress(progress)
+        return self._lazy_ordered_results(fn, iter(iterable), chunksize, progress, total)
+
     def imap_unordered(self, fn, iterable, chunksize=1, progress=False, total=None):
         """fn(item) for each item, in completion order. ``iterable`` is read lazily, with a bounded
         number of tasks outstanding, so it may be large or endless."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
+        _check_progress(progress)
         return self._unordered_results(fn, iter(iterable), chunksize, progress, total)
 
     def _enqueue(self, fn, items, chunksize, batch, single):
@@ -664,6 +687,52 @@ class Executor(_Executor):
             if bar is not None:
                 bar.close()
             self._cancel_batch(batch)
+
+    def _lazy_ordered_results(self, fn, it, chunksize, progress, total):
+        """imap: the input is cut into slices of 256 tasks, each an ordered batch of its own;
+        slices are queued while fewer than the window's tasks are outstanding, and their results
+        come out slice after slice."""
+        bar = _progress_bar(progress, total)
+        window = max(2 * self._max_workers * _MAX_DEPTH, 64)  # tasks outstanding at most
+        slices = collections.deque()  # (batch, tasks) in input order, not yet read
+        outstanding = 0
+        exhausted = False
+        every = max(1, _POLL_ITEMS // chunksize)
+        try:
+            while True:
+                while not exhausted and outstanding < window:
+                    chunk = list(itertools.islice(it, chunksize * 256))
+                    if not chunk:
+                        exhausted = True
+                        break
+                    batch = _Batch(ordered=True)
+                    n = self._enqueue(fn, chunk, chunksize, batch, True)
+                    slices.append((batch, n))
+                    outstanding += n
+                if not slices:
+                    return
+                batch, n = slices[0]
+                done = batch.done
+                for i in range(n):
+                    item = done.pop(i, None)
+                    if item is None:
+                        item = self._wait_item(batch, i, None)
+                    elif i % every == 0:
+                        self._read_here(0.0)
+                    if item[0] and bar is None:
+                        if chunksize == 1:
+                            yield item[1]
+                        else:
+                            yield from item[1]
+                    else:
+                        yield from _emit(item[0], item[1], chunksize, bar)
+                slices.popleft()
+                outstanding -= n
+        finally:
+            if bar is not None:
+                bar.close()
+            for batch, _ in slices:
+                self._cancel_batch(batch)
 
     def _read_here(self, timeout, ready=None):
         """Read and handle results in this thread for up to timeout (until ready() if given), if
@@ -1199,9 +1268,17 @@ def _raise_call_error(fn, args, kwargs, exc):
     raise better from exc
 
 
+def _check_progress(progress):
+    if not (isinstance(progress, (bool, dict)) or progress is None):
+        raise TypeError(f"progress must be a bool or a dict of tqdm options, not {type(progress).__name__}")
+
+
 def _progress_bar(progress, total):
+    """progress: False, True (a tqdm bar), or a dict of tqdm options (desc, leave, file, ...)."""
+    _check_progress(progress)
     if not progress:
         return None
-    from tqdm import tqdm
+    options = {"total": total, "unit": "task", **(progress if isinstance(progress, dict) else {})}
+    from tqdm import tqdm  # optional dependency (the [progress] extra): only when a bar is asked for
 
-    return tqdm(total=total, unit="task")
+    return tqdm(**options)

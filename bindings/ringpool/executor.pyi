@@ -46,22 +46,42 @@ class Executor(_Executor):
     @overload
     def map(
         self, fn: Callable[..., _T], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1,
-        progress: bool = False,
+        progress: bool | dict[str, Any] = False,
     ) -> Iterator[_T]: ...
     @overload
     def map(
         self, fn: str, *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1,
-        progress: bool = False,
+        progress: bool | dict[str, Any] = False,
+    ) -> Iterator[Any]: ...
+    @overload
+    def starmap(
+        self, fn: Callable[..., _T], iterable: Iterable[Iterable[Any]], timeout: float | None = None,
+        chunksize: int = 1, progress: bool | dict[str, Any] = False,
+    ) -> Iterator[_T]: ...
+    @overload
+    def starmap(
+        self, fn: str, iterable: Iterable[Iterable[Any]], timeout: float | None = None, chunksize: int = 1,
+        progress: bool | dict[str, Any] = False,
+    ) -> Iterator[Any]: ...
+    @overload
+    def imap(
+        self, fn: Callable[[Any], _T], iterable: Iterable[Any], chunksize: int = 1,
+        progress: bool | dict[str, Any] = False, total: int | None = None,
+    ) -> Iterator[_T]: ...
+    @overload
+    def imap(
+        self, fn: str, iterable: Iterable[Any], chunksize: int = 1, progress: bool | dict[str, Any] = False,
+        total: int | None = None,
     ) -> Iterator[Any]: ...
     @overload
     def imap_unordered(
-        self, fn: Callable[[Any], _T], iterable: Iterable[Any], chunksize: int = 1, progress: bool = False,
+        self, fn: Callable[[Any], _T], iterable: Iterable[Any], chunksize: int = 1, progress: bool | dict[str, Any] = False,
         total: int | None = None,
     ) -> Iterator[_T]: ...
     @overload
     def imap_unordered(
-        self, fn: str, iterable: Iterable[Any], chunksize: int = 1, progress: bool = False, total: int | None = None,
+        self, fn: str, iterable: Iterable[Any], chunksize: int = 1, progress: bool | dict[str, Any] = False,
+        total: int | None = None,
     ) -> Iterator[Any]: ...
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
 
-def serve_pool(config: Any, calls: Any, results: Any) -> None: ...

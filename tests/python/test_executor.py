@@ -1,5 +1,7 @@
 """ringpool.Executor: the concurrent.futures contract, crash isolation, timeouts, recycling."""
 import concurrent.futures as cf
+import io
+import itertools
 import os
 import pickle
 import signal
@@ -549,3 +551,54 @@ def test_a_pool_made_at_module_level_without_the_main_guard_breaks_once(tmp_path
     broken = [line for line in r.stderr.splitlines() if line.startswith("concurrent.futures.process.BrokenProcessPool")]
     assert broken and "if __name__ ==" in broken[-1], r.stderr[-3000:]
     assert r.stderr.count("Traceback") <= 10, r.stderr[-3000:]
+
+
+def _fail_at_5(x):
+    if x == 5:
+        raise ValueError("five")
+    return x
+
+
+def _consumed(it, seen):
+    for x in it:
+        seen.append(x)
+        yield x
+
+
+@pytest.mark.parametrize("chunksize", [1, 7])
+def test_imap_keeps_input_order_and_reads_its_input_lazily(pool, chunksize):
+    assert list(pool.imap(_square, range(3000), chunksize=chunksize)) == [i * i for i in range(3000)]
+    # An endless input: only a bounded window of it is read ahead of the results taken.
+    seen = []
+    it = pool.imap(_square, _consumed(itertools.count(), seen), chunksize=chunksize)
+    assert [next(it) for _ in range(20)] == [i * i for i in range(20)]
+    it.close()  # cancels what was queued
+    assert 20 <= len(seen) < 1_000_000
+    assert pool.submit(_square, 3).result(30) == 9  # the pool goes on
+
+
+def test_imap_raises_at_the_failing_position(pool):
+    it = pool.imap(_fail_at_5, range(10))
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="five"):
+        next(it)
+
+
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_starmap_unpacks_each_tuple(pool, chunksize):
+    pairs = [(i, i + 1) for i in range(50)]
+    assert list(pool.starmap(_add, pairs, chunksize=chunksize)) == [a + b for a, b in pairs]
+    assert list(pool.starmap(_add, iter([[1], [2, 3]]))) == [1, 5]
+    assert list(pool.starmap(_add, [])) == []
+
+
+def test_progress_takes_tqdm_options(pool):
+    pytest.importorskip("tqdm")
+    out = io.StringIO()
+    assert list(pool.map(_square, range(20), progress={"desc": "squares", "file": out})) == [i * i for i in range(20)]
+    assert "squares" in out.getvalue() and "20/20" in out.getvalue()
+    out = io.StringIO()
+    assert sorted(pool.imap(_square, range(5), progress={"desc": "lazy", "file": out}, total=5)) == [0, 1, 4, 9, 16]
+    assert "lazy" in out.getvalue()
+    with pytest.raises(TypeError, match="tqdm options"):
+        pool.map(_square, range(3), progress="yes")  # at the call, before anything is queued
