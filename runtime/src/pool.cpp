@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -84,6 +85,7 @@ constexpr auto kTrimAfter = std::chrono::seconds(1);  // idle time before queue 
 constexpr std::size_t kCompleteGroup = 32;  // results fulfilled last to first (see collect())
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
 constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on it
+constexpr auto kFdRetry = std::chrono::milliseconds(10);  // the collector's retry when out of descriptors
 
 using Clock = std::chrono::steady_clock;
 
@@ -567,8 +569,18 @@ struct Pool::Impl {
       decoded.clear();
       fds.clear();
       std::size_t n = 0;
+      bool out_of_fds = false;
       try {
         n = inbox.try_get_many(sink, task::kResultBatch, fds);
+      } catch (const SysError& e) {
+        // This process has no descriptor free for a result's block: the record stays queued
+        // (Channel peeks its handles before taking it); wait for descriptors, lose nothing. Not a
+        // bad record: pinging the workers for it would meet it again every round.
+        out_of_fds = e.code().value() == EMFILE || e.code().value() == ENFILE;
+        if (!out_of_fds) {
+          std::lock_guard lk(mu);
+          undecodable(e.what());
+        }
       } catch (const std::exception& e) {
         std::lock_guard lk(mu);
         undecodable(e.what());
@@ -663,7 +675,9 @@ struct Pool::Impl {
         if (sched.outstanding() == 0) drained.notify_all();
         lk.unlock();
       }
-      if (n == 0) {
+      if (out_of_fds) {
+        std::this_thread::sleep_for(kFdRetry);  // the ring stays readable: no wait would block
+      } else if (n == 0) {
         auto wait = std::chrono::nanoseconds(retry_publish ? 1'000'000 : 100'000'000);
         if (next_deadline != Clock::time_point::max())
           wait = std::min<std::chrono::nanoseconds>(wait, next_deadline - Clock::now());

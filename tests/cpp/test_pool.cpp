@@ -1,6 +1,9 @@
 // ringpool::Pool: a C++ service running Python functions in worker processes.
 #include <doctest/doctest.h>
+#include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -354,4 +357,36 @@ TEST_CASE("Pool callbacks run outside the pool's lock: a callback may submit the
   } catch (const RemoteError& e) {
     CHECK(std::string(e.what()).find("must return bytes") != std::string::npos);
   }
+}
+
+TEST_CASE("Pool: a collector out of descriptors keeps an out-of-band result and delivers it once it has them back" *
+          doctest::timeout(120)) {
+  Pool pool(options(true, 1));
+  auto warm = pool.submit("rp_tasks:echo", {Value(1)});
+  CHECK(get(warm) == Value(1));
+  // Lower the limit to a little above what is open, then take every descriptor left.
+  int open_now = 0;
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (::readdir(d)) ++open_now;
+    ::closedir(d);
+  }
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
+  rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(open_now + 64);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  std::vector<int> hog;
+  for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) hog.push_back(fd);
+  REQUIRE(errno == EMFILE);
+  // The result (4 MiB) travels in a memfd the collector cannot receive now.
+  auto f = pool.submit("rp_tasks:big_bytes", {Value(4 << 20)});
+  std::this_thread::sleep_for(300ms);  // the collector meets EMFILE meanwhile (and retries)
+  for (int fd : hog) ::close(fd);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  const Value v = get(f);
+  CHECK(v == Value::bytes(std::string(4 << 20, 'z')));
+  // The pool goes on. (Other threads of the pool may meet EMFILE too: the supervisor then
+  // replaces a worker, so the worker count is not checked here.)
+  auto after = pool.submit("rp_tasks:add", {Value(2), Value(3)});
+  CHECK(get(after) == Value(5));
 }

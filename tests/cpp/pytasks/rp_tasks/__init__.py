@@ -68,3 +68,8 @@ def forge_error(payload):
     loc = f.f_locals
     loc["put"]((loc["wid"], loc["tid"], err, payload, 0.0))
     return 0
+
+
+def big_bytes(n):
+    """n bytes of b"z": a result large enough to travel out of band (a memfd) from a small call."""
+    return b"z" * n
