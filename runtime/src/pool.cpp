@@ -1,6 +1,10 @@
 #include "ringpool/pool.hpp"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -85,6 +89,7 @@ constexpr auto kTrimAfter = std::chrono::seconds(1);  // idle time before queue 
 constexpr std::size_t kCompleteGroup = 32;  // results fulfilled last to first (see collect())
 constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
 constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on it
+constexpr int kEarlyDeaths = 3;    // workers dead before their first call, in a row, that break the pool
 constexpr auto kFdRetry = std::chrono::milliseconds(10);  // the collector's retry when out of descriptors
 
 using Clock = std::chrono::steady_clock;
@@ -116,6 +121,66 @@ std::string bootstrap(const std::vector<std::string>& path, const char* module) 
   for (const auto& p : path) items.emplace_back(p);
   return "import sys; sys.path[:0] = " + Value::list(std::move(items)).repr() + "; from ringpool." + module +
          " import main; main()";
+}
+
+// Why the workers' interpreter cannot run ringpool ("" if it can): asked only after a start
+// failed, whose own error ("zygote (pid N) exited with code 1") says nothing of the cause. Runs
+// the interpreter once, as the workers would, importing ringpool's extension.
+std::string diagnose_interpreter(const PoolOptions& o) {
+  if (::access(o.python.c_str(), X_OK) != 0)
+    return "no executable Python interpreter at '" + o.python + "' (PoolOptions::python)";
+  Value::List items;
+  for (const auto& p : o.python_path) items.emplace_back(p);
+  const std::string path_repr = Value::list(std::move(items)).repr();
+  const std::string code = "import sys; sys.path[:0] = " + path_repr + "; import ringpool._core";
+  int err[2];
+  if (::pipe2(err, O_CLOEXEC) != 0) return "";
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+  posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+  std::vector<std::string> args = {o.python, "-c", code};
+  std::vector<char*> argv, envp;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::vector<std::string> env = o.env;
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = ::posix_spawn(&pid, o.python.c_str(), &fa, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&fa);
+  ::close(err[1]);
+  std::string out;
+  if (rc == 0) {
+    const auto deadline = Clock::now() + std::chrono::seconds(60);
+    char buf[4096];
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+      pollfd p{err[0], POLLIN, 0};
+      if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) <= 0) {
+        ::kill(pid, SIGKILL);
+        break;
+      }
+      const ssize_t n = ::read(err[0], buf, sizeof buf);
+      if (n <= 0) break;
+      if (out.size() < (1u << 16)) out.append(buf, static_cast<std::size_t>(n));
+    }
+  }
+  ::close(err[0]);
+  int status = 0;
+  if (rc == 0) ::waitpid(pid, &status, 0);
+  if (rc != 0) return "could not run '" + o.python + "': " + std::strerror(rc);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return "";
+  // The exception's line: the last non-empty line of the traceback.
+  std::string last;
+  std::istringstream lines(out);
+  for (std::string line; std::getline(lines, line);)
+    if (!line.empty()) last = line;
+  return "the workers' interpreter '" + o.python + "' cannot import ringpool (" +
+         (last.empty() ? std::string("no error output") : last) +
+         "): install ringpool for that interpreter, or set PoolOptions::python_path to the folder "
+         "holding the ringpool package (a checkout's bindings/ after ./run build); python_path is " +
+         path_repr;
 }
 
 Value str_list(const std::vector<std::string>& v) {
@@ -244,6 +309,8 @@ struct Pool::Impl {
   std::map<int, int> early_exits;  // exits of workers not yet recorded
   bool shutting_down = false;
   std::string broken;            // why no worker can run, once that is so
+  bool answered_any = false;     // a worker has answered something (died(): early deaths)
+  int early_deaths = 0;          // workers dead before their first call, in a row
   bool stop = false;
   std::thread collector;
 
@@ -475,6 +542,7 @@ struct Pool::Impl {
 
   // -- results (collector thread, mu held) --------------------------------------------------------
   void handle(Result&& r) {
+    answered_any = true;
     if (r.status == kOk || r.status == kErr) {
       std::optional<Task> t = sched.answer(r.wid, r.tid, r.elapsed, failures);
       if (t) {
@@ -542,12 +610,23 @@ struct Pool::Impl {
   }
 
   // The worker has exited and every result it published has been handled.
+  // Workers exiting with an error before taking a call, while none has ever answered (an
+  // interpreter that cannot import ringpool, a broken preload in exec mode), break the pool after
+  // kEarlyDeaths in a row instead of being replaced forever.
   void died(Worker& w) {
     int code = w.exit_code.value_or(-1);
     if (auto reaped = w.proc.poll()) code = *reaped;
+    const bool early = code > 0 && !answered_any && w.ring->consumed() <= 1;  // 1: its configuration
     sched.died(w.wid, w.ring->consumed(), failures);
     settle(w.proc.pid(), code);
     workers.erase(w.wid);
+    early_deaths = early ? early_deaths + 1 : 0;
+    if (early_deaths >= kEarlyDeaths && broken.empty()) {
+      std::string why = diagnose_interpreter(opts);
+      if (why.empty()) why = "see their error output";
+      fail_everything("ringpool::Pool: " + std::to_string(early_deaths) + " workers in a row exited (the last: " +
+                      describe_exit(code) + ") before taking a task: " + why);
+    }
   }
 
   void collect() {
@@ -752,11 +831,17 @@ struct Pool::Impl {
 
 Pool::Pool(PoolOptions options) : impl_(std::make_shared<Impl>(std::move(options))) {
   Impl& im = *impl_;
-  if (im.opts.zygote) im.sup->start();  // the preload's error surfaces here
-  {
+  try {
+    if (im.opts.zygote) im.sup->start();  // the preload's error surfaces here
     std::unique_lock lk(im.mu);
     im.replenish(lk);
     if (!im.broken.empty()) throw PoolClosed(im.broken);
+  } catch (const std::exception& e) {
+    // A start that failed because the interpreter cannot run ringpool at all gets an error that
+    // says so (the failure itself only names an exit code).
+    const std::string why = diagnose_interpreter(im.opts);
+    if (!why.empty()) throw PoolClosed("ringpool::Pool: " + why + " (the start failed with: " + e.what() + ")");
+    throw;
   }
   im.collector = std::thread([&im] { im.collect(); });
 }

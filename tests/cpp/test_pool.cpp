@@ -390,3 +390,35 @@ TEST_CASE("Pool: a collector out of descriptors keeps an out-of-band result and 
   auto after = pool.submit("rp_tasks:add", {Value(2), Value(3)});
   CHECK(get(after) == Value(5));
 }
+
+TEST_CASE("Pool: a workers' interpreter that cannot run ringpool is named in the start error" * doctest::timeout(120)) {
+  for (bool zygote : {true, false}) {
+    CAPTURE(zygote);
+    PoolOptions o = options(zygote, 1);
+    o.packages.clear();
+    o.python_path = {"/nonexistent/ringpool-path"};
+    o.env = {"PATH=/usr/bin:/bin", "PYTHONNOUSERSITE=1"};  // no PYTHONPATH: ringpool is not importable
+    std::string what;
+    try {
+      Pool pool(o);
+      auto f = pool.submit("rp_tasks:echo", {Value(1)});  // exec mode: the workers die after the start
+      REQUIRE(f.wait_for(60s) == std::future_status::ready);
+      f.get();
+    } catch (const std::exception& e) {
+      what = e.what();
+    }
+    CAPTURE(what);
+    CHECK(what.find("cannot import ringpool") != std::string::npos);
+    CHECK(what.find("No module named 'ringpool'") != std::string::npos);
+    CHECK(what.find("/nonexistent/ringpool-path") != std::string::npos);
+  }
+  PoolOptions o = options(true, 1);
+  o.python = "/nonexistent/python3";
+  std::string what;
+  try {
+    Pool pool(o);
+  } catch (const std::exception& e) {
+    what = e.what();
+  }
+  CHECK(what.find("no executable Python interpreter at '/nonexistent/python3'") != std::string::npos);
+}

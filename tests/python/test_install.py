@@ -1,7 +1,7 @@
 """The source distribution builds and installs offline into a venv that sees Debian's packages.
 
 One test, since the install compiles the extension (minutes): it makes the sdist with Debian's
-setuptools, checks what is in it and its metadata, installs it (with both extras) with
+setuptools, checks what is in it and its metadata, installs it (with every extra) with
 ``pip install --no-build-isolation --no-index``, then uses the installed package the way a user
 would.
 """
@@ -61,8 +61,8 @@ def _make_sdist(src, dist):
     assert not missing, f"not in the sdist: {missing}"
     assert not [n for n in names if n.endswith((".so", ".pyc"))]  # a checkout's build is not shipped
     assert meta["Version"] == ringpool.__version__
-    assert requires.split() == ["cloudpickle>=2.2", "[progress]", "tqdm", "[torch]", "torch"]
-    assert meta.get_all("Provides-Extra") == ["progress", "torch"]
+    assert requires.split() == ["cloudpickle>=2.2", "[cluster]", "distributed", "[progress]", "tqdm", "[torch]", "torch"]
+    assert meta.get_all("Provides-Extra") == ["cluster", "progress", "torch"]
     assert "Operating System :: POSIX :: Linux" in meta.get_all("Classifier")
     assert meta["License"] == "MIT"
     return archive
@@ -82,7 +82,7 @@ def test_sdist_installs_offline_into_a_system_site_venv_and_works(tmp_path):
     # The venv's python is Debian's; pip comes from python3-pip through the system site, and so
     # do the dependencies (cloudpickle, torch, tqdm): --no-index proves nothing is downloaded.
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-index",
-                        f"ringpool[torch,progress] @ file://{archive}"],
+                        f"ringpool[torch,progress,cluster] @ file://{archive}"],
                        capture_output=True, text=True, timeout=840, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -112,7 +112,8 @@ print(ringpool.__file__)
 print(ringpool.__version__, importlib.metadata.version("ringpool"))
 from packaging.requirements import Requirement
 got = sorted((r.name, str(r.specifier), str(r.marker)) for r in map(Requirement, importlib.metadata.requires("ringpool")))
-assert got == [("cloudpickle", ">=2.2", "None"), ("torch", "", 'extra == "torch"'),
+assert got == [("cloudpickle", ">=2.2", "None"), ("distributed", "", 'extra == "cluster"'),
+               ("torch", "", 'extra == "torch"'),
                ("tqdm", "", 'extra == "progress"')], got
 q = ringpool.Queue()
 q.put(np.arange(100000))
