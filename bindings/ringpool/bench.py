@@ -47,7 +47,8 @@ def add_arguments(p):
 
 
 def machine_info():
-    """What the report names: CPU, cores, memory, kernel, Python, load average and date."""
+    """What a benchmark report names: CPU, cores, memory, kernel, Python, ringpool, load average and
+    date (also benchmarks/_machine.py's, for the bench_*.py scripts)."""
     cpu, mem_kib = "?", 0
     try:
         with open("/proc/cpuinfo") as f:
@@ -58,13 +59,15 @@ def machine_info():
         pass
     return {
         "cpu": cpu,
+        "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
         "memory_gib": round(mem_kib / (1 << 20), 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "python_executable": sys.executable,
         "ringpool": __version__,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
 
 

@@ -667,26 +667,30 @@ class Executor(_Executor):
 
     def _ordered_results(self, batch, n, chunksize, end, total, progress):
         bar = _progress_bar(progress, total)
-        done = batch.done
-        every = max(1, _POLL_ITEMS // chunksize)
         try:
-            for i in range(n):
-                item = done.pop(i, None)  # results are inserted under the GIL: no lock to look
-                if item is None:
-                    item = self._wait_item(batch, i, end)
-                elif i % every == 0:
-                    self._read_here(0.0)
-                if item[0] and bar is None:
-                    if chunksize == 1:
-                        yield item[1]
-                    else:
-                        yield from item[1]
-                else:
-                    yield from _emit(item[0], item[1], chunksize, bar)
+            yield from self._in_order(batch, n, chunksize, end, bar)
         finally:
             if bar is not None:
                 bar.close()
             self._cancel_batch(batch)
+
+    def _in_order(self, batch, n, chunksize, end, bar):
+        """The n results of an ordered batch, in order (a chunk's items one by one)."""
+        done = batch.done
+        every = max(1, _POLL_ITEMS // chunksize)
+        for i in range(n):
+            item = done.pop(i, None)  # results are inserted under the GIL: no lock to look
+            if item is None:
+                item = self._wait_item(batch, i, end)
+            elif i % every == 0:
+                self._read_here(0.0)
+            if item[0] and bar is None:
+                if chunksize == 1:
+                    yield item[1]
+                else:
+                    yield from item[1]
+            else:
+                yield from _emit(item[0], item[1], chunksize, bar)
 
     def _lazy_ordered_results(self, fn, it, chunksize, progress, total):
         """imap: the input is cut into slices of 256 tasks, each an ordered batch of its own;
@@ -697,7 +701,6 @@ class Executor(_Executor):
         slices = collections.deque()  # (batch, tasks) in input order, not yet read
         outstanding = 0
         exhausted = False
-        every = max(1, _POLL_ITEMS // chunksize)
         try:
             while True:
                 while not exhausted and outstanding < window:
@@ -712,20 +715,7 @@ class Executor(_Executor):
                 if not slices:
                     return
                 batch, n = slices[0]
-                done = batch.done
-                for i in range(n):
-                    item = done.pop(i, None)
-                    if item is None:
-                        item = self._wait_item(batch, i, None)
-                    elif i % every == 0:
-                        self._read_here(0.0)
-                    if item[0] and bar is None:
-                        if chunksize == 1:
-                            yield item[1]
-                        else:
-                            yield from item[1]
-                    else:
-                        yield from _emit(item[0], item[1], chunksize, bar)
+                yield from self._in_order(batch, n, chunksize, None, bar)
                 slices.popleft()
                 outstanding -= n
         finally:
