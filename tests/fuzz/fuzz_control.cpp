@@ -33,13 +33,13 @@
 #include "ringpool/detail/control.hpp"
 #include "ringpool/error.hpp"
 
+#include "fuzz_util.hpp"
+
 namespace {
 
 using namespace ringpool;
 
-void require(bool ok) {
-  if (!ok) __builtin_trap();
-}
+using ringpool_fuzz::require;
 
 int lowest_free_fd() {
   int fd = ::fcntl(0, F_DUPFD, 0);

@@ -15,13 +15,13 @@
 
 #include "ringpool/proto/frame.hpp"
 
+#include "fuzz_util.hpp"
+
 namespace {
 
 namespace proto = ringpool::proto;
 
-void require(bool ok) {
-  if (!ok) __builtin_trap();
-}
+using ringpool_fuzz::require;
 
 bool valid_error(proto::DecodeError e) {
   return static_cast<std::uint8_t>(e) <= static_cast<std::uint8_t>(proto::DecodeError::truncated_payload);

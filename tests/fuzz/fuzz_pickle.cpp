@@ -17,28 +17,17 @@
 #include "ringpool/pickle.hpp"
 #include "ringpool/value.hpp"
 
+#include "fuzz_util.hpp"
+
 namespace {
 
 using ringpool::PickleError;
 using ringpool::PickleLimits;
 using ringpool::Value;
 
-void require(bool ok) {
-  if (!ok) __builtin_trap();
-}
+using ringpool_fuzz::require;
+using ringpool_fuzz::holds_bytes;
 
-bool holds_bytes(const Value& v) {
-  if (v.is_bytes()) return true;
-  if (v.is_list() || v.is_tuple()) {
-    for (const Value& item : v.is_list() ? v.as_list() : v.as_tuple())
-      if (holds_bytes(item)) return true;
-  }
-  if (v.is_dict()) {
-    for (const auto& [k, x] : v.as_dict())
-      if (holds_bytes(k) || holds_bytes(x)) return true;
-  }
-  return false;
-}
 
 // A small slack keeps each run's allocations modest; the expansion rule is the default one.
 constexpr PickleLimits kLimits{.max_depth = 64, .max_decoded_slack = std::size_t{1} << 20};

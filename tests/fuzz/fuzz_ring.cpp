@@ -46,13 +46,13 @@
 #include "ringpool/ring.hpp"
 #include "ringpool/segment.hpp"
 
+#include "fuzz_util.hpp"
+
 namespace {
 
 using namespace ringpool;
 
-void require(bool ok) {
-  if (!ok) __builtin_trap();
-}
+using ringpool_fuzz::require;
 
 struct Input {
   const std::uint8_t* p;

@@ -21,27 +21,16 @@
 #include "ringpool/value.hpp"
 #include "task_record.hpp"
 
+#include "fuzz_util.hpp"
+
 namespace {
 
 using namespace ringpool;
 using task_record::Result;
 
-void require(bool ok) {
-  if (!ok) __builtin_trap();
-}
+using ringpool_fuzz::require;
+using ringpool_fuzz::holds_bytes;
 
-bool holds_bytes(const Value& v) {
-  if (v.is_bytes()) return true;
-  if (v.is_list() || v.is_tuple()) {
-    for (const Value& item : v.is_list() ? v.as_list() : v.as_tuple())
-      if (holds_bytes(item)) return true;
-  }
-  if (v.is_dict()) {
-    for (const auto& [k, x] : v.as_dict())
-      if (holds_bytes(k) || holds_bytes(x)) return true;
-  }
-  return false;
-}
 
 // The value's identity: its pickle (NaNs compare by their bits, unlike Value's ==).
 std::string identity(const Value& v) {
