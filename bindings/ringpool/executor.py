@@ -104,6 +104,10 @@ _POLL_ITEMS = 256  # a consumer with results in hand reads the ring every this m
 # _SPAWN_ATTEMPTS failures in a row the pool is broken (BrokenProcessPool), never left hanging.
 _SPAWN_RETRY = 0.2
 _SPAWN_ATTEMPTS = 25
+# The watcher looks again at least this often even when nothing wakes it: a pool found short of
+# workers is never left so for want of a wake-up (a race between a death's handling and the
+# watcher's wait left a pool one worker short forever, about once in five runs of the test).
+_WATCH_PERIOD = 1.0
 # Workers that exit with an error status before taking a call while no worker has answered (a
 # script that makes the pool at module level, without the __main__ guard, kills each worker in its
 # start-up): after this many in a row the pool is broken instead of replacing them forever.
@@ -1201,9 +1205,9 @@ class Executor(_Executor):
             if done:
                 if self._broken is not None:
                     self._post((0, None, _DIED, None, 0.0))  # the collector notices the pool broke
-            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            timeout = _WATCH_PERIOD if deadline is None else min(max(deadline - time.monotonic(), 0.0), _WATCH_PERIOD)
             if short:  # a replacement failed to start: try again soon
-                timeout = _SPAWN_RETRY if timeout is None else min(timeout, _SPAWN_RETRY)
+                timeout = min(timeout, _SPAWN_RETRY)
             ready = _mp_connection.wait([wake, *sentinels], timeout)
             if wake in ready:
                 try:
