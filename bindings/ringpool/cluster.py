@@ -496,12 +496,7 @@ class ClusterExecutor(_Executor):
                 window.popleft()
                 if len(window) <= limit // 2:  # top up in batches: one scheduler message each
                     self._fill(window, limit, fn, chunks, single)
-                values, err = _decode(raw)
-                if bar is not None:
-                    bar.update(len(values))
-                yield from values
-                if err is not None:
-                    raise err
+                yield from _chunk_values(raw, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -538,12 +533,7 @@ class ClusterExecutor(_Executor):
                         ready.wait()
                     cf = done.popleft()
                 live.pop(cf, None)
-                values, err = _decode(cf.result())
-                if bar is not None:
-                    bar.update(len(values))
-                yield from values
-                if err is not None:
-                    raise err
+                yield from _chunk_values(cf.result(), bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -641,6 +631,17 @@ def _chunks(it, size):
         if not chunk:
             return
         yield chunk
+
+
+def _chunk_values(raw, bar):
+    """A finished chunk's results, in order (its error, if an item failed, raised after the
+    items before it), counted on the progress bar."""
+    values, err = _decode(raw)
+    if bar is not None:
+        bar.update(len(values))
+    yield from values
+    if err is not None:
+        raise err
 
 
 def _raise_map_error(fn, chunk, exc):
