@@ -198,7 +198,7 @@ def run_simulation(max_workers, quick):
                     (pkg / "__init__.py").write_text(f"DATA = {'y' * (1 << 20)!r}\n")
                     ringpool.import_module_from_path(name, pkg)
                     t = time.perf_counter()
-                    ex._ship()  # one plugin registration: every worker has it when this returns
+                    ex._shipper.ship(ex.client)  # one plugin registration: every worker has it when this returns
                     ship_s = time.perf_counter() - t
                     ringpool.modules.purge(name)
             rows.append({"dask_workers": count, "chunks": chunks, "seconds": round(s, 3),

@@ -41,3 +41,29 @@ def _kill_my_dask_worker_once(x, marker, at):
 def _kill_my_dask_worker(x):
     os.kill(os.getppid(), signal.SIGKILL)
     time.sleep(60)
+
+
+_TAG = None
+
+
+def _set_tag(value):
+    """An initializer: runs in each node-local worker before its first task."""
+    global _TAG
+    _TAG = value
+
+
+def _tag(x):
+    return _TAG
+
+
+def _pid(x):
+    return os.getpid()
+
+
+def _raise_in_init():
+    raise OSError("no such device")
+
+
+def _started_by_zygote(x):
+    import sys
+    return "ringpool._zygote" in sys.modules
