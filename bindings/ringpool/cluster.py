@@ -57,8 +57,15 @@ _CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler at construction
 # (~2 ms here), so that cost stays a few percent; longer tasks would balance worse at the end
 # of a map and hold more items in flight.
 _TASK_SECONDS = 0.05
+# ... and at least this much per dask thread in the cluster: the scheduler spends ~0.5-1 ms of its
+# one core per task, so with every thread finishing a task per (threads x 2 ms) it stays at most
+# about half busy however many hosts there are (0.4 s tasks at 200 threads, 4 s at 2,000).
+_TASK_SECONDS_PER_THREAD = 0.002
 _TASK_ITEMS = 32768  # items one task carries at most (bounds a map's memory in flight)
-_GROWTH = 4  # a group at most this many times the largest measured one: a guess is checked first
+# A task carries at most this many times the items of the largest task measured so far: a size
+# is tried before one much larger is (the first chunks may be unlike the rest). 16: a no-op map
+# reaches full-size tasks after two rounds of measurements instead of four at 4x.
+_GROWTH = 16
 
 
 class _Pacer:
@@ -67,22 +74,27 @@ class _Pacer:
     any thread without a lock: an estimate)."""
 
     def __init__(self):
-        self.per_item = None  # seconds of a task's work per item (moving average)
-        self.largest = 0      # items of the largest task measured
+        self.seconds = 0.0  # work measured on the workers, older tasks decayed (halved per task)
+        self.count = 0.0    # items of that work, decayed alike: their ratio weighs big tasks more
+        self.largest = 0    # items of the largest task measured
 
-    def items(self, chunksize):
-        """Items for the next task: whole chunks, at least one."""
-        if self.per_item is None:
+    @property
+    def per_item(self):
+        return self.seconds / self.count if self.count else None
+
+    def items(self, chunksize, seconds):
+        """Items for the next task, to make ``seconds`` of work: whole chunks, at least one."""
+        per = self.per_item
+        if per is None:
             return chunksize
-        want = min(_TASK_SECONDS / max(self.per_item, 1e-9), _GROWTH * max(self.largest, chunksize), _TASK_ITEMS)
+        want = min(seconds / max(per, 1e-9), _GROWTH * max(self.largest, chunksize), _TASK_ITEMS)
         return max(1, int(want) // chunksize) * chunksize
 
     def observe(self, items, seconds):
-        if items <= 0:
-            return
-        per = seconds / items
-        self.per_item = per if self.per_item is None else (self.per_item + per) / 2
-        self.largest = max(self.largest, items)
+        if items > 0:
+            self.seconds = self.seconds / 2 + seconds
+            self.count = self.count / 2 + items
+            self.largest = max(self.largest, items)
 
 
 class ClusterExecutor(_Executor):
@@ -269,14 +281,15 @@ class ClusterExecutor(_Executor):
         except TypeError:  # not weakly referenceable or not hashable: learn within this map only
             return _Pacer()
 
-    def _window(self):
-        if self._max_in_flight is not None:
-            return self._max_in_flight
+    def _sizing(self):
+        """(tasks a map keeps in flight, seconds of work per task), from the cluster's dask threads
+        now (workers may join or leave during a map: the next map sees them)."""
         try:
-            threads = sum(self._client.nthreads().values())
+            threads = max(1, sum(self._client.nthreads().values()))
         except Exception:
             threads = 2
-        return 2 * max(threads, 1) + 2
+        window = self._max_in_flight if self._max_in_flight is not None else 2 * threads + 2
+        return window, max(_TASK_SECONDS, _TASK_SECONDS_PER_THREAD * threads)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """Stop accepting work; with cancel_futures, cancel what has not finished (here and on the
@@ -311,7 +324,7 @@ class _MapRun:
     def __init__(self, ex, fn, items, single, chunksize):
         self.ex, self.fn, self.items, self.single, self.chunksize = ex, fn, items, single, chunksize
         self.pacer = ex._pacer(fn)
-        self.limit = ex._window()
+        self.limit, self.task_seconds = ex._sizing()
         self.live = collections.deque()  # (dask future, Future, items), in input order
         self.arrived = queue.SimpleQueue()  # finished Futures, for an unordered run
         self.exhausted = False
@@ -320,7 +333,7 @@ class _MapRun:
         """Submit tasks until the window is full, in one scheduler message."""
         calls, sizes = [], []
         while not self.exhausted and len(self.live) + len(calls) < self.limit:
-            part = list(itertools.islice(self.items, self.pacer.items(self.chunksize)))
+            part = list(itertools.islice(self.items, self.pacer.items(self.chunksize, self.task_seconds)))
             if not part:
                 self.exhausted = True
                 break

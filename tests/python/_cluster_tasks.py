@@ -43,17 +43,16 @@ def _kill_my_dask_worker(x):
     time.sleep(60)
 
 
-_TAG = None
+_state = {}  # set in a node-local worker by _set_tag
 
 
 def _set_tag(value):
     """An initializer: runs in each node-local worker before its first task."""
-    global _TAG
-    _TAG = value
+    _state["tag"] = value
 
 
 def _tag(x):
-    return _TAG
+    return _state.get("tag")
 
 
 def _pid(x):

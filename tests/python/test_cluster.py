@@ -474,3 +474,21 @@ def test_groups_of_chunks_grow_from_measured_times(cluster):
         assert sorted(e.imap_unordered(_square, range(5000), chunksize=7)) == [i * i for i in range(5000)]
         assert list(e.starmap(_add, [(i, 1) for i in range(300)], chunksize=4)) == [i + 1 for i in range(300)]
         assert list(e.imap(_square, iter(range(300)))) == [i * i for i in range(300)]
+
+
+def test_pacer_sizes_tasks_in_whole_chunks_from_measured_times():
+    from ringpool.cluster import _GROWTH, _Pacer
+
+    p = _Pacer()
+    assert p.items(64, 0.05) == 64  # nothing measured: one chunk
+    p.observe(64, 64 * 10e-6)  # 10 µs an item: 0.05 s would be 5000 items ...
+    assert p.items(64, 0.05) == min(5000, _GROWTH * 64) // 64 * 64  # ... but first at most 16x what was tried
+    p.observe(1024, 1024 * 10e-6)
+    assert p.items(64, 0.05) == 5000 // 64 * 64  # the time target, in whole chunks
+    assert p.items(64, 0.5) == 16384  # a larger cluster: longer tasks
+    p.observe(100, 100 * 1.0)  # a slow stretch: the estimate follows (older tasks weigh half)
+    assert p.items(64, 0.05) == 64  # at least one chunk
+    p.observe(0, 1.0)  # an empty task teaches nothing
+    assert p.items(7, 3600) == _GROWTH * 1024 // 7 * 7  # whole chunks of 7 under the growth cap
+    p.observe(20000, 20000 * 1e-6)
+    assert p.items(64, 3600) == 32768  # the cap on a task's items (memory in flight)
