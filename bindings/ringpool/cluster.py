@@ -237,9 +237,9 @@ class ClusterExecutor(_Executor):
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, progress=False, total=None):
         """Like ``Executor.map``: results in order; a dask task carries as many chunks of
-        ``chunksize`` items as make ~50 ms of work (at least one). The iterables are read lazily,
-        with at most ``max_in_flight`` tasks submitted ahead of the one being yielded (the first
-        ones are submitted now). ``progress=True``: a tqdm bar."""
+        ``chunksize`` items as make ~50 ms of work (more on a large cluster; at least one). The
+        iterables are read lazily, with at most ``max_in_flight`` tasks submitted ahead of the one
+        being yielded (the first ones are submitted now). ``progress=True``: a tqdm bar."""
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if total is None:
