@@ -11,9 +11,10 @@ resolves (client side).
                     scheduler_timeout (or dask cancelled everything) -> every future fails
 
 - ``_DaskTasks`` owns the pending map (dask key -> Future), the two threads and the broken state.
-- The task function is built by value (cloudpickle ships its code: its module does not exist on
-  the worker) and imports ringpool on the worker itself, so a host without ringpool answers
-  "ringpool is not importable on the dask worker on host ..." instead of an unpickling traceback.
+- The functions dask runs for us (the task, the probes) are built by value (cloudpickle ships
+  their code: their module need not exist where they run, the scheduler included), and the task
+  imports ringpool on the worker itself, so a host without ringpool answers "ringpool is not
+  importable on the dask worker on host ..." instead of an unpickling traceback.
 """
 from __future__ import annotations
 
@@ -63,12 +64,18 @@ def ringpool_cluster_probe():
 def ringpool_cluster_stats():
     from ringpool import _cluster_worker
     return _cluster_worker.stats()
+
+
+def ringpool_scheduler_plugins(dask_scheduler):
+    # On the scheduler (client.run_on_scheduler), which needs no ringpool: its ringpool plugins.
+    return [n for n in dask_scheduler.worker_plugins if n.startswith("ringpool-")]
 '''
 _ns = {"__name__": "ringpool_cluster_by_value"}
 exec(compile(_TASK_SOURCE, "<ringpool.cluster task>", "exec"), _ns)
 chunk_task = _ns["ringpool_cluster_chunk"]
 probe = _ns["ringpool_cluster_probe"]
 stats = _ns["ringpool_cluster_stats"]
+scheduler_plugins = _ns["ringpool_scheduler_plugins"]
 del _ns
 
 

@@ -28,6 +28,7 @@ import threading
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import _cluster_worker, modules
+from ._cluster_futures import scheduler_plugins
 
 _log = logging.getLogger("ringpool.cluster")
 _PREFIX = "ringpool-package-"
@@ -73,11 +74,6 @@ class _PoolPlugin(WorkerPlugin):
             _cluster_worker.shutdown_pools()
 
 
-def _scheduler_plugins(dask_scheduler):
-    """Run on the scheduler (``client.run_on_scheduler``): the names of its ringpool plugins."""
-    return [n for n in dask_scheduler.worker_plugins if n.startswith("ringpool-")]
-
-
 class _Shipper:
     """What one scheduler's workers have of ringpool's registry, as seen from this process; ships
     the rest. Any thread may call ``ship``."""
@@ -86,7 +82,7 @@ class _Shipper:
         self._lock = threading.Lock()
         self._version = -1          # modules.registry_version() at the last look
         self._needs = ()
-        self._plugins = set(client.run_on_scheduler(_scheduler_plugins))  # held by the scheduler
+        self._plugins = set(client.run_on_scheduler(scheduler_plugins))  # held by the scheduler
         self._current = {}          # package name -> plugin name of the version last registered here
         self.transfers = collections.Counter()  # package name -> versions registered from this process
 

@@ -331,6 +331,21 @@ def test_worker_without_ringpool_gets_a_message_saying_so(dask_procs):
             f.result(60)
 
 
+def test_the_scheduler_needs_no_ringpool(dask_procs, tmp_path):
+    _, address = dask_procs.scheduler(pythonpath=None)  # dask only
+    dask_procs.worker(address, "with-ringpool")
+    name = "rp_cluster_pkg_plain_scheduler"
+    _make_package(tmp_path, name, 3)
+    mod = ringpool.import_module_from_path(name, tmp_path / name)
+    try:
+        with ClusterExecutor(address, processes_per_worker=1) as e:
+            dp.wait_workers(e.client, 1)
+            assert e.client.run_on_scheduler(lambda: "ringpool" in sys.modules) is False
+            assert [o[:2] for o in e.map(mod.where, range(6), chunksize=2)] == [(3, i) for i in range(6)]
+    finally:
+        ringpool.modules.purge(name)
+
+
 @pytest.fixture
 def environ_restored():
     # A nanny in this process (LocalCluster) sets its pre-spawn environment (OMP_NUM_THREADS=1,
