@@ -240,10 +240,9 @@ def _error(exc, prefix=""):
 def run(header, payload, buffers):
     """One dask task. header: (pool config, needs, op); payload + buffers: ringpool's pickle of the
     call, (fn, args, kwargs) for op "call", (fn, items, single) for "map" (a group of the map's
-    chunks). Returns the pickle (and
-    out-of-band buffers) of (values, error), and the seconds the work took here: the values of
-    the items before the first that failed, and that failure as (exception, remote traceback)
-    or None."""
+    chunks). Returns the pickle (and out-of-band buffers) of (values, error), and the seconds the
+    work took here: the values of the items before the first that failed, and that failure as
+    (exception, remote traceback) or None."""
     config, needs, op = header
     with _Versions(needs):
         pool = _pool(config)  # the initializer may need the chunk's package versions
@@ -272,7 +271,7 @@ def run(header, payload, buffers):
             if not isinstance(exc, Exception):
                 raise
             err = _error(exc)
-            if pool._broken is not None:  # its initializer raised: the next chunk tries a new pool
+            if pool._broken is not None:  # its initializer raised: the next task tries a new pool
                 _discard(config, pool)
         seconds = time.perf_counter() - start
         try:
