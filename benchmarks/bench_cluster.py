@@ -7,7 +7,9 @@ own empty folders), the ClusterExecutor with one node-local ringpool process per
 both sides use two worker processes: this machine's cores), the single-host Executor with two
 workers. Tasks: a no-op and a ~1 ms CPU spin, defined in this script (so they travel by value).
 
-- ``ClusterExecutor.map`` at chunksize 1, 64 and 1024;
+- ``ClusterExecutor.map`` at chunksize 1, 64 and 1024 (a dask task carries a group of chunks sized
+  from the times measured so far for the function: after the first round, the sizes learnt), and
+  at chunksize 64 with nothing learnt yet (the first map of a function in an executor);
 - dask ``client.map`` of the same function (one dask task per item), gathered;
 - ``ringpool.Executor(2).map`` (chunksize 1: ringpool batches by itself).
 
@@ -16,9 +18,9 @@ single-host Executor. Shipping: a 5 MB registered package used by a map on both 
 reloaded and used again, is transferred once per worker per version (counted on the workers).
 
 ``--simulate N``: overhead growth with the number of dask workers (1, 2, 4, ... N single-process
-workers with one ringpool process each, on this machine's cores): no-op map at chunksize 64,
-per-chunk wall time, the scheduler's CPU time per chunk, and the time to ship a 1 MB package to
-every worker.
+workers with one ringpool process each, on this machine's cores): no-op map at chunksize 64 with
+one chunk per dask task (grouping off: this measures dask's cost per task), per-task wall time,
+the scheduler's CPU time per task, and the time to ship a 1 MB package to every worker.
 
     /usr/bin/python3 benchmarks/bench_cluster.py [--quick] [--simulate 16] [--json PATH]
 
@@ -49,6 +51,7 @@ import distributed  # noqa: E402
 
 import _dask_procs as dp  # noqa: E402
 from _machine import machine_info  # noqa: E402
+from ringpool import cluster  # noqa: E402
 from ringpool.cluster import ClusterExecutor  # noqa: E402
 
 
@@ -124,6 +127,13 @@ def run_main(quick, rounds):
                         log(f"{task} round {r + 1}: ClusterExecutor.map chunksize {cs}, {n} items")
                         keep(f"ClusterExecutor.map chunksize {cs}", n,
                              timed(lambda: check(list(ex.map(fn, range(n), chunksize=cs)), n))[1])
+                    # The same map with task sizes learnt from scratch (the executor keeps what it
+                    # measured per function; the rows above reuse it after the first round).
+                    n = sizes["cluster64"]
+                    ex._paces.pop(fn, None)
+                    log(f"{task} round {r + 1}: ClusterExecutor.map chunksize 64, sizes not yet learnt, {n} items")
+                    keep("ClusterExecutor.map chunksize 64, first map of fn", n,
+                         timed(lambda: check(list(ex.map(fn, range(n), chunksize=64)), n))[1])
                     n = sizes["dask"]
                     log(f"{task} round {r + 1}: client.map, {n} items")
                     keep("dask client.map", n,
@@ -175,6 +185,9 @@ def measure_shipping(ex, size=5 << 20):
 
 
 def run_simulation(max_workers, quick):
+    # One chunk per dask task: the simulation measures what a task costs (a task's target work of
+    # 0 seconds makes the executor's _Pacer size every task at one chunk).
+    cluster._TASK_SECONDS = cluster._TASK_SECONDS_PER_THREAD = 0.0
     rows = []
     counts = [c for c in (1, 2, 4, 8, 16, 32, 64) if c <= max_workers]
     items = 6400 if quick else 32_000
@@ -198,7 +211,7 @@ def run_simulation(max_workers, quick):
                     (pkg / "__init__.py").write_text(f"DATA = {'y' * (1 << 20)!r}\n")
                     ringpool.import_module_from_path(name, pkg)
                     t = time.perf_counter()
-                    ex._ship()  # one plugin registration: every worker has it when this returns
+                    ex._shipper.ship(ex.client)  # one plugin registration: every worker has it when this returns
                     ship_s = time.perf_counter() - t
                     ringpool.modules.purge(name)
             rows.append({"dask_workers": count, "chunks": chunks, "seconds": round(s, 3),
@@ -211,17 +224,19 @@ def run_simulation(max_workers, quick):
     return rows
 
 
+def _table(header, align, lines):
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|", *lines, ""]
+
+
 def markdown(machine, rows, ship, sim):
     out = [f"### bench_cluster (best of interleaved rounds) on {machine['cpu']} ({machine['usable_cores']} usable cores, "
            f"{machine['memory_gib']} GiB, Linux {machine['kernel']}, Python {machine['python']}, "
            f"dask.distributed {distributed.__version__}; load at start {machine['loadavg_at_start']})", ""]
     if rows:
-        out += ["| task | method | items | s | tasks/s | vs client.map | vs one-host Executor |",
-                "|---|---|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            out.append(f"| {r['task']} | {r['method']} | {r['items']} | {r['seconds']} | {r['tasks_per_s']:.0f} | "
-                       f"{r['vs_client_map']}x | {r['vs_single_host']}x |")
-        out.append("")
+        out += _table(["task", "method", "items", "s", "tasks/s", "vs client.map", "vs one-host Executor"],
+                      ["---", "---"] + ["---:"] * 5,
+                      [f"| {r['task']} | {r['method']} | {r['items']} | {r['seconds']} | {r['tasks_per_s']:.0f} | "
+                       f"{r['vs_client_map']}x | {r['vs_single_host']}x |" for r in rows])
     if ship:
         out.append(f"Shipping: a {ship['package_bytes'] >> 20} MB package, {ship['versions']} versions, "
                    f"{ship['workers']} workers: transfers per worker {list(ship['transfers_per_worker'].values())} "
@@ -229,12 +244,11 @@ def markdown(machine, rows, ship, sim):
                    f"{ship['first_map_with_shipping_s']} s.")
         out.append("")
     if sim:
-        out += ["| dask workers | chunks of 64 no-ops | s | wall ms/chunk | scheduler CPU ms/chunk | ship 1 MB to all, s |",
-                "|---:|---:|---:|---:|---:|---:|"]
-        for r in sim:
-            out.append(f"| {r['dask_workers']} | {r['chunks']} | {r['seconds']} | {r['ms_per_chunk_wall']} | "
-                       f"{r['scheduler_cpu_ms_per_chunk']} | {r['ship_1MB_to_all_s']} |")
-    return "\n".join(out)
+        out += _table(["dask workers", "chunks of 64 no-ops", "s", "wall ms/chunk", "scheduler CPU ms/chunk",
+                       "ship 1 MB to all, s"], ["---:"] * 6,
+                      [f"| {r['dask_workers']} | {r['chunks']} | {r['seconds']} | {r['ms_per_chunk_wall']} | "
+                       f"{r['scheduler_cpu_ms_per_chunk']} | {r['ship_1MB_to_all_s']} |" for r in sim])
+    return "\n".join(out).rstrip("\n")
 
 
 def main():

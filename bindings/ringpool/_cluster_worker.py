@@ -5,10 +5,10 @@
     dask worker process (one per host, or several)
     ├─ snapshot/bundle plugins ──► receive_snapshot / receive_bundle: bytes kept by hash, counted
     └─ task threads ──► run(header, payload, buffers)
-          1. pool(config): the node-local ringpool.Executor for this configuration (started once,
-             reused by every later chunk; shut down by the pool plugin's teardown)
-          2. _Versions: install the exact package hashes the chunk was pickled with, waiting until
+          1. _Versions: install the exact package hashes the chunk was pickled with, waiting until
              no running chunk uses another version (a chunk never mixes versions)
+          2. _pool(config): the node-local ringpool.Executor for this configuration (started once,
+             reused by every later chunk; shut down by the pool plugin's teardown)
           3. unpickle (fn, items), fan them out to the local pool, pickle the results
              (out-of-band buffers: numpy arrays go through dask's frames, not inside a pickle)
 
@@ -112,11 +112,12 @@ def shutdown_pools():
 
 
 def _pool(config):
-    processes, preload, bundle_hash = config
+    """The node-local pool for ``config`` (see ``pool_config``), started at its first chunk."""
     with _cond:
         p = _pools.get(config)
         if p is not None:
             return p
+        processes, preload, bundle_hash, zygote, init, max_tasks, task_timeout = config
         bundle = None
         if bundle_hash is not None:
             end = time.monotonic() + _SNAPSHOT_WAIT
@@ -125,17 +126,39 @@ def _pool(config):
                     raise RuntimeError(f"bundle {bundle_hash[:12]} did not reach {host_label()} within "
                                        f"{_SNAPSHOT_WAIT:g} s")
             bundle = _bundles[bundle_hash]
+        initializer, initargs = pickle.loads(init) if init is not None else (None, ())
         if multiprocessing.current_process()._config.get("daemon"):
             # No pool plugin ran here (a worker started some other way): lift it as prepare() does.
             prepare(_address)
-        ctx = get_context(preload=preload or None, bundle=bundle)
+        ctx = get_context(preload=preload or None, zygote=zygote, bundle=bundle)
         try:
-            p = Executor(processes or len(os.sched_getaffinity(0)) or 1, mp_context=ctx)
+            p = Executor(processes or len(os.sched_getaffinity(0)) or 1, initializer=initializer, initargs=initargs,
+                         max_tasks_per_child=max_tasks, mp_context=ctx, task_timeout=task_timeout)
         except AssertionError as exc:
             raise RuntimeError(f"{host_label()} cannot start ringpool workers ({exc}): start dask workers "
                                f"without the daemon flag (DASK_DISTRIBUTED__WORKER__DAEMON=False)") from exc
         _pools[config] = p
         return p
+
+
+def _discard(config, pool):
+    with _cond:
+        if _pools.get(config) is pool:
+            del _pools[config]
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def pool_config(processes, preload, bundle_hash, zygote, initializer, initargs, max_tasks_per_child, task_timeout):
+    """The node-local pool's settings as one hashable value, sent with every chunk (client side):
+    chunks with the same settings share one pool per dask worker. The initializer travels as
+    ringpool's pickle (by value for a lambda or ``__main__``, by reference for a registered
+    package), so it is unpickled only once the chunk's package versions are installed."""
+    init = None
+    if initializer is not None:
+        f = io.BytesIO()
+        Pickler(f, 5).dump((initializer, tuple(initargs)))
+        init = f.getvalue()
+    return (processes, tuple(preload), bundle_hash, bool(zygote), init, max_tasks_per_child, task_timeout)
 
 
 class _Versions:
@@ -215,12 +238,15 @@ def _error(exc, prefix=""):
 
 
 def run(header, payload, buffers):
-    """One chunk. header: (config, needs, op); payload + buffers: ringpool's pickle of the call.
-    Returns the pickle (and out-of-band buffers) of (values, error): the values of the items
-    before the first that failed, and that failure as (exception, remote traceback) or None."""
+    """One dask task. header: (pool config, needs, op); payload + buffers: ringpool's pickle of the
+    call, (fn, args, kwargs) for op "call", (fn, items, single) for "map" (a group of the map's
+    chunks). Returns the pickle (and out-of-band buffers) of (values, error), and the seconds the
+    work took here: the values of the items before the first that failed, and that failure as
+    (exception, remote traceback) or None."""
     config, needs, op = header
-    pool = _pool(config)
     with _Versions(needs):
+        pool = _pool(config)  # the initializer may need the chunk's package versions
+        start = time.perf_counter()  # after a pool's start: the client sizes tasks from this
         try:
             call = pickle.loads(payload, buffers=buffers)
         except ModuleNotFoundError as exc:
@@ -235,17 +261,20 @@ def run(header, payload, buffers):
                 values.append(pool.submit(fn, *args, **kwargs).result())
             else:
                 fn, items, single = call
+                # One item at a time (ringpool batches them onto its rings by itself): a failing
+                # item costs only the items after it, as the values before it are kept.
                 if single:
-                    it = pool.map(fn, items)
-                else:
-                    it = pool.map(fn, *zip(*items)) if items else iter(())
-                for v in it:
-                    values.append(v)
+                    values.extend(pool.map(fn, items))
+                elif items:
+                    values.extend(pool.map(fn, *zip(*items)))
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 raise
             err = _error(exc)
+            if pool._broken is not None:  # its initializer raised: the next task tries a new pool
+                _discard(config, pool)
+        seconds = time.perf_counter() - start
         try:
-            return dumps((values, err))
+            return (*dumps((values, err)), seconds)
         except Exception as exc:
-            return dumps(([], _error(exc, "a result could not be pickled\n")))
+            return (*dumps(([], _error(exc, "a result could not be pickled\n"))), seconds)

@@ -41,3 +41,28 @@ def _kill_my_dask_worker_once(x, marker, at):
 def _kill_my_dask_worker(x):
     os.kill(os.getppid(), signal.SIGKILL)
     time.sleep(60)
+
+
+_state = {}  # set in a node-local worker by _set_tag
+
+
+def _set_tag(value):
+    """An initializer: runs in each node-local worker before its first task."""
+    _state["tag"] = value
+
+
+def _tag(x):
+    return _state.get("tag")
+
+
+def _pid(x):
+    return os.getpid()
+
+
+def _raise_in_init():
+    raise OSError("no such device")
+
+
+def _started_by_zygote(x):
+    import sys
+    return "ringpool._zygote" in sys.modules

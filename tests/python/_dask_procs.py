@@ -62,10 +62,11 @@ class Procs:
         self.procs.append(p)
         return p
 
-    def scheduler(self, host="127.0.0.1", prefix=(), env=None):
+    def scheduler(self, host="127.0.0.1", prefix=(), env=None, pythonpath=BINDINGS):
         f = os.path.join(self.tmp.name, f"scheduler-{len(self.procs)}.json")
         p = self.start([PY, "-m", "distributed.cli.dask_scheduler", "--host", host, "--port", "0",
-                        "--no-dashboard", "--scheduler-file", f], prefix=prefix, env=env, log="scheduler")
+                        "--no-dashboard", "--scheduler-file", f], prefix=prefix, env=env, pythonpath=pythonpath,
+                       log="scheduler")
         end = time.monotonic() + 60
         while time.monotonic() < end:
             if os.path.exists(f):

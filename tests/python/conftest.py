@@ -129,3 +129,27 @@ def ringpool_venv(tmp_path_factory):
         f.write(BINDINGS + "\n")
     shutil.copy(os.path.join(BINDINGS, "ringpool-start-method.pth"), site_dir)
     return py
+
+
+@pytest.fixture
+def dask_procs():
+    """Real dask schedulers and workers a test starts (tests/python/_dask_procs.py), each process
+    group killed when the test ends."""
+    import _dask_procs  # here, not at the top: it is only for the cluster tests (conftest's folder is on sys.path)
+    procs = _dask_procs.Procs()
+    try:
+        yield procs
+    finally:
+        procs.close()
+
+
+@pytest.fixture(scope="module")
+def cluster_tasks_registered():
+    """tests/python/_cluster_tasks.py registered with ringpool for one module's tests (the dask
+    workers do not have it: registered, it is shipped), purged after: other test modules expect an
+    empty registry."""
+    import _cluster_tasks  # here, not at the top: only the cluster tests use it
+    import ringpool  # here, not at the top: conftest imports ringpool nowhere else (tests import it themselves)
+    ringpool.register_module(_cluster_tasks)
+    yield _cluster_tasks
+    ringpool.modules.purge("_cluster_tasks")

@@ -3,6 +3,7 @@ scheduler and real dask workers on loopback: subprocesses in their own sessions,
 nanny (so the dask workers are daemonic processes), each with an empty working directory and only
 ringpool on its path; every process group is killed when its test (or module) ends."""
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import os
 import pickle
 import signal
@@ -26,19 +27,11 @@ import _dask_procs as dp  # noqa: E402
 import _cluster_tasks  # noqa: E402
 from _cluster_tasks import _add, _fail_at, _kill_my_dask_worker, _kill_my_dask_worker_once, _sleep, _square  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _tasks_registered():
-    # Registered for this module's tests only: other test modules expect an empty registry.
-    ringpool.register_module(_cluster_tasks)
-    yield
-    ringpool.modules.purge("_cluster_tasks")
-
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("cluster_tasks_registered")]
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(cluster_tasks_registered):
     procs = dp.Procs()
     try:
         _, address = procs.scheduler()
@@ -57,15 +50,6 @@ def ex(cluster):
         yield e
     finally:
         e.shutdown(wait=False, cancel_futures=True)
-
-
-@pytest.fixture
-def procs():
-    p = dp.Procs()
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def _make_package(root, name, version, pad=0):
@@ -189,7 +173,7 @@ def test_packages_reach_every_worker_once_per_version(ex, tmp_path):
         for addr, s in stats.items():
             got = {k: v for k, v in s["received"].items() if k.startswith(name + ":")}
             assert got == {h: 1 for h in hashes}, (addr, got)  # one transfer per worker per version
-        assert ex._transfers[name] == 2
+        assert ex._shipper.transfers[name] == 2
     finally:
         ringpool.modules.purge(name)
 
@@ -271,10 +255,10 @@ def test_large_numpy_arguments_and_results(ex):
 # -- failures ---------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(180)
-def test_dask_worker_killed_mid_map_reruns_its_chunks(procs, tmp_path):
-    _, address = procs.scheduler()
+def test_dask_worker_killed_mid_map_reruns_its_chunks(dask_procs, tmp_path):
+    _, address = dask_procs.scheduler()
     for i in range(2):
-        procs.worker(address, f"k{i}")
+        dask_procs.worker(address, f"k{i}")
     with ClusterExecutor(address, processes_per_worker=1) as e:
         dp.wait_workers(e.client, 2)
         out = list(e.map(_kill_my_dask_worker_once, range(200), [str(tmp_path / "marker")] * 200, [57] * 200,
@@ -284,9 +268,9 @@ def test_dask_worker_killed_mid_map_reruns_its_chunks(procs, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_no_retry_left_fails_with_worker_died_naming_the_host(procs):
-    _, address = procs.scheduler(env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
-    procs.worker(address, "only")
+def test_no_retry_left_fails_with_worker_died_naming_the_host(dask_procs):
+    _, address = dask_procs.scheduler(env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+    dask_procs.worker(address, "only")
     with ClusterExecutor(address, processes_per_worker=1) as e:
         dp.wait_workers(e.client, 1)
         worker = dp.wait_workers(e.client, 1)[0]
@@ -298,9 +282,9 @@ def test_no_retry_left_fails_with_worker_died_naming_the_host(procs):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["killed", "frozen"])
-def test_losing_the_scheduler_fails_pending_futures_in_bounded_time(procs, how):
-    sched, address = procs.scheduler()
-    procs.worker(address, "s0")
+def test_losing_the_scheduler_fails_pending_futures_in_bounded_time(dask_procs, how):
+    sched, address = dask_procs.scheduler()
+    dask_procs.worker(address, "s0")
     e = ClusterExecutor(address, processes_per_worker=1, scheduler_timeout=3)
     try:
         dp.wait_workers(e.client, 1)
@@ -332,19 +316,34 @@ def test_unreachable_address_fails_in_stated_time():
     assert time.monotonic() - t < 60
 
 
-def test_worker_without_ringpool_gets_a_message_saying_so(procs):
-    _, address = procs.scheduler()
-    procs.worker(address, "bare", pythonpath=None)  # dask only: no ringpool on its path
+def test_worker_without_ringpool_gets_a_message_saying_so(dask_procs):
+    _, address = dask_procs.scheduler()
+    dask_procs.worker(address, "bare", pythonpath=None)  # dask only: no ringpool on its path
     with distributed.Client(address, timeout=30, set_as_default=False) as client:
         dp.wait_workers(client, 1)
         with pytest.raises(RuntimeError, match="ringpool is not importable on 1 dask worker"):
             ClusterExecutor(client)
         # A task that reaches such a worker anyway (it joined after the check) says so too.
-        from ringpool import cluster
+        from ringpool import _cluster_futures
 
-        f = client.submit(cluster._chunk_task, ((1, (), None), (), "call"), b"", [], pure=False)
+        f = client.submit(_cluster_futures.chunk_task, (None, (), "call"), b"", [], pure=False)
         with pytest.raises(RuntimeError, match="ringpool is not importable on the dask worker"):
             f.result(60)
+
+
+def test_the_scheduler_needs_no_ringpool(dask_procs, tmp_path):
+    _, address = dask_procs.scheduler(pythonpath=None)  # dask only
+    dask_procs.worker(address, "with-ringpool")
+    name = "rp_cluster_pkg_plain_scheduler"
+    _make_package(tmp_path, name, 3)
+    mod = ringpool.import_module_from_path(name, tmp_path / name)
+    try:
+        with ClusterExecutor(address, processes_per_worker=1) as e:
+            dp.wait_workers(e.client, 1)
+            assert e.client.run_on_scheduler(lambda: "ringpool" in sys.modules) is False
+            assert [o[:2] for o in e.map(mod.where, range(6), chunksize=2)] == [(3, i) for i in range(6)]
+    finally:
+        ringpool.modules.purge(name)
 
 
 @pytest.fixture
@@ -396,3 +395,115 @@ def test_two_executors_share_the_node_local_pools(ex, cluster):
     after = {a: s["pools"] for a, s in ex.cluster_stats().items()}
     for a, pools in before.items():  # the same pool processes: none was shut down and restarted
         assert {k: v for k, v in after[a].items() if k in pools} == pools
+
+
+# -- ringpool.Executor's options, passed to the node-local pools ------------------------------------
+
+def test_bad_options_fail_before_connecting():
+    nowhere = "tcp://127.0.0.1:9"  # never reached: the options are checked first
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        ClusterExecutor(nowhere, initializer=3)
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        ClusterExecutor(nowhere, max_tasks_per_child=0)
+    with pytest.raises(ValueError, match="task_timeout"):
+        ClusterExecutor(nowhere, task_timeout=0)
+    with pytest.raises(TypeError, match=r"args\[0\]"):
+        ClusterExecutor(nowhere, initializer=_cluster_tasks._set_tag, initargs=(threading.Lock(),))
+
+
+@pytest.mark.timeout(300)
+def test_executor_options_reach_the_local_pools(dask_procs):
+    # Its own cluster: the pools these options make die with it, at the end of this test.
+    _, address = dask_procs.scheduler()
+    dask_procs.worker(address, "opts", nthreads=2)
+    with ClusterExecutor(address, processes_per_worker=2, initializer=_cluster_tasks._set_tag,
+                         initargs=("initialized",)) as e:
+        dp.wait_workers(e.client, 1)
+        assert set(e.map(_cluster_tasks._tag, range(20), chunksize=2)) == {"initialized"}
+        assert e.submit(_cluster_tasks._tag, 0).result(60) == "initialized"
+    with ClusterExecutor(address, processes_per_worker=1, max_tasks_per_child=1) as e:
+        pids = list(e.map(_cluster_tasks._pid, range(12)))
+        assert len(set(pids)) == 12  # a fresh local worker for every task
+    with ClusterExecutor(address, processes_per_worker=1, task_timeout=1) as e:
+        with pytest.raises(ringpool.TaskTimeout, match="longer than 1 s"):
+            e.submit(_sleep, 60).result(120)
+        assert e.submit(_square, 3).result(60) == 9  # its worker was replaced
+    with ClusterExecutor(address, processes_per_worker=1, zygote=False) as e:
+        assert e.submit(_cluster_tasks._started_by_zygote, 0).result(120) is False
+    with ClusterExecutor(address, processes_per_worker=1) as e:
+        assert e.submit(_cluster_tasks._started_by_zygote, 0).result(120) is True
+    with ClusterExecutor(address, processes_per_worker=1, initializer=_cluster_tasks._raise_in_init) as e:
+        for _ in range(2):  # a broken local pool is not kept: the next task tries a new one
+            with pytest.raises(BrokenProcessPool, match="initializer raised OSError: no such device"):
+                e.submit(_square, 2).result(120)
+        assert len(e.cluster_stats()) == 1
+
+
+# -- code shipping across executors -----------------------------------------------------------------
+
+def test_a_second_executor_ships_nothing_the_workers_have(cluster, tmp_path):
+    name = "rp_cluster_pkg_twice"
+    _make_package(tmp_path, name, 1, pad=1 << 20)
+    mod = ringpool.import_module_from_path(name, tmp_path / name)
+
+    def arrivals(e):
+        return {a: sum(v for k, v in s["received"].items() if k.startswith(name + ":"))
+                for a, s in e.cluster_stats().items()}
+
+    try:
+        with ClusterExecutor(cluster[1], processes_per_worker=1) as first:
+            assert first.submit(mod.where, 1).result(60)[0] == 1
+            assert set(arrivals(first).values()) == {1}
+            # Another client of the same scheduler in this process.
+            with ClusterExecutor(cluster[1], processes_per_worker=1) as second:
+                assert second.client is not first.client
+                assert [o[0] for o in second.map(mod.where, range(8), chunksize=1)] == [1] * 8
+                assert set(arrivals(second).values()) == {1}
+        # Another client process with the same package (same content, same hash): it reads what
+        # the scheduler holds and ships nothing either.
+        code = ("import sys, ringpool\n"
+                "from ringpool.cluster import ClusterExecutor\n"
+                f"mod = ringpool.import_module_from_path({name!r}, {str(tmp_path / name)!r})\n"
+                "if __name__ == '__main__':\n"
+                f"    with ClusterExecutor({cluster[1]!r}, processes_per_worker=1) as e:\n"
+                "        assert e.submit(mod.where, 2).result(60)[0] == 1\n"
+                f"        print(dict(e._shipper.transfers))\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": dp.BINDINGS})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "{}"
+        with ClusterExecutor(cluster[1], processes_per_worker=1) as again:
+            assert set(arrivals(again).values()) == {1}  # one transfer per worker, three executors
+    finally:
+        ringpool.modules.purge(name)
+
+
+def test_groups_of_chunks_grow_from_measured_times(cluster):
+    with ClusterExecutor(cluster[1], processes_per_worker=1, max_in_flight=4) as e:
+        out = list(e.map(_square, range(20_000), chunksize=10))
+        assert out == [i * i for i in range(20_000)]
+        pacer = e._paces[_square]
+        assert pacer.per_item is not None
+        assert pacer.largest > 10  # tasks came to carry several chunks
+        assert pacer.largest % 10 == 0  # ... whole chunks
+        assert sorted(e.imap_unordered(_square, range(5000), chunksize=7)) == [i * i for i in range(5000)]
+        assert list(e.starmap(_add, [(i, 1) for i in range(300)], chunksize=4)) == [i + 1 for i in range(300)]
+        assert list(e.imap(_square, iter(range(300)))) == [i * i for i in range(300)]
+
+
+def test_pacer_sizes_tasks_in_whole_chunks_from_measured_times():
+    from ringpool.cluster import _GROWTH, _Pacer
+
+    p = _Pacer()
+    assert p.items(64, 0.05) == 64  # nothing measured: one chunk
+    p.observe(64, 64 * 10e-6)  # 10 µs an item: 0.05 s would be 5000 items ...
+    assert p.items(64, 0.05) == min(5000, _GROWTH * 64) // 64 * 64  # ... but first at most 16x what was tried
+    p.observe(1024, 1024 * 10e-6)
+    assert p.items(64, 0.05) == 5000 // 64 * 64  # the time target, in whole chunks
+    assert p.items(64, 0.5) == 16384  # a larger cluster: longer tasks
+    p.observe(100, 100 * 1.0)  # a slow stretch: the estimate follows (older tasks weigh half)
+    assert p.items(64, 0.05) == 64  # at least one chunk
+    p.observe(0, 1.0)  # an empty task teaches nothing
+    assert p.items(7, 3600) == _GROWTH * 1024 // 7 * 7  # whole chunks of 7 under the growth cap
+    p.observe(20000, 20000 * 1e-6)
+    assert p.items(64, 3600) == 32768  # the cap on a task's items (memory in flight)

@@ -19,12 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cluster_tasks  # noqa: E402
 import _dask_procs as dp  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _tasks_registered():
-    ringpool.register_module(_cluster_tasks)
-    yield
-    ringpool.modules.purge("_cluster_tasks")
+pytestmark = pytest.mark.usefixtures("cluster_tasks_registered")
 
 
 def _ip(*args, check=True):
@@ -99,11 +94,9 @@ def two_hosts():
     if reason:
         pytest.skip(reason)
     net = _Net(2)
-    procs = dp.Procs()
     try:
-        yield net, procs
+        yield net
     finally:
-        procs.close()
         net.close()
 
 
@@ -122,8 +115,8 @@ def _package(root, name, version):
 
 
 @pytest.mark.timeout(240)
-def test_two_hosts_ship_reload_and_lose_a_worker(two_hosts, tmp_path):
-    net, procs = two_hosts
+def test_two_hosts_ship_reload_and_lose_a_worker(two_hosts, dask_procs, tmp_path):
+    net, procs = two_hosts, dask_procs
     _, address = procs.scheduler(host=net.gateway)
     for i in range(2):
         # Each host: its own empty working directory, no user code, ringpool on the path.
