@@ -273,15 +273,15 @@ struct Pool::Impl {
   struct Worker {
     int wid = 0;
     ChildProcess proc;
-    std::shared_ptr<Ring> ring;  // its calls
+    std::shared_ptr<Ring> ring;  // its calls (the pool their only producer; the worker not trusted)
     std::unique_ptr<Channel> calls;
     // Its answers: a ring of its own, which only the collector reads and which trusts nothing the
-    // worker does (Ring::distrust_producers). The worker holds its producer side only.
+    // worker does (Ring::distrust_peers). The worker holds its producer side only.
     std::shared_ptr<Ring> results;
     std::deque<std::unique_ptr<Pending>> unpublished;
     std::optional<int> exit_code;     // from the supervisor
-    // Why the pool killed it for breaking the protocol ("": it did not). Its ring is read no
-    // more, and the call it was running fails with a ProtocolError saying this. Collector only.
+    // Why the pool killed it for breaking the protocol ("": it did not). Its rings are used no
+    // more, and the call it was running fails with a ProtocolError saying this. Under mu.
     std::string violation;
   };
 
@@ -375,9 +375,10 @@ struct Pool::Impl {
     auto w = std::make_unique<Worker>();
     w->wid = wid;
     w->ring = Ring::create(RingOptions{task::kCallCapacity, 0, false});
+    w->ring->distrust_peers(0);  // its producer lock is ours alone: a worker holding it cannot wedge dispatch
     w->calls = std::make_unique<Channel>(w->ring);
     w->results = Ring::create(RingOptions{task::kResultCapacity, 0, false});
-    w->results->distrust_producers(1);  // a result carries at most one handle: its out-of-band block
+    w->results->distrust_peers(1);  // a result carries at most one handle: its out-of-band block
     Value max_tasks = opts.max_tasks_per_child ? Value(static_cast<std::int64_t>(opts.max_tasks_per_child)) : Value();
     const std::string config = pickle_dumps(Value::dict({{Value("ringpool_pool"), Value::dict({
         {Value("wid"), Value(wid)},
@@ -494,6 +495,7 @@ struct Pool::Impl {
     std::vector<Ring::Piece>& batch = dispatch_batch;
     while (std::optional<Scheduler::Assignment> a = sched.assign(RecordRules{})) {
       Worker& w = *workers.at(a->wid);
+      if (!w.violation.empty()) continue;  // its calls wait for its death, which requeues them
       const Fifo<Entry>& q = sched.sent(a->wid);
       // The new calls as records, written back to back into `wire`: consecutive calls of one
       // function travel as one RUN record (the worker decodes one record, not one per call, and
@@ -517,13 +519,23 @@ struct Pool::Impl {
       for (const auto& [at, len] : spans) batch.push_back({wire.data() + at, len});
       // One ring critical section (and at most one wake-up) for the records that fit inline;
       // the rest (large, or the ring full) one at a time, in order.
-      std::size_t done = 0;
-      bool inline_only = w.unpublished.empty();
-      for (const auto& p : batch) inline_only = inline_only && !w.calls->out_of_band(p.len);
-      if (inline_only && !batch.empty())
-        done = w.ring->try_put_many(proto::Kind::CALL, 0, batch.data(), batch.size(), 0);
-      for (std::size_t i = done; i < batch.size(); ++i) send(w, batch[i]);
+      try {
+        std::size_t done = 0;
+        bool inline_only = w.unpublished.empty();
+        for (const auto& p : batch) inline_only = inline_only && !w.calls->out_of_band(p.len);
+        if (inline_only && !batch.empty())
+          done = w.ring->try_put_many(proto::Kind::CALL, 0, batch.data(), batch.size(), 0);
+        for (std::size_t i = done; i < batch.size(); ++i) send(w, batch[i]);
+      } catch (const ProtocolError& e) {
+        broke_call_ring(w, e);
+      }
     }
+  }
+
+  // The worker's call ring refused a put (its producer lock held: only the worker can hold it).
+  void broke_call_ring(Worker& w, const ProtocolError& e) {
+    break_protocol(w, std::string("its call ring: ") + e.what());
+    nudge();  // the collector handles its death (and requeues its calls) when the supervisor reports it
   }
 
   // (RUN, tid of the first, function, [args, ...], None or SINGLE) for calls[i, j), whose ids
@@ -550,8 +562,14 @@ struct Pool::Impl {
   }
 
   void publish_pending() {
-    for (auto& [_, w] : workers)
-      while (!w->unpublished.empty() && w->calls->publish(*w->unpublished.front(), 0)) w->unpublished.pop_front();
+    for (auto& [_, w] : workers) {
+      try {
+        while (w->violation.empty() && !w->unpublished.empty() && w->calls->publish(*w->unpublished.front(), 0))
+          w->unpublished.pop_front();
+      } catch (const ProtocolError& e) {
+        broke_call_ring(*w, e);
+      }
+    }
   }
 
   // -- results (collector thread, mu held) --------------------------------------------------------
@@ -576,6 +594,7 @@ struct Pool::Impl {
     w.violation = "ringpool::Pool: worker " + std::to_string(w.wid) + " (pid " + std::to_string(w.proc.pid()) +
                   ") broke the protocol: " + why;
     w.proc.send_signal(SIGKILL);
+    sched.exited(w.wid);  // no more calls go to it
   }
 
   // One record, checked against what its worker is running: an answer or a STARTED must name the
@@ -770,7 +789,10 @@ struct Pool::Impl {
     std::vector<Ring*> rings;      // and their rings, for the wait
     {
       std::lock_guard lk(mu);
-      for (auto& [_, w] : workers) inboxes.push_back(w.get());
+      for (auto& [_, w] : workers) {
+        inboxes.push_back(w.get());
+        rings.push_back(w->results.get());
+      }
     }
     const WaitPolicy& policy = WaitPolicy::standard();
     for (;;) {
@@ -911,7 +933,13 @@ struct Pool::Impl {
       drained.wait(lk, [&] { return (sched.outstanding() == 0 && completing == 0) || !broken.empty(); });
       // Ask every worker to stop; the collector handles their exits and ends with the last.
       const std::string stop_rec = task_record::control_record(task::Op::STOP);
-      for (auto& [_, w] : workers) send(*w, stop_rec);
+      for (auto& [_, w] : workers) {
+        try {
+          if (w->violation.empty()) send(*w, stop_rec);
+        } catch (const ProtocolError& e) {
+          broke_call_ring(*w, e);
+        }
+      }
       stop = true;
     }
     nudge();

@@ -27,10 +27,10 @@ class RobustLock {
  public:
   // With a hook, a lock another thread or process holds is waited for through it (the Python
   // bindings release the GIL there: see BlockingHook).
-  // wait false: a lock held elsewhere is a ProtocolError instead (Ring::distrust_producers).
+  // wait false: a lock held elsewhere is a ProtocolError instead (Ring::distrust_peers).
   explicit RobustLock(pthread_mutex_t* m, BlockingHook* hook = nullptr, bool wait = true) : m_(m) {
     int r = ::pthread_mutex_trylock(m_);
-    if (r == EBUSY && !wait) throw ProtocolError("the ring's consumer lock is held by another process");
+    if (r == EBUSY && !wait) throw ProtocolError("a ring lock of this side is held by another process");
     if (r == EBUSY) run_blocking(hook, [&] { r = ::pthread_mutex_lock(m_); });
     if (r == EOWNERDEAD) {
       ::pthread_mutex_consistent(m_);
@@ -171,7 +171,7 @@ Ring::PutStatus Ring::try_put(proto::Kind kind, std::uint8_t flags, const Piece*
   const std::size_t rec = record_size(len);
   if (rec > capacity_ || nfds > proto::kMaxHandles) return PutStatus::too_large;
   {
-    RobustLock lock(&ctl_->prod_lock);
+    RobustLock lock(&ctl_->prod_lock, nullptr, !distrusted_);
     if (lock.recovered()) repair_producer_side(ctl_);
     const std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);  // only written under this lock
     // head_cache lags head, so it only ever understates the room: reading head (the consumers'
@@ -213,7 +213,7 @@ std::size_t Ring::try_put_many(proto::Kind kind, std::uint8_t flags, const Piece
                                unsigned accounting) {
   std::size_t done = 0;
   {
-    RobustLock lock(&ctl_->prod_lock);
+    RobustLock lock(&ctl_->prod_lock, nullptr, !distrusted_);
     if (lock.recovered()) repair_producer_side(ctl_);
     std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);
     const std::uint64_t h = ctl_->head.load(std::memory_order_acquire);  // as in try_put

@@ -172,15 +172,23 @@ TEST_CASE("Pool: a hostile worker is killed and replaced, and no other worker's 
       {"short_block", {Value(512 << 10)}, "too short"},
       {"oversized_block", {Value(2 << 20)}, "max_result_bytes"},
       {"many_handles", {Value(3)}, "3 handles"},
+      {"hold_call_lock", {Value(2.0)}, "its call ring"},
   };
   for (const Hostile& h : cases) {
-    CAPTURE(h.fn);
+    const std::string name = h.fn;
+    CAPTURE(name);
     const std::uint64_t started = pool.workers_started();
     // Innocent calls first, spread over the three workers (the hostile one gets its share before
     // the hostile call, so nothing innocent waits behind it on its worker).
     std::vector<std::future<Value>> innocent;
     for (int i = 0; i < 6; ++i) innocent.push_back(pool.submit("rp_tasks.hostile:pid_after", {Value(0.2)}));
     auto bad = pool.submit(std::string("rp_tasks.hostile:") + h.fn, h.args);
+    if (std::string(h.fn) == "hold_call_lock") {
+      // Calls sent after it: the pool meets the lock when it dispatches to that worker (these
+      // calls never reach its ring; they go to other workers).
+      std::this_thread::sleep_for(300ms);
+      for (int i = 0; i < 6; ++i) innocent.push_back(pool.submit("rp_tasks.hostile:pid_after", {Value(0.05)}));
+    }
     try {
       get(bad);
       FAIL("no error");

@@ -179,19 +179,20 @@ class Ring {
   // Returns false if no frame is published. Throws as try_get_many.
   bool try_get(Sink& sink, std::vector<UniqueFd>& fds, BlockingHook* hook = nullptr);
 
-  // For a consumer whose producers are not trusted (the C++ Pool's collector reading a worker's
-  // own result ring; docs/design/security.md, "The C++ Pool and its workers"). Process-local:
-  // nothing shared changes, each Ring object decides for itself. From then on a take never waits
-  // on what only a producer could hold up, and refuses what no honest producer sends:
-  // - the consumer lock held by anyone else: ProtocolError at once (this object's caller must be
-  //   the ring's only consumer, in one thread);
+  // For a process whose peers on the ring's other side are not trusted (the C++ Pool with a
+  // worker's rings: it is the only producer of the worker's call ring and the only consumer of
+  // its result ring; docs/design/security.md, "The C++ Pool and its workers"). Process-local:
+  // nothing shared changes, each Ring object decides for itself. From then on this object never
+  // waits on what only a peer could hold up, and refuses what no honest peer sends:
+  // - its side's lock (producer or consumer) held by anyone else: ProtocolError at once (this
+  //   object's caller must be the only producer, or only consumer, in one thread);
   // - a frame's handles not queued when its record is read (an honest producer sends them before
   //   it commits): the record is passed over and ProtocolError thrown, without the usual wait;
   // - a frame with more than max_handles handles: passed over, ProtocolError (its handles are
   //   never installed here);
-  // - the readiness eventfd is not refreshed (a producer may have armed it to stall takes).
-  // Call before the first take; not thread safe against takes.
-  void distrust_producers(std::uint32_t max_handles) noexcept {
+  // - the readiness eventfd is not refreshed on a take (a peer may have armed it to stall takes).
+  // Call before the first put or take; not thread safe against them.
+  void distrust_peers(std::uint32_t max_handles) noexcept {
     distrusted_ = true;
     max_handles_ = max_handles;
   }
@@ -291,7 +292,7 @@ class Ring {
   std::size_t mask_ = 0;
   std::size_t inline_max_ = 0;
   bool counts_items_ = false;
-  bool distrusted_ = false;        // distrust_producers()
+  bool distrusted_ = false;        // distrust_peers()
   std::uint32_t max_handles_ = 0;  // and its bound
   // This process has armed the readiness fd (ctl_->poll_armed is set and the frames published
   // before it were signalled). Process-local on purpose: re-arming on every call wrote the

@@ -9,13 +9,18 @@ import time
 
 
 def _loop():
-    """The worker loop's locals: wid, tid, put (a record -> its channel), results (the channel)."""
+    """The worker loop's names: wid, tid (the running call's: run()'s own), put (a record -> the
+    result channel), results and calls (the channels), each from the innermost frame holding it."""
+    names = {}
     f = sys._getframe(1)
-    while f is not None and not all(k in f.f_locals for k in ("put", "results", "wid", "tid")):
+    while f is not None:
+        for k in ("put", "results", "calls", "wid", "tid"):
+            if k not in names and k in f.f_locals:
+                names[k] = f.f_locals[k]
         f = f.f_back
-    if f is None:
-        raise RuntimeError("hostile: the worker loop's frame was not found")
-    return f.f_locals
+    if len(names) != 5:
+        raise RuntimeError(f"hostile: the worker loop's frames were not found (found {sorted(names)})")
+    return names
 
 
 def _task():
@@ -119,3 +124,25 @@ def fd_table(t):
         except OSError:
             pass  # the listdir's own descriptor, gone already
     return [os.getpid(), sorted(out)]
+
+
+def hold_call_lock(t):
+    """Takes its own call ring's producer lock (the pool is that ring's only producer) and keeps it,
+    sleeping t seconds: an honest worker never touches it; a pool that waited for it would stop
+    dispatching to every worker."""
+    import ctypes  # (only here: the lock is a pthread mutex in the ring's first page)
+    import mmap
+
+    calls = _loop()["calls"]
+    memfd = calls.handles()[0]
+    page = mmap.mmap(memfd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    prod_lock = ctypes.addressof(ctypes.c_char.from_buffer(page, 64))  # RingControl::prod_lock
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.pthread_mutex_lock(ctypes.c_void_p(prod_lock)) != 0:
+        raise RuntimeError("hold_call_lock: the lock was not taken")
+    _held.append(page)  # kept mapped (and locked) until the worker dies
+    time.sleep(t)
+    return 0
+
+
+_held = []
