@@ -802,7 +802,10 @@ struct Pool::Impl {
       bool out_of_fds = false;
       // Workers are added and erased by this thread only (replenish, died), so the pointers in
       // inboxes stay valid until it rebuilds the list, under mu, below.
-      for (Worker* w : inboxes) out_of_fds |= take_results(w, sink, fds, scratch, oob, decoded);
+      // (An empty ring is passed over without its consumer lock: two loads instead of a lock and
+      // unlock on a line the worker also writes.)
+      for (Worker* w : inboxes)
+        if (w->results->readable()) out_of_fds |= take_results(w, sink, fds, scratch, oob, decoded);
       const std::size_t n = decoded.size();
       std::unique_lock lk(mu);
       for (auto& d : decoded) {

@@ -250,7 +250,10 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
   std::exception_ptr broken;  // a record with broken handles was passed over: thrown at the end
   {
     RobustLock lock(&ctl_->cons_lock, hook, !distrusted_);
-    if (lock.recovered()) repair_consumer_side(ctl_);
+    if (lock.recovered()) {
+      repair_consumer_side(ctl_);
+      fds_.reset_peek_offset();  // the dead consumer may have died inside a multi-packet peek
+    }
     std::uint64_t h = ctl_->head.load(std::memory_order_relaxed);  // only written under this lock
     // tail_cache lags tail, so it only ever understates what is published; read tail (the
     // producers' cache line) only when the cached value says the ring is empty.

@@ -1,5 +1,7 @@
 // Ring: single-process semantics, handles, and multi-process delivery with killed peers.
 #include <doctest/doctest.h>
+#include <dirent.h>
+#include <sys/resource.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -167,6 +169,59 @@ TEST_CASE("ring: handles travel with their frame, more than 253 at once") {
   REQUIRE(r->try_get(sink, fds));
   CHECK(fds.size() == 300);
   CHECK(sink.got == std::vector<std::string>{"one", "none", "many"});
+  ::close(p[0]);
+  ::close(p[1]);
+}
+
+TEST_CASE("ring: a record of more than 253 handles keeps them all when the table fills while it is taken") {
+  // Its handles travel as two packets. Every descriptor must be this process's before the record
+  // is taken: here the sink (which runs between peeking the handles and taking the record, where
+  // another thread of the process could open files) fills the descriptor table. Before the later
+  // packets were peeked too, the second packet's receive was then cut short and the record's
+  // descriptors lost ("handle packet truncated").
+  auto r = Ring::create({64 * 1024, 0});
+  int p[2];
+  REQUIRE(::pipe(p) == 0);
+  std::vector<int> many(300, p[1]);
+  REQUIRE(put_str(*r, "many", many.data(), many.size()) == Ring::PutStatus::ok);
+  int open_now = 0;
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (::readdir(d)) ++open_now;
+    ::closedir(d);
+  }
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
+  rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(open_now + 300 + 16);  // room for the record's handles
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  struct FillingSink final : Ring::Sink {
+    std::vector<int> hog;
+    std::string got;
+    void take(const proto::FrameHeader& h, const std::uint8_t* payload) override {
+      got.assign(reinterpret_cast<const char*>(payload), h.payload_len);
+      for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) hog.push_back(fd);
+    }
+  } sink;
+  std::vector<UniqueFd> fds;
+  std::string error;
+  std::size_t got = 0;
+  try {
+    got = r->try_get_many(sink, 1, fds);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  for (int fd : sink.hog) ::close(fd);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  CHECK(error == "");
+  CHECK(got == 1);
+  CHECK(sink.got == "many");
+  CHECK_FALSE(sink.hog.empty());  // the table did fill
+  REQUIRE(fds.size() == 300);
+  // Each is the pipe's write end.
+  REQUIRE(::write(fds[299].get(), "z", 1) == 1);
+  char c = 0;
+  REQUIRE(::read(p[0], &c, 1) == 1);
+  CHECK(c == 'z');
   ::close(p[0]);
   ::close(p[1]);
 }
