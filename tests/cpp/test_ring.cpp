@@ -10,10 +10,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ringpool/block.hpp"
@@ -224,6 +226,45 @@ TEST_CASE("ring: a record of more than 253 handles keeps them all when the table
   CHECK(c == 'z');
   ::close(p[0]);
   ::close(p[1]);
+}
+
+TEST_CASE("ring: wait_data_any wakes for a frame in any of its rings, and for the bell") {
+  auto a = Ring::create({64 * 1024, 0});
+  auto b = Ring::create({64 * 1024, 0});
+  Ring* rings[] = {a.get(), b.get()};
+  std::atomic<std::uint32_t> bell{0};
+  // Something there already: no sleep.
+  REQUIRE(put_str(*b, "ready") == Ring::PutStatus::ok);
+  CHECK(Ring::wait_data_any(rings, 2, &bell, 0, 10'000'000'000) == futex::WaitResult::woken);
+  StringSink sink;
+  std::vector<UniqueFd> fds;
+  REQUIRE(b->try_get(sink, fds));
+  // A frame published into the second ring while the waiter sleeps (10 s timeout: only a missed
+  // wake-up would reach it).
+  std::thread producer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    put_str(*b, "later");
+  });
+  futex::WaitResult r = futex::WaitResult::interrupted;
+  while (!b->readable() && r != futex::WaitResult::timed_out) r = Ring::wait_data_any(rings, 2, &bell, 0, 10'000'000'000);
+  producer.join();
+  CHECK(r != futex::WaitResult::timed_out);
+  CHECK(b->readable());
+  CHECK(a->control_for_testing()->data_waiters.load() == 0);  // each wait unregisters
+  CHECK(b->control_for_testing()->data_waiters.load() == 0);
+  REQUIRE(b->try_get(sink, fds));
+  // The bell, rung from another thread.
+  std::thread ringer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    bell.fetch_add(1);
+    futex::wake_private(&bell, 1);
+  });
+  r = futex::WaitResult::interrupted;
+  while (bell.load() == 0 && r != futex::WaitResult::timed_out) r = Ring::wait_data_any(rings, 2, &bell, 0, 10'000'000'000);
+  ringer.join();
+  CHECK(r != futex::WaitResult::timed_out);
+  // Nothing comes: the timeout.
+  CHECK(Ring::wait_data_any(rings, 2, &bell, 1, 1'000'000) == futex::WaitResult::timed_out);
 }
 
 TEST_CASE("ring: orphan handles of a producer that died before committing are dropped") {
