@@ -73,8 +73,9 @@ def run(fd_base):
     prep_data = reduction.pickle.load(stream)
     if type(prep_data) is dict and "ringpool_pool" in prep_data:
         # A worker of the C++ ringpool::Pool: a plain configuration instead of a process object,
-        # and the pool's result ring as the passed descriptors.
-        results = _core.Channel.attach(*(passed_fd(i) for i in range(CHANNEL_FDS)))
+        # and the producer side of its own result ring as the passed descriptors (segment, the
+        # handle socket's sending end, eventfd: the receiving end stays with the pool, -1 here).
+        results = _core.Channel.attach(passed_fd(0), passed_fd(1), -1, passed_fd(2))
         os._exit(serve_pool(prep_data["ringpool_pool"], chan, results))
     _apply_state(prep_data.pop("ringpool", {}))
     if prep_data.get("start_method") == "ringpool":

@@ -107,6 +107,30 @@ bool read_packet(int sock, int flags, Received& out) {
   return true;
 }
 
+// SO_PEEK_OFF on the handle socket for the life of this object: peeks then read from `offset`
+// on (the kernel moves it past each peek), instead of from the front. Off again (-1) at the end,
+// so that a plain peek reads the front. The consumer lock is held meanwhile (the offset is the
+// socket's, shared by every process holding it); a consumer that dies inside leaves it set, and
+// the next one clears it when it recovers the lock (FdChannel::reset_peek_offset).
+class PeekOffset {
+ public:
+  PeekOffset(int sock, int offset) : sock_(sock) {
+    if (::setsockopt(sock_, SOL_SOCKET, SO_PEEK_OFF, &offset, sizeof offset) != 0) throw_errno("setsockopt(SO_PEEK_OFF)");
+  }
+  ~PeekOffset() { reset(); }
+  void reset() noexcept {
+    if (sock_ < 0) return;
+    const int off = -1;
+    ::setsockopt(sock_, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof off);
+    sock_ = -1;
+  }
+  PeekOffset(const PeekOffset&) = delete;
+  PeekOffset& operator=(const PeekOffset&) = delete;
+
+ private:
+  int sock_;
+};
+
 [[noreturn]] void throw_no_room(std::size_t n) {
   throw SysError(EMFILE, "cannot receive the " + std::to_string(n) +
                              " descriptor(s) of a frame: this process is out of file descriptors "
@@ -114,6 +138,11 @@ bool read_packet(int sock, int flags, Received& out) {
 }
 
 }  // namespace
+
+void FdChannel::reset_peek_offset() noexcept {
+  const int off = -1;
+  if (rx_) ::setsockopt(rx_.get(), SOL_SOCKET, SO_PEEK_OFF, &off, sizeof off);
+}
 
 void FdChannel::discard_front() {
   FdPacket pkt{};
@@ -164,18 +193,34 @@ std::vector<UniqueFd> FdChannel::peek(std::uint64_t seq, std::size_t n, Blocking
       throw ProtocolError("handle packets out of order with ring records");
     }
     if (nparts > 1) {
-      // The later packets cannot be peeked before this one is consumed: check for room for them
-      // now, by taking that many descriptors and giving them back.
-      std::vector<UniqueFd> room;
-      room.reserve(n - first);
-      for (std::size_t i = first; i < n; ++i) {
-        const int d = ::fcntl(rx_.get(), F_DUPFD_CLOEXEC, 0);
-        if (d < 0) {
-          if (errno == EMFILE || errno == ENFILE) throw_no_room(n);
-          throw_errno("fcntl(F_DUPFD_CLOEXEC)");
+      // The later packets are peeked too, before anything is consumed: with SO_PEEK_OFF a peek
+      // reads (and installs the descriptors of) the packet after the ones already peeked. Every
+      // descriptor of the record is then ours before the record is taken, so a table that fills
+      // meanwhile (another thread of this process opening files) can no longer make the record
+      // lose them: it fails here, with nothing consumed (SysError EMFILE).
+      PeekOffset offset(rx_.get(), sizeof(FdPacket));
+      std::vector<UniqueFd> all = std::move(got.fds);
+      for (std::uint32_t part = 1; part < nparts; ++part) {
+        Received more;
+        while (!read_packet(rx_.get(), MSG_PEEK, more)) {
+          // Sent before the record was committed, so normally queued already; poll() would not
+          // wait (the first packet is readable), so sleep a little between looks.
+          if (futex::now_ns() >= deadline) throw ProtocolError("handles of a committed frame never arrived");
+          run_blocking(hook, [] { ::usleep(1000); });
         }
-        room.emplace_back(d);
+        if (more.flags & MSG_CTRUNC) throw_no_room(n);
+        const std::size_t cnt = std::min<std::size_t>(kMaxFdsPerPacket, n - std::size_t{part} * kMaxFdsPerPacket);
+        if (more.len != static_cast<ssize_t>(sizeof more.pkt) || more.pkt.magic != kFdPacketMagic ||
+            more.pkt.seq != seq || more.pkt.part != part || more.pkt.nparts != nparts || more.pkt.nfds != cnt ||
+            more.fds.size() != cnt) {
+          // Consume the record's packets peeked so far, so the next take does not meet them.
+          offset.reset();
+          for (std::uint32_t i = 0; i < part; ++i) discard_front();
+          throw ProtocolError("handle packets out of order with ring records");
+        }
+        for (auto& fd : more.fds) all.push_back(std::move(fd));
       }
+      return all;
     }
     return std::move(got.fds);
   }
@@ -183,27 +228,15 @@ std::vector<UniqueFd> FdChannel::peek(std::uint64_t seq, std::size_t n, Blocking
 
 void FdChannel::finish(std::uint64_t seq, std::size_t n, std::vector<UniqueFd>& peeked, std::vector<UniqueFd>& out,
                        BlockingHook* hook, int timeout_ms) {
+  (void)seq;
+  (void)hook;
+  (void)timeout_ms;
   const std::uint32_t nparts = static_cast<std::uint32_t>((n + kMaxFdsPerPacket - 1) / kMaxFdsPerPacket);
-  discard_front();  // the packet peek() installed: we hold its descriptors already
+  // peek() installed every packet's descriptors: consume the packets (the kernel drops its
+  // references; we hold ours).
+  for (std::uint32_t part = 0; part < nparts; ++part) discard_front();
   for (auto& fd : peeked) out.push_back(std::move(fd));
   peeked.clear();
-  const std::int64_t deadline = futex::now_ns() + static_cast<std::int64_t>(timeout_ms) * 1000000;
-  std::uint32_t next_part = 1;
-  while (next_part < nparts) {
-    Received got;
-    if (!read_packet(rx_.get(), 0, got)) {
-      wait_readable(deadline, hook);
-      continue;
-    }
-    if (got.len == 0) throw ProtocolError("handle socket closed");
-    if (got.len != static_cast<ssize_t>(sizeof got.pkt) || got.pkt.magic != kFdPacketMagic)
-      throw ProtocolError("malformed packet on the handle socket");
-    if (got.flags & MSG_CTRUNC) throw ProtocolError("handle packet truncated (descriptor limit reached?)");
-    if (got.pkt.seq != seq || got.pkt.part != next_part || got.pkt.nparts != nparts || got.fds.size() != got.pkt.nfds)
-      throw ProtocolError("handle packets out of order with ring records");
-    for (auto& fd : got.fds) out.push_back(std::move(fd));
-    ++next_part;
-  }
 }
 
 void FdChannel::recv(std::uint64_t seq, std::size_t n, std::vector<UniqueFd>& out, int timeout_ms) {

@@ -26,6 +26,7 @@
 #include "ringpool/block.hpp"
 #include "ringpool/channel.hpp"
 #include "ringpool/detail/fifo.hpp"
+#include "ringpool/detail/futex.hpp"
 #include "ringpool/detail/scheduler.hpp"
 #include "ringpool/error.hpp"
 #include "ringpool/pickle.hpp"
@@ -77,6 +78,7 @@ namespace {
 namespace task = proto::task;
 using detail::Fifo;
 using task_record::Result;
+using task_record::read_envelope;
 using task_record::read_result;
 using task_record::result_from;
 constexpr std::int64_t kOk = static_cast<std::int64_t>(task::Status::OK);
@@ -271,16 +273,23 @@ struct Pool::Impl {
   struct Worker {
     int wid = 0;
     ChildProcess proc;
-    std::shared_ptr<Ring> ring;
+    std::shared_ptr<Ring> ring;  // its calls (the pool their only producer; the worker not trusted)
     std::unique_ptr<Channel> calls;
+    // Its answers: a ring of its own, which only the collector reads and which trusts nothing the
+    // worker does (Ring::distrust_peers). The worker holds its producer side only.
+    std::shared_ptr<Ring> results;
     std::deque<std::unique_ptr<Pending>> unpublished;
     std::optional<int> exit_code;     // from the supervisor
-    std::optional<std::uint64_t> death_barrier;  // result records to take before handling the death
+    // Why the pool killed it for breaking the protocol ("": it did not). Its rings are used no
+    // more, and the call it was running fails with a ProtocolError saying this. Under mu.
+    std::string violation;
   };
 
   PoolOptions opts;
   std::unique_ptr<Supervisor> sup;
-  std::shared_ptr<Ring> results;
+  // Rung to wake the collector from its wait on the workers' result rings (a worker's exit,
+  // shutdown): a futex word private to this process, which no worker can reach.
+  std::atomic<std::uint32_t> bell{0};
   Value packages;  // list of package dicts, sent to every worker
 
   std::mutex mu;
@@ -334,7 +343,7 @@ struct Pool::Impl {
     Value::List pk;
     for (const auto& [name, folder] : opts.packages) pk.push_back(read_package(name, folder));
     packages = Value::list(std::move(pk));
-    results = Ring::create(RingOptions{task::kResultCapacity, 0, false});
+    if (opts.max_result_bytes == 0) throw std::invalid_argument("ringpool::Pool: max_result_bytes must be > 0");
     if (opts.zygote) {
       ZygoteOptions z;
       z.launch.executable = opts.python;
@@ -366,7 +375,10 @@ struct Pool::Impl {
     auto w = std::make_unique<Worker>();
     w->wid = wid;
     w->ring = Ring::create(RingOptions{task::kCallCapacity, 0, false});
+    w->ring->distrust_peers(0);  // its producer lock is ours alone: a worker holding it cannot wedge dispatch
     w->calls = std::make_unique<Channel>(w->ring);
+    w->results = Ring::create(RingOptions{task::kResultCapacity, 0, false});
+    w->results->distrust_peers(1);  // a result carries at most one handle: its out-of-band block
     Value max_tasks = opts.max_tasks_per_child ? Value(static_cast<std::int64_t>(opts.max_tasks_per_child)) : Value();
     const std::string config = pickle_dumps(Value::dict({{Value("ringpool_pool"), Value::dict({
         {Value("wid"), Value(wid)},
@@ -386,8 +398,11 @@ struct Pool::Impl {
       req.program.env = opts.env;
     }
     req.stdio = {0, 1, 2};
-    const RingHandles a = w->ring->handles(), b = results->handles();
-    req.fds = {a.memfd, a.tx, a.rx, a.event, b.memfd, b.tx, b.rx, b.event};
+    // Its call ring whole (it is that ring's consumer), and of its result ring the producer side
+    // only: the segment, the sending end of the handle socket and the eventfd, not the receiving
+    // end (the collector's). ringpool._worker.run attaches them in this order.
+    const RingHandles a = w->ring->handles(), b = w->results->handles();
+    req.fds = {a.memfd, a.tx, a.rx, a.event, b.memfd, b.tx, b.event};
     Impl* self = this;
     w->proc = sup->spawn(std::move(req), [self, wid](pid_t, int code) { self->on_exit(wid, code); });
     return w;
@@ -409,10 +424,10 @@ struct Pool::Impl {
   }
 
   void nudge() {
-    // An empty HEARTBEAT frame wakes the collector; if the ring is full it is awake anyway.
-    static const char nothing = 0;
-    Ring::Piece none{&nothing, 0};
-    results->try_put(proto::Kind::HEARTBEAT, 0, &none, 1, nullptr, 0, 0);
+    // Release pairs with the collector's acquire load of the bell at the top of its round: a
+    // change made under mu before the nudge is seen by the round the wake-up starts.
+    bell.fetch_add(1, std::memory_order_release);
+    futex::wake_private(&bell, 1);
   }
 
   // Starts workers until there are opts.workers open ones (mu held on entry and exit; released
@@ -480,6 +495,7 @@ struct Pool::Impl {
     std::vector<Ring::Piece>& batch = dispatch_batch;
     while (std::optional<Scheduler::Assignment> a = sched.assign(RecordRules{})) {
       Worker& w = *workers.at(a->wid);
+      if (!w.violation.empty()) continue;  // its calls wait for its death, which requeues them
       const Fifo<Entry>& q = sched.sent(a->wid);
       // The new calls as records, written back to back into `wire`: consecutive calls of one
       // function travel as one RUN record (the worker decodes one record, not one per call, and
@@ -503,13 +519,23 @@ struct Pool::Impl {
       for (const auto& [at, len] : spans) batch.push_back({wire.data() + at, len});
       // One ring critical section (and at most one wake-up) for the records that fit inline;
       // the rest (large, or the ring full) one at a time, in order.
-      std::size_t done = 0;
-      bool inline_only = w.unpublished.empty();
-      for (const auto& p : batch) inline_only = inline_only && !w.calls->out_of_band(p.len);
-      if (inline_only && !batch.empty())
-        done = w.ring->try_put_many(proto::Kind::CALL, 0, batch.data(), batch.size(), 0);
-      for (std::size_t i = done; i < batch.size(); ++i) send(w, batch[i]);
+      try {
+        std::size_t done = 0;
+        bool inline_only = w.unpublished.empty();
+        for (const auto& p : batch) inline_only = inline_only && !w.calls->out_of_band(p.len);
+        if (inline_only && !batch.empty())
+          done = w.ring->try_put_many(proto::Kind::CALL, 0, batch.data(), batch.size(), 0);
+        for (std::size_t i = done; i < batch.size(); ++i) send(w, batch[i]);
+      } catch (const ProtocolError& e) {
+        broke_call_ring(w, e);
+      }
     }
+  }
+
+  // The worker's call ring refused a put (its producer lock held: only the worker can hold it).
+  void broke_call_ring(Worker& w, const ProtocolError& e) {
+    break_protocol(w, std::string("its call ring: ") + e.what());
+    nudge();  // the collector handles its death (and requeues its calls) when the supervisor reports it
   }
 
   // (RUN, tid of the first, function, [args, ...], None or SINGLE) for calls[i, j), whose ids
@@ -536,35 +562,86 @@ struct Pool::Impl {
   }
 
   void publish_pending() {
-    for (auto& [_, w] : workers)
-      while (!w->unpublished.empty() && w->calls->publish(*w->unpublished.front(), 0)) w->unpublished.pop_front();
+    for (auto& [_, w] : workers) {
+      try {
+        while (w->violation.empty() && !w->unpublished.empty() && w->calls->publish(*w->unpublished.front(), 0))
+          w->unpublished.pop_front();
+      } catch (const ProtocolError& e) {
+        broke_call_ring(*w, e);
+      }
+    }
   }
 
   // -- results (collector thread, mu held) --------------------------------------------------------
-  void handle(Result&& r) {
-    answered_any = true;
+  // What the collector made of one record of a worker's result ring (decoded without mu).
+  struct Decoded {
+    enum class Kind : std::uint8_t {
+      kRecord,     // rec: a result record, to be checked against what its worker runs
+      kLost,       // rec.{wid,tid,status}: a well-formed answer whose value this decoder refuses (why)
+      kViolation,  // why: bytes no worker loop writes (the worker is killed)
+    };
+    Worker* worker;
+    Kind kind;
+    Result rec;
+    std::string why;
+  };
+
+  // The worker broke the protocol: it is killed, its ring is read no more, and its death (once
+  // the supervisor reports it) fails the call it was running with a ProtocolError saying why and
+  // requeues the calls it had not started. No other worker's call is touched.
+  void break_protocol(Worker& w, const std::string& why) {
+    if (!w.violation.empty()) return;
+    w.violation = "ringpool::Pool: worker " + std::to_string(w.wid) + " (pid " + std::to_string(w.proc.pid()) +
+                  ") broke the protocol: " + why;
+    w.proc.send_signal(SIGKILL);
+    sched.exited(w.wid);  // no more calls go to it
+  }
+
+  // One record, checked against what its worker is running: an answer or a STARTED must name the
+  // oldest call it has not answered (a worker answers in the order it was sent its calls), and
+  // the record must name the worker whose ring it came through.
+  void handle(Worker& w, Decoded& d) {
+    Result& r = d.rec;
+    if (r.wid != w.wid)
+      return break_protocol(w, "a result record names worker " + std::to_string(r.wid));
+    const std::optional<std::uint64_t> oldest = sched.oldest_unanswered(w.wid);
+    const auto expected = [&] {
+      return oldest ? "its oldest unanswered call is task " + std::to_string(*oldest) : std::string("it has no call");
+    };
     if (r.status == kOk || r.status == kErr) {
-      std::optional<Task> t = sched.answer(r.wid, r.tid, r.elapsed, failures);
-      if (t) {
-        if (r.status == kOk)
-          completions.push_back({std::move(*t), std::move(r.value), nullptr});
-        else
-          completions.push_back({std::move(*t), Value(), remote_error(r.wid, r.value)});
+      if (!oldest || (r.tid && *r.tid != *oldest))
+        return break_protocol(w, "an answer for task " + (r.tid ? std::to_string(*r.tid) : std::string("None")) +
+                                     ", which it is not running (" + expected() + ")");
+      answered_any = true;
+      std::optional<Task> t = sched.answer(w.wid, r.tid, r.elapsed, failures);
+      std::exception_ptr error;
+      bool malformed = false;
+      if (d.kind == Decoded::Kind::kLost) {
+        error = std::make_exception_ptr(PickleError("the task's result could not be decoded: " + d.why));
+      } else if (r.status == kErr) {
+        error = remote_error(w.wid, r.value, malformed);
       }
+      if (t) completions.push_back({std::move(*t), error ? Value() : std::move(r.value), error});
+      if (malformed) break_protocol(w, "a malformed error record (not (type, message, traceback) as three str)");
     } else if (r.status == kStarted) {
-      if (r.tid) sched.started(r.wid, *r.tid, Clock::now());
+      if (!oldest || !r.tid || *r.tid != *oldest)
+        return break_protocol(w, "reported starting task " + (r.tid ? std::to_string(*r.tid) : std::string("None")) +
+                                     " (" + expected() + ")");
+      sched.started(w.wid, *r.tid, Clock::now());
     } else if (r.status == kPong) {
-      sched.pong(r.wid, failures);
+      return break_protocol(w, "a PONG the pool never asked for");
     } else if (r.status == kInitFailed) {
-      // The C++ pool has no initializer; a worker that says so is broken: let it be replaced.
-      if (auto it = workers.find(r.wid); it != workers.end()) it->second->proc.send_signal(SIGKILL);
+      return break_protocol(w, "an initializer failure (a C++ Pool worker runs no initializer)");
+    } else {
+      return break_protocol(w, "a result record of unknown status " + std::to_string(r.status));
     }
     settle(-1, 0);
   }
 
   // The error an ERR record's value stands for: (type, message, traceback), three strs. Anything
-  // else (a worker that breaks the protocol) fails the task with a ProtocolError saying so.
-  static std::exception_ptr remote_error(int wid, const Value& v) {
+  // else (a worker that breaks the protocol: `malformed` is set) fails the task with a
+  // ProtocolError saying so.
+  static std::exception_ptr remote_error(int wid, const Value& v, bool& malformed) {
     if (v.is_tuple()) {
       const auto& e = v.as_tuple();
       if (e.size() == task::error::kFields && e[task::error::kType].is_str() && e[task::error::kMessage].is_str() &&
@@ -572,16 +649,18 @@ struct Pool::Impl {
         return std::make_exception_ptr(RemoteError(e[task::error::kType].as_str(), e[task::error::kMessage].as_str(),
                                                    e[task::error::kTraceback].as_str()));
     }
+    malformed = true;
     const std::string got = v.is_tuple() ? "a tuple of " + std::to_string(v.as_tuple().size()) + " items"
                                          : "a " + std::string(v.type_name());
     return std::make_exception_ptr(ProtocolError("ringpool::Pool: worker " + std::to_string(wid) +
                                                  " answered this task with a malformed error record (expected "
-                                                 "(type, message, traceback) as three str, got " + got + ")"));
+                                                 "(type, message, traceback) as three str, got " + got +
+                                                 "); the worker was killed"));
   }
 
   // The scheduler's failures as completions (their errors named here); pid and exit code: the
-  // worker whose death they come from.
-  void settle(pid_t pid, int code) {
+  // worker whose death they come from, and why the pool killed it if it broke the protocol.
+  void settle(pid_t pid, int code, const std::string& violation = {}) {
     for (auto& f : failures) {
       std::exception_ptr e;
       switch (f.fate) {
@@ -589,7 +668,10 @@ struct Pool::Impl {
           e = std::make_exception_ptr(PickleError("the task's result could not be decoded: " + f.why));
           break;
         case detail::Fate::kDied:
-          e = std::make_exception_ptr(WorkerDied(pid, code));
+          if (!violation.empty())
+            e = std::make_exception_ptr(ProtocolError(violation + "; it was killed while running this task"));
+          else
+            e = std::make_exception_ptr(WorkerDied(pid, code));
           break;
         case detail::Fate::kTimedOut:
           e = std::make_exception_ptr(TaskTimeout(pid, opts.task_timeout));
@@ -600,16 +682,8 @@ struct Pool::Impl {
     failures.clear();
   }
 
-  // A record that does not decode names no task: the scheduler has each worker with calls in
-  // flight pinged; the call left unanswered in front of the pong is the one.
-  void undecodable(const std::string& why) {
-    wids.clear();
-    sched.result_gap(why, wids);
-    const std::string ping = task_record::control_record(task::Op::PING);
-    for (int wid : wids) send(*workers.at(wid), ping);
-  }
-
-  // The worker has exited and every result it published has been handled.
+  // The worker has exited and every result it published has been handled (or, if it broke the
+  // protocol, dropped).
   // Workers exiting with an error before taking a call, while none has ever answered (an
   // interpreter that cannot import ringpool, a broken preload in exec mode), break the pool after
   // kEarlyDeaths in a row instead of being replaced forever.
@@ -618,7 +692,7 @@ struct Pool::Impl {
     if (auto reaped = w.proc.poll()) code = *reaped;
     const bool early = code > 0 && !answered_any && w.ring->consumed() <= 1;  // 1: its configuration
     sched.died(w.wid, w.ring->consumed(), failures);
-    settle(w.proc.pid(), code);
+    settle(w.proc.pid(), code, w.violation);
     workers.erase(w.wid);
     early_deaths = early ? early_deaths + 1 : 0;
     if (early_deaths >= kEarlyDeaths && broken.empty()) {
@@ -629,85 +703,123 @@ struct Pool::Impl {
     }
   }
 
+  // One record's bytes (inline, or a private copy of its out-of-band block) as a result.
+  static Decoded decode_record(Worker* w, std::string_view bytes, std::string& scratch) {
+    try {
+      if (std::optional<Result> r = read_result(bytes, scratch)) return {w, Decoded::Kind::kRecord, std::move(*r), {}};
+      return {w, Decoded::Kind::kRecord, result_from(pickle_loads(bytes)), {}};
+    } catch (const std::exception& e) {
+      const std::string why = *e.what() ? e.what() : "unknown error";
+      // A worker's answer whose value the codec refuses (PickleLimits: a result sharing one large
+      // object many times) is that task's failure; anything else is no worker loop's record.
+      if (std::optional<task_record::Envelope> env = read_envelope(bytes);
+          env && (env->fields.status == kOk || env->fields.status == kErr))
+        return {w, Decoded::Kind::kLost, std::move(env->fields), why};
+      return {w, Decoded::Kind::kViolation, {}, "a result record that does not decode (" + why + ")"};
+    }
+  }
+
+  // Takes what one worker's ring holds (up to a batch) and decodes it, appending to `out`; true
+  // if the process is out of descriptors for a record's block (it stays queued). Without mu.
+  bool take_results(Worker* w, ResultSink& sink, std::vector<UniqueFd>& fds, std::string& scratch, std::string& oob,
+                    std::vector<Decoded>& out) {
+    sink.clear();
+    fds.clear();
+    bool out_of_fds = false;
+    std::string ring_error;
+    try {
+      w->results->try_get_many(sink, task::kResultBatch, fds);
+    } catch (const SysError& e) {
+      // This process has no descriptor free for a result's block: the record stays queued
+      // (Channel peeks its handles before taking it); wait for descriptors, lose nothing.
+      out_of_fds = e.code().value() == EMFILE || e.code().value() == ENFILE;
+      if (!out_of_fds) ring_error = e.what();
+    } catch (const std::exception& e) {
+      ring_error = e.what();  // a corrupt record, its handles missing, the consumer lock taken
+    }
+    // The frames taken before any error come first: they are the worker's earlier answers.
+    ReceivedFds received(fds);
+    for (auto& fr : sink.frames) {
+      try {
+        const auto* payload = reinterpret_cast<const std::uint8_t*>(sink.payload(fr).data());
+        if (fr.header.kind != static_cast<std::uint8_t>(proto::Kind::DATA))
+          throw ProtocolError("a frame of kind " + std::to_string(fr.header.kind) + " on its result ring");
+        if (fr.header.flags & ~proto::flag::kOutOfBand)
+          throw ProtocolError("a result frame with unexpected flags");
+        std::uint64_t length = 0;
+        if (fr.header.flags & proto::flag::kOutOfBand) {
+          length = Channel::oob_length(fr.header, payload);
+          if (length > opts.max_result_bytes)
+            throw ProtocolError("a result of " + std::to_string(length) + " bytes (PoolOptions::max_result_bytes: " +
+                                std::to_string(opts.max_result_bytes) + ")");
+        }
+        FrameHandles handles = received.next(fr.header, length);  // a block unsealed or short: ProtocolError
+        if (!handles.fds.empty()) throw ProtocolError("a result frame with descriptors");
+        if (handles.oob) {
+          // The worker can still write the block: decode a private copy (security.md, "Shared
+          // memory from another process"). Copied, the block goes back to the worker at once.
+          const std::string_view v = handles.oob->view();
+          oob.assign(v.data(), v.size());
+          handles.oob.reset();
+          out.push_back(decode_record(w, oob, scratch));
+        } else {
+          out.push_back(decode_record(w, sink.payload(fr), scratch));
+        }
+      } catch (const std::exception& e) {
+        out.push_back({w, Decoded::Kind::kViolation, {}, e.what()});
+      }
+      if (out.back().kind == Decoded::Kind::kViolation) return out_of_fds;  // the rest is not read
+    }
+    if (!ring_error.empty()) out.push_back({w, Decoded::Kind::kViolation, {}, "its result ring: " + ring_error});
+    return out_of_fds;
+  }
+
   void collect() {
-    // The collector is the result ring's only consumer; Channel gives it the receive side the
-    // Python queues use (batched takes, handles in record order, out-of-band blocks, waits).
-    Channel inbox(results);
+    // The collector is the only consumer of every worker's result ring. A round takes up to a
+    // batch from each ring (in wid order) and decodes without mu, then handles under mu; with
+    // nothing taken it spins briefly over all rings, then sleeps on all of them at once
+    // (Ring::wait_data_any) and on the bell.
     std::vector<UniqueFd> fds;
     ResultSink sink;
-    struct Decoded {
-      Result rec;
-      std::string error;  // why it did not decode, if it did not
-    };
     std::string scratch;
     std::string oob;  // an out-of-band result, copied out of the worker's block (kept: no realloc)
     std::vector<Decoded> decoded;
     std::vector<Completion> ready;
+    std::vector<Worker*> inboxes;  // workers whose rings are read: mu's `workers`, collector-owned
+    std::vector<Ring*> rings;      // and their rings, for the wait
+    {
+      std::lock_guard lk(mu);
+      for (auto& [_, w] : workers) {
+        inboxes.push_back(w.get());
+        rings.push_back(w->results.get());
+      }
+    }
+    const WaitPolicy& policy = WaitPolicy::standard();
     for (;;) {
-      sink.clear();
+      // Acquire pairs with nudge()'s release: what was changed before a nudge is seen below.
+      const std::uint32_t bell_seen = bell.load(std::memory_order_acquire);
       decoded.clear();
-      fds.clear();
-      std::size_t n = 0;
       bool out_of_fds = false;
-      try {
-        n = inbox.try_get_many(sink, task::kResultBatch, fds);
-      } catch (const SysError& e) {
-        // This process has no descriptor free for a result's block: the record stays queued
-        // (Channel peeks its handles before taking it); wait for descriptors, lose nothing. Not a
-        // bad record: pinging the workers for it would meet it again every round.
-        out_of_fds = e.code().value() == EMFILE || e.code().value() == ENFILE;
-        if (!out_of_fds) {
-          std::lock_guard lk(mu);
-          undecodable(e.what());
-        }
-      } catch (const std::exception& e) {
-        std::lock_guard lk(mu);
-        undecodable(e.what());
-      }
-      // Decode without mu (submitters keep going meanwhile); handle in ring order under it.
-      ReceivedFds received(fds);
-      for (auto& fr : sink.frames) {
-        try {
-          // Handles are matched to frames in ring order, nudges' (none) included.
-          const auto* payload = reinterpret_cast<const std::uint8_t*>(sink.payload(fr).data());
-          const bool out_of_band = fr.header.flags & proto::flag::kOutOfBand;
-          FrameHandles handles = received.next(fr.header, out_of_band ? Channel::oob_length(fr.header, payload) : 0);
-          if (fr.header.kind != static_cast<std::uint8_t>(proto::Kind::DATA)) continue;  // a nudge
-          if (handles.oob) {
-            // The worker can still write the block: decode a private copy (security.md, "Shared
-            // memory from another process"). Copied, the block goes back to the worker at once.
-            const std::string_view v = handles.oob->view();
-            oob.assign(v.data(), v.size());
-            handles.oob.reset();
-            decoded.push_back({result_from(pickle_loads(oob)), {}});
-          } else if (fr.header.flags != 0) {
-            throw PickleError("result frame with unexpected flags");
-          } else if (std::optional<Result> r = read_result(sink.payload(fr), scratch)) {
-            decoded.push_back({std::move(*r), {}});
-          } else {
-            decoded.push_back({result_from(pickle_loads(sink.payload(fr))), {}});
-          }
-        } catch (const std::exception& e) {
-          decoded.push_back({Result(), e.what()});
-          if (decoded.back().error.empty()) decoded.back().error = "unknown error";
-        }
-      }
+      // Workers are added and erased by this thread only (replenish, died), so the pointers in
+      // inboxes stay valid until it rebuilds the list, under mu, below.
+      // (An empty ring is passed over without its consumer lock: two loads instead of a lock and
+      // unlock on a line the worker also writes.)
+      for (Worker* w : inboxes)
+        if (w->results->readable()) out_of_fds |= take_results(w, sink, fds, scratch, oob, decoded);
+      const std::size_t n = decoded.size();
       std::unique_lock lk(mu);
       for (auto& d : decoded) {
-        try {
-          if (!d.error.empty()) throw PickleError(d.error);
-          handle(std::move(d.rec));
-        } catch (const std::exception& e) {
-          undecodable(e.what());
-        }
+        Worker& w = *d.worker;
+        if (!w.violation.empty()) continue;  // killed for an earlier record: the rest is void
+        if (d.kind == Decoded::Kind::kViolation)
+          break_protocol(w, d.why);
+        else
+          handle(w, d);
       }
-      // Deaths: handled once every record committed before the death was seen has been taken.
+      // Deaths: handled once the worker's ring holds nothing more to read (or is not read).
       std::vector<Worker*> dead;
-      for (auto& [_, w] : workers) {
-        if (!w->exit_code) continue;
-        if (!w->death_barrier) w->death_barrier = results->committed();
-        if (results->consumed() >= *w->death_barrier) dead.push_back(w.get());
-      }
+      for (auto& [_, w] : workers)
+        if (w->exit_code && (!w->violation.empty() || !w->results->readable())) dead.push_back(w.get());
       for (Worker* w : dead) died(*w);
       // Timeouts.
       const auto now = Clock::now();
@@ -731,7 +843,14 @@ struct Pool::Impl {
       if (sched.outstanding() == 0 && completing == 0) drained.notify_all();
       if (stop && workers.empty()) return;
       bool retry_publish = false;
-      for (auto& [_, w] : workers) retry_publish |= !w->unpublished.empty();
+      inboxes.clear();
+      rings.clear();
+      for (auto& [_, w] : workers) {
+        retry_publish |= !w->unpublished.empty();
+        if (!w->violation.empty()) continue;
+        inboxes.push_back(w.get());
+        rings.push_back(w->results.get());
+      }
       lk.unlock();
       if (!ready.empty()) {
         // In groups of kCompleteGroup, each fulfilled last to first: a service thread waiting on
@@ -760,8 +879,17 @@ struct Pool::Impl {
         auto wait = std::chrono::nanoseconds(retry_publish ? 1'000'000 : 100'000'000);
         if (next_deadline != Clock::time_point::max())
           wait = std::min<std::chrono::nanoseconds>(wait, next_deadline - Clock::now());
-        // Polls a little first (a futex wake-up costs tens of microseconds on these VMs), then sleeps.
-        inbox.wait_readable(std::max<std::int64_t>(wait.count(), 0));
+        // Polls a little first (a futex wake-up costs tens of microseconds on these VMs), then
+        // sleeps on every ring and the bell at once.
+        const std::int64_t deadline = deadline_after(std::max<std::int64_t>(wait.count(), 0));
+        auto any_ready = [&] {
+          if (bell.load(std::memory_order_acquire) != bell_seen) return true;
+          for (Ring* r : rings)
+            if (r->readable()) return true;
+          return false;
+        };
+        auto sleep = [&](std::int64_t ns) { Ring::wait_data_any(rings.data(), rings.size(), &bell, bell_seen, ns); };
+        wait_round(policy, deadline, any_ready, sleep);
       }
     }
   }
@@ -808,7 +936,13 @@ struct Pool::Impl {
       drained.wait(lk, [&] { return (sched.outstanding() == 0 && completing == 0) || !broken.empty(); });
       // Ask every worker to stop; the collector handles their exits and ends with the last.
       const std::string stop_rec = task_record::control_record(task::Op::STOP);
-      for (auto& [_, w] : workers) send(*w, stop_rec);
+      for (auto& [_, w] : workers) {
+        try {
+          if (w->violation.empty()) send(*w, stop_rec);
+        } catch (const ProtocolError& e) {
+          broke_call_ring(*w, e);
+        }
+      }
       stop = true;
     }
     nudge();

@@ -27,8 +27,10 @@ class RobustLock {
  public:
   // With a hook, a lock another thread or process holds is waited for through it (the Python
   // bindings release the GIL there: see BlockingHook).
-  explicit RobustLock(pthread_mutex_t* m, BlockingHook* hook = nullptr) : m_(m) {
+  // wait false: a lock held elsewhere is a ProtocolError instead (Ring::distrust_peers).
+  explicit RobustLock(pthread_mutex_t* m, BlockingHook* hook = nullptr, bool wait = true) : m_(m) {
     int r = ::pthread_mutex_trylock(m_);
+    if (r == EBUSY && !wait) throw ProtocolError("a ring lock of this side is held by another process");
     if (r == EBUSY) run_blocking(hook, [&] { r = ::pthread_mutex_lock(m_); });
     if (r == EOWNERDEAD) {
       ::pthread_mutex_consistent(m_);
@@ -169,7 +171,7 @@ Ring::PutStatus Ring::try_put(proto::Kind kind, std::uint8_t flags, const Piece*
   const std::size_t rec = record_size(len);
   if (rec > capacity_ || nfds > proto::kMaxHandles) return PutStatus::too_large;
   {
-    RobustLock lock(&ctl_->prod_lock);
+    RobustLock lock(&ctl_->prod_lock, nullptr, !distrusted_);
     if (lock.recovered()) repair_producer_side(ctl_);
     const std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);  // only written under this lock
     // head_cache lags head, so it only ever understates the room: reading head (the consumers'
@@ -211,7 +213,7 @@ std::size_t Ring::try_put_many(proto::Kind kind, std::uint8_t flags, const Piece
                                unsigned accounting) {
   std::size_t done = 0;
   {
-    RobustLock lock(&ctl_->prod_lock);
+    RobustLock lock(&ctl_->prod_lock, nullptr, !distrusted_);
     if (lock.recovered()) repair_producer_side(ctl_);
     std::uint64_t t = ctl_->tail.load(std::memory_order_relaxed);
     const std::uint64_t h = ctl_->head.load(std::memory_order_acquire);  // as in try_put
@@ -247,8 +249,11 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
   std::size_t got = 0;
   std::exception_ptr broken;  // a record with broken handles was passed over: thrown at the end
   {
-    RobustLock lock(&ctl_->cons_lock, hook);
-    if (lock.recovered()) repair_consumer_side(ctl_);
+    RobustLock lock(&ctl_->cons_lock, hook, !distrusted_);
+    if (lock.recovered()) {
+      repair_consumer_side(ctl_);
+      fds_.reset_peek_offset();  // the dead consumer may have died inside a multi-packet peek
+    }
     std::uint64_t h = ctl_->head.load(std::memory_order_relaxed);  // only written under this lock
     // tail_cache lags tail, so it only ever understates what is published; read tail (the
     // producers' cache line) only when the cached value says the ring is empty.
@@ -281,10 +286,19 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
       std::vector<UniqueFd> staged;
       if (hd.nhandles != 0) {
         if (got != 0) break;  // hand over what we have; handles go one frame at a time
+        if (distrusted_ && hd.nhandles > max_handles_) {
+          // Never installed here: its packets are orphans the next peek drops.
+          advance(rsize);
+          broken = std::make_exception_ptr(ProtocolError(
+              "ring record with " + std::to_string(hd.nhandles) + " handles (at most " +
+              std::to_string(max_handles_) + " accepted from this producer)"));
+          break;
+        }
         // The handles first, by a peek that consumes nothing: a process out of descriptors gets
-        // SysError(EMFILE) here with the record and its handles still queued.
+        // SysError(EMFILE) here with the record and its handles still queued. An untrusted
+        // producer's must be queued already (it sent them before committing).
         try {
-          staged = fds_.peek(hd.seq, hd.nhandles, hook);
+          staged = distrusted_ ? fds_.peek(hd.seq, hd.nhandles, hook, 0) : fds_.peek(hd.seq, hd.nhandles, hook);
         } catch (const ProtocolError&) {
           // Handles missing or garbled: this record can never be delivered whole. Pass over it
           // (a corrupt record costs itself, not the ring), then report it.
@@ -299,14 +313,17 @@ std::size_t Ring::try_get_many(Sink& sink, std::size_t max, std::vector<UniqueFd
       // After the head moved: if we die here the packet is an orphan the next consumer drops (the
       // descriptors the peek installed die with us).
       if (hd.nhandles != 0) {
-        fds_.finish(hd.seq, hd.nhandles, staged, fds, hook);
+        if (distrusted_)
+          fds_.finish(hd.seq, hd.nhandles, staged, fds, hook, 0);
+        else
+          fds_.finish(hd.seq, hd.nhandles, staged, fds, hook);
         break;
       }
     }
   }
   if (got == 0 && !broken) return 0;
   notify_space();
-  if (ctl_->poll_armed.load(std::memory_order_relaxed) != 0) refresh_readiness(hook);
+  if (!distrusted_ && ctl_->poll_armed.load(std::memory_order_relaxed) != 0) refresh_readiness(hook);
   if (broken) std::rethrow_exception(broken);
   return got;
 }
@@ -465,6 +482,28 @@ futex::WaitResult wait_on(std::atomic<std::uint32_t>& waiters, std::atomic<std::
 
 futex::WaitResult Ring::wait_data(std::int64_t timeout_ns) {
   return wait_on(ctl_->data_waiters, ctl_->data_futex, [&] { return readable(); }, timeout_ns);
+}
+
+futex::WaitResult Ring::wait_data_any(Ring* const* rings, std::size_t n, std::atomic<std::uint32_t>* bell,
+                                      std::uint32_t bell_seen, std::int64_t timeout_ns) {
+  // Each ring's half of wait_data's Dekker pair (register, read the word, re-check), then one
+  // sleep on all the words; the bell is this process's own (a private futex).
+  const std::size_t waited = std::min(n, kMaxWaitAny - 1);
+  if (waited < n && (timeout_ns < 0 || timeout_ns > kWaitAnyOverflowNs)) timeout_ns = kWaitAnyOverflowNs;
+  futex_waitv w[kMaxWaitAny];
+  for (std::size_t i = 0; i < waited; ++i) {
+    RingControl* c = rings[i]->ctl_;
+    c->data_waiters.fetch_add(1, std::memory_order_seq_cst);
+    w[i] = futex_waitv{c->data_futex.load(std::memory_order_acquire),
+                       reinterpret_cast<std::uintptr_t>(&c->data_futex), FUTEX_32, 0};
+  }
+  w[waited] = futex_waitv{bell_seen, reinterpret_cast<std::uintptr_t>(bell), FUTEX_32 | FUTEX_PRIVATE_FLAG, 0};
+  bool ready = bell->load(std::memory_order_acquire) != bell_seen;
+  for (std::size_t i = 0; i < n && !ready; ++i) ready = rings[i]->readable();
+  futex::WaitResult r = futex::WaitResult::woken;
+  if (!ready) r = futex::wait_any(w, waited + 1, timeout_ns);
+  for (std::size_t i = 0; i < waited; ++i) rings[i]->ctl_->data_waiters.fetch_sub(1, std::memory_order_relaxed);
+  return r;
 }
 
 futex::WaitResult Ring::wait_space(std::size_t record_bytes, std::int64_t timeout_ns) {

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -81,12 +82,21 @@ struct Result {
   std::optional<double> elapsed;
 };
 
+// A worker id as a record carries it (an int64), if it is one a pool can have given (an int >= 0).
+inline std::optional<int> worker_id(std::int64_t v) {
+  if (v < 0 || v > std::numeric_limits<int>::max()) return std::nullopt;
+  return static_cast<int>(v);
+}
+
 // The whole record, decoded as a pickle first.
 inline Result result_from(Value rec) {
   auto& f = rec.as_tuple();
   if (f.size() != task::result::kFields) throw PickleError("result record of the wrong shape");
   Result r;
-  r.wid = static_cast<int>(f[task::result::kWid].as_int());
+  const std::int64_t wid = f[task::result::kWid].as_int();
+  const std::optional<int> w = worker_id(wid);
+  if (!w) throw PickleError("result record names worker " + std::to_string(wid) + ", not a worker id");
+  r.wid = *w;
   if (!f[task::result::kTid].is_none()) r.tid = static_cast<std::uint64_t>(f[task::result::kTid].as_int());
   r.status = f[task::result::kStatus].as_int();
   r.value = std::move(f[task::result::kValue]);
@@ -94,15 +104,15 @@ inline Result result_from(Value rec) {
   return r;
 }
 
-// The answer's own fields read straight from the record as the worker's pickler writes it
-//   PROTO [FRAME] MARK <wid> <tid|NONE> <status> <value ops> BINFLOAT <elapsed> TUPLE [MEMOIZE] STOP
-// with only <value> decoded as a pickle (an int or None inline; anything else from a copy of its
-// opcodes between PROTO and STOP, `scratch` being the reused buffer). Nothing before <value>
-// stores into the memo, so the value's memo indices are those of a pickle of its own. nullopt
-// when the record has another shape, or its value does not decode alone: the caller decodes the
-// whole record then, which gives the same Result or the error to report.
-inline std::optional<Result> read_result(std::string_view s, std::string& scratch) {
-  constexpr std::size_t kFragmentLimit = 64 * 1024;  // larger values: no copy, the whole record
+// The record's own fields (wid, tid, status, elapsed; not its value) and where its value's
+// opcodes stand, when the record has the shape read_result reads. The collector asks this of a
+// record that did not decode, to tell a result its decoder refuses (the worker's answer to that
+// task, beyond PickleLimits) from bytes no worker loop writes.
+struct Envelope {
+  Result fields;  // value: None
+  std::size_t value_at = 0, value_end = 0;
+};
+inline std::optional<Envelope> read_envelope(std::string_view s) {
   std::size_t p = 0;
   if (s.size() < 16 || s[0] != op::kProto || static_cast<std::uint8_t>(s[1]) > op::kProtocol) return std::nullopt;
   p = 2;
@@ -116,10 +126,13 @@ inline std::optional<Result> read_result(std::string_view s, std::string& scratc
   }
   if (p >= s.size() || s[p] != op::kMark) return std::nullopt;
   ++p;
-  Result r;
+  Envelope e;
+  Result& r = e.fields;
   std::int64_t v = 0;
   if (!detail::read_int_op(s, p, v)) return std::nullopt;
-  r.wid = static_cast<int>(v);
+  const std::optional<int> wid = worker_id(v);
+  if (!wid) return std::nullopt;  // the whole decode reports it
+  r.wid = *wid;
   if (p < s.size() && s[p] == op::kNone) {
     ++p;
   } else {
@@ -139,6 +152,25 @@ inline std::optional<Result> read_result(std::string_view s, std::string& scratc
   double elapsed;
   std::memcpy(&elapsed, &bits, sizeof elapsed);
   r.elapsed = elapsed;
+  e.value_at = p;
+  e.value_end = end;
+  return e;
+}
+
+// The answer's own fields read straight from the record as the worker's pickler writes it
+//   PROTO [FRAME] MARK <wid> <tid|NONE> <status> <value ops> BINFLOAT <elapsed> TUPLE [MEMOIZE] STOP
+// with only <value> decoded as a pickle (an int or None inline; anything else from a copy of its
+// opcodes between PROTO and STOP, `scratch` being the reused buffer). Nothing before <value>
+// stores into the memo, so the value's memo indices are those of a pickle of its own. nullopt
+// when the record has another shape, or its value does not decode alone: the caller decodes the
+// whole record then, which gives the same Result or the error to report.
+inline std::optional<Result> read_result(std::string_view s, std::string& scratch) {
+  constexpr std::size_t kFragmentLimit = 64 * 1024;  // larger values: no copy, the whole record
+  std::optional<Envelope> env = read_envelope(s);
+  if (!env) return std::nullopt;
+  Result r = std::move(env->fields);
+  const std::size_t p = env->value_at, end = env->value_end;
+  std::int64_t v = 0;
   std::size_t q = p;
   if (s[p] == op::kNone && p + 1 == end) {
     r.value = Value();

@@ -1,6 +1,7 @@
 // ringpool::Pool: a C++ service running Python functions in worker processes.
 #include <doctest/doctest.h>
 #include <dirent.h>
+#include <sys/stat.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -8,7 +9,9 @@
 
 #include <cstdlib>
 
+#include <algorithm>
 #include <chrono>
+#include <iterator>
 #include <future>
 #include <limits>
 #include <string>
@@ -123,27 +126,160 @@ TEST_CASE("Pool reports Python errors, refuses non-plain results, keeps going" *
   CHECK(get(ok) == Value(2));
 }
 
-TEST_CASE("Pool: a malformed error record fails its task with ProtocolError, and the pool goes on" * doctest::timeout(120)) {
+TEST_CASE("Pool: a malformed error record fails its task with ProtocolError; its worker is replaced" * doctest::timeout(120)) {
   Pool pool(options(true, 1));  // one worker: the records after the forged one meet the next tasks
-  const auto pids = pool.worker_pids();
   const std::vector<Value> payloads = {
       Value("not a tuple"), Value::tuple({Value("ValueError"), Value("two items")}),
       Value::tuple({Value("ValueError"), Value(7), Value("tb")}), Value()};
+  std::uint64_t started = pool.workers_started();
   for (const Value& payload : payloads) {
     CAPTURE(payload.repr());
+    const auto pids = pool.worker_pids();
     auto bad = pool.submit("rp_tasks:forge_error", {payload});
-    auto next = pool.submit("rp_tasks:add", {Value(2), Value(3)});  // queued behind it, same worker
     try {
       get(bad);
       FAIL("no error");
     } catch (const ProtocolError& e) {
       CHECK(std::string(e.what()).find("malformed error record") != std::string::npos);
+      CHECK(std::string(e.what()).find("the worker was killed") != std::string::npos);
     }
-    // The forged task's own OK record arrives after; it answers nothing.
-    CHECK(get(next) == Value(5));
+    // The worker that sent it is killed and replaced; the pool goes on.
+    auto next = pool.submit("rp_tasks:pid");
+    CHECK(get(next).as_int() != pids.at(0));
+    CHECK(pool.workers_started() == ++started);
   }
-  CHECK(pool.worker_pids() == pids);  // nobody died
 }
+
+// The kinds of protocol break a hostile worker can commit, each a task of rp_tasks.hostile: the
+// call, and what the ProtocolError of that task says.
+struct Hostile {
+  const char* fn;
+  std::vector<Value> args;
+  const char* says;
+};
+
+TEST_CASE("Pool: a hostile worker is killed and replaced, and no other worker's task is touched" *
+          doctest::timeout(300)) {
+  PoolOptions o = options(true, 3);
+  o.max_result_bytes = 1 << 20;
+  Pool pool(o);
+  const std::vector<Hostile> cases = {
+      {"garbage", {}, "does not decode"},
+      {"forge_tids", {Value(40)}, "which it is not running"},
+      {"forge_wid", {Value(999)}, "names worker 999"},
+      {"wid_out_of_range", {}, "not a worker id"},
+      {"unsealed_block", {}, "is not sealed"},
+      {"short_block", {Value(512 << 10)}, "too short"},
+      {"oversized_block", {Value(2 << 20)}, "max_result_bytes"},
+      {"many_handles", {Value(3)}, "3 handles"},
+  };
+  for (const Hostile& h : cases) {
+    const std::string name = h.fn;
+    CAPTURE(name);
+    const std::uint64_t started = pool.workers_started();
+    // Innocent calls first, spread over the three workers (the hostile one gets its share before
+    // the hostile call, so nothing innocent waits behind it on its worker).
+    std::vector<std::future<Value>> innocent;
+    for (int i = 0; i < 6; ++i) innocent.push_back(pool.submit("rp_tasks.hostile:pid_after", {Value(0.2)}));
+    auto bad = pool.submit(std::string("rp_tasks.hostile:") + h.fn, h.args);
+    try {
+      get(bad);
+      FAIL("no error");
+    } catch (const ProtocolError& e) {
+      CAPTURE(e.what());
+      CHECK(std::string(e.what()).find("broke the protocol") != std::string::npos);
+      CHECK(std::string(e.what()).find(h.says) != std::string::npos);
+    }
+    // Every innocent call answered by the worker that ran it: a pid, never a forged value.
+    for (auto& f : innocent) CHECK(get(f).is_int());
+    // The hostile worker is gone and replaced; the service goes on with three workers.
+    for (int i = 0; i < 1000 && pool.workers_started() == started; ++i) std::this_thread::sleep_for(10ms);
+    CHECK(pool.workers_started() == started + 1);
+    std::vector<std::future<Value>> after;
+    for (int i = 0; i < 6; ++i) after.push_back(pool.submit("rp_tasks:add", {Value(i), Value(1)}));
+    for (int i = 0; i < 6; ++i) CHECK(get(after[i]) == Value(i + 1));
+    CHECK(pool.worker_pids().size() == 3);
+  }
+}
+
+TEST_CASE("Pool: a worker holding its call ring's lock is killed, not waited for" * doctest::timeout(120)) {
+  // The pool is its workers' call rings' only producer: a worker that takes the producer lock
+  // would, if the pool waited for it, stop dispatch (under the pool lock) for every worker.
+  Pool pool(options(true, 1));  // one worker: the next dispatch is to it
+  auto bad = pool.submit("rp_tasks.hostile:hold_call_lock", {Value(30.0)});
+  std::this_thread::sleep_for(500ms);  // it has the lock by now (or the pool meets it on the first send)
+  std::vector<std::future<Value>> after;
+  for (int i = 0; i < 4; ++i) after.push_back(pool.submit("rp_tasks:add", {Value(i), Value(1)}));
+  try {
+    get(bad);
+    FAIL("no error");
+  } catch (const ProtocolError& e) {
+    CAPTURE(e.what());
+    CHECK(std::string(e.what()).find("broke the protocol: its call ring") != std::string::npos);
+  }
+  // The calls sent meanwhile never reached its ring: its replacement runs them.
+  for (int i = 0; i < 4; ++i) CHECK(get(after[i]) == Value(i + 1));
+  CHECK(pool.workers_started() == 2);
+}
+
+TEST_CASE("Pool: each worker holds its own channels only" * doctest::timeout(180)) {
+  // What a worker can reach is what it holds: its call ring, and of its result ring the producer
+  // side only. Two workers share no segment and no socket end, and a worker holds no socket end
+  // of this process's but its call ring's two and its result ring's sending one (the receiving
+  // end of its handle socket, through which the pool takes in result blocks, stays here).
+  const auto inodes = [](const Value& table, const char* prefix) {
+    std::vector<std::int64_t> out;
+    for (const Value& e : table.as_list()) {
+      const auto& f = e.as_tuple();
+      if (f[0].as_int() > 2 && f[1].as_str().rfind(prefix, 0) == 0) out.push_back(f[2].as_int());
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  const auto shared = [](const std::vector<std::int64_t>& a, const std::vector<std::int64_t>& b) {
+    std::vector<std::int64_t> both;
+    std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(both));
+    return both.size();
+  };
+  for (bool zygote : {true, false}) {
+    CAPTURE(zygote);
+    Pool pool(options(zygote, 2));
+    auto a = pool.submit("rp_tasks.hostile:fd_table", {Value(0.5)});
+    auto b = pool.submit("rp_tasks.hostile:fd_table", {Value(0.5)});
+    const Value ta = get(a), tb = get(b);
+    REQUIRE(ta.as_list()[0] != tb.as_list()[0]);  // two workers
+    CAPTURE(ta.repr());
+    const Value& fa = ta.as_list()[1];
+    const Value& fb = tb.as_list()[1];
+    CHECK(shared(inodes(fa, "socket:"), inodes(fb, "socket:")) == 0);
+    CHECK(shared(inodes(fa, "/memfd:"), inodes(fb, "/memfd:")) == 0);
+    std::vector<std::int64_t> mine;  // this process's socket ends
+    if (DIR* d = ::opendir("/proc/self/fd")) {
+      while (dirent* e = ::readdir(d)) {
+        struct stat st {};
+        const std::string path = std::string("/proc/self/fd/") + e->d_name;
+        char link[256] = {};
+        if (::readlink(path.c_str(), link, sizeof link - 1) > 0 && std::string(link).rfind("socket:", 0) == 0 &&
+            ::stat(path.c_str(), &st) == 0)
+          mine.push_back(static_cast<std::int64_t>(st.st_ino));
+      }
+      ::closedir(d);
+    }
+    std::sort(mine.begin(), mine.end());
+    for (const Value* f : {&fa, &fb}) {
+      // Beyond stdio: its two rings (a segment and an eventfd each), its call ring's socket ends
+      // and its result ring's sending end; nothing else, and every socket end one of ours.
+      std::size_t beyond_stdio = 0;
+      for (const Value& e : f->as_list()) beyond_stdio += e.as_tuple()[0].as_int() > 2;
+      CHECK(beyond_stdio == 7);
+      CHECK(inodes(*f, "/memfd:ringpool-ring").size() == 2);
+      CHECK(inodes(*f, "anon_inode:[eventfd]").size() == 2);
+      CHECK(inodes(*f, "socket:").size() == 3);
+      CHECK(shared(inodes(*f, "socket:"), mine) == 3);
+    }
+  }
+}
+
 
 TEST_CASE("Pool: a dead worker fails only its task and is replaced" * doctest::timeout(120)) {
   Pool pool(options(true));

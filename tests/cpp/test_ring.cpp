@@ -1,5 +1,7 @@
 // Ring: single-process semantics, handles, and multi-process delivery with killed peers.
 #include <doctest/doctest.h>
+#include <dirent.h>
+#include <sys/resource.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -8,10 +10,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ringpool/block.hpp"
@@ -169,6 +173,98 @@ TEST_CASE("ring: handles travel with their frame, more than 253 at once") {
   CHECK(sink.got == std::vector<std::string>{"one", "none", "many"});
   ::close(p[0]);
   ::close(p[1]);
+}
+
+TEST_CASE("ring: a record of more than 253 handles keeps them all when the table fills while it is taken") {
+  // Its handles travel as two packets. Every descriptor must be this process's before the record
+  // is taken: here the sink (which runs between peeking the handles and taking the record, where
+  // another thread of the process could open files) fills the descriptor table. Before the later
+  // packets were peeked too, the second packet's receive was then cut short and the record's
+  // descriptors lost ("handle packet truncated").
+  auto r = Ring::create({64 * 1024, 0});
+  int p[2];
+  REQUIRE(::pipe(p) == 0);
+  std::vector<int> many(300, p[1]);
+  REQUIRE(put_str(*r, "many", many.data(), many.size()) == Ring::PutStatus::ok);
+  int open_now = 0;
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (::readdir(d)) ++open_now;
+    ::closedir(d);
+  }
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
+  rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(open_now + 300 + 16);  // room for the record's handles
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  struct FillingSink final : Ring::Sink {
+    std::vector<int> hog;
+    std::string got;
+    void take(const proto::FrameHeader& h, const std::uint8_t* payload) override {
+      got.assign(reinterpret_cast<const char*>(payload), h.payload_len);
+      for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) hog.push_back(fd);
+    }
+  } sink;
+  std::vector<UniqueFd> fds;
+  std::string error;
+  std::size_t got = 0;
+  try {
+    got = r->try_get_many(sink, 1, fds);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  for (int fd : sink.hog) ::close(fd);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  CHECK(error == "");
+  CHECK(got == 1);
+  CHECK(sink.got == "many");
+  CHECK_FALSE(sink.hog.empty());  // the table did fill
+  REQUIRE(fds.size() == 300);
+  // Each is the pipe's write end.
+  REQUIRE(::write(fds[299].get(), "z", 1) == 1);
+  char c = 0;
+  REQUIRE(::read(p[0], &c, 1) == 1);
+  CHECK(c == 'z');
+  ::close(p[0]);
+  ::close(p[1]);
+}
+
+TEST_CASE("ring: wait_data_any wakes for a frame in any of its rings, and for the bell") {
+  auto a = Ring::create({64 * 1024, 0});
+  auto b = Ring::create({64 * 1024, 0});
+  Ring* rings[] = {a.get(), b.get()};
+  std::atomic<std::uint32_t> bell{0};
+  // Something there already: no sleep.
+  REQUIRE(put_str(*b, "ready") == Ring::PutStatus::ok);
+  CHECK(Ring::wait_data_any(rings, 2, &bell, 0, 10'000'000'000) == futex::WaitResult::woken);
+  StringSink sink;
+  std::vector<UniqueFd> fds;
+  REQUIRE(b->try_get(sink, fds));
+  // A frame published into the second ring while the waiter sleeps (10 s timeout: only a missed
+  // wake-up would reach it).
+  std::thread producer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    put_str(*b, "later");
+  });
+  futex::WaitResult r = futex::WaitResult::interrupted;
+  while (!b->readable() && r != futex::WaitResult::timed_out) r = Ring::wait_data_any(rings, 2, &bell, 0, 10'000'000'000);
+  producer.join();
+  CHECK(r != futex::WaitResult::timed_out);
+  CHECK(b->readable());
+  CHECK(a->control_for_testing()->data_waiters.load() == 0);  // each wait unregisters
+  CHECK(b->control_for_testing()->data_waiters.load() == 0);
+  REQUIRE(b->try_get(sink, fds));
+  // The bell, rung from another thread.
+  std::thread ringer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    bell.fetch_add(1);
+    futex::wake_private(&bell, 1);
+  });
+  r = futex::WaitResult::interrupted;
+  while (bell.load() == 0 && r != futex::WaitResult::timed_out) r = Ring::wait_data_any(rings, 2, &bell, 0, 10'000'000'000);
+  ringer.join();
+  CHECK(r != futex::WaitResult::timed_out);
+  // Nothing comes: the timeout.
+  CHECK(Ring::wait_data_any(rings, 2, &bell, 1, 1'000'000) == futex::WaitResult::timed_out);
 }
 
 TEST_CASE("ring: orphan handles of a producer that died before committing are dropped") {

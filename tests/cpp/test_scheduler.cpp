@@ -665,3 +665,27 @@ TEST_CASE("scheduler: a simulated pool ends every task exactly once, through dea
   CHECK(fates[Fate::kTimedOut] > 10);
   CHECK(retirements > 10);
 }
+
+TEST_CASE("scheduler: oldest_unanswered names the one call an answer of that worker may be for") {
+  Sched s(opts(2));
+  s.add_worker(1);
+  s.add_worker(2);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  CHECK_FALSE(s.oldest_unanswered(1).has_value());  // nothing sent
+  CHECK_FALSE(s.oldest_unanswered(7).has_value());  // no such worker
+  for (int c : {0, 2, 1, 3}) s.submit(c);  // two runs of two, one per worker
+  f.dispatch(s);
+  REQUIRE(f.w[1].records.size() == 1);
+  REQUIRE(f.w[2].records.size() == 1);
+  const std::uint64_t a0 = f.tid_of(1, 0, 0), a1 = f.tid_of(1, 0, 1), b0 = f.tid_of(2, 0, 0);
+  CHECK(s.oldest_unanswered(1) == a0);
+  CHECK(s.oldest_unanswered(2) == b0);
+  // Answered in order, a run's items one by one: the next is the run's next item.
+  CHECK(s.answer(1, a0, 1e-3, failed) == 0);
+  CHECK(s.oldest_unanswered(1) == a1);
+  CHECK(s.oldest_unanswered(2) == b0);  // the other worker's calls are not its
+  CHECK(s.answer(1, a1, 1e-3, failed) == 2);
+  CHECK_FALSE(s.oldest_unanswered(1).has_value());
+  CHECK(failed.empty());
+}

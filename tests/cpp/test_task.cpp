@@ -9,12 +9,14 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <optional>
 #include <set>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "ringpool/error.hpp"
 #include "ringpool/pickle.hpp"
 #include "ringpool/proto/task.hpp"
 #include "ringpool/value.hpp"
@@ -218,5 +220,32 @@ TEST_CASE("task: the fast result reader declines what is not a result record, ne
       const std::optional<tr::Result> r = tr::read_result(std::string_view(g.bytes).substr(0, n), scratch);
       CHECK_FALSE(r.has_value());
     }
+  }
+}
+
+TEST_CASE("task: a result record's worker id must be one a pool gives (0..INT_MAX), not cut to an int") {
+  std::string scratch;
+  const auto record = [](std::int64_t wid) {
+    return ringpool::pickle_dumps(Value::tuple({Value(wid), Value(5), Value(static_cast<std::int64_t>(task::Status::OK)),
+                                                Value("v"), Value(0.5)}));
+  };
+  for (std::int64_t wid : {std::int64_t{0}, std::int64_t{7}, std::int64_t{std::numeric_limits<int>::max()}}) {
+    CAPTURE(wid);
+    const std::string r = record(wid);
+    CHECK(tr::result_from(ringpool::pickle_loads(r)).wid == wid);
+    const std::optional<tr::Result> fast = tr::read_result(r, scratch);
+    REQUIRE(fast.has_value());
+    CHECK(fast->wid == wid);
+    CHECK(fast->value == Value("v"));
+  }
+  // 2^32 + 7 would be worker 7 once cut to 32 bits.
+  for (std::int64_t wid : {std::int64_t{-1}, std::int64_t{std::numeric_limits<int>::max()} + 1,
+                           (std::int64_t{1} << 32) + 7, std::numeric_limits<std::int64_t>::min()}) {
+    CAPTURE(wid);
+    const std::string r = record(wid);
+    CHECK_FALSE(tr::read_result(r, scratch).has_value());
+    CHECK_FALSE(tr::read_envelope(r).has_value());
+    CHECK_THROWS_WITH_AS(tr::result_from(ringpool::pickle_loads(r)), doctest::Contains("not a worker id"),
+                         ringpool::PickleError);
   }
 }

@@ -1,10 +1,11 @@
 // libFuzzer target for the result records a C++ pool reads from its workers
-// (runtime/src/task_record.hpp: read_result, result_from; the bytes a worker wrote, copied out of
+// (runtime/src/task_record.hpp: read_result, read_envelope, result_from; the bytes a worker wrote, copied out of
 // the result ring or its out-of-band block, as pool.cpp's collector decodes them).
 //
 // Each input is one record payload. The collector first tries read_result (the fields read in
 // place, only the value decoded), and falls back to decoding the whole record as a pickle and
-// taking it apart (result_from). Properties: neither throws anything but a std::exception (the
+// taking it apart (result_from); for a record neither decodes, it reads the envelope
+// (read_envelope). Properties: none throws anything but a std::exception (the
 // collector turns those into an error for the record); whatever read_result accepts, the whole
 // decode accepts too and gives the same Result, field for field and the value byte for byte in
 // its pickle (read_result's promise: "the caller decodes the whole record then, which gives the
@@ -57,6 +58,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     fast = task_record::read_result(record, scratch);
   } catch (...) {
     require(false);  // read_result reports any other shape as nullopt
+  }
+
+  // The collector reads the envelope of a record that did not decode, to tell a result its codec
+  // refuses from bytes no worker writes: it must never throw, and it must agree with read_result
+  // on the record's own fields, with the value between them and the tail.
+  std::optional<task_record::Envelope> env;
+  try {
+    env = task_record::read_envelope(record);
+  } catch (...) {
+    require(false);
+  }
+  if (env) require(env->fields.value.is_none() && env->value_at < env->value_end && env->value_end < size);
+  if (fast) {
+    require(env.has_value());
+    require(env->fields.wid == fast->wid);
+    require(env->fields.tid == fast->tid);
+    require(env->fields.status == fast->status);
+    require(same_double(env->fields.elapsed, fast->elapsed));
   }
 
   std::optional<Result> whole;

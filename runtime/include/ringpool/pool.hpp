@@ -3,14 +3,20 @@
 //
 //   service threads ── submit("pkg.mod:fn", args) ──► per-worker call ring ──► Python worker
 //          ▲                                                                        │
-//          └── std::future<Value> ◄── collector thread ◄── shared result ring ◄─────┘
+//          └── std::future<Value> ◄── collector thread ◄── per-worker result ring ◄─┘
 //
 // Workers are the same as ringpool.Executor's (docs/design/pool.md): started by a Supervisor
-// (a preloaded zygote that forks them, or a fresh interpreter each), each with its own call ring,
-// all answering on one result ring. Calls and results are pickles of plain data written and read
-// by the C++ codec (pickle.hpp), which refuses anything that would import or call: a worker can
-// never make the service run code. A task's function is named "module:qualname" and imported in
-// the worker.
+// (a preloaded zygote that forks them, or a fresh interpreter each), each with a call ring and a
+// result ring of its own. Calls and results are pickles of plain data written and read by the
+// C++ codec (pickle.hpp), which refuses anything that would import or call: a worker can never
+// make the service run code. A task's function is named "module:qualname" and imported in the
+// worker.
+//
+// No worker is trusted (docs/design/security.md): each holds only its own rings' descriptors,
+// and a result is accepted only for the call its worker is running. A worker that breaks the
+// protocol (a record that does not decode, a result for another task or worker, an unsealed or
+// oversized block, a malformed error) is killed and replaced; the call it was running fails with
+// ProtocolError, its calls not yet started go to other workers, and no other task is touched.
 //
 // Failures stay local: a Python exception fails its future with RemoteError (type, message,
 // traceback); a worker that dies fails only the task it was running (WorkerDied), the tasks
@@ -61,6 +67,10 @@ struct PoolOptions {
   std::chrono::milliseconds task_timeout{0};
   // How long the zygote's preload (and a worker's start) may take.
   std::chrono::milliseconds start_timeout{120'000};
+  // The largest result (its pickle's bytes) a worker may send; a larger claim breaks the protocol
+  // (the worker is killed, the task fails with ProtocolError). Bounds what one worker can make
+  // the service allocate for a result's copy (and, by PickleLimits, for its decoded Value).
+  std::size_t max_result_bytes = std::size_t{1} << 30;
 };
 
 // A Python exception raised by the task.
@@ -118,7 +128,8 @@ class Pool {
   // pickled (a str that is not UTF-8, ...); everything else arrives through the future:
   // RemoteError, WorkerDied, TaskTimeout, PickleError (a result that is not plain data is
   // refused in the worker and arrives as a RemoteError of type TypeError; a result that does not
-  // decode here), ProtocolError (the worker answered with a malformed error record).
+  // decode here), ProtocolError (the worker broke the protocol and was killed: a malformed error
+  // record, a forged answer, an unsealed or oversized result block, ...).
   std::future<Value> submit(std::string function, std::vector<Value> args = {},
                             std::vector<std::pair<std::string, Value>> kwargs = {});
 

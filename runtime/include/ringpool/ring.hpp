@@ -179,12 +179,40 @@ class Ring {
   // Returns false if no frame is published. Throws as try_get_many.
   bool try_get(Sink& sink, std::vector<UniqueFd>& fds, BlockingHook* hook = nullptr);
 
+  // For a process whose peers on the ring's other side are not trusted (the C++ Pool with a
+  // worker's rings: it is the only producer of the worker's call ring and the only consumer of
+  // its result ring; docs/design/security.md, "The C++ Pool and its workers"). Process-local:
+  // nothing shared changes, each Ring object decides for itself. From then on this object never
+  // waits on what only a peer could hold up, and refuses what no honest peer sends:
+  // - its side's lock (producer or consumer) held by anyone else: ProtocolError at once (this
+  //   object's caller must be the only producer, or only consumer, in one thread);
+  // - a frame's handles not queued when its record is read (an honest producer sends them before
+  //   it commits): the record is passed over and ProtocolError thrown, without the usual wait;
+  // - a frame with more than max_handles handles: passed over, ProtocolError (its handles are
+  //   never installed here);
+  // - the readiness eventfd is not refreshed on a take (a peer may have armed it to stall takes).
+  // Call before the first put or take; not thread safe against them.
+  void distrust_peers(std::uint32_t max_handles) noexcept {
+    distrusted_ = true;
+    max_handles_ = max_handles;
+  }
+
   // -- waiting: any thread; none of these hold a lock -------------------------------------------
   // Return when the condition may hold (callers re-check), on timeout, or when a signal arrives.
   futex::WaitResult wait_data(std::int64_t timeout_ns);
   futex::WaitResult wait_space(std::size_t record_bytes, std::int64_t timeout_ns);
   futex::WaitResult wait_item_slot(std::int64_t maxsize, std::int64_t timeout_ns);
   futex::WaitResult wait_all_done(std::int64_t timeout_ns);
+  // Sleeps until a frame may be published in any of rings (each wait_data's Dekker pairing),
+  // `bell` (a futex word private to this process) moves from bell_seen, timeout_ns passes (negative:
+  // no limit) or a signal arrives: one futex_waitv(2) for all of them. Beyond kMaxWaitAny - 1
+  // rings, the rest are not waited on and the sleep is cut to kWaitAnyOverflowNs (they are seen
+  // on the next round); on a kernel without futex_waitv (before 5.16) the same slice, sleeping
+  // on the bell alone.
+  static futex::WaitResult wait_data_any(Ring* const* rings, std::size_t n, std::atomic<std::uint32_t>* bell,
+                                         std::uint32_t bell_seen, std::int64_t timeout_ns);
+  static constexpr std::size_t kMaxWaitAny = 128;  // FUTEX_WAITV_MAX
+  static constexpr std::int64_t kWaitAnyOverflowNs = 1'000'000;
 
   // Approximate (racy by nature) state, for polls and qsize().
   bool readable() const noexcept;
@@ -264,6 +292,8 @@ class Ring {
   std::size_t mask_ = 0;
   std::size_t inline_max_ = 0;
   bool counts_items_ = false;
+  bool distrusted_ = false;        // distrust_peers()
+  std::uint32_t max_handles_ = 0;  // and its bound
   // This process has armed the readiness fd (ctl_->poll_armed is set and the frames published
   // before it were signalled). Process-local on purpose: re-arming on every call wrote the
   // control line producers read on each publish, and cost PPE's manager ~4 us per task.

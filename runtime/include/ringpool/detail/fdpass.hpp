@@ -52,18 +52,16 @@ class FdChannel {
   SendStatus send(std::uint64_t seq, const int* fds, std::size_t n);
 
   // Step one of receiving the n fds of record `seq` (n >= 1), before the record is taken: drops
-  // orphan packets of lower sequence numbers, waits up to timeout for the record's first packet
-  // (the wait runs through hook) and returns its descriptors, installed in this process by a peek
-  // that leaves the packet queued. For a record of more than one packet, it also checks that the
-  // process has room for the rest. Throws SysError(EMFILE) when this process cannot hold them,
-  // having consumed nothing of the record's; ProtocolError if the packet is malformed, out of
-  // order, or does not arrive within timeout (the offending packet is consumed).
+  // orphan packets of lower sequence numbers, waits up to timeout for the record's packets (the
+  // wait runs through hook) and returns all n descriptors, installed in this process by peeks
+  // that leave the packets queued (a record of more than 253 is several packets: the later ones
+  // are peeked past the first with SO_PEEK_OFF). Throws SysError(EMFILE) when this process cannot
+  // hold them, having consumed nothing of the record's; ProtocolError if a packet is malformed,
+  // out of order, or does not arrive within timeout (the record's packets are consumed).
   std::vector<UniqueFd> peek(std::uint64_t seq, std::size_t n, BlockingHook* hook = nullptr,
                              int timeout_ms = kHandleTimeoutMs);
-  // Step two, after the record was taken: consumes the packet peek() returned the descriptors of
-  // (`peeked`, moved to out) and receives the record's further packets into out. Throws
-  // ProtocolError as peek does (or if another process took more descriptors meanwhile, for a
-  // record of more than one packet: its descriptors are lost then).
+  // Step two, after the record was taken: consumes the packets peek() returned the descriptors
+  // of (`peeked`, moved to out). Cannot fail for want of descriptors: they are installed already.
   void finish(std::uint64_t seq, std::size_t n, std::vector<UniqueFd>& peeked, std::vector<UniqueFd>& out,
               BlockingHook* hook = nullptr, int timeout_ms = kHandleTimeoutMs);
   // Both steps at once: the n fds of record `seq`, appended to out (owned by the caller).
@@ -72,6 +70,10 @@ class FdChannel {
   // How long a reader waits for the handles of a committed frame. They were sent before the
   // commit, so only a producer that broke the protocol (or a loaded machine) makes it wait at all.
   static constexpr int kHandleTimeoutMs = 10000;
+
+  // Clears a peek offset a consumer that died inside peek() left on the socket (the ring calls it
+  // when it recovers the consumer lock).
+  void reset_peek_offset() noexcept;
 
   int tx_fd() const noexcept { return tx_.get(); }
   int rx_fd() const noexcept { return rx_.get(); }

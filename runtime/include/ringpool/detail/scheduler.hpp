@@ -146,6 +146,14 @@ class Scheduler {
 
   // The worker's unanswered calls, oldest first (pings included: tid 0).
   Fifo<Entry>& sent(int wid) { return workers_.at(wid).sent; }
+  // The wire id of the oldest call the worker has not answered (0: a ping), nullopt if it has
+  // none or is not known: a worker that keeps the protocol answers, or reports started, only that
+  // one (an owner that trusts no worker refuses any other id: the C++ Pool).
+  std::optional<std::uint64_t> oldest_unanswered(int wid) const {
+    auto it = workers_.find(wid);
+    if (it == workers_.end() || it->second.sent.empty()) return std::nullopt;
+    return it->second.sent[0].tid;
+  }
 
   // -- submission and dispatch --------------------------------------------------------------------
   void submit(const T& task) { submit(T(task)); }
