@@ -21,9 +21,9 @@ With 2 workers each, on this machine:
 
 (e) ringpool as a multiprocessing context: the stdlib ProcessPoolExecutor with
     ``mp_context=ringpool.get_context()`` against ``mp_context=multiprocessing.get_context("fork")``,
-    both warm, runs alternating as in (d): the (a) and (b) measurements of each. Only the context
-    differs: the result queue (``ctx.SimpleQueue``, a ring whose reader PPE waits on with
-    ``multiprocessing.connection.wait``), the worker processes and their sentinels.
+    a fresh warm pool of each per pair, runs alternating as in (d): the (a) and (b) measurements of
+    each. Only the context differs: the result queue (``ctx.SimpleQueue``, a ring whose reader PPE
+    waits on with ``multiprocessing.connection.wait``), the worker processes and their sentinels.
 
 Targets (ratios from the same run): ringpool's chunksize-1 throughput >= 5x multiprocessing.Pool's
 and >= 15x ProcessPoolExecutor's; at chunksize 64 ahead of every peer; latency median <= 30 us;
@@ -173,41 +173,53 @@ def _size(peer, chunksize, budget):
     return max(1000, int(n * budget / dt))
 
 
+def _warm_ppe(peer):
+    """A fresh PPE to steady state: workers started and code paths hot, and for fork, the parent's
+    copy-on-write faults behind it (after a fork every page the parent writes is copied once)."""
+    peer.map(2000, 1)
+    peer.map(20000, 64)
+    for i in range(50):
+        peer.call(i)
+
+
 def run_ppe(quick):
-    """(e): PPE with the ringpool context and with fork, both warm, in alternating turns (the order
-    flipping every pair) so that both see the same machine minute. Each ratio reported is the
-    median of the pairs' ratios: the speed of these shared VMs drifts within seconds."""
-    log("  ProcessPoolExecutor: ringpool context against fork context")
+    """(e): PPE with the ringpool context and with fork, in pairs of turns (the order flipping
+    every pair) so that both see the same machine minute, a fresh pool of each per pair. Each
+    ratio reported is the median of the pairs' ratios.
+
+    Fresh pools, because where the scheduler puts PPE's five busy threads (the parent's caller,
+    manager and queue feeder, two workers) on two cores decides its speed more than anything
+    else, and a pool keeps its placement for seconds: pinned to fixed placements, either context
+    runs 3-13k tasks/s at chunksize 1 depending on the placement, with the two contexts within a
+    few percent of each other in each one (docs/design/queues.md, "SimpleQueue under
+    ProcessPoolExecutor"). Pools that live for the whole run draw one placement each, so their
+    ratio (0.3x to 2.5x per pair) said which context drew the better one; a pair of new pools
+    draws again."""
+    log("  ProcessPoolExecutor: ringpool context against fork context (a fresh pool of each per pair)")
     names = list(PPE_CONTEXTS)
-    pairs = 3 if quick else 7
-    peers = {}
-    try:
-        for name in names:
-            peers[name] = Peer(name)
-            peers[name].map(200, 1)  # warm-up: workers started, code paths hot
-        rows = {name: {"pool": name} for name in names}
-        ratios = {}
-        for c in (1, 64):
-            sizes = {name: _size(peers[name], c, 0.15 if quick else 0.4) for name in names}
-            rates = {name: [] for name in names}
-            for k in range(pairs):
-                for name in (names if k % 2 == 0 else names[::-1]):
+    pairs = 3 if quick else 9
+    block = 100 if quick else 300  # latency: calls per turn; the turn's median is its sample
+    rows = {name: {"pool": name} for name in names}
+    rates = {c: {name: [] for name in names} for c in (1, 64)}
+    turn_medians = {name: [] for name in names}
+    lat = {name: [] for name in names}
+    sizes = None
+    for k in range(pairs):
+        order = names if k % 2 == 0 else names[::-1]
+        peers = {}
+        try:
+            for name in order:
+                peers[name] = Peer(name)
+                _warm_ppe(peers[name])
+            if sizes is None:  # sized once, on the first pair: every pair then runs the same work
+                sizes = {c: {name: _size(peers[name], c, 0.15 if quick else 0.4) for name in names}
+                         for c in (1, 64)}
+            for c in (1, 64):
+                for name in order:
                     t0 = time.perf_counter()
-                    peers[name].map(sizes[name], c)
-                    rates[name].append(sizes[name] / (time.perf_counter() - t0))
-            for name in names:
-                rows[name][f"chunksize_{c}"] = {"tasks": sizes[name], "tasks_per_s": statistics.median(rates[name]),
-                                                "runs": rates[name]}
-            ratios[f"chunksize_{c}"] = [a / b for a, b in zip(*(rates[name] for name in names))]
-        # Latency: turns of `block` sequential calls; each turn's median is one sample of the pair.
-        block = 100 if quick else 300
-        for name in names:
-            for i in range(50):
-                peers[name].call(i)
-        lat = {name: [] for name in names}
-        turn_medians = {name: [] for name in names}
-        for k in range(pairs):
-            for name in (names if k % 2 == 0 else names[::-1]):
+                    peers[name].map(sizes[c][name], c)
+                    rates[c][name].append(sizes[c][name] / (time.perf_counter() - t0))
+            for name in order:
                 peer, turn = peers[name], []
                 for i in range(block):
                     t0 = time.perf_counter()
@@ -215,15 +227,21 @@ def run_ppe(quick):
                     turn.append(time.perf_counter() - t0)
                 lat[name] += turn
                 turn_medians[name].append(statistics.median(turn))
+        finally:
+            for peer in peers.values():
+                peer.close()
+    ratios = {}
+    for c in (1, 64):
         for name in names:
-            v = sorted(lat[name])
-            rows[name]["latency"] = {"calls": len(v), "median_us": v[len(v) // 2] * 1e6,
-                                     "p99_us": v[int(len(v) * 0.99)] * 1e6}
-        # Latency as a speed: fork's time over ringpool's, so > 1 means ringpool is faster.
-        ratios["latency"] = [b / a for a, b in zip(*(turn_medians[name] for name in names))]
-    finally:
-        for peer in peers.values():
-            peer.close()
+            rows[name][f"chunksize_{c}"] = {"tasks": sizes[c][name], "tasks_per_s": statistics.median(rates[c][name]),
+                                            "runs": rates[c][name]}
+        ratios[f"chunksize_{c}"] = [a / b for a, b in zip(*(rates[c][name] for name in names))]
+    for name in names:
+        v = sorted(lat[name])
+        rows[name]["latency"] = {"calls": len(v), "median_us": v[len(v) // 2] * 1e6,
+                                 "p99_us": v[int(len(v) * 0.99)] * 1e6}
+    # Latency as a speed: fork's time over ringpool's, so > 1 means ringpool is faster.
+    ratios["latency"] = [b / a for a, b in zip(*(turn_medians[name] for name in names))]
     return {"rows": [rows[name] for name in names], "pairs": pairs,
             "ratios": {k: {"median": statistics.median(v), "pairs": v} for k, v in ratios.items()}}
 
@@ -396,8 +414,8 @@ def markdown(res):
         per = "; ".join(f"{k.replace('_', ' ')} " + ", ".join(f"{x:.2f}" for x in v["pairs"])
                         for k, v in ppe["ratios"].items())
         lines += ["", f"PPE rows: `ProcessPoolExecutor(mp_context=...)`, the ringpool and the fork context in "
-                  f"{ppe['pairs']} alternating pairs of turns; ringpool / fork per pair (latency: fork / ringpool, "
-                  f"> 1 is ringpool faster): {per}."]
+                  f"{ppe['pairs']} alternating pairs of turns, a fresh pool of each per pair; ringpool / fork per pair "
+                  f"(latency: fork / ringpool, > 1 is ringpool faster): {per}."]
     lines += ["", "#### Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
     for t in res["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {t['threshold']} | {'PASS' if t['passed'] else 'FAIL'} |")
