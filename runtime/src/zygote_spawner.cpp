@@ -443,7 +443,7 @@ class ZygoteSpawner final : public Spawner {
     in_flight_ = InFlight::none;
     const bool orderly = stopping_ && was_ready;
     stopping_ = false;
-    if (on_zygote_exit) on_zygote_exit(inc, orderly);
+    if (on_zygote_exit) on_zygote_exit(inc, orderly, pid, code, was_ready ? what : what + " before it was ready");
     pump();
   }
 

@@ -31,17 +31,35 @@
 #include <utility>
 #include <vector>
 
+#include "ringpool/log.hpp"
 #include "ringpool/value.hpp"
 
 namespace ringpool {
+
+namespace detail {
+// Where cmake --install put ringpool's Python package, for a program built against that install:
+// its package config defines RINGPOOL_INSTALLED_PYTHONPATH for users of ringpool::runtime. (The
+// library itself never default-constructs PoolOptions, so its own translation units, built
+// without the macro, do not define PoolOptions() differently from the program's.)
+inline std::vector<std::string> installed_python_path() {
+#ifdef RINGPOOL_INSTALLED_PYTHONPATH
+  return {RINGPOOL_INSTALLED_PYTHONPATH};
+#else
+  return {};
+#endif
+}
+}  // namespace detail
 
 struct PoolOptions {
   int workers = 2;
   // The interpreter the workers run; it must be able to import ringpool (installed, or found
   // through python_path).
   std::string python = "/usr/bin/python3";
-  // Prepended to sys.path in the zygote and every worker.
-  std::vector<std::string> python_path;
+  // Prepended to sys.path in the zygote and every worker. Built against an installed ringpool
+  // (find_package(ringpool) after cmake --install --prefix P), it starts as the folder holding the
+  // ringpool package installed with the library (P/lib/python3.11/dist-packages by default), so
+  // the workers import the Python side that matches it; otherwise empty.
+  std::vector<std::string> python_path = detail::installed_python_path();
   // Modules the zygote imports once before forking workers (zygote mode only).
   std::vector<std::string> preload;
   // Packages to ship to the workers: (import name, folder holding its __init__.py). Their .py
@@ -61,6 +79,10 @@ struct PoolOptions {
   std::chrono::milliseconds task_timeout{0};
   // How long the zygote's preload (and a worker's start) may take.
   std::chrono::milliseconds start_timeout{120'000};
+  // Where lifecycle events go (workers started, died, replaced, recycled, timed out; the zygote
+  // started, died, restarted; protocol errors; descriptor exhaustion): log.hpp says from which
+  // threads it is called and what it must not do. Empty (the default): nowhere, the pool is silent.
+  LogHandler log;
 };
 
 // A Python exception raised by the task.
