@@ -145,3 +145,17 @@ def test_a_forked_child_logs_its_own_supervisors_events(caplog):
     finally:
         ctx.shutdown()
     assert "zygote_started" in out.split(","), out
+
+
+def test_a_preload_failure_is_logged_in_one_line_naming_the_error(caplog):
+    ctx = ringpool.RingpoolContext(preload=["rp_no_such_module"])
+    try:
+        with caplog.at_level("WARNING", logger="ringpool"):
+            with pytest.raises(RuntimeError, match="rp_no_such_module"):
+                ctx.ensure_running()
+            (died,) = _wait_for(caplog, "zygote_died")
+    finally:
+        ctx.shutdown()
+    msg = died.getMessage()
+    assert "\n" not in msg and "failed to preload" in msg, msg
+    assert "ModuleNotFoundError: No module named 'rp_no_such_module' (before it was ready)" in msg, msg
