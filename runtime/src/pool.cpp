@@ -575,16 +575,16 @@ struct Pool::Impl {
     if (r.status == kOk || r.status == kErr) {
       std::optional<Task> t = sched.answer(r.wid, r.tid, r.elapsed, failures);
       if (t) {
-        if (r.status == kOk)
+        if (r.status == kOk) {
           completions.push_back({std::move(*t), std::move(r.value), nullptr});
-        else
+        } else {
           completions.push_back({std::move(*t), Value(), remote_error(r.wid, r.value)});
-        if (!malformed_error(r.value)) {
-        } else if (auto it = workers.find(r.wid); it != workers.end()) {
-          note(LogEvent::protocol_error, "worker " + std::to_string(r.wid) + " (pid " +
-                                             std::to_string(it->second->proc.pid()) +
-                                             ") answered a task with a malformed error record",
-               it->second->proc.pid(), 0, r.wid);
+          const auto it = workers.find(r.wid);
+          if (malformed_error(r.value) && it != workers.end())
+            note(LogEvent::protocol_error, "worker " + std::to_string(r.wid) + " (pid " +
+                                               std::to_string(it->second->proc.pid()) +
+                                               ") answered a task with a malformed error record",
+                 it->second->proc.pid(), 0, r.wid);
         }
       }
     } else if (r.status == kStarted) {

@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "ringpool/error.hpp"
 #include "ringpool/log.hpp"
 #include "ringpool/pool.hpp"
 
@@ -140,6 +141,24 @@ TEST_CASE("log: a Pool reports its workers' starts, a death with pid and status,
   CHECK(rec.of(LogEvent::worker_stopped).size() == 2);
   CHECK(rec.wait_for(LogEvent::zygote_stopped));
   CHECK(rec.of(LogEvent::pool_broken).empty());
+  CHECK(rec.of(LogEvent::protocol_error).empty());  // results and deaths are no protocol error
+}
+
+TEST_CASE("log: a malformed error record is a protocol error naming its worker" * doctest::timeout(120)) {
+  Recorder rec;
+  Pool pool(options(true, 1, rec));
+  auto ok = pool.submit("rp_tasks:add", {Value(1), Value(2)});
+  CHECK(get(ok) == Value(3));
+  auto raised = pool.submit("rp_tasks:boom", {Value("a proper error")});
+  CHECK_THROWS_AS(get(raised), RemoteError);
+  CHECK(rec.of(LogEvent::protocol_error).empty());  // an answer, and a well-formed error, are none
+  auto forged = pool.submit("rp_tasks:forge_error", {Value(7)});
+  CHECK_THROWS_AS(get(forged), ProtocolError);
+  REQUIRE(rec.wait_for(LogEvent::protocol_error));
+  const LogRecord r = rec.of(LogEvent::protocol_error).at(0);
+  CHECK(r.worker == 1);
+  CHECK(r.pid == pool.worker_pids().at(0));
+  CHECK(r.message.find("malformed error record") != std::string::npos);
 }
 
 TEST_CASE("log: a task past its timeout and a worker recycled after max_tasks_per_child" * doctest::timeout(180)) {
