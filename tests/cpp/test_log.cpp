@@ -1,6 +1,10 @@
 // ringpool/log.hpp: the runtime's lifecycle events, as a Pool's LogHandler sees them.
 #include <doctest/doctest.h>
+#include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <functional>
@@ -180,4 +184,34 @@ TEST_CASE("log: a task past its timeout and a worker recycled after max_tasks_pe
   // The timed-out worker's death is its timeout's entry, not a second one as a death.
   for (const auto& r : rec.of(LogEvent::worker_died)) CHECK(r.pid != killed);
   CHECK(rec.of(LogEvent::zygote_started).empty());  // exec mode: no zygote
+}
+
+TEST_CASE("log: a collector out of descriptors is logged once, and again when they are back" * doctest::timeout(120)) {
+  Recorder rec;
+  Pool pool(options(true, 1, rec));
+  auto warm = pool.submit("rp_tasks:echo", {Value(1)});
+  CHECK(get(warm) == Value(1));
+  // As test_pool's case: a limit a little above what is open, every descriptor left taken.
+  int open_now = 0;
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (::readdir(d)) ++open_now;
+    ::closedir(d);
+  }
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
+  rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(open_now + 64);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  std::vector<int> hog;
+  for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) hog.push_back(fd);
+  REQUIRE(errno == EMFILE);
+  auto f = pool.submit("rp_tasks:big_bytes", {Value(4 << 20)});  // its memfd cannot be received now
+  const bool exhausted = rec.wait_for(LogEvent::fd_exhausted);
+  for (int fd : hog) ::close(fd);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  REQUIRE(exhausted);
+  CHECK(get(f) == Value::bytes(std::string(4 << 20, 'z')));
+  REQUIRE(rec.wait_for(LogEvent::fd_recovered));
+  CHECK(rec.of(LogEvent::fd_exhausted).size() == 1);  // once per episode, not per 10 ms retry
+  CHECK(rec.of(LogEvent::fd_recovered).at(0).message.find("retries") != std::string::npos);
 }
