@@ -353,11 +353,11 @@ class RingpoolContext(_mp_context.BaseContext):
             if sup is None:
                 return
             sup.stop()
-            if self._spawning or sup.live_workers():
-                _runtime_log.flush()  # what the zygote did until now, before this returns
-                return
-            self._sup = None
-        del sup  # the last reference: joins the supervisor's thread
+            if not (self._spawning or sup.live_workers()):
+                self._sup = None
+        del sup  # the last reference (unless workers run): joins the supervisor's thread
+        # What the zygote did until now is logged before this returns (outside the lock: a
+        # handler may use this context).
         _runtime_log.flush()
 
     # -- what differs from BaseContext -----------------------------------------------------------
