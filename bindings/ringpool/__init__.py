@@ -23,10 +23,11 @@ Public API:
   (``get_context(bundle=...)``).
 
 Linux 5.11 or later only: the import fails with an ImportError naming what this system lacks
-(``ringpool._platform``). Lifecycle events (workers started, died, replaced; the zygote started
-again; packages shipped) go to the ``logging`` logger ``"ringpool"`` and its children
-(``ringpool.spawner``, ``ringpool.executor``, ``ringpool.modules``), silent unless the
-application configures logging (docs/guide/troubleshooting.md).
+(``ringpool._platform``). Lifecycle events (workers started, died, replaced, recycled; the
+zygote started, died, restarted, reported by the C++ supervisor as they happen; packages shipped
+and reloaded) go to the ``logging`` logger ``"ringpool"`` and its children (``ringpool.spawner``,
+``ringpool.executor``, ``ringpool.modules``), silent unless the application configures logging
+(docs/guide/troubleshooting.md).
 """
 import logging as _logging
 

@@ -88,9 +88,10 @@ Deviations from the stdlib contexts:
   DataLoader calls, then starts no thread).
 
 Logging (``ringpool.spawner``; silent unless configured): a worker started (DEBUG, ``popen.py``), a
-zygote started, or started again after the previous one ended (INFO; seen at the next ``start()``
-or ``ensure_running()``), a start retried because its zygote died meanwhile and what the
-automatic preload skipped (WARNING).
+zygote started, or started again after the previous one died (INFO), a zygote that died (WARNING,
+as it happens, with the workers killed with it) or was stopped (DEBUG): these four come from the
+C++ supervisor through ``_runtime_log``; a start retried because its zygote died meanwhile and
+what the automatic preload skipped (WARNING).
 """
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ from multiprocessing import spawn as _mp_spawn
 from multiprocessing import util as _mp_util
 
 from . import _core
+from . import _runtime_log
 from . import connection as _connection
 from . import modules
 from . import queues as _queues
@@ -189,8 +191,6 @@ class RingpoolContext(_mp_context.BaseContext):
         self._spawning = 0  # Popens between _supervisor(spawning=True) and _spawn_done()
         self._zygote_modules = {}  # name -> hash of the snapshots the zygote was started with
         self._zygote_note = ""  # the last zygote note logged (see _log_zygote_note)
-        self._logged_zygote = None  # pid of the last zygote logged as started (see _log_zygote)
-        self._stopped_zygote = False  # shutdown() stopped it: the next one is no restart after a death
         self._warned = set()  # what the automatic preload warned about: once per context
         self._lock = threading.Lock()
         _live_contexts.add(self)
@@ -275,6 +275,7 @@ class RingpoolContext(_mp_context.BaseContext):
                             f"configuration ({_ZYGOTE_CONFIG_MAX} bytes), so its packages cannot be preloaded")
                 self._sup = _core.Supervisor.zygote_mode(exe, argv, env, os.getcwd(), config,
                                                          ready_timeout=self._ready_timeout, spares=self._spares)
+                _runtime_log.attach(self._sup, self)  # the zygote's start, death, restart, stop
             else:
                 self._check_bundle(modules.snapshots())
                 self._sup = _core.Supervisor.exec_mode()
@@ -299,23 +300,10 @@ class RingpoolContext(_mp_context.BaseContext):
 
     def _log_zygote(self, sup):
         """Once the zygote is ready (after ``ensure_running()`` and every zygote ``start()``): logs
-        a zygote not seen before (INFO) and what the automatic preload skipped (WARNING)."""
+        what the automatic preload skipped (WARNING). (Its start and restart come from the
+        supervisor itself, through ``_runtime_log``.)"""
         if self.preload is None:
             self._log_zygote_note(sup)
-        if not self.zygote or not _log.isEnabledFor(logging.INFO):
-            return  # (reading the pid is a round trip to the supervisor's thread)
-        pid = sup.zygote_pid
-        if pid <= 0 or pid == self._logged_zygote:
-            return
-        if self._logged_zygote is None:
-            _log.info("zygote started (pid %d) for %s", pid, self)
-        elif self._stopped_zygote:
-            _log.info("zygote started again (pid %d) for %s after shutdown() stopped pid %d",
-                      pid, self, self._logged_zygote)
-        else:
-            _log.info("zygote restarted (pid %d) for %s: the previous one (pid %d) died, and the "
-                      "workers it had forked with it", pid, self, self._logged_zygote)
-        self._logged_zygote, self._stopped_zygote = pid, False
 
     def _log_zygote_note(self, sup):
         """Warns (``ringpool.spawner`` logger) of what the automatic preload skipped, once per context.
@@ -365,11 +353,12 @@ class RingpoolContext(_mp_context.BaseContext):
             if sup is None:
                 return
             sup.stop()
-            self._stopped_zygote = True
-            if self._spawning or sup.live_workers():
-                return
-            self._sup = None
-        del sup  # the last reference: joins the supervisor's thread
+            if not (self._spawning or sup.live_workers()):
+                self._sup = None
+        del sup  # the last reference (unless workers run): joins the supervisor's thread
+        # What the zygote did until now is logged before this returns (outside the lock: a
+        # handler may use this context).
+        _runtime_log.flush()
 
     # -- what differs from BaseContext -----------------------------------------------------------
     def Queue(self, maxsize: int = 0) -> _queues.Queue:  # type: ignore[override]

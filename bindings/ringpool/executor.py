@@ -47,8 +47,10 @@ import logging
 import os
 import pickle
 import queue
+import sys
 import threading
 import time
+import traceback
 import types
 import weakref
 from concurrent.futures import Executor as _Executor
@@ -355,29 +357,39 @@ class Executor(_Executor):
             self._spawn_failures += 1
             self._spawn_error = exc
             self._event(logging.WARNING, "a replacement worker failed to start (attempt %d of %d): %s: %s",
-                        self._spawn_failures, _SPAWN_ATTEMPTS, type(exc).__name__, exc)
+                        self._spawn_failures, _SPAWN_ATTEMPTS, type(exc).__name__, exc, event="spawn_failed", wid=wid)
             if not watcher:
                 self._wake_watcher()  # it retries (on its own schedule)
             return
         self._spawn_failures = 0
         self._workers[wid] = _Worker(wid, proc, calls, self._max_tasks)
-        self._event(logging.DEBUG, "worker %d started (pid %d)", wid, proc.pid)
+        self._event(logging.DEBUG, "worker %d started (pid %d)", wid, proc.pid,
+                    event="worker_started" if initial else "worker_replaced", pid=proc.pid, wid=wid)
         self._wake_watcher()
 
-    def _event(self, level, msg, *args):
-        """Log msg once the pool lock is released (pool lock held): see _flush_events."""
+    def _event(self, level, msg, *args, event, pid=-1, code=0, wid=0):
+        """Log msg once the pool lock is released (pool lock held): see _flush_events. The record
+        gets the attributes the C++ runtime's records have (docs/design/logging.md): ``event``
+        (its name in runtime/include/ringpool/log.hpp), ``ringpool_pid``, ``exit_code``, ``worker_id``."""
         if _log.isEnabledFor(level):
-            self._events.append((level, msg, args))
+            self._events.append((level, msg, args, {"event": event, "ringpool_pid": pid, "exit_code": code,
+                                                    "worker_id": wid}))
 
     def _flush_events(self):
         """Log the events queued under the pool lock (pool lock not held; any thread)."""
         events = self._events
         while events:
             try:
-                level, msg, args = events.popleft()
+                level, msg, args, extra = events.popleft()
             except IndexError:  # another thread took the last one
                 return
-            _log.log(level, msg, *args)
+            try:
+                _log.log(level, msg, *args, extra=extra)
+            except Exception:
+                # A filter or handler that raises must not stop the thread that logs (the
+                # watcher, or a caller's): reported as logging reports its own handler errors.
+                if logging.raiseExceptions and sys.stderr is not None:
+                    traceback.print_exc()
 
     def _short_of_workers(self):
         """Fewer open workers than asked for, with work to do or to come (pool lock held)."""
@@ -1133,13 +1145,16 @@ class Executor(_Executor):
         replace = self._broken is None and busy and len(self._open_workers()) < self._max_workers
         if w.timed_out is not None:
             self._event(logging.WARNING, "worker %d (pid %d) was killed: its task ran longer than %g s%s",
-                        w.wid, proc.pid, self._task_timeout, "; replacing it" if replace else "")
+                        w.wid, proc.pid, self._task_timeout, "; replacing it" if replace else "",
+                        event="worker_timed_out", pid=proc.pid, code=code or 0, wid=w.wid)
         elif w.retiring and code == 0:
             self._event(logging.DEBUG, "worker %d (pid %d) retired after max_tasks_per_child=%d tasks%s",
-                        w.wid, proc.pid, self._max_tasks, "; replacing it" if replace else "")
+                        w.wid, proc.pid, self._max_tasks, "; replacing it" if replace else "",
+                        event="worker_recycled", pid=proc.pid, wid=w.wid)
         elif not self._closed and self._broken is None:  # (a broken pool's workers exit: logged as broken)
             self._event(logging.WARNING, "worker %d (pid %d) died (%s)%s%s", w.wid, proc.pid, _describe_exit(code),
-                        " while running a task" if running else "", "; replacing it" if replace else "")
+                        " while running a task" if running else "", "; replacing it" if replace else "",
+                        event="worker_died", pid=proc.pid, code=code if code is not None else -1, wid=w.wid)
         if replace:
             self._start_worker()
         self._wake_watcher()
@@ -1148,7 +1163,7 @@ class Executor(_Executor):
         if self._broken is not None:
             return
         self._broken = reason
-        self._event(logging.ERROR, "the pool is broken: %s", reason)
+        self._event(logging.ERROR, "the pool is broken: %s", reason, event="pool_broken")
         for t in self._tasks.values():
             for item in (t.item(j) for j in range(t.k, t.n)) if t.op == _RUN else (t,):
                 err = BrokenProcessPool(reason)

@@ -1251,9 +1251,12 @@ def _new_fds(before):
     """Descriptors opened since `before`: (unexplained ones, number of out-of-band block memfds,
     their data bytes). By design (runtime/src/block.cpp) the sender's BlockPool keeps up to 1 GiB
     of blocks it sent, for reuse, and the reader's BlockCache keeps recently received blocks
-    mapped, up to 512 MiB; each holds the block's descriptor. Everything else is a leak."""
+    mapped, up to 512 MiB; each holds the block's descriptor. The runtime log's eventfd is one per
+    process, for its lifetime, made with its first zygote (docs/design/logging.md). Everything
+    else is a leak."""
     leaked, pooled, nbytes = [], 0, 0
-    for fd in sorted(set(os.listdir("/proc/self/fd")) - before, key=int):
+    log_fd = str(_core.log_fd())
+    for fd in sorted(set(os.listdir("/proc/self/fd")) - before - {log_fd}, key=int):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
             size = os.fstat(int(fd)).st_size

@@ -3,6 +3,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include "ringpool/log.hpp"
+
 namespace ringpool::py_bindings {
 
 // Releases the GIL for a scope. Unlike py::gil_scoped_release, the destructor is
@@ -28,5 +30,10 @@ void init_process(pybind11::module_& m);
 void init_pickle(pybind11::module_& m);
 void init_task(pybind11::module_& m);
 void init_kernel(pybind11::module_& m);
+void init_log(pybind11::module_& m);
+
+// A LogHandler that queues the runtime's records, marked with tag, for _core.log_take()
+// (log_bindings.cpp): it never takes the GIL.
+LogHandler python_log_handler(int tag);
 
 }  // namespace ringpool::py_bindings

@@ -37,6 +37,7 @@ PYBIND11_MODULE(_core, m) {
   ringpool::py_bindings::init_pickle(m);
   ringpool::py_bindings::init_task(m);
   ringpool::py_bindings::init_kernel(m);
+  ringpool::py_bindings::init_log(m);
   m.attr("PROTOCOL_VERSION") = ringpool::proto::kProtocolVersion;
   m.attr("HEADER_SIZE") = ringpool::proto::kHeaderSize;
   m.attr("FLAG_OUT_OF_BAND") = ringpool::proto::flag::kOutOfBand;

@@ -134,6 +134,16 @@ zygote as a child of this process) and watches them through pidfds.)doc")
         ReleaseGil nogil;
         return s.exit_code(pid);
       })
+      .def(
+          "log_to_python",
+          [](Supervisor& s, int tag) {
+            LogHandler h = python_log_handler(tag);
+            ReleaseGil nogil;
+            s.set_log(std::move(h));
+          },
+          py::arg("tag"),
+          "Queue this supervisor's zygote events (started, died, restarted, stopped) for log_take(), marked "
+          "with tag (ringpool._runtime_log routes them to logging).")
       .def_property_readonly("zygote_note", &Supervisor::zygote_note,
                              "What the latest ready zygote said in its READY (JSON from the Python zygote, or '').")
       .def_property_readonly("zygote_exits", [](Supervisor& s) {

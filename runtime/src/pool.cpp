@@ -180,8 +180,9 @@ std::string diagnose_interpreter(const PoolOptions& o) {
     if (!line.empty()) last = line;
   return "the workers' interpreter '" + o.python + "' cannot import ringpool (" +
          (last.empty() ? std::string("no error output") : last) +
-         "): install ringpool for that interpreter, or set PoolOptions::python_path to the folder "
-         "holding the ringpool package (a checkout's bindings/ after ./run build); python_path is " +
+         "): install ringpool for that interpreter (pip install ringpool, or cmake --install, whose "
+         "package config makes the installed folder python_path's default), or set PoolOptions::python_path "
+         "to the folder holding the ringpool package (a checkout's bindings/ after ./run build); python_path is " +
          path_repr;
 }
 
@@ -283,6 +284,7 @@ struct Pool::Impl {
     // Why the pool killed it for breaking the protocol ("": it did not). Its rings are used no
     // more, and the call it was running fails with a ProtocolError saying this. Under mu.
     std::string violation;
+    bool timed_out = false;           // killed by expire(): its death is logged as that
   };
 
   PoolOptions opts;
@@ -322,6 +324,20 @@ struct Pool::Impl {
   int early_deaths = 0;          // workers dead before their first call, in a row
   bool stop = false;
   std::thread collector;
+  // Lifecycle events noted under mu and handed to opts.log once it is released (log.hpp): a
+  // handler may then ask the pool for its pids without deadlocking.
+  std::vector<LogRecord> logs;
+  bool out_of_fds_logged = false;  // the collector's descriptor shortage is logged once per episode
+  std::uint64_t fd_retries = 0;
+
+  void note(LogEvent e, std::string message, pid_t pid = -1, int exit_code = 0, int wid = 0) {
+    if (opts.log) logs.push_back({e, level_of(e), std::move(message), pid, exit_code, wid});
+  }
+  // Without mu.
+  void emit_logs(std::vector<LogRecord>& v) {
+    for (auto& r : v) emit_log(opts.log, r.event, std::move(r.message), r.pid, r.exit_code, r.worker);
+    v.clear();
+  }
 
   static detail::SchedulerOptions scheduler_options(const PoolOptions& o) {
     if (o.workers <= 0) throw std::invalid_argument("ringpool::Pool: workers must be > 0");
@@ -361,6 +377,7 @@ struct Pool::Impl {
       if (!opts.preload.empty()) throw std::invalid_argument("ringpool::Pool: preload needs the zygote");
       sup = Supervisor::exec_mode();
     }
+    if (opts.log) sup->set_log(opts.log);
   }
 
   // The bundle's absolute path (the workers read it), or None.
@@ -445,6 +462,10 @@ struct Pool::Impl {
           w = launch(wid);
         } catch (const std::exception& e) {
           err = e.what();
+          std::lock_guard relock(mu);
+          note(LogEvent::spawn_failed, "could not start worker " + std::to_string(wid) + " (attempt " +
+                                           std::to_string(attempt + 1) + " of " + std::to_string(kSpawnAttempts) +
+                                           "): " + err, -1, 0, wid);
         }
       }
       lk.lock();
@@ -453,6 +474,13 @@ struct Pool::Impl {
         return;
       }
       ++started;
+      if (started > static_cast<std::uint64_t>(opts.workers))
+        note(LogEvent::worker_replaced, "worker " + std::to_string(wid) + " started (pid " +
+                                            std::to_string(w->proc.pid()) + ") in place of one that ended",
+             w->proc.pid(), 0, wid);
+      else
+        note(LogEvent::worker_started, "worker " + std::to_string(wid) + " started (pid " +
+                                           std::to_string(w->proc.pid()) + ")", w->proc.pid(), 0, wid);
       sched.add_worker(wid, 1);  // its ring's first record is the start-up configuration
       if (auto e = early_exits.find(wid); e != early_exits.end()) {
         w->exit_code = e->second;
@@ -465,6 +493,7 @@ struct Pool::Impl {
   }
 
   void fail_everything(const std::string& why) {
+    note(LogEvent::pool_broken, why);
     broken = why;
     fail_all(std::make_exception_ptr(PoolClosed(why)));
     sched.forget_in_flight();
@@ -595,6 +624,7 @@ struct Pool::Impl {
                   ") broke the protocol: " + why;
     w.proc.send_signal(SIGKILL);
     sched.exited(w.wid);  // no more calls go to it
+    note(LogEvent::protocol_error, w.violation + "; killed" + (stop ? "" : ", replacing it"), w.proc.pid(), 0, w.wid);
   }
 
   // One record, checked against what its worker is running: an answer or a STARTED must name the
@@ -691,7 +721,9 @@ struct Pool::Impl {
     int code = w.exit_code.value_or(-1);
     if (auto reaped = w.proc.poll()) code = *reaped;
     const bool early = code > 0 && !answered_any && w.ring->consumed() <= 1;  // 1: its configuration
+    const std::size_t failed_before = failures.size();
     sched.died(w.wid, w.ring->consumed(), failures);
+    log_end(w, code, failures.size() - failed_before);
     settle(w.proc.pid(), code, w.violation);
     workers.erase(w.wid);
     early_deaths = early ? early_deaths + 1 : 0;
@@ -700,6 +732,25 @@ struct Pool::Impl {
       if (why.empty()) why = "see their error output";
       fail_everything("ringpool::Pool: " + std::to_string(early_deaths) + " workers in a row exited (the last: " +
                       describe_exit(code) + ") before taking a task: " + why);
+    }
+  }
+
+  // The log entry for a worker that has ended (died(); mu held). lost: its tasks that fail with it.
+  void log_end(const Worker& w, int code, std::size_t lost) {
+    const pid_t pid = w.proc.pid();
+    const std::string who = "worker " + std::to_string(w.wid) + " (pid " + std::to_string(pid) + ")";
+    if (w.timed_out || !w.violation.empty()) return;  // logged when it was killed
+    if (stop && code == 0) {
+      note(LogEvent::worker_stopped, who + " stopped", pid, code, w.wid);
+    } else if (code == 0 && opts.max_tasks_per_child > 0) {
+      note(LogEvent::worker_recycled, who + " exited after max_tasks_per_child=" +
+                                          std::to_string(opts.max_tasks_per_child) + " tasks; replacing it",
+           pid, code, w.wid);
+    } else {
+      std::string m = who + " died (" + describe_exit(code) + ")";
+      if (lost) m += " while running " + std::to_string(lost) + " task(s), failed with WorkerDied";
+      if (!stop) m += "; replacing it";
+      note(LogEvent::worker_died, std::move(m), pid, code, w.wid);
     }
   }
 
@@ -795,6 +846,7 @@ struct Pool::Impl {
       }
     }
     const WaitPolicy& policy = WaitPolicy::standard();
+    std::vector<LogRecord> log_ready;
     for (;;) {
       // Acquire pairs with nudge()'s release: what was changed before a nudge is seen below.
       const std::uint32_t bell_seen = bell.load(std::memory_order_acquire);
@@ -808,6 +860,18 @@ struct Pool::Impl {
         if (w->results->readable()) out_of_fds |= take_results(w, sink, fds, scratch, oob, decoded);
       const std::size_t n = decoded.size();
       std::unique_lock lk(mu);
+      if (out_of_fds) {
+        if (!out_of_fds_logged)
+          note(LogEvent::fd_exhausted, "no file descriptor free to receive a result (RLIMIT_NOFILE?); it stays "
+                                       "queued and is taken again every " + std::to_string(kFdRetry.count()) + " ms");
+        out_of_fds_logged = true;
+        ++fd_retries;
+      } else if (out_of_fds_logged && n > 0) {
+        note(LogEvent::fd_recovered, "file descriptors are available again; results are received after " +
+                                         std::to_string(fd_retries) + " retries");
+        out_of_fds_logged = false;
+        fd_retries = 0;
+      }
       for (auto& d : decoded) {
         Worker& w = *d.worker;
         if (!w.violation.empty()) continue;  // killed for an earlier record: the rest is void
@@ -825,7 +889,15 @@ struct Pool::Impl {
       const auto now = Clock::now();
       wids.clear();
       const auto next_deadline = sched.expire(now, wids);
-      for (int wid : wids) workers.at(wid)->proc.send_signal(SIGKILL);
+      for (int wid : wids) {
+        Worker& w = *workers.at(wid);
+        w.proc.send_signal(SIGKILL);
+        w.timed_out = true;
+        note(LogEvent::worker_timed_out, "worker " + std::to_string(wid) + " (pid " + std::to_string(w.proc.pid()) +
+                                             ") killed: its task ran longer than task_timeout (" +
+                                             std::to_string(opts.task_timeout.count()) + " ms); replacing it",
+             w.proc.pid(), 0, wid);
+      }
       // A pool idle for a second gives back the queue memory a burst of tasks grew (not at once:
       // back-to-back bursts would grow it again every time).
       if (sched.outstanding() > 0 || completing > 0) {
@@ -841,7 +913,12 @@ struct Pool::Impl {
       ready.swap(completions);  // both empty before: completions keeps ready's old capacity
       completing = ready.size();
       if (sched.outstanding() == 0 && completing == 0) drained.notify_all();
-      if (stop && workers.empty()) return;
+      log_ready.swap(logs);
+      if (stop && workers.empty()) {
+        lk.unlock();
+        emit_logs(log_ready);
+        return;
+      }
       bool retry_publish = false;
       inboxes.clear();
       rings.clear();
@@ -852,6 +929,7 @@ struct Pool::Impl {
         rings.push_back(w->results.get());
       }
       lk.unlock();
+      emit_logs(log_ready);
       if (!ready.empty()) {
         // In groups of kCompleteGroup, each fulfilled last to first: a service thread waiting on
         // these futures in order (the usual loop over a vector of futures) is then woken once per
@@ -969,6 +1047,11 @@ Pool::Pool(PoolOptions options) : impl_(std::make_shared<Impl>(std::move(options
     if (im.opts.zygote) im.sup->start();  // the preload's error surfaces here
     std::unique_lock lk(im.mu);
     im.replenish(lk);
+    std::vector<LogRecord> started;
+    started.swap(im.logs);
+    lk.unlock();
+    im.emit_logs(started);
+    lk.lock();
     if (!im.broken.empty()) throw PoolClosed(im.broken);
   } catch (const std::exception& e) {
     // A start that failed because the interpreter cannot run ringpool at all gets an error that

@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "ringpool/error.hpp"
@@ -34,6 +35,9 @@ struct Supervisor::Impl {
   std::map<pid_t, Worker> live;
   std::map<pid_t, int> exited;  // bounded: oldest entries dropped
   std::uint64_t zygote_exits = 0;
+  LogHandler log;            // set_log's; read and written on the io thread only
+  pid_t last_zygote = -1;    // the latest zygote that ended, and whether it died (not stopped)
+  bool last_zygote_died = false;
   std::mutex note_mu;  // guards note: written on the io thread, read by any
   std::string note;
   std::thread thread;
@@ -72,22 +76,56 @@ struct Supervisor::Impl {
     });
   }
 
-  void on_zygote_exit(std::uint64_t incarnation, bool orderly) {
+  void on_zygote_exit(std::uint64_t incarnation, bool orderly, pid_t zygote, int code, const std::string& what) {
     ++zygote_exits;
-    if (orderly) return;  // stop(): its workers run on (each dies with this thread, not with it)
+    last_zygote = zygote;
+    last_zygote_died = !orderly;
+    if (orderly) {  // stop(): its workers run on (each dies with this thread, not with it)
+      emit_log(log, LogEvent::zygote_stopped, "zygote stopped (pid " + std::to_string(zygote) + ")", zygote, code);
+      return;
+    }
+    int killed = 0;
     for (auto& [pid, w] : live)
-      if (w.zygote == incarnation) ::syscall(SYS_pidfd_send_signal, w.pidfd->native_handle(), SIGKILL, nullptr, 0);
+      if (w.zygote == incarnation) {
+        ::syscall(SYS_pidfd_send_signal, w.pidfd->native_handle(), SIGKILL, nullptr, 0);
+        ++killed;
+      }
+    emit_log(log, LogEvent::zygote_died,
+             what + (killed ? "; killing the " + std::to_string(killed) + " worker(s) it forked" : std::string()) +
+                 "; the next start starts a new zygote",
+             zygote, code);
+  }
+
+  // A zygote incarnation is ready (its READY arrived).
+  void on_zygote_ready() {
+    const pid_t pid = spawner->zygote_pid();
+    if (last_zygote > 0 && last_zygote_died)
+      emit_log(log, LogEvent::zygote_restarted,
+               "zygote restarted (pid " + std::to_string(pid) + ") after the previous one (pid " +
+                   std::to_string(last_zygote) + ") died",
+               pid);
+    else if (last_zygote > 0)
+      emit_log(log, LogEvent::zygote_started,
+               "zygote started again (pid " + std::to_string(pid) + ") after pid " + std::to_string(last_zygote) +
+                   " was stopped",
+               pid);
+    else
+      emit_log(log, LogEvent::zygote_started, "zygote started (pid " + std::to_string(pid) + ")", pid);
   }
 };
 
 Supervisor::Supervisor(SpawnerFactory make_spawner) : impl_(new Impl), owner_(::getpid()) {
   impl_->spawner = make_spawner(impl_->io);
   impl_->spawner->on_zygote_ready = [impl = impl_](const std::string& note) {
-    std::lock_guard<std::mutex> g(impl->note_mu);
-    impl->note = note;
+    {
+      std::lock_guard<std::mutex> g(impl->note_mu);
+      impl->note = note;
+    }
+    impl->on_zygote_ready();
   };
-  impl_->spawner->on_zygote_exit = [impl = impl_](std::uint64_t inc, bool orderly) {
-    impl->on_zygote_exit(inc, orderly);
+  impl_->spawner->on_zygote_exit = [impl = impl_](std::uint64_t inc, bool orderly, pid_t pid, int code,
+                                                   const std::string& what) {
+    impl->on_zygote_exit(inc, orderly, pid, code, what);
   };
   impl_->thread = std::thread([impl = impl_] {
     // Signals are for the application's threads (Python handles them in the main thread).
@@ -108,7 +146,11 @@ Supervisor::Supervisor(SpawnerFactory make_spawner) : impl_(new Impl), owner_(::
 Supervisor::~Supervisor() {
   if (::getpid() != owner_) return;  // a forked child: the thread is not here; leak the state
   asio::post(impl_->io, [impl = impl_] {
+    // A zygote still here is stopped and reaped by finish(), whose end on_zygote_exit never sees.
+    const pid_t zygote = impl->spawner->zygote_pid();
     impl->spawner->finish();
+    if (zygote > 0)
+      emit_log(impl->log, LogEvent::zygote_stopped, "zygote stopped (pid " + std::to_string(zygote) + ")", zygote);
     impl->work.reset();
     impl->io.stop();
   });
@@ -175,6 +217,11 @@ void Supervisor::start_async() {
 void Supervisor::stop() {
   check_owner(owner_);
   impl_->call([impl = impl_] { impl->spawner->stop(); });
+}
+
+void Supervisor::set_log(LogHandler handler) {
+  check_owner(owner_);
+  impl_->call([impl = impl_, &handler] { impl->log = std::move(handler); });
 }
 
 const char* Supervisor::mode() const noexcept { return impl_->spawner->mode(); }

@@ -443,7 +443,16 @@ class ZygoteSpawner final : public Spawner {
     in_flight_ = InFlight::none;
     const bool orderly = stopping_ && was_ready;
     stopping_ = false;
-    if (on_zygote_exit) on_zygote_exit(inc, orderly);
+    if (on_zygote_exit) {
+      // One line for a log record: a preload's traceback shortened to its first and last lines.
+      std::string brief = what;
+      if (const auto nl = brief.find('\n'); nl != std::string::npos) {
+        const auto end = brief.find_last_not_of("\n ");
+        const auto from = brief.rfind('\n', end);
+        brief = brief.substr(0, nl) + " ... " + brief.substr(from + 1, end - from);
+      }
+      on_zygote_exit(inc, orderly, pid, code, was_ready ? brief : brief + " (before it was ready)");
+    }
     pump();
   }
 

@@ -547,6 +547,9 @@ TEST_CASE("Pool: a workers' interpreter that cannot run ringpool is named in the
     CHECK(what.find("cannot import ringpool") != std::string::npos);
     CHECK(what.find("No module named 'ringpool'") != std::string::npos);
     CHECK(what.find("/nonexistent/ringpool-path") != std::string::npos);
+    // ... and names the fixes.
+    CHECK(what.find("cmake --install") != std::string::npos);
+    CHECK(what.find("set PoolOptions::python_path to the folder holding the ringpool package") != std::string::npos);
   }
   PoolOptions o = options(true, 1);
   o.python = "/nonexistent/python3";

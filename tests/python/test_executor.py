@@ -229,6 +229,9 @@ def test_a_dead_worker_and_its_replacement_are_logged(caplog):
     assert len(died) == 1, [r.getMessage() for r in records]
     assert died[0].getMessage().startswith("worker ") and f"(pid {victim}) died (killed by signal SIGKILL) " \
         "while running a task; replacing it" in died[0].getMessage()
+    # The same attributes as the C++ runtime's records (docs/design/logging.md).
+    assert (died[0].event, died[0].ringpool_pid, died[0].exit_code) == ("worker_died", victim, -signal.SIGKILL)
+    assert [r.event for r in records if r.levelname == "DEBUG"].count("worker_replaced") == 1
     started = {int(r.getMessage().rpartition("pid ")[2].rstrip(")")) for r in records
                if r.levelname == "DEBUG" and " started (pid " in r.getMessage()}
     assert started >= before | after | {victim} and len(started) == 3  # two at construction, one replacement

@@ -255,8 +255,11 @@ def test_sigkilled_zygote_ends_its_workers_and_a_new_one_takes_over():
 
 
 def test_zygote_start_and_restart_are_logged(caplog):
-    # ringpool.spawner: the first zygote and the one that replaces it after a SIGKILL (INFO, seen
-    # at the next start), and each worker's start (DEBUG).
+    # ringpool.spawner: the first zygote and the one that replaces it after a SIGKILL (INFO), the
+    # death itself (WARNING; all three from the C++ supervisor, through ringpool._runtime_log), and
+    # each worker's start (DEBUG).
+    from ringpool import _runtime_log  # private: flush() makes the supervisor's records appear now
+
     ctx = ringpool.RingpoolContext(preload=())
     try:
         with caplog.at_level("DEBUG", logger="ringpool"):
@@ -269,6 +272,7 @@ def test_zygote_start_and_restart_are_logged(caplog):
             q.start()
             q.join(30)
             second = ctx.zygote_pid()
+            _runtime_log.flush()  # the restart was queued before q.start() returned
     finally:
         ctx.shutdown()
     assert p.exitcode == -signal.SIGKILL and q.exitcode == 0 and second not in (None, first)
@@ -277,6 +281,9 @@ def test_zygote_start_and_restart_are_logged(caplog):
     assert len(infos) == 2, spawner
     assert infos[0].startswith(f"zygote started (pid {first}) for <ringpool context (zygote, preload=[])>")
     assert infos[1].startswith(f"zygote restarted (pid {second}) ") and f"(pid {first}) died" in infos[1]
+    died = [r for r in caplog.records if getattr(r, "event", None) == "zygote_died"]
+    assert len(died) == 1 and died[0].levelname == "WARNING" and died[0].ringpool_pid == first, spawner
+    assert f"ringpool zygote (pid {first}) " in died[0].getMessage()
     started = [m for level, m in spawner if level == "DEBUG" and m.startswith("started ")]
     assert [m.split("(pid ")[1].split(",")[0] for m in started] == [str(p.pid), str(q.pid)], spawner
 

@@ -37,17 +37,35 @@
 #include <utility>
 #include <vector>
 
+#include "ringpool/log.hpp"
 #include "ringpool/value.hpp"
 
 namespace ringpool {
+
+namespace detail {
+// Where cmake --install put ringpool's Python package, for a program built against that install:
+// its package config defines RINGPOOL_INSTALLED_PYTHONPATH for users of ringpool::runtime. (The
+// library itself never default-constructs PoolOptions, so its own translation units, built
+// without the macro, do not define PoolOptions() differently from the program's.)
+inline std::vector<std::string> installed_python_path() {
+#ifdef RINGPOOL_INSTALLED_PYTHONPATH
+  return {RINGPOOL_INSTALLED_PYTHONPATH};
+#else
+  return {};
+#endif
+}
+}  // namespace detail
 
 struct PoolOptions {
   int workers = 2;
   // The interpreter the workers run; it must be able to import ringpool (installed, or found
   // through python_path).
   std::string python = "/usr/bin/python3";
-  // Prepended to sys.path in the zygote and every worker.
-  std::vector<std::string> python_path;
+  // Prepended to sys.path in the zygote and every worker. Built against an installed ringpool
+  // (find_package(ringpool) after cmake --install --prefix P), it starts as the folder holding the
+  // ringpool package installed with the library (P/lib/python3.11/dist-packages by default), so
+  // the workers import the Python side that matches it; otherwise empty.
+  std::vector<std::string> python_path = detail::installed_python_path();
   // Modules the zygote imports once before forking workers (zygote mode only).
   std::vector<std::string> preload;
   // Packages to ship to the workers: (import name, folder holding its __init__.py). Their .py
@@ -71,6 +89,10 @@ struct PoolOptions {
   // (the worker is killed, the task fails with ProtocolError). Bounds what one worker can make
   // the service allocate for a result's copy (and, by PickleLimits, for its decoded Value).
   std::size_t max_result_bytes = std::size_t{1} << 30;
+  // Where lifecycle events go (workers started, died, replaced, recycled, timed out; the zygote
+  // started, died, restarted; protocol errors; descriptor exhaustion): log.hpp says from which
+  // threads it is called and what it must not do. Empty (the default): nowhere, the pool is silent.
+  LogHandler log;
 };
 
 // A Python exception raised by the task.

@@ -60,8 +60,11 @@ class Spawner {
   virtual void finish() {}
   virtual pid_t zygote_pid() const noexcept { return -1; }
   // Called when a zygote incarnation has ended. orderly: it ended after stop() (its workers go
-  // on); otherwise it died, and the supervisor kills the workers it forked.
-  std::function<void(std::uint64_t incarnation, bool orderly)> on_zygote_exit;
+  // on); otherwise it died, and the supervisor kills the workers it forked. pid, code: the
+  // zygote's, and its exit code (Python's convention); what: how it ended ("ringpool zygote (pid
+  // N) exited with code 1", or why it was killed).
+  std::function<void(std::uint64_t incarnation, bool orderly, pid_t pid, int code, const std::string& what)>
+      on_zygote_exit;
   // Called when a zygote incarnation is ready, with what its READY said (the Python zygote: the
   // modules its automatic preload skipped, as JSON; empty when there is nothing to say).
   std::function<void(const std::string& note)> on_zygote_ready;

@@ -23,6 +23,7 @@
 #include <optional>
 #include <vector>
 
+#include "ringpool/log.hpp"
 #include "ringpool/spawner.hpp"
 
 namespace ringpool {
@@ -52,6 +53,10 @@ class Supervisor {
   void start_async();
   // Orderly zygote stop; running workers are not affected.
   void stop();
+  // Where the zygote's lifecycle events go (started, died, restarted, stopped; log.hpp): called on
+  // the supervisor's thread, so it must not call back into this Supervisor. Empty: nowhere (the
+  // default).
+  void set_log(LogHandler handler);
 
   const char* mode() const noexcept;
   pid_t zygote_pid();
