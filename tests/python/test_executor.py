@@ -270,10 +270,9 @@ def _item(job):
 def one_run(monkeypatch):
     """Workers take up to 1000 calls at a time, so a map of a few hundred goes to one worker as
     one run record and its bad item sits in the middle of it."""
-    from ringpool import executor
+    from ringpool import _executor_tasks
 
-    monkeypatch.setattr(executor, "_MIN_DEPTH", 1000)
-    monkeypatch.setattr(executor, "_MAX_DEPTH", 1000)
+    monkeypatch.setattr(_executor_tasks, "_DEPTH_BOUNDS", (1000, 1000))
 
 
 def _map_with_one_bad_item(ex, tmp_path, n, bad, action):

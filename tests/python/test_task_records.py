@@ -12,7 +12,8 @@ import re
 
 import pytest
 
-from ringpool import _core, _pool_worker, executor
+from ringpool import _core, _pool_worker
+from ringpool import _executor_tasks as executor
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "proto" / "golden" / "task"
@@ -86,7 +87,7 @@ def test_core_task_matches_task_hpp():
 
 
 def test_executor_uses_core_task():
-    # The executor's names are _core.task's values (no copy that could drift).
+    # The executor's names (their home: _executor_tasks) are _core.task's values (no copy that could drift).
     assert (executor._CALL, executor._CHUNK, executor._PING, executor._STOP, executor._RUN) == \
         (T.CALL, T.CHUNK, T.PING, T.STOP, T.RUN)
     assert (executor._OK, executor._ERR, executor._STARTED, executor._PONG, executor._INIT_FAILED,

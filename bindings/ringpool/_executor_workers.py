@@ -1,0 +1,169 @@
+"""ringpool.Executor's workers: starting one, handling one's death, breaking the pool, stopping all.
+
+Not a thread: `start` and `died` run under the pool lock in the thread that needs them (the
+constructor, the dispatcher when a max_tasks_per_child budget is spent, the collector handling a
+DIED record, the watcher retrying a failed start); `stop_all` runs in the collector thread as it
+ends. The workers themselves live in the pool's _State (`workers`); this part owns nothing else.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+from . import _core
+from . import _pool_worker
+from ._errors import TaskTimeout, WorkerDied
+from ._errors import describe_exit as _describe_exit
+from ._executor_tasks import _CALL_CAPACITY, _NO_WAIT, _PING_MARK, _RUN, _STOP, _Worker
+
+_task = _core.task
+# A replacement worker that fails to start is retried (by the watcher) every _SPAWN_RETRY seconds;
+# after _SPAWN_ATTEMPTS failures in a row the pool is broken (BrokenProcessPool), never left hanging.
+_SPAWN_RETRY = 0.2
+_SPAWN_ATTEMPTS = 25
+# Workers that exit with an error status before taking a call while no worker has answered (a
+# script that makes the pool at module level, without the __main__ guard, kills each worker in its
+# start-up): after this many in a row the pool is broken instead of replacing them forever.
+_EARLY_DEATHS = 3
+
+
+class _Workers:
+    """Worker lifecycle (pool lock held in every method but stop_all)."""
+
+    def __init__(self, state):
+        self._s = state
+
+    def start(self, initial=False, watcher=False):
+        """Start one worker. A replacement that fails to start (its zygote was killed at that
+        moment, say) is not an error here: the watcher thread tries again shortly, and breaks the
+        pool only after _SPAWN_ATTEMPTS failures in a row. At construction the error raises."""
+        s = self._s
+        wid = next(s.wids)
+        calls = _core.Channel.create(_CALL_CAPACITY)
+        proc = s.ctx.Process(
+            target=_pool_worker.serve_executor,
+            args=(wid, _pool_worker.ChannelRef(calls), _pool_worker.ChannelRef(s.results), s.initializer,
+                  s.initargs, s.max_tasks, s.task_timeout is not None),
+            name=f"ringpool-executor-{wid}", daemon=True)
+        try:
+            proc.start()
+        except Exception as exc:
+            if initial:
+                raise
+            s.spawn_failures += 1
+            s.spawn_error = exc
+            s.event(logging.WARNING, "a replacement worker failed to start (attempt %d of %d): %s: %s",
+                    s.spawn_failures, _SPAWN_ATTEMPTS, type(exc).__name__, exc)
+            if not watcher:
+                s.wake_watcher()  # it retries (on its own schedule)
+            return
+        s.spawn_failures = 0
+        s.workers[wid] = _Worker(wid, proc, calls, s.max_tasks)
+        s.event(logging.DEBUG, "worker %d started (pid %d)", wid, proc.pid)
+        s.wake_watcher()
+
+    def died(self, w, done):
+        """w is gone: fail what it had taken, give what it had not to the other workers."""
+        s = self._s
+        proc = w.proc
+        proc.join(0)
+        code = proc.exitcode
+        del s.workers[w.wid]
+        # The worker takes a few calls at a time and runs them in order, answering each before the
+        # next: if it took any call it did not answer, the oldest unanswered one was running, and
+        # the others had not started. Those go to other workers.
+        running = w.calls.consumed > w.answered
+        retry = []
+        for i, t in enumerate(w.sent):
+            if t is _PING_MARK:
+                continue
+            if i == 0 and running:
+                if s.tasks.pop(t.tid, None) is not None:
+                    if t.op == _RUN:  # its item k was running; the ones after it had not started
+                        if t.k + 1 < t.n:
+                            rest = t.rest(t.k + 1)
+                            s.tasks[rest.tid] = rest
+                            retry.append(rest)
+                        t = t.item(t.k)
+                    if w.timed_out == t.tid:
+                        err = TaskTimeout(proc.pid, s.task_timeout)
+                    else:
+                        err = WorkerDied(proc.pid, code)
+                    done.append((t, False, err))
+            else:
+                t.wid = None
+                retry.append(t)
+        w.sent.clear()
+        w.load = 0
+        w.unpublished.clear()
+        s.backlog.extendleft(reversed(retry))
+        if code is not None and code > 0 and not w.answered and not w.calls.consumed:
+            s.early_deaths = 0 if any(o.answered for o in s.workers.values()) else s.early_deaths + 1
+            if s.early_deaths >= _EARLY_DEATHS:
+                self.break_pool(_early_death_reason(s.early_deaths, proc.pid, code), None, done)
+        else:
+            s.early_deaths = 0
+        busy = s.tasks or not s.shutdown
+        replace = s.broken is None and busy and len(s.open_workers()) < s.max_workers
+        if w.timed_out is not None:
+            s.event(logging.WARNING, "worker %d (pid %d) was killed: its task ran longer than %g s%s",
+                    w.wid, proc.pid, s.task_timeout, "; replacing it" if replace else "")
+        elif w.retiring and code == 0:
+            s.event(logging.DEBUG, "worker %d (pid %d) retired after max_tasks_per_child=%d tasks%s",
+                    w.wid, proc.pid, s.max_tasks, "; replacing it" if replace else "")
+        elif not s.closed and s.broken is None:  # (a broken pool's workers exit: logged as broken)
+            s.event(logging.WARNING, "worker %d (pid %d) died (%s)%s%s", w.wid, proc.pid, _describe_exit(code),
+                    " while running a task" if running else "", "; replacing it" if replace else "")
+        if replace:
+            self.start()
+        s.wake_watcher()
+
+    def break_pool(self, reason, cause, done):
+        """Fail every task with BrokenProcessPool(reason); new submits raise it too."""
+        s = self._s
+        if s.broken is not None:
+            return
+        s.broken = reason
+        s.event(logging.ERROR, "the pool is broken: %s", reason)
+        for t in s.tasks.values():
+            for item in (t.item(j) for j in range(t.k, t.n)) if t.op == _RUN else (t,):
+                err = BrokenProcessPool(reason)
+                err.__cause__ = cause
+                done.append((item, False, err))
+        s.tasks.clear()
+        s.backlog.clear()
+        for w in s.workers.values():
+            w.sent.clear()
+            w.load = 0
+            w.unpublished.clear()
+
+    def stop_all(self):
+        """Send every worker STOP, wait up to STOP_GRACE, then SIGKILL (pool lock not held)."""
+        s = self._s
+        with s.lock:
+            workers = list(s.workers.values())
+            s.closed = True
+        for w in workers:
+            if w.proc.exitcode is None:
+                try:
+                    w.calls.put_obj((_STOP, None, None, None, None), _NO_WAIT)
+                except Exception:
+                    pass
+        deadline = time.monotonic() + _task.STOP_GRACE
+        for w in workers:
+            w.proc.join(max(deadline - time.monotonic(), 0.0))
+            if w.proc.exitcode is None:
+                w.proc.kill()
+                w.proc.join(1.0)
+        s.wake_watcher()
+
+
+def _early_death_reason(n, pid, code):
+    """The broken pool's reason when workers keep dying before their first call."""
+    reason = (f"{n} workers in a row exited before taking a task (the last, pid {pid}: "
+              f"{_describe_exit(code)}); see their error output above")
+    if code == 1:
+        reason += (". If the pool is made at the top level of the main script, put that code under "
+                   "'if __name__ == \"__main__\":' (workers import the main module, as under spawn)")
+    return reason
