@@ -1,16 +1,21 @@
-"""ringpool.Executor's shared data: the task records' names, the tasks and workers as the parent
+"""ringpool.Executor's shared data: the task records' names, the calls and workers as the parent
 tracks them, and ``_State``, every field the Executor's threads share (under the pool lock).
 
-The Executor is five parts (docs/design/pool.md, "The Executor"), each in its own module:
+The Executor is six parts (docs/design/pool.md, "The Executor"), each in its own module:
 
     executor.py            Executor: the public API (submit, map, imap, ..., shutdown) and the
                            consumer side of map/imap (reading a batch's results in order)
-    _executor_dispatch.py  _Dispatcher: backlog -> workers' call rings (callers' threads, under
-                           the pool lock); the function table per worker
+    _executor_dispatch.py  _Dispatcher: writes the records the scheduler assigns into the
+                           workers' call rings (callers' threads, under the pool lock); the
+                           function table per worker
     _executor_collect.py   _Collector: the result ring's reader (its thread, or a waiting caller)
     _executor_watch.py     _Watcher: the thread watching sentinels and deadlines
     _executor_workers.py   _Workers: starting workers, a worker's death, a broken pool, stopping
     _executor_tasks.py     this module: what they share
+The scheduling rules themselves (which worker gets which calls, the depth bound, in-flight
+bookkeeping, deaths, timeouts, max_tasks_per_child budgets) are not here: they are
+``_core.Scheduler``, the C++ detail::Scheduler the C++ ringpool::Pool uses too, in `_State.sched`.
+It knows a call as (group, index): a submit is a group of one, a map a group of n.
 
 The task records, their kinds, field positions and limits have one home, task.hpp
 (proto/include/ringpool/proto/task.hpp, drawn in docs/design/protocol.md "Task records"), shared
@@ -20,9 +25,8 @@ with the C++ ringpool::Pool and read here through _core.task.
     answered with its own result record, as a CALL is. A RUN or CHUNK record whose kwargs is
     SINGLE carries single arguments instead of tuples (a map over one iterable: no 1-tuples to
     build, pickle and memoize).
-  result records (-> parent): (wid, tid, status, value, elapsed)
-The hot paths build records as tuple displays and read them by unpacking, in task.hpp's field
-order: _pool_worker (the worker loop) checks that order at import.
+  result records (-> parent): (wid, tid, status, value, elapsed), read by the scheduler at
+    task.hpp's field positions (and unpacked here in that order for the few it hands back).
 """
 from __future__ import annotations
 
@@ -40,78 +44,54 @@ _CALL, _CHUNK, _PING, _STOP, _RUN = _task.CALL, _task.CHUNK, _task.PING, _task.S
 _OK, _ERR, _STARTED, _PONG, _INIT_FAILED, _DIED = (_task.OK, _task.ERR, _task.STARTED, _task.PONG,
                                                    _task.INIT_FAILED, _task.DIED)
 _SINGLE = _task.SINGLE
-_CALL_FN, _RESULT_ELAPSED = _task.CALL_FN, _task.RESULT_ELAPSED
 _CALL_CAPACITY = _task.CALL_CAPACITY
 _RESULT_CAPACITY = _task.RESULT_CAPACITY
-# The depth bound (unanswered calls per worker) and the moving average of reported task times it
-# comes from: task.hpp's "tuning both pools share", one definition for both languages.
+# The depth bound's limits (unanswered calls per worker; the bound itself follows the reported task
+# times, in the scheduler: task.hpp's depth_for). A test raises them to see a map go as one record.
 _MIN_DEPTH, _MAX_DEPTH = _task.MIN_DEPTH, _task.MAX_DEPTH
-_QUEUED_WORK = _task.QUEUED_WORK  # seconds of work to keep queued per worker
-_RESULT_COST = _task.RESULT_COST  # the parent's own time per result, counted in the bound
-_TASK_TIME_WEIGHT = _task.TASK_TIME_WEIGHT  # of each reported task time in the moving average
-# The bound's limits a pool is made with (a test raises them to see a map go as one record).
 _DEPTH_BOUNDS = (_MIN_DEPTH, _MAX_DEPTH)
 _NO_WAIT = _core.NO_BACKPRESSURE
 
 
-class _Task:
-    """A call, a chunk, or a run: n consecutive calls of a map (op RUN), items index..index+n-1 of
-    the argument tuples in args, with task ids tid..tid+n-1, delivered to their batch one by one.
-    sink: the task's Future, or the _Batch of its map."""
+class _Group:
+    """Calls submitted together, as the scheduler knows them: (group number, index) per call. A
+    submit is a group of one CALL; a map a group of n items (RUN: consecutive items may share a RUN
+    record; CALL with `each`: one CALL record per item, under max_tasks_per_child) or of n chunks
+    (CHUNK, `chunksize` items each). sink: the submit's Future, or the map's _Batch. Pool lock."""
 
-    __slots__ = ("tid", "op", "fn", "args", "kwargs", "sink", "index", "wid", "payload", "running", "n", "k")
+    __slots__ = ("op", "fn", "args", "kwargs", "sink", "each", "chunksize", "left", "running")
 
-    def __init__(self, tid, op, fn, args, kwargs, sink, index, n=1):
-        self.tid, self.op, self.fn, self.args, self.kwargs = tid, op, fn, args, kwargs
-        self.sink, self.index, self.wid = sink, index, None
-        self.payload = None    # (payload, flags, fds) once pickled ahead of sending
-        self.running = False   # its Future was set running (it may still be sent again)
-        self.n = n             # results it delivers
-        self.k = 0             # of those, answered (a sent run)
+    def __init__(self, op, fn, args, kwargs, sink, left, each=False, chunksize=1):
+        self.op, self.fn, self.args, self.kwargs, self.sink = op, fn, args, kwargs, sink
+        self.each = each            # args is the list of the items' arguments, one CALL per item
+        self.chunksize = chunksize  # CHUNK: items per call
+        self.left = left            # outcomes still owed (the group is forgotten at 0)
+        self.running = False        # a submit's Future was set running (it was sent)
 
-    def record(self):
-        return (self.op, self.tid, self.fn, self.call_args(), self.kwargs)
-
-    def call_args(self):
-        """What the record's args slot carries: a run's slice of the argument list."""
-        return self.args[self.index:self.index + self.n] if self.op == _RUN else self.args
-
-    def item(self, j):
-        """Item j of a run, as a task of its own."""
-        a = self.args[self.index + j]
-        t = _Task(self.tid + j, _CALL, self.fn, (a,) if self.kwargs == _SINGLE else a, None, self.sink,
-                  self.index + j)
-        t.running = True
-        return t
-
-    def rest(self, j):
-        """Items j.. of a run, as a run of their own."""
-        t = _Task(self.tid + j, _RUN, self.fn, self.args, self.kwargs, self.sink, self.index + j, self.n - j)
-        t.running = True
-        return t
-
-
-# In a worker's `sent` queue: a PING record sent (its PONG answers it).
-_PING_MARK = object()
+    def call_args(self, index, count):
+        """What the record of items index..index+count-1 carries in its args slot (kwargs slot:
+        `self.kwargs` except for `each` items, which carry None)."""
+        op = self.op
+        if op == _RUN:
+            return self.args[index:index + count]
+        if op == _CHUNK:
+            size = self.chunksize
+            return self.args[index * size:(index + 1) * size]
+        if self.each:
+            a = self.args[index]
+            return (a,) if self.kwargs == _SINGLE else a
+        return self.args
 
 
 class _Worker:
-    """One worker process as the parent tracks it (every field under the pool lock)."""
+    """One worker process as the parent knows it (the scheduler keeps its calls). Pool lock."""
 
-    __slots__ = ("wid", "proc", "calls", "sent", "load", "answered", "budget", "unpublished", "running", "timed_out",
-                 "retiring", "known")
+    __slots__ = ("wid", "proc", "calls", "unpublished", "known")
 
-    def __init__(self, wid, proc, calls, budget):
+    def __init__(self, wid, proc, calls):
         self.wid, self.proc, self.calls = wid, proc, calls
-        self.sent = collections.deque()  # records sent and not answered, in order: _Task or _PING_MARK
-        self.load = 0                    # calls sent and not answered (a run counts its items)
-        self.answered = 0                # records answered (results and pongs)
-        self.budget = budget             # calls it may still be sent (max_tasks_per_child), or None
         self.unpublished = collections.deque()  # Pendings accepted while its ring was full, in order
-        self.running = None              # (tid, deadline), with task_timeout
-        self.timed_out = None            # tid whose deadline passed (the worker is being killed)
-        self.retiring = False            # its budget is spent: it finishes what it has and exits
-        self.known = set()               # numbers of the functions it has been sent
+        self.known = set()                      # numbers of the functions it has been sent
 
 
 class _Batch:
@@ -120,6 +100,7 @@ class _Batch:
     (a dict's pop and a deque's popleft are atomic under the GIL) and waits on `cond`."""
 
     def __init__(self, ordered):
+        self.groups = []    # its groups' numbers (to cancel what is left when its consumer stops)
         self.cond = threading.Condition(threading.Lock())
         self.ordered = ordered
         self.done = {} if ordered else collections.deque()
@@ -152,20 +133,20 @@ class _State:
         self.task_timeout = task_timeout    # seconds, or None
         self.ctx = ctx                      # starts the workers' processes
         self.results = _core.Channel.create(_RESULT_CAPACITY)  # every worker's results (and DIED posts)
-        # The scheduling state:
+        # The scheduling rules and their state (backlog, calls in flight per worker, depth bound,
+        # deadlines, budgets): detail::Scheduler, shared with the C++ ringpool::Pool.
+        min_depth, max_depth = _DEPTH_BOUNDS
+        self.sched = _core.Scheduler(max_workers, max_tasks or 0, task_timeout, min_depth, max_depth)
         self.workers = {}                   # wid -> _Worker
-        self.tasks = {}                     # tid -> _Task, every task not finished
-        self.backlog = collections.deque()  # tasks waiting for room in a worker
-        self.next_tid = 1                   # task ids; a run takes one per item
+        self.groups = {}                    # group number -> _Group, every group with outcomes owed
+        self.next_group = 1
         self.wids = itertools.count(1)
-        self.avg = _task.INITIAL_TASK_TIME  # moving average of the task time the workers report
-        self.min_depth, self.max_depth = _DEPTH_BOUNDS
-        self.depth = self.min_depth         # unanswered calls per worker at most
         # The pool's life:
         self.broken = None                  # the reason, once broken
         self.shutdown = False
         self.closed = False                 # workers stopped
         self.finished = False               # shut down (or broken) with nothing left: read without lock
+        self.answered = False               # some worker has answered a call (the early-death rule)
         self.spawn_failures = 0             # replacement starts that failed in a row
         self.spawn_error = None             # the last of them
         self.early_deaths = 0               # workers dead before their first call, in a row
@@ -173,6 +154,14 @@ class _State:
         # by any thread without it (deque operations are atomic).
         self.events = collections.deque()
         self.wake_watcher = None            # set by the _Watcher: wakes its thread (any thread)
+
+    def settle(self, g, index, ok, value, done):
+        """Call (g, index) ended: its outcome goes to `done` (delivered by `deliver`)."""
+        gr = self.groups[g]
+        gr.left -= 1
+        if not gr.left:
+            del self.groups[g]
+        done.append((gr, index, ok, value))
 
     def event(self, level, msg, *args):
         """Log msg once the pool lock is released (pool lock held): see flush_events."""
@@ -189,18 +178,17 @@ class _State:
                 return
             _log.log(level, msg, *args)
 
-    def open_workers(self):
-        return [w for w in self.workers.values() if not w.retiring]
-
     def short_of_workers(self):
-        """Fewer open workers than asked for, with work to do or to come (pool lock held)."""
-        return (self.broken is None and not self.closed and len(self.open_workers()) < self.max_workers
-                and (self.tasks or not self.shutdown))
+        """Fewer open workers than asked for (a death, a retirement), with work to do or to come
+        (pool lock held)."""
+        return (self.broken is None and not self.closed and self.sched.shortfall() > 0
+                and (self.sched.outstanding or not self.shutdown))
 
     def deliver(self, done, locked=False):
-        """Hand results to their futures and batches: done holds (task, ok, value). Batches are
-        filled under the pool lock (held if locked); futures are set after it is released (they
-        run callbacks), so call again with locked=False for those: returns what is left."""
+        """Hand outcomes to their futures and batches: done holds (group, index, ok, value).
+        Batches are filled under the pool lock (held if locked); futures are set after it is
+        released (they run callbacks), so call again with locked=False for those: returns what is
+        left."""
         if not locked and self.events:
             self.flush_events()
         if not done:
@@ -216,9 +204,9 @@ class _State:
                 for item in done:
                     sink = item[0].sink
                     if type(sink) is _Batch:
-                        t, ok, value = item
+                        _, index, ok, value = item
                         sink.pending -= 1
-                        sink.deliver(t.index, ok, value)
+                        sink.deliver(index, ok, value)
                         sinks.add(sink)
                     else:
                         futures.append(item)
@@ -229,9 +217,9 @@ class _State:
                 s.flush()
         if locked:
             return futures
-        for t, ok, value in futures:
-            sink = t.sink
-            if not t.running and not sink.set_running_or_notify_cancel():
+        for gr, _, ok, value in futures:
+            sink = gr.sink
+            if not gr.running and not sink.set_running_or_notify_cancel():
                 continue
             if ok:
                 sink.set_result(value)

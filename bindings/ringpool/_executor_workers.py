@@ -15,7 +15,7 @@ from . import _core
 from . import _pool_worker
 from ._errors import TaskTimeout, WorkerDied
 from ._errors import describe_exit as _describe_exit
-from ._executor_tasks import _CALL_CAPACITY, _NO_WAIT, _PING_MARK, _RUN, _STOP, _Worker
+from ._executor_tasks import _CALL_CAPACITY, _NO_WAIT, _STOP, _Worker
 
 _task = _core.task
 # A replacement worker that fails to start is retried (by the watcher) every _SPAWN_RETRY seconds;
@@ -26,6 +26,7 @@ _SPAWN_ATTEMPTS = 25
 # script that makes the pool at module level, without the __main__ guard, kills each worker in its
 # start-up): after this many in a row the pool is broken instead of replacing them forever.
 _EARLY_DEATHS = 3
+_TIMED_OUT = _core.Scheduler.TIMED_OUT
 
 
 class _Workers:
@@ -35,7 +36,7 @@ class _Workers:
         self._s = state
 
     def start(self, initial=False, watcher=False):
-        """Start one worker. A replacement that fails to start (its zygote was killed at that
+        """Start one worker (True if it started). A replacement that fails to start (its zygote was killed at that
         moment, say) is not an error here: the watcher thread tries again shortly, and breaks the
         pool only after _SPAWN_ATTEMPTS failures in a row. At construction the error raises."""
         s = self._s
@@ -57,59 +58,42 @@ class _Workers:
                     s.spawn_failures, _SPAWN_ATTEMPTS, type(exc).__name__, exc)
             if not watcher:
                 s.wake_watcher()  # it retries (on its own schedule)
-            return
+            return False
         s.spawn_failures = 0
-        s.workers[wid] = _Worker(wid, proc, calls, s.max_tasks)
+        s.workers[wid] = _Worker(wid, proc, calls)
+        s.sched.add_worker(wid)
         s.event(logging.DEBUG, "worker %d started (pid %d)", wid, proc.pid)
         s.wake_watcher()
+        return True
 
     def died(self, w, done):
-        """w is gone: fail what it had taken, give what it had not to the other workers."""
+        """w is gone, every result it published handled: the scheduler fails the call it was
+        running (if any) and gives the ones it had not started to the other workers."""
         s = self._s
         proc = w.proc
         proc.join(0)
         code = proc.exitcode
         del s.workers[w.wid]
-        # The worker takes a few calls at a time and runs them in order, answering each before the
-        # next: if it took any call it did not answer, the oldest unanswered one was running, and
-        # the others had not started. Those go to other workers.
-        running = w.calls.consumed > w.answered
-        retry = []
-        for i, t in enumerate(w.sent):
-            if t is _PING_MARK:
-                continue
-            if i == 0 and running:
-                if s.tasks.pop(t.tid, None) is not None:
-                    if t.op == _RUN:  # its item k was running; the ones after it had not started
-                        if t.k + 1 < t.n:
-                            rest = t.rest(t.k + 1)
-                            s.tasks[rest.tid] = rest
-                            retry.append(rest)
-                        t = t.item(t.k)
-                    if w.timed_out == t.tid:
-                        err = TaskTimeout(proc.pid, s.task_timeout)
-                    else:
-                        err = WorkerDied(proc.pid, code)
-                    done.append((t, False, err))
-            else:
-                t.wid = None
-                retry.append(t)
-        w.sent.clear()
-        w.load = 0
         w.unpublished.clear()
-        s.backlog.extendleft(reversed(retry))
-        if code is not None and code > 0 and not w.answered and not w.calls.consumed:
-            s.early_deaths = 0 if any(o.answered for o in s.workers.values()) else s.early_deaths + 1
+        consumed = w.calls.consumed
+        running, timed_out, retiring, failed, _ = s.sched.died(w.wid, consumed)
+        for g, i, fate, _why in failed:
+            if fate == _TIMED_OUT:
+                err = TaskTimeout(proc.pid, s.task_timeout)
+            else:
+                err = WorkerDied(proc.pid, code)
+            s.settle(g, i, False, err, done)
+        if code is not None and code > 0 and not consumed:
+            s.early_deaths = 0 if s.answered else s.early_deaths + 1
             if s.early_deaths >= _EARLY_DEATHS:
                 self.break_pool(_early_death_reason(s.early_deaths, proc.pid, code), None, done)
         else:
             s.early_deaths = 0
-        busy = s.tasks or not s.shutdown
-        replace = s.broken is None and busy and len(s.open_workers()) < s.max_workers
-        if w.timed_out is not None:
+        replace = s.short_of_workers()
+        if timed_out:
             s.event(logging.WARNING, "worker %d (pid %d) was killed: its task ran longer than %g s%s",
                     w.wid, proc.pid, s.task_timeout, "; replacing it" if replace else "")
-        elif w.retiring and code == 0:
+        elif retiring and code == 0:
             s.event(logging.DEBUG, "worker %d (pid %d) retired after max_tasks_per_child=%d tasks%s",
                     w.wid, proc.pid, s.max_tasks, "; replacing it" if replace else "")
         elif not s.closed and s.broken is None:  # (a broken pool's workers exit: logged as broken)
@@ -120,22 +104,18 @@ class _Workers:
         s.wake_watcher()
 
     def break_pool(self, reason, cause, done):
-        """Fail every task with BrokenProcessPool(reason); new submits raise it too."""
+        """Fail every call owed with BrokenProcessPool(reason); new submits raise it too."""
         s = self._s
         if s.broken is not None:
             return
         s.broken = reason
         s.event(logging.ERROR, "the pool is broken: %s", reason)
-        for t in s.tasks.values():
-            for item in (t.item(j) for j in range(t.k, t.n)) if t.op == _RUN else (t,):
-                err = BrokenProcessPool(reason)
-                err.__cause__ = cause
-                done.append((item, False, err))
-        s.tasks.clear()
-        s.backlog.clear()
+        for g, i in s.sched.drain():
+            err = BrokenProcessPool(reason)
+            err.__cause__ = cause
+            s.settle(g, i, False, err, done)
+        s.sched.forget_in_flight()
         for w in s.workers.values():
-            w.sent.clear()
-            w.load = 0
             w.unpublished.clear()
 
     def stop_all(self):

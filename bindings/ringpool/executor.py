@@ -60,7 +60,7 @@ from concurrent.futures.process import BrokenProcessPool
 from ._errors import RemoteTraceback, TaskTimeout, WorkerDied
 from ._executor_collect import _HELP_STEP, _Collector
 from ._executor_dispatch import _Dispatcher
-from ._executor_tasks import _CALL, _CHUNK, _DIED, _MAX_DEPTH, _RUN, _SINGLE, _Batch, _State, _Task
+from ._executor_tasks import _CALL, _CHUNK, _DIED, _MAX_DEPTH, _RUN, _SINGLE, _Batch, _Group, _State
 from ._executor_watch import _Watcher
 from ._executor_workers import _Workers
 from .context import get_context
@@ -181,12 +181,12 @@ class Executor(_Executor):
         """Schedule fn(*args, **kwargs); returns a Future. An argument that cannot be pickled
         raises here and nothing is queued."""
         f = _Future(self)
-        t = _Task(0, _CALL, fn, args, kwargs or None, f, 0)
+        gr = _Group(_CALL, fn, args, kwargs or None, f, 1)
         s = self._state
         with s.lock:
             self._check_open()
             try:
-                done = self._dispatcher.submit(t)
+                done = self._dispatcher.submit(gr)
             except Exception as exc:
                 _raise_call_error(fn, args, kwargs, exc)
             if not done:
@@ -240,20 +240,24 @@ class Executor(_Executor):
         """Queue fn over items (argument tuples; single arguments if single), each result
         delivered to batch at its position (a chunk's at the chunk's). Returns the number of
         results to come."""
+        if not items:
+            return 0
         flag = _SINGLE if single else None
         if chunksize == 1 and self._max_tasks is None:
-            # One run for all of them: the dispatcher cuts it into pieces as workers have room.
-            # (With max_tasks_per_child, one task per call keeps each worker's count exact.)
-            tasks = [_Task(0, _RUN, fn, items, flag, batch, 0, len(items))] if items else []
+            # One group of n calls, consecutive ones sharing RUN records as the scheduler cuts it.
+            n = len(items)
+            gr = _Group(_RUN, fn, items, flag, batch, n)
         elif chunksize == 1:
-            tasks = [_Task(0, _CALL, fn, (a,) if single else a, None, batch, i) for i, a in enumerate(items)]
+            # With max_tasks_per_child, one record per call keeps each worker's count exact.
+            n = len(items)
+            gr = _Group(_CALL, fn, items, flag, batch, n, each=True)
         else:
-            tasks = [_Task(0, _CHUNK, fn, items[i:i + chunksize], flag, batch, i // chunksize)
-                     for i in range(0, len(items), chunksize)]
+            n = -(-len(items) // chunksize)
+            gr = _Group(_CHUNK, fn, items, flag, batch, n, chunksize=chunksize)
         s = self._state
         with s.lock:
             self._check_open()
-            n, done = self._dispatcher.enqueue(tasks, batch)
+            done = self._dispatcher.enqueue(gr, n, batch)
         s.deliver(done)
         return n
 
@@ -378,15 +382,17 @@ class Executor(_Executor):
         """Drop the batch's tasks still in the backlog (the caller stopped iterating)."""
         with self._state.lock:
             if batch.pending:
-                self._dispatcher.cancel_batch(batch)
+                batch.pending -= len(self._dispatcher.cancel(batch.groups))
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         s = self._state
         with s.lock:
             first = not s.shutdown
             s.shutdown = True
-            if cancel_futures:
-                self._dispatcher.cancel_futures()
+            if cancel_futures:  # the futures still in the backlog
+                waiting = {g: gr.sink for g, gr in s.groups.items() if type(gr.sink) is _Future and not gr.running}
+                for g, _ in self._dispatcher.cancel(list(waiting)):
+                    waiting[g].cancel()
         if first:
             s.post((0, None, _DIED, None, 0.0))  # the collector notices shutdown
         if wait:

@@ -66,6 +66,33 @@ py::list failures(std::vector<Sched::Failure>& fails) {
   return out;
 }
 
+// A new tuple of the given new references (each may be null: an error is set, and it throws).
+template <class... O>
+PyObject* pack(O*... items) {
+  PyObject* parts[] = {items...};
+  PyObject* t = PyTuple_New(sizeof...(items));
+  bool ok = t != nullptr;
+  for (std::size_t i = 0; i < sizeof...(items); ++i) {
+    if (!parts[i]) ok = false;
+    if (t && parts[i])
+      PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), parts[i]);
+    else
+      Py_XDECREF(parts[i]);
+  }
+  if (!ok) {
+    Py_XDECREF(t);
+    throw py::error_already_set();
+  }
+  return t;
+}
+
+// Appends a new reference to a list (and drops the reference).
+void append(PyObject* list, PyObject* item) {
+  const int rc = PyList_Append(list, item);
+  Py_DECREF(item);
+  if (rc != 0) throw py::error_already_set();
+}
+
 long long as_int(PyObject* o, const char* what) {
   const long long v = PyLong_AsLongLong(o);
   if (v == -1 && PyErr_Occurred()) {
@@ -89,6 +116,7 @@ class PyScheduler {
   }
 
   // [(wid, [(tid, group, first_index, count), ...]), ...]: each inner tuple one record to write.
+  // Built with the C API: this runs once per submit and once per batch of results.
   py::list assign() {
     py::list out;
     Rules rules;
@@ -99,12 +127,19 @@ class PyScheduler {
       for (std::size_t i = a->first; i < a->first + a->count; ++i) {
         if (!q[i].last_of_record) continue;
         const Ref& r = q[start].task;
-        recs.append(py::make_tuple(q[start].tid, r.group, r.index, i + 1 - start));
+        append(recs.ptr(), pack(PyLong_FromUnsignedLongLong(q[start].tid), PyLong_FromUnsignedLongLong(r.group),
+                                PyLong_FromUnsignedLong(r.index), PyLong_FromSize_t(i + 1 - start)));
         start = i + 1;
       }
-      out.append(py::make_tuple(a->wid, std::move(recs)));
+      append(out.ptr(), pack(PyLong_FromLong(a->wid), recs.release().ptr()));
     }
     return out;
+  }
+
+  // submit(group, n, run), then assign(): one call for a submit.
+  py::list submit_assign(std::uint64_t group, std::uint32_t n, bool run) {
+    submit(group, n, run);
+    return assign();
   }
 
   std::size_t split(int wid, std::uint64_t tid) { return sched_.split(wid, tid); }
@@ -129,8 +164,9 @@ class PyScheduler {
   // handle: they concern the process). Returns (stop, answered, failed, unread, started):
   //   stop: the position of that record, or len(records)
   //   answered: [(group, index, status, value)] for each OK or ERR record whose call was owed
-  //   failed: [(group, index, fate, why)]: calls whose results were lost (fate LOST)
-  //   unread: [(wid, group)]: records the worker could not unpickle (the error is the call's)
+  //   failed: [(group, index, fate, why)]: calls whose results were lost (fate LOST), or None
+  //   unread: [(wid, group)], or None: records the worker could not unpickle (a single call: the error is
+  //           its answer; a RUN: its calls go again alone, and none is answered)
   //   started: a STARTED record set a deadline (the owner's timer must look again)
   py::tuple answers(const py::list& records, std::size_t start) {
     PyObject* recs = records.ptr();
@@ -155,21 +191,15 @@ class PyScheduler {
         std::optional<double> elapsed;
         PyObject* e = PyTuple_GET_ITEM(rec, task::result::kElapsed);
         if (PyFloat_Check(e)) elapsed = PyFloat_AS_DOUBLE(e);
+        if (!tid && sched_.has_worker(wid) && !sched_.sent(wid).empty() && sched_.sent(wid).front().tid != 0)
+          unread.append(py::make_tuple(wid, sched_.sent(wid).front().task.group));  // the record it could not read
         auto r = sched_.answer(wid, tid, elapsed, fails_);
         if (!r) continue;
         PyObject* value = PyTuple_GET_ITEM(rec, task::result::kValue);
-        PyObject* t = PyTuple_New(4);
-        if (!t) throw py::error_already_set();
-        PyTuple_SET_ITEM(t, 0, PyLong_FromUnsignedLongLong(r->group));
-        PyTuple_SET_ITEM(t, 1, PyLong_FromUnsignedLong(r->index));
         Py_INCREF(status_obj);
-        PyTuple_SET_ITEM(t, 2, status_obj);
         Py_INCREF(value);
-        PyTuple_SET_ITEM(t, 3, value);
-        const int rc = PyList_Append(answered.ptr(), t);
-        Py_DECREF(t);
-        if (rc != 0) throw py::error_already_set();
-        if (!tid) unread.append(py::make_tuple(wid, r->group));
+        append(answered.ptr(), pack(PyLong_FromUnsignedLongLong(r->group), PyLong_FromUnsignedLong(r->index),
+                                    status_obj, value));
       } else if (status == task::Status::STARTED) {
         if (!tid || sched_.options().task_timeout.count() <= 0) continue;
         if (!now) now = Clock::now();
@@ -180,7 +210,13 @@ class PyScheduler {
       }
     }
     if (any) sched_.retune();
-    return py::make_tuple(i, std::move(answered), failures(fails_), std::move(unread), started);
+    // (failed and unread are rare: None when empty, one list fewer to make per batch)
+    py::object failed = fails_.empty() ? py::object(py::none()) : py::object(failures(fails_));
+    py::object unread_or_none = unread.empty() ? py::object(py::none()) : py::object(std::move(unread));
+    PyObject* started_obj = started ? Py_True : Py_False;
+    Py_INCREF(started_obj);
+    return py::reinterpret_steal<py::tuple>(pack(PyLong_FromSize_t(i), answered.release().ptr(),
+                                                 failed.release().ptr(), unread_or_none.release().ptr(), started_obj));
   }
 
   py::list result_gap(std::string why) {
@@ -223,6 +259,7 @@ class PyScheduler {
     detail::SchedulerOptions o;
     o.min_depth = min_depth;
     o.max_depth = max_depth;
+    o.resend_unreadable_runs = true;  // the Executor's rule: only the call at fault fails
     o.workers = workers;
     o.max_tasks_per_child = max_tasks;
     if (timeout)
@@ -253,6 +290,8 @@ void init_scheduler(py::module_& m) {
         "The worker's process ended: no more calls go to it (its death is handled by died()).");
   c.def("submit", &PyScheduler::submit, py::arg("group"), py::arg("n"), py::arg("run"),
         "Queue calls (group, 0..n-1); run: consecutive ones may share a RUN record.");
+  c.def("submit_assign", &PyScheduler::submit_assign, py::arg("group"), py::arg("n"), py::arg("run"),
+        "submit(group, n, run), then assign(): one call for a submit.");
   c.def("assign", &PyScheduler::assign,
         "Move calls from the backlog to workers: [(wid, [(tid, group, first_index, count), ...]), ...], each "
         "inner tuple one record to write (count > 1: a RUN; item k has wire id tid + k).");
@@ -265,7 +304,7 @@ void init_scheduler(py::module_& m) {
         "Cancel these groups' calls still in the backlog; returns them as [(group, index)].");
   c.def("answers", &PyScheduler::answers, py::arg("records"), py::arg("start") = 0,
         "Handle result records[start:] up to the first DIED or INIT_FAILED: (stop, answered [(group, index, "
-        "status, value)], failed [(group, index, fate, why)], unread [(wid, group)], started).");
+        "status, value)], failed [(group, index, fate, why)] or None, unread [(wid, group)] or None, started).");
   c.def("result_gap", &PyScheduler::result_gap, py::arg("why"),
         "A result record did not unpickle: the workers to send a PING to.");
   c.def("died", &PyScheduler::died, py::arg("wid"), py::arg("consumed"),

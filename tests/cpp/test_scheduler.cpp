@@ -793,3 +793,28 @@ TEST_CASE("scheduler: a death in the middle of a batch of answers, then a split 
   CHECK(failed[0].fate == Fate::kDied);
   CHECK(s.outstanding() == 1);  // 6, on worker 2
 }
+
+TEST_CASE("scheduler: resend_unreadable_runs sends an unreadable run's calls again alone, none failed") {
+  SchedulerOptions o = opts(1);
+  o.resend_unreadable_runs = true;
+  Sched s(o);
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 2}) s.submit(c);
+  f.dispatch(s);
+  REQUIRE(f.w[1].records.at(0).size() == 2);
+  f.take(1, 1);
+  CHECK_FALSE(s.answer(1, std::nullopt, std::nullopt, failed).has_value());
+  CHECK(s.outstanding() == 2);
+  f.dispatch(s);
+  REQUIRE(f.w[1].records.size() == 3);  // each call alone now
+  CHECK(f.w[1].records[1].size() == 1);
+  CHECK(f.w[1].records[2].size() == 1);
+  f.take(1, 2);
+  CHECK(s.answer(1, std::nullopt, std::nullopt, failed) == 0);  // alone, the unreadable one is the call at fault
+  CHECK(s.answer(1, f.tid_of(1, 2), 1e-3, failed) == 2);
+  auto d = s.died(1, f.w[1].consumed, failed);
+  CHECK_FALSE(d.running);
+  CHECK(failed.empty());
+}

@@ -40,7 +40,7 @@ def test_a_map_goes_out_in_runs_and_comes_back_in_one_batch():
     assert s.backlog == 2 and s.outstanding == 10
     recs = [ok(1, 1, "a"), ok(2, 5, "e"), ok(1, 2, "b")]
     stop, answered, failed, unread, was_started = s.answers(recs)
-    assert stop == 3 and failed == [] and unread == [] and not was_started
+    assert stop == 3 and failed is None and unread is None and not was_started
     assert answered == [(7, 0, T.OK, "a"), (7, 4, T.OK, "e"), (7, 1, T.OK, "b")]
     assert s.outstanding == 7
     # Room for two more on worker 1 (depth 4): the rest of the map, as one record.
@@ -174,18 +174,24 @@ def test_a_result_that_does_not_unpickle_is_found_by_a_ping():
     assert failed == [(1, 0, S.LOST, "UnpicklingError: no module")]
     # Worker 2's pong after both its answers: nothing lost.
     _, answered, failed, _, _ = s.answers([ok(2, 3), ok(2, 4), (2, None, T.PONG, None, 0.0)])
-    assert len(answered) == 2 and failed == []
+    assert len(answered) == 2 and failed is None
 
 
-def test_an_unreadable_record_fails_its_first_call_and_reports_the_worker():
+def test_an_unreadable_run_goes_again_call_by_call_and_only_the_call_at_fault_fails():
     s = pool(1, min_depth=3, max_depth=3)
     s.submit(4, 3, True)
     s.assign()
     err = (ValueError("x"), "tb")
+    # The worker could not unpickle the RUN record: none of its calls fails, all go again alone.
     _, answered, _, unread, _ = s.answers([(1, None, T.ERR, err, 0.0)])
-    assert answered == [(4, 0, T.ERR, err)] and unread == [(1, 4)]
-    # The others go again, each alone.
-    assert records_of(s.assign()) == {1: [(4, 4, 1, 1), (5, 4, 2, 1)]}
+    assert answered == [] and unread == [(1, 4)]
+    assert s.outstanding == 3
+    assert records_of(s.assign()) == {1: [(4, 4, 0, 1), (5, 4, 1, 1), (6, 4, 2, 1)]}
+    # Then the one record it cannot read is the call at fault: its error is that call's answer.
+    _, answered, _, unread, _ = s.answers([ok(1, 4), (1, None, T.ERR, err, 0.0), ok(1, 6)])
+    assert answered == [(4, 0, T.OK, None), (4, 1, T.ERR, err), (4, 2, T.OK, None)] and unread == [(1, 4)]
+    running, _, _, failed, _ = s.died(1, 4)  # 4 records taken (the run and three calls), 4 answered
+    assert not running and failed == []
 
 
 def test_initializer_failure_stops_the_batch_and_drain_hands_back_every_owed_call():

@@ -60,6 +60,10 @@ struct SchedulerOptions {
   // The depth bound's limits (the bound itself follows the reported task times: depth_for).
   std::size_t min_depth = proto::task::kMinDepth;
   std::size_t max_depth = proto::task::kMaxDepth;
+  // A RUN record the worker could not unpickle: false, its first call takes the error and the
+  // others go again alone (ringpool::Pool); true, all its calls go again alone and none fails
+  // here, so that only a call at fault fails, as its own record (ringpool.Executor).
+  bool resend_unreadable_runs = false;
 };
 
 // How a call left the pool other than by its answer.
@@ -296,7 +300,13 @@ class Scheduler {
         break;
       }
     }
-    if (!tid && !w.sent.front().last_of_record) unpickle_failed(w);
+    if (!tid && !w.sent.front().last_of_record) {
+      if (opts_.resend_unreadable_runs) {
+        resend_front_record(w);
+        return std::nullopt;
+      }
+      unpickle_failed(w);
+    }
     w.running.reset();
     Entry& e = w.sent.front();  // moved from in place: its slot is reused
     if (e.last_of_record) ++w.answered;
@@ -498,6 +508,24 @@ class Scheduler {
     }
     head.last_of_record = true;
     w.sent.push_front(std::move(head));
+  }
+
+  // The record in front (a RUN the worker could not unpickle; its one answer came): every call of
+  // it goes back to the front of the backlog, each to be sent alone.
+  void resend_front_record(WorkerState& w) {
+    std::vector<Entry> calls;
+    for (bool last = false; !last && !w.sent.empty();) {
+      calls.push_back(w.sent.take_front());
+      last = calls.back().last_of_record;
+    }
+    ++w.answered;
+    w.running.reset();
+    for (auto it = calls.rbegin(); it != calls.rend(); ++it) {
+      it->alone = true;
+      it->last_of_record = true;
+      it->tid = 0;
+      if (it->live) backlog_.push_front(std::move(*it));
+    }
   }
 
   SchedulerOptions opts_;
