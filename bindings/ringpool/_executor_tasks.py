@@ -180,9 +180,11 @@ class _State:
 
     def short_of_workers(self):
         """Fewer open workers than asked for (a death, a retirement), with work to do or to come
-        (pool lock held)."""
-        return (self.broken is None and not self.closed and self.sched.shortfall() > 0
-                and (self.sched.outstanding or not self.shutdown))
+        (pool lock held). A bool, never one of the operands: the watcher acts on the verdict after
+        releasing the lock, and a live object (the task dict it once returned) could change its
+        truth meanwhile (pool.md, "Watcher")."""
+        return bool(self.broken is None and not self.closed and self.sched.shortfall() > 0
+                    and (self.sched.outstanding > 0 or not self.shutdown))
 
     def deliver(self, done, locked=False):
         """Hand outcomes to their futures and batches: done holds (group, index, ok, value).

@@ -9,7 +9,9 @@ _SPAWN_ATTEMPTS failures. It owns the wake-up pipe's read end and `posted` (the 
 it posted); it reads and changes the pool's _State under the pool lock.
 
 Any thread that changes what the watcher waits for (a worker started or gone, a STARTED record
-with a task timeout, the pool closed) calls `wake()` after the change, under the pool lock.
+with a task timeout, the pool closed) calls `wake()` after the change, under the pool lock; the
+watcher reads what it acts on (short of workers, sentinels, the next deadline) under the lock
+as plain values, and waits with no timeout when none is due: nothing else makes it look again.
 """
 from __future__ import annotations
 
@@ -20,11 +22,6 @@ from multiprocessing import connection as _mp_connection
 
 from ._executor_tasks import _DIED
 from ._executor_workers import _SPAWN_ATTEMPTS, _SPAWN_RETRY
-
-# The watcher looks again at least this often even when nothing wakes it (see pool.md, "Watcher":
-# a worker's death went unseen by a wait on its sentinel about once in 10-30 runs of
-# test_a_replacement_that_fails_to_start...; looking again finds it).
-_WATCH_PERIOD = 1.0
 
 
 def _close_fds(*fds):
@@ -79,9 +76,9 @@ class _Watcher:
             s.deliver(done)  # and the events logged under the lock
             if done and s.broken is not None:
                 s.post((0, None, _DIED, None, 0.0))  # the collector notices the pool broke
-            timeout = _WATCH_PERIOD if deadline is None else min(max(deadline - time.monotonic(), 0.0), _WATCH_PERIOD)
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             if short:  # a replacement failed to start: try again soon
-                timeout = min(timeout, _SPAWN_RETRY)
+                timeout = _SPAWN_RETRY if timeout is None else min(timeout, _SPAWN_RETRY)
             ready = _mp_connection.wait([wake, *sentinels], timeout)
             if wake in ready:
                 try:

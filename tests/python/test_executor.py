@@ -509,6 +509,30 @@ def test_a_replacement_that_fails_to_start_is_retried_or_breaks_the_pool(failure
                 pytest.fail("the pool neither replaced its worker nor broke")
 
 
+def test_short_of_workers_is_a_verdict_not_a_live_object():
+    # Issue 13's lost wake-up: "short of workers" used to return its last operand, the pool's task
+    # dict while tasks were pending; the watcher tested it after releasing the pool lock, a task
+    # finishing meanwhile emptied the dict, and a pool one worker short then waited with no
+    # timeout for a wake-up that never came. The verdict is a bool now, fixed when it is taken.
+    from ringpool._executor_tasks import _State
+
+    class Sched:
+        outstanding = 3
+
+        def shortfall(self):
+            return 1
+
+    s = _State.__new__(_State)
+    s.broken, s.closed, s.shutdown, s.sched = None, False, False, Sched()
+    verdict = s.short_of_workers()
+    Sched.outstanding = 0  # the last task finished after the lock was released
+    assert verdict is True
+    s.shutdown = True
+    assert s.short_of_workers() is False  # shut down with nothing left: no replacement
+    Sched.outstanding = 1
+    assert s.short_of_workers() is True
+
+
 def test_worker_pids_names_the_live_workers():
     with Executor(2) as ex:
         pids = set(ex.worker_pids())
