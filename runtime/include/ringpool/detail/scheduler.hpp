@@ -29,8 +29,8 @@
 //   answers the ping after its earlier answers, so the call left unanswered in front of the ping
 //   is the one whose result was lost. An answer whose id is past the oldest call reveals the same.
 //
-// Internal to the runtime (ringpool::Pool uses it; ringpool.Executor is to, through _core): not
-// public API.
+// Internal to the runtime (ringpool::Pool uses it; ringpool.Executor does too, through
+// _core.Scheduler, bindings/src/scheduler_bindings.cpp): not public API.
 #pragma once
 
 #include <algorithm>
