@@ -1,7 +1,8 @@
 """ringpool.Executor: a ``concurrent.futures`` process pool over shared-memory rings.
 
     submit/map ──► dispatcher (in the caller's thread, under the pool lock)
-                      │ picks the worker with the fewest tasks in flight, bounded per worker
+                      │ the worker with the fewest tasks in flight, bounded per worker: the
+                      │ scheduler's rules (_core.Scheduler, the C++ ringpool::Pool's own)
                       ▼
                    per-worker call ring ──► worker: take one call, run it, put its result
                                                                        │
