@@ -27,6 +27,8 @@ _HELP_GRACE = 0.003
 
 
 class _Collector:
+    """The result ring's reader (reader role held in drain and below; pool lock while handling)."""
+
     def __init__(self, state, dispatcher, workers):
         self._s = state
         self._dispatcher = dispatcher

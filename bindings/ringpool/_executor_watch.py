@@ -33,6 +33,8 @@ def _close_fds(*fds):
 
 
 class _Watcher:
+    """The watcher thread (`run`) and its wake-up pipe (`wake`, any thread)."""
+
     def __init__(self, state, dispatcher, workers):
         self._s = state
         self._dispatcher = dispatcher
