@@ -29,6 +29,7 @@ void init_codec(pybind11::module_& m);
 void init_process(pybind11::module_& m);
 void init_pickle(pybind11::module_& m);
 void init_task(pybind11::module_& m);
+void init_scheduler(pybind11::module_& m);
 void init_kernel(pybind11::module_& m);
 void init_log(pybind11::module_& m);
 

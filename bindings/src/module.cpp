@@ -36,6 +36,7 @@ PYBIND11_MODULE(_core, m) {
   ringpool::py_bindings::init_process(m);
   ringpool::py_bindings::init_pickle(m);
   ringpool::py_bindings::init_task(m);
+  ringpool::py_bindings::init_scheduler(m);
   ringpool::py_bindings::init_kernel(m);
   ringpool::py_bindings::init_log(m);
   m.attr("PROTOCOL_VERSION") = ringpool::proto::kProtocolVersion;

@@ -666,6 +666,159 @@ TEST_CASE("scheduler: a simulated pool ends every task exactly once, through dea
   CHECK(retirements > 10);
 }
 
+// -- corrections before sending: cancel_if, split, unsend (ringpool.Executor's cases) -------------
+
+TEST_CASE("scheduler: calls cancelled in the backlog are never sent, and no longer owed") {
+  Sched s(opts(1));
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 2, 4, 6, 8, 10}) s.submit(c);  // kMinDepth = 2: two go out, four wait
+  f.dispatch(s);
+  REQUIRE(s.backlog_size() == 4);
+  std::vector<int> cancelled;
+  // 4 and 8 cancelled in the backlog; 0 is in flight: cancel_if does not reach it.
+  CHECK(s.cancel_if([](int c) { return c == 4 || c == 8 || c == 0; }, cancelled) == 2);
+  CHECK(cancelled == std::vector<int>{4, 8});
+  CHECK(s.outstanding() == 4);
+  // Answers make room: the next calls sent skip the cancelled ones.
+  CHECK(s.answer(1, f.tid_of(1, 0, 0), 1e-3, failed) == 0);
+  CHECK(s.answer(1, f.tid_of(1, 0, 1), 1e-3, failed) == 2);
+  f.dispatch(s);
+  REQUIRE(f.w[1].records.size() == 2);
+  REQUIRE(f.w[1].records[1].size() == 2);
+  CHECK(f.w[1].records[1][0].second == 6);
+  CHECK(f.w[1].records[1][1].second == 10);
+  CHECK(s.backlog_size() == 0);
+  // drain does not hand cancelled calls back again.
+  for (int c : {12, 14, 16}) s.submit(c);
+  s.cancel_if([](int c) { return c >= 12; }, cancelled);
+  std::vector<int> rest;
+  s.drain(rest);
+  CHECK(rest == std::vector<int>{6, 10});
+  CHECK(s.outstanding() == 0);
+  // A backlog of only cancelled calls assigns nothing, and is emptied.
+  Sched t(opts(1));
+  t.add_worker(1);
+  for (int c : {1, 3}) t.submit(c);
+  t.cancel_if([](int) { return true; }, cancelled);
+  CHECK_FALSE(t.assign(Rules{}).has_value());
+  CHECK(t.backlog_size() == 0);
+  CHECK(t.sent(1).empty());
+}
+
+TEST_CASE("scheduler: split makes a run that did not encode into records of one call, same ids") {
+  Sched s(opts(1));
+  s.add_worker(1);
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 2}) s.submit(c);
+  auto a = s.assign(Rules{});
+  REQUIRE(a);
+  auto& q = s.sent(1);
+  REQUIRE(q.size() == 2);
+  CHECK_FALSE(q[0].last_of_record);  // one RUN record of two
+  const auto tid = q[0].tid;
+  CHECK(s.split(1, tid) == 2);
+  CHECK(q[0].last_of_record);
+  CHECK(q[1].last_of_record);
+  CHECK(q[0].alone);
+  CHECK(q[1].tid == tid + 1);
+  CHECK(s.split(1, 999) == 0);  // no such record
+  // The worker takes the two records; each answers its own call; `answered` counts both records.
+  CHECK(s.answer(1, tid, 1e-3, failed) == 0);
+  CHECK(s.answer(1, tid + 1, 1e-3, failed) == 2);
+  auto d = s.died(1, 2, failed);
+  CHECK_FALSE(d.running);  // consumed 2 == answered 2
+  CHECK(failed.empty());
+}
+
+TEST_CASE("scheduler: unsend takes back a record that was not sent, budget included") {
+  SchedulerOptions o = opts(1);
+  o.max_tasks_per_child = 2;
+  Sched s(o);
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 2, 4}) s.submit(c);
+  auto a = s.assign(Rules{});
+  REQUIRE(a);
+  REQUIRE(a->count == 2);
+  CHECK(s.shortfall() == 1);  // its budget is spent: retiring
+  auto& q = s.sent(1);
+  const auto second = q[1].tid;
+  // The second call did not encode: it leaves, and the worker may take one more.
+  CHECK(s.unsend(1, second) == 2);
+  CHECK(s.outstanding() == 2);
+  CHECK(s.shortfall() == 0);
+  CHECK_FALSE(s.unsend(1, second).has_value());  // once
+  auto b = s.assign(Rules{});
+  REQUIRE(b);
+  CHECK(s.sent(1).size() == 2);
+  CHECK(s.sent(1)[1].task == 4);
+  CHECK(s.sent(1)[1].tid > second);
+  CHECK(s.shortfall() == 1);
+  // Answers find their calls in order despite the gap in the ids.
+  CHECK(s.answer(1, s.sent(1)[0].tid, 1e-3, failed) == 0);
+  CHECK(s.answer(1, s.sent(1)[0].tid, 1e-3, failed) == 4);
+  CHECK(failed.empty());
+  // A call inside a RUN record cannot be taken back alone.
+  Sched r(opts(1));
+  r.add_worker(1);
+  for (int c : {0, 2}) r.submit(c);
+  REQUIRE(r.assign(Rules{}));
+  CHECK_FALSE(r.unsend(1, r.sent(1)[1].tid).has_value());
+  CHECK(r.sent(1).size() == 2);
+}
+
+TEST_CASE("scheduler: a death in the middle of a batch of answers, then a split record requeued") {
+  // The Executor hands a whole batch of result records at once; a death posted behind them is
+  // handled after them (ring order). Records split before sending are requeued like any other.
+  Sched s(opts(2));
+  s.add_worker(1);
+  s.add_worker(2);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 2, 4, 6}) s.submit(c);
+  f.dispatch(s);  // two runs of two
+  auto& q1 = s.sent(1);
+  const auto t1 = q1[0].tid;
+  REQUIRE(s.split(1, t1) == 2);  // worker 1's run went as two single calls
+  f.take(1, 2);
+  CHECK(s.answer(1, t1, 1e-3, failed) == 0);   // the batch: one answer of worker 1,
+  CHECK(s.answer(2, f.tid_of(2, 0, 0), 1e-3, failed) == 4);  // one of worker 2
+  auto d = s.died(1, f.w[1].consumed, failed);   // then worker 1's death
+  CHECK(d.running);
+  REQUIRE(failed.size() == 1);
+  CHECK(failed[0].task == 2);
+  CHECK(failed[0].fate == Fate::kDied);
+  CHECK(s.outstanding() == 1);  // 6, on worker 2
+}
+
+TEST_CASE("scheduler: resend_unreadable_runs sends an unreadable run's calls again alone, none failed") {
+  SchedulerOptions o = opts(1);
+  o.resend_unreadable_runs = true;
+  Sched s(o);
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  for (int c : {0, 2}) s.submit(c);
+  f.dispatch(s);
+  REQUIRE(f.w[1].records.at(0).size() == 2);
+  f.take(1, 1);
+  CHECK_FALSE(s.answer(1, std::nullopt, std::nullopt, failed).has_value());
+  CHECK(s.outstanding() == 2);
+  f.dispatch(s);
+  REQUIRE(f.w[1].records.size() == 3);  // each call alone now
+  CHECK(f.w[1].records[1].size() == 1);
+  CHECK(f.w[1].records[2].size() == 1);
+  f.take(1, 2);
+  CHECK(s.answer(1, std::nullopt, std::nullopt, failed) == 0);  // alone, the unreadable one is the call at fault
+  CHECK(s.answer(1, f.tid_of(1, 2), 1e-3, failed) == 2);
+  auto d = s.died(1, f.w[1].consumed, failed);
+  CHECK_FALSE(d.running);
+  CHECK(failed.empty());
+}
+
 TEST_CASE("scheduler: oldest_unanswered names the one call an answer of that worker may be for") {
   Sched s(opts(2));
   s.add_worker(1);

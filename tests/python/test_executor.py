@@ -273,10 +273,9 @@ def _item(job):
 def one_run(monkeypatch):
     """Workers take up to 1000 calls at a time, so a map of a few hundred goes to one worker as
     one run record and its bad item sits in the middle of it."""
-    from ringpool import executor
+    from ringpool import _executor_tasks
 
-    monkeypatch.setattr(executor, "_MIN_DEPTH", 1000)
-    monkeypatch.setattr(executor, "_MAX_DEPTH", 1000)
+    monkeypatch.setattr(_executor_tasks, "_DEPTH_BOUNDS", (1000, 1000))
 
 
 def _map_with_one_bad_item(ex, tmp_path, n, bad, action):
@@ -511,6 +510,30 @@ def test_a_replacement_that_fails_to_start_is_retried_or_breaks_the_pool(failure
                 time.sleep(0.1)
             else:
                 pytest.fail("the pool neither replaced its worker nor broke")
+
+
+def test_short_of_workers_is_a_verdict_not_a_live_object():
+    # Issue 13's lost wake-up: "short of workers" used to return its last operand, the pool's task
+    # dict while tasks were pending; the watcher tested it after releasing the pool lock, a task
+    # finishing meanwhile emptied the dict, and a pool one worker short then waited with no
+    # timeout for a wake-up that never came. The verdict is a bool now, fixed when it is taken.
+    from ringpool._executor_tasks import _State
+
+    class Sched:
+        outstanding = 3
+
+        def shortfall(self):
+            return 1
+
+    s = _State.__new__(_State)
+    s.broken, s.closed, s.shutdown, s.sched = None, False, False, Sched()
+    verdict = s.short_of_workers()
+    Sched.outstanding = 0  # the last task finished after the lock was released
+    assert verdict is True
+    s.shutdown = True
+    assert s.short_of_workers() is False  # shut down with nothing left: no replacement
+    Sched.outstanding = 1
+    assert s.short_of_workers() is True
 
 
 def test_worker_pids_names_the_live_workers():

@@ -12,7 +12,8 @@ import re
 
 import pytest
 
-from ringpool import _core, _pool_worker, executor
+from ringpool import _core, _pool_worker
+from ringpool import _executor_tasks as executor
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "proto" / "golden" / "task"
@@ -80,21 +81,21 @@ def test_core_task_matches_task_hpp():
                     ("INITIAL_TASK_TIME", "kInitialTaskTime"), ("TASK_TIME_WEIGHT", "kTaskTimeWeight"),
                     ("RESULT_BATCH", "kResultBatch"), ("STOP_GRACE", "kStopGrace")]:
         assert getattr(T, py) == const(cpp), py
-    # The depth bound: one formula, task.hpp's depth_for, also the one the executor computes.
+    # The depth bound: one formula, task.hpp's depth_for, which the scheduler of both pools computes.
     for avg in (0.0, 1e-6, T.INITIAL_TASK_TIME, 1e-3, 10.0):
         assert T.depth_for(avg) == max(T.MIN_DEPTH, min(T.MAX_DEPTH, int(T.QUEUED_WORK / (avg + T.RESULT_COST))))
 
 
 def test_executor_uses_core_task():
-    # The executor's names are _core.task's values (no copy that could drift).
+    # The executor's names (their home: _executor_tasks) are _core.task's values (no copy that could drift).
     assert (executor._CALL, executor._CHUNK, executor._PING, executor._STOP, executor._RUN) == \
         (T.CALL, T.CHUNK, T.PING, T.STOP, T.RUN)
     assert (executor._OK, executor._ERR, executor._STARTED, executor._PONG, executor._INIT_FAILED,
             executor._DIED) == (T.OK, T.ERR, T.STARTED, T.PONG, T.INIT_FAILED, T.DIED)
     assert executor._SINGLE == T.SINGLE
-    assert (executor._MIN_DEPTH, executor._MAX_DEPTH, executor._QUEUED_WORK) == (T.MIN_DEPTH, T.MAX_DEPTH,
-                                                                                   T.QUEUED_WORK)
-    assert (executor._RESULT_COST, executor._TASK_TIME_WEIGHT) == (T.RESULT_COST, T.TASK_TIME_WEIGHT)
+    assert (executor._MIN_DEPTH, executor._MAX_DEPTH) == (T.MIN_DEPTH, T.MAX_DEPTH)
+    # The rest of the tuning (depth_for, the moving average) is the scheduler's, in C++.
+    assert _core.Scheduler(1).depth == T.MIN_DEPTH
 
 
 # --- the golden records ----------------------------------------------------------------------------

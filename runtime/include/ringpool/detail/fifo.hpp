@@ -46,6 +46,12 @@ class Fifo {
     head_ = (head_ + 1) & (slots_.size() - 1);
     --size_;
   }
+  // Removes element i, moving the ones after it forward (O(size - i): for rare corrections).
+  void erase(std::size_t i) {
+    for (std::size_t j = i; j + 1 < size_; ++j) (*this)[j] = std::move((*this)[j + 1]);
+    (*this)[size_ - 1] = T();
+    --size_;
+  }
   void clear() {
     for (std::size_t i = 0; i < size_; ++i) (*this)[i] = T();
     head_ = size_ = 0;

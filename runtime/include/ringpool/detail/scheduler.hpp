@@ -29,8 +29,8 @@
 //   answers the ping after its earlier answers, so the call left unanswered in front of the ping
 //   is the one whose result was lost. An answer whose id is past the oldest call reveals the same.
 //
-// Internal to the runtime (ringpool::Pool uses it; ringpool.Executor is to, through _core): not
-// public API.
+// Internal to the runtime (ringpool::Pool uses it; ringpool.Executor does too, through
+// _core.Scheduler, bindings/src/scheduler_bindings.cpp): not public API.
 #pragma once
 
 #include <algorithm>
@@ -57,6 +57,13 @@ struct SchedulerOptions {
   // Consecutive calls may share a RUN record. Off with max_tasks_per_child, so that a worker's
   // count of calls (it exits after max_tasks) is exactly its count of records.
   bool runs = true;
+  // The depth bound's limits (the bound itself follows the reported task times: depth_for).
+  std::size_t min_depth = proto::task::kMinDepth;
+  std::size_t max_depth = proto::task::kMaxDepth;
+  // A RUN record the worker could not unpickle: false, its first call takes the error and the
+  // others go again alone (ringpool::Pool); true, all its calls go again alone and none fails
+  // here, so that only a call at fault fails, as its own record (ringpool.Executor).
+  bool resend_unreadable_runs = false;
 };
 
 // How a call left the pool other than by its answer.
@@ -105,6 +112,9 @@ class Scheduler {
   explicit Scheduler(SchedulerOptions o) : opts_(o) {
     if (opts_.workers == 0) throw std::invalid_argument("ringpool scheduler: workers must be > 0");
     if (opts_.max_tasks_per_child) opts_.runs = false;
+    if (opts_.min_depth == 0 || opts_.min_depth > opts_.max_depth)
+      throw std::invalid_argument("ringpool scheduler: need 0 < min_depth <= max_depth");
+    depth_ = opts_.min_depth;
   }
 
   // -- workers ----------------------------------------------------------------------------------
@@ -188,7 +198,12 @@ class Scheduler {
     std::size_t room = depth_ - w->sent.size();
     if (w->budget) room = std::min(room, *w->budget);
     const std::size_t first = w->sent.size();
-    while (room-- > 0 && !backlog_.empty()) {
+    while (room > 0 && !backlog_.empty()) {
+      if (!backlog_.front().live) {  // cancelled while it waited: never sent
+        backlog_.drop_front();
+        continue;
+      }
+      --room;
       w->sent.push_back(backlog_.take_front());
       if (w->budget && --*w->budget == 0) {
         w->retiring = true;  // the owner sees shortfall() grow and starts its replacement
@@ -196,6 +211,7 @@ class Scheduler {
       }
     }
     Fifo<Entry>& q = w->sent;
+    if (q.size() == first) return std::nullopt;  // the backlog held only cancelled calls
     for (std::size_t i = first; i < q.size();) {
       std::size_t j = i + 1, bytes = rules.bytes(q[i].task);
       while (j < q.size() && j - i < proto::task::kMaxRunCalls && joins(rules, q[j - 1], q[j]) &&
@@ -208,6 +224,66 @@ class Scheduler {
       i = j;
     }
     return Assignment{wid, first, q.size() - first};
+  }
+
+  // -- corrections before sending (the owner could not write what assign() gave it) ---------------
+  // Calls still in the backlog for which pred(task) holds are cancelled: they will never be sent,
+  // and their tasks are appended to `out` (the owner settles them). Returns how many.
+  template <class Pred>
+  std::size_t cancel_if(Pred&& pred, std::vector<T>& out) {
+    std::size_t n = 0;
+    for (std::size_t i = 0; i < backlog_.size(); ++i) {
+      Entry& e = backlog_[i];
+      if (!e.live || !pred(static_cast<const T&>(e.task))) continue;
+      e.live = false;
+      out.push_back(std::move(e.task));
+      --outstanding_;
+      ++n;
+    }
+    return n;
+  }
+
+  // The record that assign() put at tid on wid's queue was not sent (it did not encode): each of
+  // its calls becomes a record of its own, keeping its wire id, so that the owner can send them
+  // one by one and only a call at fault fails. Returns the calls in it (0: no such record).
+  std::size_t split(int wid, std::uint64_t tid) {
+    auto it = workers_.find(wid);
+    if (it == workers_.end()) return 0;
+    Fifo<Entry>& q = it->second.sent;
+    std::size_t i = find(q, tid);
+    if (i == q.size()) return 0;
+    std::size_t n = 0;
+    for (; i < q.size(); ++i) {
+      ++n;
+      q[i].alone = true;
+      if (q[i].last_of_record) break;
+      q[i].last_of_record = true;
+    }
+    return n;
+  }
+
+  // The single-call record at tid on wid's queue was not sent after all (it did not encode, or the
+  // owner's task was cancelled at the last moment): it leaves the queue, its budget is given back,
+  // and its task is returned for the owner to settle. Only for a record not yet sent, written
+  // after assign() and before the worker could take anything behind it.
+  std::optional<T> unsend(int wid, std::uint64_t tid) {
+    auto it = workers_.find(wid);
+    if (it == workers_.end()) return std::nullopt;
+    WorkerState& w = it->second;
+    std::size_t i = find(w.sent, tid);
+    if (i == w.sent.size() || !w.sent[i].last_of_record || (i > 0 && !w.sent[i - 1].last_of_record))
+      return std::nullopt;  // not a record of its own
+    std::optional<T> out;
+    if (w.sent[i].live) {
+      out.emplace(std::move(w.sent[i].task));
+      --outstanding_;
+    }
+    w.sent.erase(i);
+    if (w.budget) {
+      if (*w.budget == 0) w.retiring = false;  // it will not reach max_tasks_per_child on this one
+      ++*w.budget;
+    }
+    return out;
   }
 
   // -- answers (the owner decoded a result record of its worker) ----------------------------------
@@ -232,7 +308,13 @@ class Scheduler {
         break;
       }
     }
-    if (!tid && !w.sent.front().last_of_record) unpickle_failed(w);
+    if (!tid && !w.sent.front().last_of_record) {
+      if (opts_.resend_unreadable_runs) {
+        resend_front_record(w);
+        return std::nullopt;
+      }
+      unpickle_failed(w);
+    }
     w.running.reset();
     Entry& e = w.sent.front();  // moved from in place: its slot is reused
     if (e.last_of_record) ++w.answered;
@@ -330,7 +412,10 @@ class Scheduler {
   // Every call whose outcome is owed, backlog and in flight, moved to `out`; calls still out stay
   // in their workers' queues (their answers are taken and dropped).
   void drain(std::vector<T>& out) {
-    while (!backlog_.empty()) out.push_back(std::move(backlog_.take_front().task));
+    while (!backlog_.empty()) {
+      Entry e = backlog_.take_front();
+      if (e.live) out.push_back(std::move(e.task));
+    }
     for (auto& [_, w] : workers_)
       for (std::size_t i = 0; i < w.sent.size(); ++i)
         if (w.sent[i].live) {
@@ -345,7 +430,7 @@ class Scheduler {
   }
 
   // The depth bound from the task times reported so far (once per batch of answers).
-  void retune() { depth_ = proto::task::depth_for(avg_); }
+  void retune() { depth_ = std::clamp(proto::task::depth_for(avg_), opts_.min_depth, opts_.max_depth); }
   // Gives back the queues' memory after a burst (the owner calls it when idle a while).
   void trim() {
     backlog_.trim();
@@ -378,6 +463,14 @@ class Scheduler {
   template <class Rules>
   bool joins(const Rules& rules, const Entry& a, const Entry& b) const {
     return opts_.runs && !a.alone && !b.alone && rules.joins(a.task, b.task);
+  }
+
+  // Index of the call with wire id tid in q (q.size() if none): searched from the back, where the
+  // calls just assigned are.
+  static std::size_t find(const Fifo<Entry>& q, std::uint64_t tid) {
+    for (std::size_t i = q.size(); i-- > 0;)
+      if (q[i].tid == tid) return i;
+    return q.size();
   }
 
   static bool holds(const WorkerState& w, std::uint64_t tid) {
@@ -423,6 +516,24 @@ class Scheduler {
     }
     head.last_of_record = true;
     w.sent.push_front(std::move(head));
+  }
+
+  // The record in front (a RUN the worker could not unpickle; its one answer came): every call of
+  // it goes back to the front of the backlog, each to be sent alone.
+  void resend_front_record(WorkerState& w) {
+    std::vector<Entry> calls;
+    for (bool last = false; !last && !w.sent.empty();) {
+      calls.push_back(w.sent.take_front());
+      last = calls.back().last_of_record;
+    }
+    ++w.answered;
+    w.running.reset();
+    for (auto it = calls.rbegin(); it != calls.rend(); ++it) {
+      it->alone = true;
+      it->last_of_record = true;
+      it->tid = 0;
+      if (it->live) backlog_.push_front(std::move(*it));
+    }
   }
 
   SchedulerOptions opts_;
