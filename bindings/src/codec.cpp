@@ -280,7 +280,11 @@ void init_codec(py::module_& m) {
         Dumped d;
         dump_object(obj.ptr(), d);
         py::object fds = py::none();
-        if (!d.fds.empty()) fds = py::cast(d.fds);
+        if (!d.fds.empty()) {  // (a list built here: this file does not include pybind11/stl.h)
+          py::list l(d.fds.size());
+          for (std::size_t i = 0; i < d.fds.size(); ++i) l[i] = py::int_(d.fds[i]);
+          fds = std::move(l);
+        }
         return py::make_tuple(d.payload, d.flags, fds);
       },
       py::arg("obj"),

@@ -195,6 +195,19 @@ def test_large_arguments_and_results_and_handles(pool):
     assert q.get(timeout=30) == ("from worker", 5)
 
 
+def test_a_handle_argument_submitted_behind_a_backlog():
+    """A submit that waits in the backlog is pickled at once (errors raise in submit); an argument
+    carrying a descriptor (a ringpool.Queue) made that pickling fail with pybind11's "Unable to
+    convert call argument" instead of passing the handle."""
+    with Executor(1) as ex:
+        q = ringpool.Queue()
+        busy = [ex.submit(_sleep_pid, 0.2) for _ in range(6)]  # one worker, a depth of 2: a backlog
+        f = ex.submit(_put_to, q, 7)
+        assert f.result(60) is True
+        assert q.get(timeout=30) == ("from worker", 7)
+        assert all(b.result(60) for b in busy)
+
+
 @pytest.mark.parametrize("how,desc", [("kill", "killed by signal SIGKILL"), ("exit", "exit code 3")])
 def test_a_dead_worker_fails_only_its_task_and_is_replaced(how, desc):
     with Executor(2) as ex:
