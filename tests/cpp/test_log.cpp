@@ -19,6 +19,7 @@
 #include "ringpool/error.hpp"
 #include "ringpool/log.hpp"
 #include "ringpool/pool.hpp"
+#include "fd_limit.hpp"
 
 using namespace ringpool;
 using namespace std::chrono_literals;
@@ -193,23 +194,11 @@ TEST_CASE("log: a collector out of descriptors is logged once, and again when th
   auto warm = pool.submit("rp_tasks:echo", {Value(1)});
   CHECK(get(warm) == Value(1));
   // As test_pool's case: a limit a little above what is open, every descriptor left taken.
-  int open_now = 0;
-  if (DIR* d = ::opendir("/proc/self/fd")) {
-    while (::readdir(d)) ++open_now;
-    ::closedir(d);
-  }
-  rlimit old{};
-  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
-  rlimit low = old;
-  low.rlim_cur = static_cast<rlim_t>(open_now + 64);
-  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
-  std::vector<int> hog;
-  for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) hog.push_back(fd);
-  REQUIRE(errno == EMFILE);
+  testing::FdLimit limit(64);
+  REQUIRE(limit.take_the_rest());
   auto f = pool.submit("rp_tasks:big_bytes", {Value(4 << 20)});  // its memfd cannot be received now
   const bool exhausted = rec.wait_for(LogEvent::fd_exhausted);
-  for (int fd : hog) ::close(fd);
-  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  limit.give_back();
   REQUIRE(exhausted);
   CHECK(get(f) == Value::bytes(std::string(4 << 20, 'z')));
   REQUIRE(rec.wait_for(LogEvent::fd_recovered));

@@ -21,6 +21,7 @@
 #include "ringpool/error.hpp"
 #include "ringpool/pickle.hpp"
 #include "ringpool/pool.hpp"
+#include "fd_limit.hpp"
 
 using namespace ringpool;
 using namespace std::chrono_literals;
@@ -501,24 +502,12 @@ TEST_CASE("Pool: a collector out of descriptors keeps an out-of-band result and 
   auto warm = pool.submit("rp_tasks:echo", {Value(1)});
   CHECK(get(warm) == Value(1));
   // Lower the limit to a little above what is open, then take every descriptor left.
-  int open_now = 0;
-  if (DIR* d = ::opendir("/proc/self/fd")) {
-    while (::readdir(d)) ++open_now;
-    ::closedir(d);
-  }
-  rlimit old{};
-  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
-  rlimit low = old;
-  low.rlim_cur = static_cast<rlim_t>(open_now + 64);
-  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
-  std::vector<int> hog;
-  for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) hog.push_back(fd);
-  REQUIRE(errno == EMFILE);
+  testing::FdLimit limit(64);
+  REQUIRE(limit.take_the_rest());
   // The result (4 MiB) travels in a memfd the collector cannot receive now.
   auto f = pool.submit("rp_tasks:big_bytes", {Value(4 << 20)});
   std::this_thread::sleep_for(300ms);  // the collector meets EMFILE meanwhile (and retries)
-  for (int fd : hog) ::close(fd);
-  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  limit.give_back();
   const Value v = get(f);
   CHECK(v == Value::bytes(std::string(4 << 20, 'z')));
   // The pool goes on. (Other threads of the pool may meet EMFILE too: the supervisor then
