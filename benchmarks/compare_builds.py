@@ -17,7 +17,7 @@ TREE/build/benchmarks/ (or --base-build/--new-build). The base tree can be any o
 the public Executor API and bench_pool_cpp's command line are used. To make one:
 
     git worktree add --detach /tmp/base REV && (cd /tmp/base && RINGPOOL_BUILD_DIR=$PWD/build ./run build)
-    /usr/bin/python3 benchmarks/compare_builds.py --base /tmp/base [--rounds 5] [--markdown PATH]
+    /usr/bin/python3 benchmarks/compare_builds.py --base /tmp/base [--rounds 5] [--budget 1.0] [--quick] [--markdown PATH]
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _executor_rows(budget):
     return out
 
 
-def _measure(tree, build, budget):
+def _measure(tree, build, budget, quick):
     env = dict(os.environ, PYTHONPATH=str(tree / "bindings"))
     py = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(budget)], env=env,
                         capture_output=True, text=True, timeout=600)
@@ -89,7 +89,8 @@ def _measure(tree, build, budget):
     res = {"executor": json.loads(py.stdout.splitlines()[-1])}
     exe = build / "benchmarks" / "bench_pool_cpp"
     if exe.exists():
-        cpp = subprocess.run([str(exe), str(tree), "--quick"], capture_output=True, text=True, timeout=600)
+        cpp = subprocess.run([str(exe), str(tree), *(["--quick"] if quick else [])], capture_output=True, text=True,
+                             timeout=600)
         if cpp.returncode != 0:
             raise SystemExit(f"compare_builds: {exe} failed:\n{cpp.stderr}")
         raw = json.loads(cpp.stdout)
@@ -138,7 +139,9 @@ def main():
     ap.add_argument("--base-build", type=Path, help="default: BASE/build")
     ap.add_argument("--new-build", type=Path, help="default: NEW/build, or $RINGPOOL_BUILD_DIR")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--budget", type=float, default=0.5, help="seconds per Executor map row")
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds per Executor map row")
+    ap.add_argument("--quick", action="store_true", help="bench_pool_cpp --quick (one 0.3 s run per C++ row, not "
+                                                         "the median of three 1 s runs)")
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -155,7 +158,7 @@ def main():
         r = {}
         for name in order:
             print(f"round {k + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-            r[name] = _measure(trees[name], builds[name], args.budget)
+            r[name] = _measure(trees[name], builds[name], args.budget, args.quick)
         rounds.append(r)
     md = markdown(args, rounds, load)
     print(md)
