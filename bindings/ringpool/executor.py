@@ -163,6 +163,12 @@ class Executor(_Executor):
         """shutdown() was called (ringpool.joblib reads it to retire a shared pool)."""
         return self._state.shutdown
 
+    @property
+    def _broken(self):
+        """Why the pool broke, or None (the stdlib's pools have the same attribute; a
+        ClusterExecutor host drops a broken node-local pool by it)."""
+        return self._state.broken
+
     def worker_pids(self):
         """The pids of the pool's current workers (a snapshot: a worker may die, or be replaced,
         right after). Any thread may call it. A pid is only safe to signal while the process is
