@@ -258,7 +258,8 @@ TEST_CASE("scheduler: a task past its deadline kills its worker and fails with k
   f.take(1, 2);
   const auto tid = f.tid_of(1, 0);
   CHECK(s.expire(t0, kill) == Sched::TimePoint::max());  // nothing started
-  s.started(1, tid, t0);
+  CHECK(s.started(1, tid, t0));
+  CHECK_FALSE(s.started(1, tid, t0 + 90ms));  // reported again: refused, the deadline stands
   CHECK(s.expire(t0 + 99ms, kill) == t0 + 100ms);
   CHECK(kill.empty());
   CHECK(s.expire(t0 + 100ms, kill) == Sched::TimePoint::max());

@@ -106,6 +106,17 @@ def many_handles(n):
     return 0
 
 
+def restart_clock(seconds, every):
+    """Runs `seconds`, reporting STARTED for its own call again every `every` seconds: a pool that
+    took each report as a fresh start would push the task timeout's deadline back for ever."""
+    loc = _loop()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(every)
+        loc["put"]((loc["wid"], loc["tid"], _task().STARTED, None, 0.0))
+    return 0
+
+
 def pid_after(t):
     """Sleeps t seconds, returns the worker's pid (an innocent task)."""
     time.sleep(t)
