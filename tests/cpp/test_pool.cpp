@@ -242,6 +242,19 @@ TEST_CASE("Pool: a worker cannot push its task timeout back by reporting STARTED
   CHECK(get(after) == Value(5));
 }
 
+TEST_CASE("Pool: a timed-out task fails even if its worker rewrote its call ring's counter" * doctest::timeout(120)) {
+  // The call ring's `consumed` counter is in memory the worker can write: a task that takes its
+  // record back there and hangs must still fail with TaskTimeout, not be requeued (and hang the
+  // next worker, for ever).
+  PoolOptions o = options(true, 1);
+  o.task_timeout = 2000ms;
+  Pool pool(o);
+  auto bad = pool.submit("rp_tasks.hostile:hide_and_hang", {Value(30.0)});
+  auto after = pool.submit("rp_tasks:add", {Value(2), Value(3)});
+  CHECK_THROWS_AS(get(bad), TaskTimeout);
+  CHECK(get(after) == Value(5));
+}
+
 TEST_CASE("Pool: each worker holds its own channels only" * doctest::timeout(180)) {
   // What a worker can reach is what it holds: its call ring, and of its result ring the producer
   // side only. Two workers share no segment and no socket end, and a worker holds no socket end

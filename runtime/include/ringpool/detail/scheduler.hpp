@@ -293,7 +293,10 @@ class Scheduler {
     if (it == workers_.end()) return {};
     WorkerState& w = it->second;
     Death d;
-    d.running = consumed > w.answered;
+    // `consumed` is the worker's own count, in memory it can write: a call it reported STARTED
+    // was running whatever the count says (else a task could take its record back there and be
+    // requeued at its timeout's kill, hanging one worker after another).
+    d.running = consumed > w.answered || (w.running && !w.sent.empty() && w.running->tid == w.sent[0].tid);
     d.timed_out = w.timed_out != 0;
     d.retiring = w.retiring;
     std::vector<Entry> retry;
