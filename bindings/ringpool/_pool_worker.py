@@ -103,6 +103,7 @@ def serve_executor(wid, calls_ref, results_ref, initializer, initargs, max_tasks
 def serve_pool(config, calls, results):
     """A worker of the C++ ``ringpool::Pool`` (started by ``_worker.run`` when its first frame is a
     plain configuration): calls and results are plain data only. Returns the exit code."""
+    _undumpable()
     for p in reversed(config.get("sys_path_prepend") or ()):
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -113,6 +114,17 @@ def serve_pool(config, calls, results):
         modules.install(modules.Snapshot(pkg["name"], pkg["root"], pkg["files"]))
     serve(config["wid"], calls, results, None, (), config.get("max_tasks"), bool(config.get("report_start")), True)
     return 0
+
+
+def _undumpable():
+    """PR_SET_DUMPABLE 0, before any task runs: another worker (same user) can then neither open
+    this one's descriptors through /proc/<pid>/fd (its rings' memfds: forged answers) nor ptrace
+    it or write /proc/<pid>/mem (docs/design/security.md, "Same user")."""
+    import ctypes  # only here: prctl has no binding, and only C++ Pool workers need it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
 
 
 _PLAIN_SCALARS = (type(None), bool, float, str, bytes)

@@ -32,6 +32,7 @@
 // The Python code never runs in this process: requests become plain-data pickles (ringpool's C++
 // codec), and a worker's answer can only ever be plain data. A worker that crashes fails only its
 // request (the client gets a WorkerDied error); the pool replaces it and the service goes on.
+#include <sys/prctl.h>
 #include <sys/resource.h>
 
 #include <utility>  // before Asio: Boost 1.74's awaitable.hpp uses std::exchange without it
@@ -516,6 +517,12 @@ int main(int argc, char** argv) {
       limits.max_connections + 64 > nofile.rlim_cur)
     std::cerr << "json_service: --max-connections " << limits.max_connections << " is near RLIMIT_NOFILE ("
               << nofile.rlim_cur << "): accepts will pause on EMFILE before the cap\n";
+  // Not dumpable: a worker runs as our user, and could otherwise open every worker's ring
+  // through /proc/<our pid>/fd or write code into /proc/<our pid>/mem (security.md, "Same user").
+  if (::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) {
+    std::perror("json_service: prctl(PR_SET_DUMPABLE, 0)");
+    return 1;
+  }
   try {
     ringpool::Pool pool(options);
     asio::io_context io;

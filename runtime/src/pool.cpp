@@ -657,7 +657,9 @@ struct Pool::Impl {
       if (!oldest || !r.tid || *r.tid != *oldest)
         return break_protocol(w, "reported starting task " + (r.tid ? std::to_string(*r.tid) : std::string("None")) +
                                      " (" + expected() + ")");
-      sched.started(w.wid, *r.tid, Clock::now());
+      if (!sched.started(w.wid, *r.tid, Clock::now()))
+        return break_protocol(w, "reported starting task " + std::to_string(*r.tid) +
+                                     " again (its task timeout runs from the first report)");
     } else if (r.status == kPong) {
       return break_protocol(w, "a PONG the pool never asked for");
     } else if (r.status == kInitFailed) {

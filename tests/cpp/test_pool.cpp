@@ -223,6 +223,39 @@ TEST_CASE("Pool: a worker holding its call ring's lock is killed, not waited for
   CHECK(pool.workers_started() == 2);
 }
 
+TEST_CASE("Pool: a worker cannot push its task timeout back by reporting STARTED again" * doctest::timeout(120)) {
+  // A STARTED record starts the task timeout's clock; a hostile task that sent it again and again
+  // would run for ever under a pool that restarted the clock each time (task_timeout 5 s, long
+  // enough for a loaded machine; the task reports every 0.1 s for 30 s, then returns 0).
+  PoolOptions o = options(true, 1);
+  o.task_timeout = 5000ms;
+  Pool pool(o);
+  auto bad = pool.submit("rp_tasks.hostile:restart_clock", {Value(30.0), Value(0.1)});
+  try {
+    get(bad);
+    FAIL("the task outlived its timeout");
+  } catch (const ProtocolError& e) {
+    CAPTURE(e.what());
+    CHECK(std::string(e.what()).find("reported starting task") != std::string::npos);
+    CHECK(std::string(e.what()).find("again") != std::string::npos);
+  }
+  auto after = pool.submit("rp_tasks:add", {Value(2), Value(3)});
+  CHECK(get(after) == Value(5));
+}
+
+TEST_CASE("Pool: a timed-out task fails even if its worker rewrote its call ring's counter" * doctest::timeout(120)) {
+  // The call ring's `consumed` counter is in memory the worker can write: a task that takes its
+  // record back there and hangs must still fail with TaskTimeout, not be requeued (and hang the
+  // next worker, for ever).
+  PoolOptions o = options(true, 1);
+  o.task_timeout = 2000ms;
+  Pool pool(o);
+  auto bad = pool.submit("rp_tasks.hostile:hide_and_hang", {Value(30.0)});
+  auto after = pool.submit("rp_tasks:add", {Value(2), Value(3)});
+  CHECK_THROWS_AS(get(bad), TaskTimeout);
+  CHECK(get(after) == Value(5));
+}
+
 TEST_CASE("Pool: each worker holds its own channels only" * doctest::timeout(180)) {
   // What a worker can reach is what it holds: its call ring, and of its result ring the producer
   // side only. Two workers share no segment and no socket end, and a worker holds no socket end

@@ -258,7 +258,8 @@ TEST_CASE("scheduler: a task past its deadline kills its worker and fails with k
   f.take(1, 2);
   const auto tid = f.tid_of(1, 0);
   CHECK(s.expire(t0, kill) == Sched::TimePoint::max());  // nothing started
-  s.started(1, tid, t0);
+  CHECK(s.started(1, tid, t0));
+  CHECK_FALSE(s.started(1, tid, t0 + 90ms));  // reported again: refused, the deadline stands
   CHECK(s.expire(t0 + 99ms, kill) == t0 + 100ms);
   CHECK(kill.empty());
   CHECK(s.expire(t0 + 100ms, kill) == Sched::TimePoint::max());
@@ -268,6 +269,32 @@ TEST_CASE("scheduler: a task past its deadline kills its worker and fails with k
   CHECK(kill.empty());  // asked once
   auto d = s.died(1, f.w[1].consumed, failed);
   CHECK(d.timed_out);
+  REQUIRE(failed.size() == 1);
+  CHECK(failed[0].task == 0);
+  CHECK(failed[0].fate == Fate::kTimedOut);
+  CHECK(s.backlog_size() == 1);  // the call it had not started
+}
+
+TEST_CASE("scheduler: a call reported STARTED fails at its worker's death whatever its consumed count says") {
+  // The count comes from the worker's call ring, which the worker can write: a worker claiming it
+  // never took the record it reported starting must not get that call requeued.
+  SchedulerOptions o = opts(1);
+  o.task_timeout = 100ms;
+  Sched s(o);
+  s.add_worker(1);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  std::vector<int> kill;
+  const Sched::TimePoint t0{};
+  s.submit(0);
+  s.submit(1);
+  f.dispatch(s);
+  f.take(1, 2);
+  CHECK(s.started(1, f.tid_of(1, 0), t0));
+  s.expire(t0 + 100ms, kill);
+  REQUIRE(kill == std::vector<int>{1});
+  auto d = s.died(1, /*consumed, as the worker rewrote it:*/ 0, failed);
+  CHECK(d.running);
   REQUIRE(failed.size() == 1);
   CHECK(failed[0].task == 0);
   CHECK(failed[0].fate == Fate::kTimedOut);

@@ -60,11 +60,11 @@ def descendants(pid):
 class Service:
     """json_service on 127.0.0.1 with textjobs shipped (its EXPORTS allowed) and `flags`."""
 
-    def __init__(self, tmp_path, *flags):
+    def __init__(self, tmp_path, *flags, prefix=(BINARY,)):
         assert os.path.exists(BINARY), f"{BINARY} is not built: ./run build"
         self.stderr_path = tmp_path / "service.stderr"
         self.proc = subprocess.Popen(
-            [BINARY, "--port", "0", "--workers", "2", "--python-path", BINDINGS, "--package", "textjobs=" + TEXTJOBS,
+            [*prefix, "--port", "0", "--workers", "2", "--python-path", BINDINGS, "--package", "textjobs=" + TEXTJOBS,
              *flags], stdout=subprocess.PIPE, stderr=open(self.stderr_path, "w"), text=True)
         ready, _, _ = select.select([self.proc.stdout], [], [], 60)
         line = self.proc.stdout.readline() if ready else ""
@@ -98,8 +98,8 @@ class Service:
 
 
 @contextlib.contextmanager
-def service(tmp_path, *flags):
-    s = Service(tmp_path, *flags)
+def service(tmp_path, *flags, prefix=(BINARY,)):
+    s = Service(tmp_path, *flags, prefix=prefix)
     try:
         yield s
     finally:
@@ -416,3 +416,26 @@ def test_accept_survives_fd_exhaustion(tmp_path):
         fresh.close()
         late.close()
         assert svc.proc.poll() is None
+
+
+PROC_PEERS = os.path.join(ROOT, "tests", "python", "hostile_pkgs", "proc_peers")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the service as user nobody (setpriv): needs root")
+@pytest.mark.timeout(180)
+def test_a_task_cannot_reach_the_service_or_other_workers_through_proc(tmp_path):
+    # Workers run as the service's user. Were the service or a worker dumpable, a task could open
+    # every worker's ring memfd through /proc/<service>/fd (and forge other workers' answers),
+    # another worker's through /proc/<worker>/fd, and write code into /proc/<service>/mem. Run as
+    # nobody (root's CAP_SYS_PTRACE passes every such check, so only a second user shows it).
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+              "--bounding-set=-all", BINARY]
+    with service(tmp_path, "--workers", "3", "--package", "proc_peers=" + PROC_PEERS, prefix=nobody) as svc:
+        got = Client(svc, timeout=60).call("proc_peers:steal", os.path.basename(BINARY)[:15])
+        assert got["ok"], got
+        r = got["result"]
+        assert r["service_pid"] == svc.proc.pid
+        assert len(r["other_workers"]) >= 2, r  # the zygote and two other workers were looked at
+        assert r["service_fds_opened"] == [], r
+        assert r["service_mem_writable"] is not True, r
+        assert all(v == [] for v in r["other_workers"].values()), r

@@ -328,12 +328,16 @@ class Scheduler {
     return out;
   }
 
-  // A STARTED record: with a task timeout, the call's deadline runs from now.
-  void started(int wid, std::uint64_t tid, TimePoint now) {
-    if (opts_.task_timeout.count() <= 0) return;
+  // A STARTED record: with a task timeout, the call's deadline runs from now. False if its worker
+  // had already reported starting this call: the deadline stands (a worker reporting again and
+  // again would otherwise push it back for ever; the owner treats it as a protocol break).
+  bool started(int wid, std::uint64_t tid, TimePoint now) {
+    if (opts_.task_timeout.count() <= 0) return true;
     auto it = workers_.find(wid);
-    if (it == workers_.end()) return;
+    if (it == workers_.end()) return true;
+    if (it->second.running && it->second.running->tid == tid) return false;
     it->second.running = Running{tid, now + opts_.task_timeout};
+    return true;
   }
 
   // A PONG: every call still unanswered in front of the ping lost its result.
@@ -371,7 +375,10 @@ class Scheduler {
     if (it == workers_.end()) return {};
     WorkerState& w = it->second;
     Death d;
-    d.running = consumed > w.answered;
+    // `consumed` is the worker's own count, in memory it can write: a call it reported STARTED
+    // was running whatever the count says (else a task could take its record back there and be
+    // requeued at its timeout's kill, hanging one worker after another).
+    d.running = consumed > w.answered || (w.running && !w.sent.empty() && w.running->tid == w.sent[0].tid);
     d.timed_out = w.timed_out != 0;
     d.retiring = w.retiring;
     std::vector<Entry> retry;

@@ -106,6 +106,17 @@ def many_handles(n):
     return 0
 
 
+def restart_clock(seconds, every):
+    """Runs `seconds`, reporting STARTED for its own call again every `every` seconds: a pool that
+    took each report as a fresh start would push the task timeout's deadline back for ever."""
+    loc = _loop()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(every)
+        loc["put"]((loc["wid"], loc["tid"], _task().STARTED, None, 0.0))
+    return 0
+
+
 def pid_after(t):
     """Sleeps t seconds, returns the worker's pid (an innocent task)."""
     time.sleep(t)
@@ -146,3 +157,19 @@ def hold_call_lock(t):
 
 
 _held = []
+_CONSUMED = 264  # offsetof(RingControl, consumed): frames ever taken from the ring (a u64)
+
+
+def hide_and_hang(t):
+    """Takes back, in its call ring's shared counter, every record it was sent (as if it had never
+    taken them), then sleeps t seconds: a pool that read that counter at the worker's death (the
+    task timeout's kill) would requeue this call instead of failing it, and run it again and
+    again on worker after worker, never timing out."""
+    import mmap  # (only here: the counter is in the ring's first page)
+
+    calls = _loop()["calls"]
+    page = mmap.mmap(calls.handles()[0], mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    struct.pack_into("<Q", page, _CONSUMED, 0)  # (not even its configuration record)
+    _held.append(page)
+    time.sleep(t)
+    return 0
