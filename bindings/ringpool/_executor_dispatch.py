@@ -43,13 +43,14 @@ class _Dispatcher:
         s.groups[g] = gr
         done = []
         if s.max_tasks is None:
-            assigned = s.sched.submit_assign(g, 1, False)  # one call instead of two
-            if len(assigned) == 1 and not s.workers[assigned[0][0]].unpublished:
-                # The common case, inline: it alone went to a worker with room in its ring.
-                wid, recs = assigned[0]
+            assigned = s.sched.submit_one(g)  # one call instead of two; (wid, tid) if it went alone
+            if type(assigned) is tuple:
+                wid, tid = assigned
                 w = s.workers[wid]
-                if len(recs) == 1 and recs[0][1] == g:
-                    tid, _, _, _ = recs[0]
+                if w.unpublished:  # its ring is full: sent as any assignment is, after the others
+                    assigned = [(wid, [(tid, g, 0, 1)])]
+                else:
+                    # The common case, inline: it alone went to a worker with room in its ring.
                     fn = gr.fn
                     code = self._function(fn, w) if type(fn) in _TABLED else fn
                     try:

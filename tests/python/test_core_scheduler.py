@@ -54,6 +54,18 @@ def test_submits_never_share_a_record():
     assert records_of(s.assign()) == {1: [(1, 1, 0, 1), (2, 2, 0, 1), (3, 3, 0, 1)]}
 
 
+def test_submit_one_answers_a_lone_call_as_wid_and_tid_and_anything_else_as_assign_does():
+    s = pool(1, min_depth=2, max_depth=2)
+    assert s.submit_one(1) == (1, 1)  # alone, to the idle worker: no lists
+    assert s.submit_one(2) == (1, 2)
+    assert s.submit_one(3) == []  # the worker is full (depth 2): it waits in the backlog
+    assert s.backlog == 1
+    s.answers([ok(1, 1)])
+    # Room for one: the waiting call goes first, so the new one waits and the answer is a list.
+    assert s.submit_one(4) == [(1, [(3, 3, 0, 1)])]
+    assert s.backlog == 1 and s.outstanding == 3
+
+
 def test_a_death_in_the_middle_of_a_batch_fails_the_running_item_and_requeues_the_rest():
     s = pool(2, min_depth=3, max_depth=3)
     s.submit(1, 6, True)
