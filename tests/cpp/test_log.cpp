@@ -20,6 +20,7 @@
 #include "ringpool/log.hpp"
 #include "ringpool/pool.hpp"
 #include "fd_limit.hpp"
+#include "pool_options.hpp"
 
 using namespace ringpool;
 using namespace std::chrono_literals;
@@ -59,12 +60,7 @@ struct Recorder {
 };
 
 PoolOptions options(bool zygote, int workers, Recorder& rec) {
-  PoolOptions o;
-  o.workers = workers;
-  o.python = "/usr/bin/python3";
-  o.python_path = {RINGPOOL_SOURCE_DIR "/bindings"};
-  o.packages = {{"rp_tasks", RINGPOOL_SOURCE_DIR "/tests/cpp/pytasks/rp_tasks"}};
-  o.zygote = zygote;
+  PoolOptions o = testing::rp_tasks_pool(zygote, workers);
   o.log = rec.handler();
   return o;
 }

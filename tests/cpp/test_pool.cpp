@@ -22,21 +22,14 @@
 #include "ringpool/pickle.hpp"
 #include "ringpool/pool.hpp"
 #include "fd_limit.hpp"
+#include "pool_options.hpp"
 
 using namespace ringpool;
 using namespace std::chrono_literals;
 
 namespace {
 
-PoolOptions options(bool zygote, int workers = 2) {
-  PoolOptions o;
-  o.workers = workers;
-  o.python = "/usr/bin/python3";
-  o.python_path = {RINGPOOL_SOURCE_DIR "/bindings"};
-  o.packages = {{"rp_tasks", RINGPOOL_SOURCE_DIR "/tests/cpp/pytasks/rp_tasks"}};
-  o.zygote = zygote;
-  return o;
-}
+PoolOptions options(bool zygote, int workers = 2) { return testing::rp_tasks_pool(zygote, workers); }
 
 template <class T>
 T get(std::future<T>& f) {
