@@ -136,7 +136,9 @@ class Scheduler {
     return true;
   }
 
-  // Workers that take calls: neither retiring nor known to have exited.
+  // Workers that count toward the pool's size: all but the retiring. An exited worker still counts
+  // until died() has handled it (every result it published read), so its replacement is started
+  // after that, not when the exit is first known; assign() sends it nothing meanwhile.
   std::size_t open_workers() const {
     std::size_t n = 0;
     for (const auto& [_, w] : workers_) n += !w.retiring;
