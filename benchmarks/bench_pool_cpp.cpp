@@ -1,13 +1,13 @@
 // The C++ Pool's part of benchmarks/bench_pool.py: no-op task throughput from 1 and 4 service
-// threads (futures), from one thread with callbacks (async_submit), and sequential submit ->
-// result latency. Prints one JSON object.
+// threads (futures), as one Pool::map, from one thread with callbacks (async_submit), and
+// sequential submit -> result latency. Prints one JSON object.
 //
 //   bench_pool_cpp SOURCE_DIR [--quick]
 //   bench_pool_cpp SOURCE_DIR --paired
 //
 // --paired: for bench_pool.py's side-by-side comparison with the Executor. Prints "ready" once
-// the pool is warm, then for each line N read from stdin runs N no-op tasks from 1 service
-// thread (futures) and prints the rate in tasks/s; ends at EOF.
+// the pool is warm, then for each line read from stdin, "N" or "map N", runs N no-op tasks from
+// 1 service thread (a future each, or one Pool::map) and prints the rate in tasks/s; ends at EOF.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -49,6 +49,19 @@ double throughput(Pool& pool, int threads, int n) {
   return n / dt;
 }
 
+// n no-op tasks as one Pool::map from one thread (one future for the batch); returns tasks/s.
+double map_throughput(Pool& pool, int n) {
+  const auto t0 = Clock::now();
+  std::vector<std::vector<Value>> calls(n);
+  for (int i = 0; i < n; ++i) calls[i].emplace_back(i);
+  std::vector<Value> out = pool.map("benchtasks:noop", std::move(calls)).get();
+  const double dt = seconds_since(t0);
+  int bad = 0;
+  for (int i = 0; i < n; ++i) bad += out[i].as_int() != i;
+  if (bad) std::fprintf(stderr, "bench_pool_cpp: %d wrong map results\n", bad);
+  return n / dt;
+}
+
 // n no-op tasks from one thread through async_submit (a callback per task, as an event-driven
 // service uses the pool); returns tasks/s once every callback has run.
 double callback_throughput(Pool& pool, int n) {
@@ -84,9 +97,12 @@ int main(int argc, char** argv) {
   if (paired) {
     std::printf("ready\n");
     std::fflush(stdout);
-    long n = 0;
-    while (std::scanf("%ld", &n) == 1) {
-      std::printf("%.1f\n", throughput(pool, 1, static_cast<int>(std::clamp<long>(n, 1, 50'000'000))));
+    // A line "N": N tasks through submit (a future each); "map N": one Pool::map of N.
+    char line[64];
+    while (std::fgets(line, sizeof line, stdin)) {
+      const bool as_map = std::strncmp(line, "map ", 4) == 0;
+      const int n = static_cast<int>(std::clamp<long>(std::atol(line + (as_map ? 4 : 0)), 1, 50'000'000));
+      std::printf("%.1f\n", as_map ? map_throughput(pool, n) : throughput(pool, 1, n));
       std::fflush(stdout);
     }
     return 0;
@@ -102,6 +118,13 @@ int main(int argc, char** argv) {
     for (int r = 0; r < (quick ? 1 : 3); ++r) rates.push_back(throughput(pool, threads, n));
     std::sort(rates.begin(), rates.end());
     std::printf("\"threads_%d\": {\"tasks\": %d, \"tasks_per_s\": %.1f}, ", threads, n, rates[rates.size() / 2]);
+  }
+  {
+    int n = std::max(1000, static_cast<int>(map_throughput(pool, 2000) * (quick ? 0.3 : 1.0)));
+    std::vector<double> rates;
+    for (int r = 0; r < (quick ? 1 : 3); ++r) rates.push_back(map_throughput(pool, n));
+    std::sort(rates.begin(), rates.end());
+    std::printf("\"map\": {\"tasks\": %d, \"tasks_per_s\": %.1f}, ", n, rates[rates.size() / 2]);
   }
   {
     int n = std::max(1000, static_cast<int>(callback_throughput(pool, 2000) * (quick ? 0.3 : 1.0)));

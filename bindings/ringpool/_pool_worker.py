@@ -7,8 +7,9 @@
   ``ChannelRef`` arguments, their descriptors carried by the process object).
 - ``serve_pool``: a worker of the C++ Pool, started by ``ringpool._worker.run`` when the first
   frame on its boot channel is a plain configuration instead of a process object; it only ever
-  sees plain data (``plain=True``: results are checked with ``_plain_problem``, errors travel as
-  ``(type name, message, traceback)``).
+  sees plain data (``plain=True``: results go out through ``put_plain``, in C, and what that
+  declines is made plain or refused by ``_checked``; errors travel as ``(type name, message,
+  traceback)``).
 
 This is the first task code of every pool worker, so it imports nothing of the parent side
 (``executor``, ``context``, ``popen``, ...): a test (tests/python/test_imports.py) holds it to
@@ -165,6 +166,24 @@ def _plain_problem(v, depth=0):
         f"a value of type {t.__qualname__}"
 
 
+def _checked(rec):
+    """A C++ Pool worker's record that the plain encoder declined (put_plain): its value made plain
+    (a bytearray or memoryview as bytes) or, if it is not plain data, an ERR record of the
+    TypeError saying why. The encoder writes what is plain and shallow, so only values it declines
+    pay for this walk (a list shared twice, nesting deeper than it goes, a big int, ...)."""
+    wid, tid, status, value, elapsed = rec
+    if status != _OK:
+        return rec
+    if type(value) is bytearray or type(value) is memoryview:
+        value = bytes(value)
+    why = _plain_problem(value)
+    if why:
+        return (wid, tid, _ERR, _plain_error(TypeError(
+            f"the task returned {why}; a ringpool::Pool task must return plain data (None, bool, int, float, str, "
+            f"bytes, list, tuple, dict)")), elapsed)
+    return (wid, tid, _OK, value, elapsed)
+
+
 def _plain_error(exc):
     t = type(exc)
     name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
@@ -176,11 +195,20 @@ def serve(wid, calls, results, initializer, initargs, max_tasks, report_start, p
     """A worker's loop: one call at a time, each result published before the next call is taken.
     plain: the C++ Pool's worker (errors as (type, message, traceback), results plain data)."""
     error_payload = _plain_error if plain else _error_payload
+    put_obj, put_plain = results.put_obj, results.put_plain
 
     def put(rec):
-        p = results.put_obj(rec, 0)
+        p = put_obj(rec, 0)
         while p is not None and not results.publish(p):
             results.wait_writable(p.record_bytes, _PUT_RETRY)
+
+    if plain:
+        def put(rec):  # noqa: F811 (the C++ Pool's: plain data only, checked in C as it is written)
+            p = put_plain(rec, 0)
+            if p is NotImplemented:
+                p = put_obj(_checked(rec), 0)
+            while p is not None and not results.publish(p):
+                results.wait_writable(p.record_bytes, _PUT_RETRY)
 
     if initializer is not None:
         try:
@@ -217,22 +245,7 @@ def serve(wid, calls, results, initializer, initargs, max_tasks, report_start, p
                 value = [fn(a) for a in args] if kwargs == _SINGLE else [fn(*a) for a in args]
             else:
                 value = fn(*args, **kwargs) if kwargs else fn(*args)
-            if plain:
-                # The common scalars are answered here, an int's range with literal bounds (the
-                # int64 range; a global tuple's two lookups and subscripts were a tenth of a no-op
-                # task's worker time); everything else by _plain_problem.
-                t = type(value)
-                if t is int:
-                    why = None if -0x8000_0000_0000_0000 <= value <= 0x7FFF_FFFF_FFFF_FFFF else _plain_problem(value)
-                elif value is None or t is float or t is bool:
-                    why = None
-                else:
-                    if t is bytearray or t is memoryview:
-                        value = bytes(value)
-                    why = _plain_problem(value)
-                if why:
-                    raise TypeError(f"the task returned {why}; a ringpool::Pool task must return plain "
-                                    f"data (None, bool, int, float, str, bytes, list, tuple, dict)")
+            # (plain: put() checks the value, in C for what the plain encoder writes.)
             rec = (wid, tid, _OK, value, clock() - t0)
         except BaseException as exc:
             rec = (wid, tid, _ERR, error_payload(exc), clock() - t0)

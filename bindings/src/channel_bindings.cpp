@@ -343,6 +343,14 @@ class PyChannel {
     return put_dumped(d, accounting);
   }
 
+  // put_obj of plain data only (dump_plain): a C++ Pool worker's answer, which the service's
+  // codec must read. NotImplemented, nothing published, for anything the plain encoder declines.
+  py::object put_plain(py::handle obj, unsigned accounting) {
+    Dumped d;
+    if (!dump_plain(obj.ptr(), d)) return py::reinterpret_borrow<py::object>(Py_NotImplemented);
+    return put_dumped(d, accounting);
+  }
+
   // Publishes already pickled data (ringpool.reduction.dumps output), with backpressure.
   py::object put_payload(py::handle payload, std::uint8_t flags, const py::object& fds_obj, unsigned accounting) {
     Dumped d;
@@ -665,6 +673,11 @@ PyObject* fast_put_obj(PyObject* self, PyObject* const* args, Py_ssize_t nargs) 
   return guarded([&] { return self_of(self).put_obj(args[0], unsigned_arg(args, nargs, 1, Ring::kCountItem)); });
 }
 
+PyObject* fast_put_plain(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!arg_count("put_plain", nargs, 1, 2)) return nullptr;
+  return guarded([&] { return self_of(self).put_plain(args[0], unsigned_arg(args, nargs, 1, Ring::kCountItem)); });
+}
+
 PyObject* fast_get_obj(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   if (!arg_count("get_obj", nargs, 0, 1)) return nullptr;
   return guarded([&] { return self_of(self).get_obj(timeout_arg(args, nargs, 0)); });
@@ -726,6 +739,9 @@ PyObject* fast_fileno(PyObject* self, PyObject* const*, Py_ssize_t nargs) {
 PyMethodDef kFastMethods[] = {
     {"put_obj", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_put_obj)), METH_FASTCALL,
      "put_obj(obj, accounting=COUNT_ITEM): pickle and publish; None, or a Pending if the ring is full."},
+    {"put_plain", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_put_plain)), METH_FASTCALL,
+     "put_plain(obj, accounting=COUNT_ITEM): put_obj if obj is plain data the fast encoder writes (None, bool, "
+     "int64, float, str, bytes, tuples, lists and dicts, shallow); else NotImplemented, nothing published."},
     {"get_obj", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_get_obj)), METH_FASTCALL,
      "get_obj(timeout=None): take and unpickle one object; raises queue.Empty on timeout."},
     {"put_objs", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_put_objs)), METH_FASTCALL,

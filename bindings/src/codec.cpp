@@ -158,19 +158,24 @@ void explain_pickling_error(const Globals& g, PyObject* obj) {
 
 }  // namespace
 
-void dump_object(PyObject* obj, Dumped& out) {
+bool dump_plain(PyObject* obj, Dumped& out) {
   // Plain data pickles the same with any pickler (a reducer_override is never asked about it):
   // written here, with no pickler at all. The buffer never holds a Python reference and
   // encode_plain runs no Python code, so no re-entrant call can see it half-written.
   thread_local std::string buf;
   buf.clear();
-  if (!encode_plain(obj, buf)) return dump_general(obj, out);
+  if (!encode_plain(obj, buf)) return false;
   PyObject* b = PyBytes_FromStringAndSize(buf.data(), static_cast<Py_ssize_t>(buf.size()));
   if (buf.capacity() > kKeepEncodeBuffer) std::string().swap(buf);
   if (b == nullptr) throw py::error_already_set();
   out.flags = 0;
   out.fds.clear();
   out.payload = py::reinterpret_steal<py::object>(b);
+  return true;
+}
+
+void dump_object(PyObject* obj, Dumped& out) {
+  if (!dump_plain(obj, out)) dump_general(obj, out);
 }
 
 void dump_general(PyObject* obj, Dumped& out) {

@@ -20,6 +20,10 @@ struct Dumped {
 // Plain data goes through encode_plain (plain_pickle.h), the rest through dump_general.
 void dump_object(PyObject* obj, Dumped& out);
 
+// dump_object's first step alone: true if obj is plain data encode_plain writes; false (out
+// untouched, no Python error set) otherwise.
+bool dump_plain(PyObject* obj, Dumped& out);
+
 // The thread's ForkingPickler under the handle collector, for what encode_plain declined.
 void dump_general(PyObject* obj, Dumped& out);
 

@@ -16,6 +16,7 @@
 #include <deque>
 #include <limits>
 #include <optional>
+#include <span>
 #include <unordered_map>
 #include <vector>
 
@@ -860,13 +861,16 @@ class Encoder {
     out_ += static_cast<char>(op::STOP);
   }
   void ops(const Value& v) { save(v, 0); }
+  void tuple_ops(std::span<const Value> items) { save_tuple(items, 0); }
 
  private:
   [[noreturn]] static void fail(const std::string& why) { throw PickleError("pickle_dumps: " + why); }
 
   void put_op(std::uint8_t code) { out_ += static_cast<char>(code); }
   void put_le(std::uint64_t v, std::size_t width) {
-    for (std::size_t i = 0; i < width; ++i) out_ += static_cast<char>((v >> (8 * i)) & 0xff);
+    char b[8];  // one append, not a capacity check per byte (a call record is mostly these)
+    for (std::size_t i = 0; i < width; ++i) b[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+    out_.append(b, width);
   }
 
   void save_int(std::int64_t v) {
@@ -914,8 +918,20 @@ class Encoder {
     out_.append(data);
   }
 
-  void save_items(const Value::List& items, std::size_t depth) {
+  void save_items(std::span<const Value> items, std::size_t depth) {
     for (const Value& item : items) save(item, depth + 1);
+  }
+
+  // A tuple of these items (at depth: the tuple's own).
+  void save_tuple(std::span<const Value> items, std::size_t depth) {
+    if (items.empty()) return put_op(op::EMPTY_TUPLE);
+    if (items.size() <= 3) {
+      save_items(items, depth);
+      return put_op(static_cast<std::uint8_t>(op::TUPLE1 + items.size() - 1));
+    }
+    put_op(op::MARK);
+    save_items(items, depth);
+    put_op(op::TUPLE);
   }
 
   void save(const Value& v, std::size_t depth) {
@@ -950,17 +966,7 @@ class Encoder {
     }
 
     if (depth >= limits_.max_depth) fail("nesting deeper than " + std::to_string(limits_.max_depth) + " containers");
-    if (v.is_tuple()) {
-      const auto& items = v.as_tuple();
-      if (items.empty()) return put_op(op::EMPTY_TUPLE);
-      if (items.size() <= 3) {
-        save_items(items, depth);
-        return put_op(static_cast<std::uint8_t>(op::TUPLE1 + items.size() - 1));
-      }
-      put_op(op::MARK);
-      save_items(items, depth);
-      return put_op(op::TUPLE);
-    }
+    if (v.is_tuple()) return save_tuple(v.as_tuple(), depth);
     if (v.is_list()) {
       const auto& items = v.as_list();
       put_op(op::EMPTY_LIST);
@@ -1062,6 +1068,19 @@ void pickle_dump_ops(std::string& out, const Value& v, int protocol, const Pickl
     throw;
   }
 }
+
+namespace detail {
+void pickle_dump_tuple_ops(std::string& out, std::span<const Value> items, int protocol, const PickleLimits& limits) {
+  check_protocol(protocol);
+  const std::size_t size = out.size();
+  try {
+    Encoder(protocol, limits, out).tuple_ops(items);
+  } catch (...) {
+    out.resize(size);
+    throw;
+  }
+}
+}  // namespace detail
 
 Value pickle_loads(std::string_view data, const PickleLimits& limits) {
   if (std::optional<Value> v = TreeDecoder(data, limits).run()) return std::move(*v);

@@ -229,8 +229,67 @@ Value read_package(const std::string& name, const std::string& folder) {
 }  // namespace
 
 struct Pool::Impl {
+  // The calls of one map(): their results in order, fulfilled as one future once the last call
+  // is answered (or failed). Owned by its calls' Slots: the last one to complete delivers it and
+  // frees it, so no call pays a promise of its own (a std::promise costs ~0.6 us here, most of it
+  // set_value's futex wake, which glibc's pthread_once makes whether anyone waits or not).
+  struct Batch {
+    std::promise<std::vector<Value>> done;
+    std::vector<Value> values;
+    std::atomic<std::size_t> remaining;
+    std::mutex error_mu;  // the first failure in the calls' order; rare, so a lock
+    std::size_t error_at = std::numeric_limits<std::size_t>::max();
+    std::exception_ptr error;
+
+    explicit Batch(std::size_t n) : values(n), remaining(n) {}
+    // Call i's outcome; the last one delivers the batch and deletes it.
+    void settle(std::size_t i, std::exception_ptr e, Value v) {
+      if (e) {
+        std::lock_guard lk(error_mu);
+        if (i < error_at) {
+          error_at = i;
+          error = std::move(e);
+        }
+      } else {
+        values[i] = std::move(v);
+      }
+      if (remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      if (error)
+        done.set_exception(error);
+      else
+        done.set_value(std::move(values));
+      delete this;
+    }
+  };
+  // Call `index` of a batch; one destroyed without an outcome (a task dropped unanswered) fails
+  // it as a broken promise would.
+  class Slot {
+   public:
+    Slot(Batch* b, std::size_t i) noexcept : batch_(b), index_(i) {}
+    Slot(Slot&& o) noexcept : batch_(std::exchange(o.batch_, nullptr)), index_(o.index_) {}
+    Slot& operator=(Slot&& o) noexcept {
+      if (this != &o) {
+        abandon();
+        batch_ = std::exchange(o.batch_, nullptr);
+        index_ = o.index_;
+      }
+      return *this;
+    }
+    ~Slot() { abandon(); }
+    void settle(std::exception_ptr e, Value v) { std::exchange(batch_, nullptr)->settle(index_, std::move(e), std::move(v)); }
+
+   private:
+    void abandon() noexcept {
+      if (batch_)
+        std::exchange(batch_, nullptr)
+            ->settle(index_, std::make_exception_ptr(std::future_error(std::future_errc::broken_promise)), Value());
+    }
+    Batch* batch_;
+    std::size_t index_;
+  };
+
   // A task and where its outcome goes: a future's promise (submit), a promise of bytes
-  // (submit_raw) or a callback (async_submit). The scheduler (detail/scheduler.hpp) holds it in
+  // (submit_raw), a callback (async_submit) or its place in a batch (map). The scheduler (detail/scheduler.hpp) holds it in
   // its backlog until it is sent, then in its worker's queue of unanswered calls until answered,
   // and gives it its wire id when it is sent: ids run in the order calls are sent, whichever
   // thread submitted them, so that any calls sent together can share a RUN record.
@@ -242,7 +301,7 @@ struct Pool::Impl {
     // the call may join a run.
     std::uint32_t args_at = 0, args_len = 0, nargs = 0;
     bool runnable = false;        // no keyword arguments
-    std::variant<std::monostate, std::promise<Value>, std::promise<std::string>, Callback> sink;
+    std::variant<std::monostate, std::promise<Value>, std::promise<std::string>, Callback, Slot> sink;
 
     void ok(Value v) {
       if (auto* p = std::get_if<std::promise<Value>>(&sink)) {
@@ -255,6 +314,8 @@ struct Pool::Impl {
               RemoteError("TypeError", "a raw task must return bytes, not " + std::string(v.type_name()), "")));
       } else if (auto* c = std::get_if<Callback>(&sink)) {
         (*c)(nullptr, std::move(v));
+      } else if (auto* b = std::get_if<Slot>(&sink)) {
+        b->settle(nullptr, std::move(v));
       }
     }
     void fail(std::exception_ptr e) {
@@ -264,6 +325,8 @@ struct Pool::Impl {
         r->set_exception(e);
       else if (auto* c = std::get_if<Callback>(&sink))
         (*c)(e, Value());
+      else if (auto* b = std::get_if<Slot>(&sink))
+        b->settle(e, Value());
     }
   };
 
@@ -983,6 +1046,15 @@ struct Pool::Impl {
     dispatch();
   }
 
+  // map()'s calls, in order, under one lock (all or none are taken).
+  void submit_tasks(std::vector<Task>& ts) {
+    std::lock_guard lk(mu);
+    if (shutting_down) throw PoolClosed("ringpool::Pool: submit after shutdown");
+    if (!broken.empty()) throw PoolClosed(broken);
+    for (Task& t : ts) sched.submit(std::move(t));
+    dispatch();
+  }
+
   // t.body: the opcodes of function, args and kwargs (or None), written without building them
   // into one Value; the rest of the record is written when t is sent.
   static void encode_call(Task& t, std::string function, std::vector<Value> args,
@@ -992,7 +1064,7 @@ struct Pool::Impl {
     pickle_dump_ops(out, Value(std::move(function)));
     const std::size_t args_at = out.size();
     t.nargs = static_cast<std::uint32_t>(args.size());
-    pickle_dump_ops(out, Value::tuple(std::move(args)));
+    detail::pickle_dump_tuple_ops(out, args);
     const std::size_t args_end = out.size();
     if (kwargs.empty()) {
       out += 'N';
@@ -1079,6 +1151,24 @@ std::future<Value> Pool::submit(std::string function, std::vector<Value> args,
   Impl::encode_call(t, std::move(function), std::move(args), std::move(kwargs));
   auto fut = t.sink.emplace<std::promise<Value>>().get_future();
   impl_->submit_task(std::move(t));
+  return fut;
+}
+
+std::future<std::vector<Value>> Pool::map(std::string function, std::vector<std::vector<Value>> calls) {
+  if (calls.empty()) {
+    std::promise<std::vector<Value>> none;
+    none.set_value({});
+    return none.get_future();
+  }
+  // Encoded first (a PickleError leaves nothing submitted); the batch is made last, once every
+  // call is encoded, and owned by the tasks from then on.
+  std::vector<Impl::Task> ts(calls.size());
+  for (std::size_t i = 0; i < calls.size(); ++i)
+    Impl::encode_call(ts[i], i + 1 < calls.size() ? function : std::move(function), std::move(calls[i]), {});
+  auto* batch = new Impl::Batch(ts.size());
+  auto fut = batch->done.get_future();
+  for (std::size_t i = 0; i < ts.size(); ++i) ts[i].sink.emplace<Impl::Slot>(batch, i);
+  impl_->submit_tasks(ts);  // on a throw the tasks' slots fail the batch (its future is dropped)
   return fut;
 }
 

@@ -120,6 +120,38 @@ TEST_CASE("Pool reports Python errors, refuses non-plain results, keeps going" *
   CHECK(get(ok) == Value(2));
 }
 
+TEST_CASE("Pool: results the worker's fast encoder declines are made plain or refused with TypeError" *
+          doctest::timeout(120)) {
+  Pool pool(options(true, 1));
+  auto shape = [&](const char* kind) {
+    auto f = pool.submit("rp_tasks:shape", {Value(kind)});
+    return get(f);
+  };
+  // Plain data, only beyond the encoder's reach (a shared list, deep or many containers): intact.
+  const Value x = Value::list({Value(1), Value(2)});
+  CHECK(shape("shared") == Value::list({x, x, Value::dict({{Value("k"), x}})}));
+  Value deep(0);
+  for (int i = 0; i < 20; ++i) deep = Value::list({deep});
+  CHECK(shape("deep") == deep);
+  CHECK(shape("many").as_list().size() == 200);
+  // bytearray and memoryview arrive as bytes.
+  CHECK(shape("bytearray") == Value::bytes("ab"));
+  CHECK(shape("memoryview") == Value::bytes("cd"));
+  // Not plain: a TypeError naming what, and the worker goes on.
+  for (auto [kind, what] : {std::pair{"surrogate", "not valid UTF-8"}, std::pair{"nested-object", "type object"}}) {
+    CAPTURE(kind);
+    try {
+      shape(kind);
+      FAIL("no error");
+    } catch (const RemoteError& e) {
+      CHECK(e.type_name() == "TypeError");
+      CHECK(e.message().find(what) != std::string::npos);
+      CHECK(e.message().find("must return plain data") != std::string::npos);
+    }
+  }
+  CHECK(shape("shared") == Value::list({x, x, Value::dict({{Value("k"), x}})}));
+}
+
 TEST_CASE("Pool: a malformed error record fails its task with ProtocolError; its worker is replaced" * doctest::timeout(120)) {
   Pool pool(options(true, 1));  // one worker: the records after the forged one meet the next tasks
   const std::vector<Value> payloads = {
@@ -575,4 +607,54 @@ TEST_CASE("Pool: a workers' interpreter that cannot run ringpool is named in the
     what = e.what();
   }
   CHECK(what.find("no executable Python interpreter at '/nonexistent/python3'") != std::string::npos);
+}
+
+TEST_CASE("Pool::map: results in order, the first failure in order, nothing submitted on a bad argument" *
+          doctest::timeout(120)) {
+  Pool pool(options(true));
+  // Many calls, in runs: every result in its place.
+  std::vector<std::vector<Value>> calls;
+  for (int i = 0; i < 5000; ++i) calls.push_back({Value(i), Value(i % 7)});
+  auto all = pool.map("rp_tasks:add", calls);
+  std::vector<Value> got = get(all);
+  REQUIRE(got.size() == calls.size());
+  for (int i = 0; i < 5000; ++i) {
+    CAPTURE(i);
+    CHECK(got[i] == Value(i + i % 7));
+  }
+  // Nothing to do: a ready, empty result.
+  auto none = pool.map("rp_tasks:add", {});
+  CHECK(none.wait_for(0s) == std::future_status::ready);
+  CHECK(get(none).empty());
+  // Two calls fail: the error is the first in the calls' order, whichever failed first (call 1
+  // sleeps before it fails; call 3, on the other worker, may fail first).
+  auto mixed = pool.map("rp_tasks:map_probe", {{Value(0)}, {Value("fail-slow")}, {Value(2)}, {Value("fail")}});
+  try {
+    get(mixed);
+    FAIL("map with failing calls did not fail");
+  } catch (const RemoteError& e) {
+    CHECK(e.type_name() == "ValueError");
+    CHECK(e.message() == "fail-slow");
+  }
+  // A worker death fails its call's batch with WorkerDied; the pool goes on.
+  auto died = pool.map("rp_tasks:die_at", {{Value(0), Value(1)}, {Value(1), Value(1)}, {Value(2), Value(1)}});
+  CHECK_THROWS_AS(get(died), WorkerDied);
+  // An argument that cannot be pickled: PickleError at the call, and none of the calls runs.
+  const std::uint64_t before = pool.workers_started();
+  CHECK_THROWS_AS(pool.map("rp_tasks:die_at", {{Value(0), Value(0)}, {Value(std::string("\xff"))}}), PickleError);
+  auto after = pool.map("rp_tasks:pid", {{}, {}});
+  get(after);
+  CHECK(pool.workers_started() == before);  // die_at(0, 0) never ran: no worker was killed
+  pool.shutdown();
+  CHECK_THROWS_AS(pool.map("rp_tasks:pid", {{}}), PoolClosed);
+}
+
+TEST_CASE("Pool::map: a pool shut down without waiting fails a pending batch with PoolClosed" * doctest::timeout(120)) {
+  Pool pool(options(true, 1));
+  std::vector<std::vector<Value>> calls(50, std::vector<Value>{Value(0.05)});
+  auto batch = pool.map("rp_tasks:sleep_pid", calls);
+  std::this_thread::sleep_for(100ms);
+  pool.shutdown(false);
+  REQUIRE(batch.wait_for(60s) == std::future_status::ready);
+  CHECK_THROWS_AS(batch.get(), PoolClosed);
 }

@@ -274,3 +274,19 @@ def test_queue_put_many_get_many_mixes_fast_and_general_objects():
         got += q.get_many(64, timeout=5)
     assert got == objs * 40
     assert all(g[0] is g[1] for g in got[3::len(objs)])
+
+
+# -- Channel.put_plain: a C++ Pool worker's answers ---------------------------------------------
+
+def test_put_plain_publishes_what_the_fast_path_writes_and_declines_the_rest_untouched():
+    ch = _core.Channel.create(1 << 16)
+    shared = [0]
+    for obj in [None, (1, "s", 2.5, b"b"), {"k": [1, (2,)]}, -2**63]:
+        assert ch.put_plain(obj) is None
+        assert ch.get_obj(5) == obj
+    # Declined: not plain (a set, an int beyond int64, a lone surrogate, a bytearray) or plain but
+    # beyond the fast path (a list reached twice): nothing published, NotImplemented returned.
+    for obj in [{1, 2}, 2**70, "\ud800", bytearray(b"x"), [shared, shared]]:
+        assert ch.put_plain(obj) is NotImplemented
+        assert not ch.readable()
+    assert ch.put_plain(7) is None and ch.get_obj(5) == 7

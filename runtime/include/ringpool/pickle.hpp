@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -68,6 +69,9 @@ Value pickle_loads_graph(std::string_view data, const PickleLimits& limits = {})
 // decoders do and moves pos past it; false (pos unchanged) for any other opcode, a truncated one
 // or a LONG1 outside int64. For readers of records whose layout they know (ringpool::Pool).
 bool read_int_op(std::string_view in, std::size_t& pos, std::int64_t& out);
+// pickle_dump_ops of a tuple of these items, without building the tuple (a call's arguments).
+void pickle_dump_tuple_ops(std::string& out, std::span<const Value> items, int protocol = 5,
+                           const PickleLimits& limits = {});
 }  // namespace detail
 
 }  // namespace ringpool

@@ -73,3 +73,36 @@ def forge_error(payload):
 def big_bytes(n):
     """n bytes of b"z": a result large enough to travel out of band (a memfd) from a small call."""
     return b"z" * n
+
+
+def map_probe(x):
+    """For Pool::map's error order: "fail-slow" fails after 0.3 s, "fail" at once, else x."""
+    if x == "fail-slow":
+        time.sleep(0.3)
+        raise ValueError(x)
+    if x == "fail":
+        raise ValueError(x)
+    return x
+
+
+def shape(kind):
+    """Results the worker's plain encoder declines (put_plain), plain or not: see test_pool.cpp."""
+    if kind == "shared":
+        x = [1, 2]
+        return [x, x, {"k": x}]
+    if kind == "deep":
+        v = 0
+        for _ in range(20):
+            v = [v]
+        return v
+    if kind == "many":
+        return [[i] for i in range(200)]
+    if kind == "bytearray":
+        return bytearray(b"ab")
+    if kind == "memoryview":
+        return memoryview(b"cd")
+    if kind == "surrogate":
+        return "\udc80"
+    if kind == "nested-object":
+        return [1, {"k": (2, object())}]
+    raise ValueError(kind)
