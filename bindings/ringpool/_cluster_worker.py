@@ -8,7 +8,8 @@
           1. _Versions: install the exact package hashes the chunk was pickled with, waiting until
              no running chunk uses another version (a chunk never mixes versions)
           2. _pool(config): the node-local ringpool.Executor for this configuration (started once,
-             reused by every later chunk; shut down by the pool plugin's teardown)
+             reused by every later chunk; shut down by the pool plugin's teardown). warm(config)
+             starts it in a thread when a ClusterExecutor is made, before its first task
           3. unpickle (fn, items), fan them out to the local pool, pickle the results
              (out-of-band buffers: numpy arrays go through dask's frames, not inside a pickle)
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import multiprocessing
 import os
 import pickle
@@ -33,6 +35,8 @@ from .bundle import Bundle
 from .context import get_context
 from .executor import Executor
 from .reduction import Pickler
+
+_log = logging.getLogger("ringpool.cluster")
 
 # How long a chunk waits for a package version it needs to arrive (its plugin is registered before
 # the first task that needs it is submitted, and a worker that joins later gets the plugins in its
@@ -49,6 +53,8 @@ _pools = {}                           # config -> ringpool.Executor
 _address = None                       # this dask worker's address, for messages
 _active = 0                           # chunks running
 _active_versions = {}                 # name -> hash the running chunks use
+_starting = set()                     # configs whose pool is being started (by warm or a task)
+_closed = False                       # shutdown_pools ran: the dask worker is closing
 
 
 def host_label():
@@ -104,28 +110,61 @@ def stats():
 
 
 def shutdown_pools():
+    global _closed
     with _cond:
+        _closed = True  # a pool still starting (warm) is shut down when it is ready
         pools = list(_pools.values())
         _pools.clear()
     for p in pools:
         p.shutdown(wait=True, cancel_futures=True)
 
 
+def warm(config, needs):
+    """Start the node-local pool for ``config`` in a thread of its own and return at once (the
+    ClusterExecutor's constructor calls this on every dask worker, so that starting the pool
+    overlaps with the client's first map instead of delaying its first tasks; a task that comes
+    while it starts waits for it). A failure is only logged: the first task starts the pool
+    again and gets the error."""
+    def start():
+        try:
+            with _Versions(needs):  # the initializer may come from one of these packages
+                _pool(config)
+        except Exception as exc:
+            _log.warning("ringpool: warming the node-local pool on %s failed (the first task retries): %s",
+                         host_label(), exc)
+
+    threading.Thread(target=start, name="ringpool-cluster-warm", daemon=True).start()
+
+
 def _pool(config):
-    """The node-local pool for ``config`` (see ``pool_config``), started at its first chunk."""
+    """The node-local pool for ``config`` (see ``pool_config``), started by the first caller
+    (``warm`` or a task); callers that come while it starts wait for it. It starts outside the
+    lock: receiving packages and other configurations' tasks go on meanwhile."""
     with _cond:
-        p = _pools.get(config)
-        if p is not None:
-            return p
-        processes, preload, bundle_hash, zygote, init, max_tasks, task_timeout = config
-        bundle = None
-        if bundle_hash is not None:
-            end = time.monotonic() + _SNAPSHOT_WAIT
-            while bundle_hash not in _bundles:
-                if not _cond.wait(max(0.0, end - time.monotonic())) and time.monotonic() >= end:
-                    raise RuntimeError(f"bundle {bundle_hash[:12]} did not reach {host_label()} within "
-                                       f"{_SNAPSHOT_WAIT:g} s")
-            bundle = _bundles[bundle_hash]
+        while True:
+            p = _pools.get(config)
+            if p is not None:
+                return p
+            if config not in _starting:
+                break
+            _cond.wait()
+        _starting.add(config)
+        try:
+            bundle = None
+            processes, preload, bundle_hash, zygote, init, max_tasks, task_timeout = config
+            if bundle_hash is not None:
+                end = time.monotonic() + _SNAPSHOT_WAIT
+                while bundle_hash not in _bundles:
+                    if not _cond.wait(max(0.0, end - time.monotonic())) and time.monotonic() >= end:
+                        raise RuntimeError(f"bundle {bundle_hash[:12]} did not reach {host_label()} within "
+                                           f"{_SNAPSHOT_WAIT:g} s")
+                bundle = _bundles[bundle_hash]
+        except BaseException:
+            _starting.discard(config)
+            _cond.notify_all()
+            raise
+    p = None
+    try:
         initializer, initargs = pickle.loads(init) if init is not None else (None, ())
         if multiprocessing.current_process()._config.get("daemon"):
             # No pool plugin ran here (a worker started some other way): lift it as prepare() does.
@@ -137,8 +176,17 @@ def _pool(config):
         except AssertionError as exc:
             raise RuntimeError(f"{host_label()} cannot start ringpool workers ({exc}): start dask workers "
                                f"without the daemon flag (DASK_DISTRIBUTED__WORKER__DAEMON=False)") from exc
-        _pools[config] = p
-        return p
+    finally:
+        with _cond:
+            _starting.discard(config)
+            closed = _closed
+            if p is not None and not closed:
+                _pools[config] = p
+            _cond.notify_all()
+    if closed:
+        p.shutdown(wait=False, cancel_futures=True)
+        raise RuntimeError(f"{host_label()} is closing: its ringpool pools are shut down")
+    return p
 
 
 def _discard(config, pool):

@@ -40,7 +40,7 @@ from concurrent.futures import TimeoutError as _FuturesTimeout
 import distributed
 
 from . import _cluster_ship
-from ._cluster_futures import ClusterWorkerDied, SchedulerLost, _DaskTasks, decode, probe, stats
+from ._cluster_futures import ClusterWorkerDied, SchedulerLost, _DaskTasks, decode, probe, stats, warm
 from ._cluster_worker import dumps, pool_config
 from .bundle import _as_bundle
 from .executor import _check_progress, _progress_bar, _raise_call_error
@@ -66,6 +66,10 @@ _TASK_ITEMS = 32768  # items one task carries at most (bounds a map's memory in 
 # is tried before one much larger is (the first chunks may be unlike the rest). 16: a no-op map
 # reaches full-size tasks after two rounds of measurements instead of four at 4x.
 _GROWTH = 16
+# While a map ramps up, a result that makes the next task this many times larger than the last one
+# submitted tops the window up at once (instead of when half of it is consumed): each step of the
+# ramp costs one dask round trip, not half a window of them.
+_RAMP = 4
 
 
 class _Pacer:
@@ -166,7 +170,12 @@ class ClusterExecutor(_Executor):
             self._shipper = _cluster_ship.shipper(self._client)
             if self._bundle is not None:
                 self._shipper.ship_bundle(self._client, self._bundle)
-            self._shipper.ship(self._client)
+            needs = self._shipper.ship(self._client)
+            # Every current dask worker starts its node-local pool now, in a thread of its own,
+            # while the caller prepares its first map (a pool takes ~0.2-1 s to start; without
+            # this the first tasks wait for it). Workers that join later start theirs at their
+            # first task.
+            self._client.run(warm, self._config, needs)
         except BaseException:
             if self._own_client:
                 self._client.close()
@@ -328,12 +337,20 @@ class _MapRun:
         self.live = collections.deque()  # (dask future, Future, items), in input order
         self.arrived = queue.SimpleQueue()  # finished Futures, for an unordered run
         self.exhausted = False
+        self.last_size = 0  # items of the last task submitted
+
+    def next_size(self):
+        return self.pacer.items(self.chunksize, self.task_seconds)
 
     def top_up(self, ordered):
-        """Submit tasks until the window is full, in one scheduler message."""
+        """Submit tasks until the window is full, in one scheduler message. With nothing measured
+        for the function yet, half the window (one-chunk probes, at least one per dask thread):
+        the other half is left for tasks sized from the probes' times, submitted as soon as the
+        first one answers."""
         calls, sizes = [], []
-        while not self.exhausted and len(self.live) + len(calls) < self.limit:
-            part = list(itertools.islice(self.items, self.pacer.items(self.chunksize, self.task_seconds)))
+        limit = self.limit if self.pacer.per_item is not None else max(1, self.limit // 2)
+        while not self.exhausted and len(self.live) + len(calls) < limit:
+            part = list(itertools.islice(self.items, self.next_size()))
             if not part:
                 self.exhausted = True
                 break
@@ -341,6 +358,7 @@ class _MapRun:
             sizes.append(len(part))
         if not calls:
             return
+        self.last_size = max(sizes)
         out, failed = self.ex._submit("map", calls)
         for (df, cf), n in zip(out, sizes):
             self.live.append((df, cf, n))
@@ -365,7 +383,9 @@ class _MapRun:
                     raw, n = cf.result(), entry[2]
                 values, err, seconds = decode(raw)
                 self.pacer.observe(n, seconds)
-                if len(self.live) <= self.limit // 2:  # top up in batches: one scheduler message each
+                # Top up in batches (one scheduler message each), or at once while the task
+                # size is still growing (the ramp of a function's first map).
+                if len(self.live) <= self.limit // 2 or self.next_size() >= _RAMP * self.last_size:
                     self.top_up(ordered)
                 if bar is not None:
                     bar.update(len(values))

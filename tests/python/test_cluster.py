@@ -19,7 +19,7 @@ np = pytest.importorskip("numpy")
 
 import ringpool  # noqa: E402
 from ringpool import _cluster_worker  # noqa: E402
-from ringpool.cluster import ClusterExecutor, ClusterWorkerDied, SchedulerLost  # noqa: E402
+from ringpool.cluster import _GROWTH, ClusterExecutor, ClusterWorkerDied, SchedulerLost, _MapRun, _Pacer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _dask_procs as dp  # noqa: E402
@@ -107,9 +107,11 @@ def test_map_is_lazy_with_a_bounded_window(cluster):
 
     with ClusterExecutor(cluster[1], processes_per_worker=1, max_in_flight=3) as e:
         it = e.map(_square, items(), chunksize=10)
-        assert len(pulled) <= 30  # three chunks submitted at the call
+        assert len(pulled) <= 30  # at most three one-chunk tasks submitted at the call
         assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
-        assert len(pulled) <= 40
+        # The first answer sized the next tasks (at most _GROWTH times the chunks measured): still
+        # at most three tasks in flight, far from the end of the input.
+        assert len(pulled) <= 10 + 3 * _GROWTH * 10 < 10_000
         it.close()
 
 
@@ -492,8 +494,6 @@ def test_groups_of_chunks_grow_from_measured_times(cluster):
 
 
 def test_pacer_sizes_tasks_in_whole_chunks_from_measured_times():
-    from ringpool.cluster import _GROWTH, _Pacer
-
     p = _Pacer()
     assert p.items(64, 0.05) == 64  # nothing measured: one chunk
     p.observe(64, 64 * 10e-6)  # 10 µs an item: 0.05 s would be 5000 items ...
@@ -507,3 +507,78 @@ def test_pacer_sizes_tasks_in_whole_chunks_from_measured_times():
     assert p.items(7, 3600) == _GROWTH * 1024 // 7 * 7  # whole chunks of 7 under the growth cap
     p.observe(20000, 20000 * 1e-6)
     assert p.items(64, 3600) == 32768  # the cap on a task's items (memory in flight)
+
+
+class _FakeTasksExecutor:
+    """Just what a _MapRun uses of a ClusterExecutor, answering every task at once as if each item
+    had taken ``per_item`` seconds on a worker; records the sizes of each submission (one
+    scheduler message) and how many task results had been read before it."""
+
+    def __init__(self, per_item, window):
+        self.per_item, self.window, self.pacer = per_item, window, _Pacer()
+        self.batches, self.read = [], 0
+        self._tasks = self
+
+    def _pacer(self, fn):
+        return self.pacer
+
+    def _sizing(self):
+        return self.window, 0.05
+
+    def _submit(self, op, calls):
+        self.batches.append((self.read, [len(items) for _, items, _ in calls]))
+        out = []
+        fake = self
+
+        class Answered(cf.Future):
+            def result(self, timeout=None):
+                fake.read += 1
+                return super().result(timeout)
+
+        for fn, items, _ in calls:
+            f = Answered()
+            f.set_result((*_cluster_worker.dumps(([fn(i) for i in items], None)), len(items) * self.per_item))
+            out.append((None, f))
+        return out, None
+
+    def cancel(self, dfs):
+        pass
+
+
+def test_first_map_probes_with_half_the_window_and_grows_without_waiting():
+    fake = _FakeTasksExecutor(per_item=2e-6, window=10)
+    run = _MapRun(fake, _square, iter(range(100_000)), True, 64)
+    run.top_up(True)
+    assert list(run.results(True, None, None)) == [i * i for i in range(100_000)]
+    first, second, third = fake.batches[:3]
+    assert first == (0, [64] * 5)  # nothing known: one-chunk probes, half the window
+    assert second[0] == 1 and second[1][0] > 64  # sized tasks right after the first probe's answer
+    assert len(second[1]) == 6  # ... filling the rest of the window
+    assert third[0] == 6  # grown again at the first sized task's answer, not half a window later
+    assert third[1][0] >= 4 * second[1][0]
+    # A function measured before: a full window of full-size tasks from the start.
+    fake.batches.clear()
+    fake.read = 0
+    run = _MapRun(fake, _square, iter(range(100_000)), True, 64)
+    run.top_up(True)
+    size = fake.pacer.items(64, 0.05)
+    assert fake.batches == [(0, [size] * 4 + [100_000 - 4 * size])]  # whole tasks, the input covered
+    assert sum(1 for _ in run.results(True, None, None)) == 100_000
+
+
+def test_the_constructor_starts_the_node_local_pools(cluster):
+    # A configuration no other test uses: its pool can only come from this executor's warm-up.
+    with ClusterExecutor(cluster[1], processes_per_worker=1, max_tasks_per_child=10**9 - 7) as e:
+        dp.wait_workers(e.client, 2)
+        key = repr(e._config)
+        end = time.monotonic() + 120
+        while True:
+            pools = {a: s["pools"].get(key) for a, s in e.cluster_stats().items()}
+            if all(pools.values()):
+                break
+            assert time.monotonic() < end, f"no pool started without a task: {pools}"
+            time.sleep(0.2)
+        assert all(len(pids) == 1 for pids in pools.values())
+        assert e.submit(_square, 4).result(60) == 16  # ... and tasks use it
+        after = {a: s["pools"][key] for a, s in e.cluster_stats().items()}
+        assert after == pools
