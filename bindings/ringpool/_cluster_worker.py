@@ -42,12 +42,18 @@ _log = logging.getLogger("ringpool.cluster")
 # the first task that needs it is submitted, and a worker that joins later gets the plugins in its
 # registration, before any task: this only covers a message still in flight).
 _SNAPSHOT_WAIT = 30.0
-_KEEP_VERSIONS = 4  # older versions of one package kept for chunks submitted before a reload
+# Versions of one package a dask worker keeps, least recently used dropped first (a version in use
+# by a running task is never dropped): tasks submitted before a reload, and clients (say, two
+# processes) that ship different versions of one package to the same workers, each find theirs
+# without shipping it again. Also the versions of a package the scheduler keeps for workers that
+# join later (_cluster_ship).
+_KEEP_VERSIONS = 4
 
 _cond = threading.Condition()
 _store = {}                           # hash -> Snapshot received here
-_by_name = collections.defaultdict(collections.deque)  # name -> hashes, oldest first
+_by_name = collections.defaultdict(list)  # name -> hashes held in _store, least recently used first
 _received = collections.Counter()     # (name, hash) -> times its bytes arrived in this process
+_dropped = {}                         # hash -> name, of versions dropped from _store (least recently used)
 _bundles = {}                         # bundle hash -> Bundle
 _pools = {}                           # config -> ringpool.Executor
 _address = None                       # this dask worker's address, for messages
@@ -83,13 +89,21 @@ def receive_snapshot(data):
         _received[(snap.name, snap.hash)] += 1
         if snap.hash not in _store:
             _store[snap.hash] = snap
-            hashes = _by_name[snap.name]
-            hashes.append(snap.hash)
-            while len(hashes) > _KEEP_VERSIONS:
-                old = hashes.popleft()
-                if _active_versions.get(snap.name) != old:
-                    _store.pop(old, None)
+            _use(snap.name, snap.hash)
         _cond.notify_all()
+
+
+def _use(name, hash_):
+    """Mark a version of ``name`` as used now (held by _cond); drop the least recently used ones
+    beyond _KEEP_VERSIONS, except one a running task uses."""
+    hashes = _by_name[name]
+    if hash_ in hashes:
+        hashes.remove(hash_)
+    hashes.append(hash_)
+    for old in [h for h in hashes if h != _active_versions.get(name)][:max(0, len(hashes) - _KEEP_VERSIONS)]:
+        hashes.remove(old)
+        _store.pop(old, None)
+        _dropped[old] = name
 
 
 def receive_bundle(label, data):
@@ -226,6 +240,12 @@ class _Versions:
                 clash = _active and any(_active_versions.get(n, h) != h for n, h in needs)
                 if not missing and not clash:
                     break
+                dropped = [(n, h) for n, h in missing if h in _dropped]
+                if dropped:  # its bytes will not come again: say so now, not after _SNAPSHOT_WAIT
+                    raise RuntimeError(
+                        f"{host_label()} dropped package {', '.join(f'{n} {h[:12]}' for n, h in dropped)}: it keeps "
+                        f"the {_KEEP_VERSIONS} versions of a package used last, and more versions of it were used "
+                        f"there since this one (by other clients or reloads)")
                 left = end - time.monotonic()
                 if left <= 0:
                     if missing:
@@ -239,6 +259,8 @@ class _Versions:
                 if have.get(n) != h and n not in modules._registry:  # registered: the client's own process
                     modules.install(_store[h])  # pushed to the local pool's workers (popen's listener)
                 _active_versions[n] = h
+                if h in _store:
+                    _use(n, h)
             _active += 1
 
     def __exit__(self, *exc):

@@ -2,8 +2,10 @@
 scheduler and real dask workers on loopback: subprocesses in their own sessions, started with a
 nanny (so the dask workers are daemonic processes), each with an empty working directory and only
 ringpool on its path; every process group is killed when its test (or module) ends."""
+import collections
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
+import json
 import os
 import pickle
 import signal
@@ -19,6 +21,7 @@ np = pytest.importorskip("numpy")
 
 import ringpool  # noqa: E402
 from ringpool import _cluster_worker  # noqa: E402
+from ringpool._cluster_futures import stats  # noqa: E402
 from ringpool.cluster import _GROWTH, ClusterExecutor, ClusterWorkerDied, SchedulerLost, _MapRun, _Pacer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -582,3 +585,112 @@ def test_the_constructor_starts_the_node_local_pools(cluster):
         assert e.submit(_square, 4).result(60) == 16  # ... and tasks use it
         after = {a: s["pools"][key] for a, s in e.cluster_stats().items()}
         assert after == pools
+
+
+# -- several versions of one package from several clients -----------------------------------------
+
+def test_a_worker_keeps_the_versions_used_last_and_names_a_dropped_one(monkeypatch):
+    # The worker side alone, in this process (no dask): what it keeps of 6 versions of a package.
+    for attr, value in (("_store", {}), ("_by_name", collections.defaultdict(list)), ("_dropped", {}),
+                        ("_received", collections.Counter())):
+        monkeypatch.setattr(_cluster_worker, attr, value)
+    snaps = [ringpool.modules.Snapshot("rp_lru_pkg", "/nowhere", {"__init__.py": f"V = {v}\n".encode()})
+             for v in range(6)]
+    for s in snaps[:4]:
+        _cluster_worker.receive_snapshot(s.to_bytes())
+    with _cluster_worker._cond:
+        _cluster_worker._use("rp_lru_pkg", snaps[0].hash)  # version 0 is used again: now the most recent
+    for s in snaps[4:]:
+        _cluster_worker.receive_snapshot(s.to_bytes())
+    kept = {snaps.index(s) for s in snaps if s.hash in _cluster_worker._store}
+    assert kept == {0, 3, 4, 5} and _cluster_worker._KEEP_VERSIONS == 4  # 1 and 2: least recently used
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"dropped package rp_lru_pkg {snaps[1].hash[:12]}: it keeps the 4"):
+        with _cluster_worker._Versions((("rp_lru_pkg", snaps[1].hash),)):
+            pass
+    assert time.monotonic() - t < _cluster_worker._SNAPSHOT_WAIT  # at once, not after the wait
+
+
+_VERSION_CLIENT = """
+import json, sys, ringpool
+from ringpool.cluster import ClusterExecutor
+mod = ringpool.import_module_from_path({name!r}, {path!r})
+if __name__ == "__main__":
+    with ClusterExecutor({address!r}, processes_per_worker=1) as e:
+        for line in sys.stdin:
+            if line.strip() != "map":
+                break
+            out = list(e.map(mod.where, range(40), chunksize=1))
+            print(json.dumps({{"versions": sorted({{o[0] for o in out}}), "in_order": [o[1] for o in out] == list(range(40)),
+                              "shipped": dict(e._shipper.transfers)}}), flush=True)
+"""
+
+
+@pytest.mark.timeout(400)
+def test_two_client_processes_alternate_two_versions_of_one_package(dask_procs, tmp_path):
+    import select  # here: only this test talks to client processes over pipes
+
+    name = "rp_cluster_two_versions"
+    _, address = dask_procs.scheduler()
+    workers = [dask_procs.worker(address, f"v{i}") for i in range(2)]
+    clients = []
+    for version in (1, 2):
+        _make_package(tmp_path / f"client{version}", name, version, pad=1 << 20)
+        code = _VERSION_CLIENT.format(name=name, path=str(tmp_path / f"client{version}" / name), address=address)
+        clients.append(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": dp.BINDINGS}))
+
+    def send(c):
+        c.stdin.write("map\n")
+        c.stdin.flush()
+
+    def answer(c):
+        ready, _, _ = select.select([c.stdout], [], [], 120)
+        assert ready, f"no answer from a client process: {c.poll()}"
+        line = c.stdout.readline()
+        assert line, f"client process exited: {c.wait(10)} {c.stderr.read()[-3000:]}"
+        return json.loads(line)
+
+    def check(c, version, out):
+        assert out == {"versions": [version], "in_order": True, "shipped": {name: 1}}  # its own version, once
+
+    def arrivals(client):
+        return {a: sorted((k.split(":")[1][:12], v) for k, v in s["received"].items() if k.startswith(name + ":"))
+                for a, s in client.run(stats).items()}
+
+    with distributed.Client(address, set_as_default=False) as watcher:
+        try:
+            dp.wait_workers(watcher, 2)
+            for _ in range(3):  # alternating
+                for version, c in zip((1, 2), clients):
+                    send(c)
+                    check(c, version, answer(c))
+            for c in clients:  # at the same time: the workers switch versions between tasks, never within one
+                send(c)
+            for version, c in zip((1, 2), clients):
+                check(c, version, answer(c))
+            got = arrivals(watcher)
+            assert len(got) == 2 and all(len(v) == 2 and all(n == 1 for _, n in v) for v in got.values()), got
+            # A worker that joins later gets both versions (neither client unregistered the other's),
+            # and the two first workers go: every task now runs on it.
+            dask_procs.worker(address, "v-late")
+            dp.wait_workers(watcher, 3)
+            for w in workers:
+                dp.kill_group(w)
+            end = time.monotonic() + 60
+            while len(watcher.scheduler_info()["workers"]) > 1:
+                assert time.monotonic() < end, "the killed workers did not leave"
+                time.sleep(0.2)
+            for version, c in zip((1, 2), clients):
+                send(c)
+                check(c, version, answer(c))
+            late = arrivals(watcher)
+            assert len(late) == 1 and [n for _, n in next(iter(late.values()))] == [1, 1], late
+        finally:
+            for c in clients:
+                try:
+                    c.stdin.close()
+                    c.wait(60)
+                except Exception:
+                    c.kill()
+                    c.wait()
