@@ -60,7 +60,7 @@ _address = None                       # this dask worker's address, for messages
 _active = 0                           # chunks running
 _active_versions = {}                 # name -> hash the running chunks use
 _starting = set()                     # configs whose pool is being started (by warm or a task)
-_closed = False                       # shutdown_pools ran: the dask worker is closing
+_shutdowns = 0                        # times shutdown_pools ran (a pool started across one is not kept)
 
 
 def host_label():
@@ -124,9 +124,9 @@ def stats():
 
 
 def shutdown_pools():
-    global _closed
+    global _shutdowns
     with _cond:
-        _closed = True  # a pool still starting (warm) is shut down when it is ready
+        _shutdowns += 1  # a pool still starting (warm) is shut down when it is ready
         pools = list(_pools.values())
         _pools.clear()
     for p in pools:
@@ -163,6 +163,7 @@ def _pool(config):
                 break
             _cond.wait()
         _starting.add(config)
+        shutdowns = _shutdowns
         try:
             bundle = None
             processes, preload, bundle_hash, zygote, init, max_tasks, task_timeout = config
@@ -193,7 +194,7 @@ def _pool(config):
     finally:
         with _cond:
             _starting.discard(config)
-            closed = _closed
+            closed = _shutdowns != shutdowns
             if p is not None and not closed:
                 _pools[config] = p
             _cond.notify_all()

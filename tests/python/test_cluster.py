@@ -694,3 +694,39 @@ def test_two_client_processes_alternate_two_versions_of_one_package(dask_procs, 
                 except Exception:
                     c.kill()
                     c.wait()
+
+
+def test_a_pool_whose_start_spans_a_shutdown_is_not_kept(monkeypatch):
+    # The worker side alone, in this process: a pool still starting (warm) when the dask worker
+    # closes (shutdown_pools) is shut down when ready, and later starts are not affected.
+    started, real = [], _cluster_worker.Executor
+
+    def slow_executor(*a, **kw):
+        time.sleep(0.5)
+        started.append(real(*a, **kw))
+        return started[-1]
+
+    monkeypatch.setattr(_cluster_worker, "Executor", slow_executor)
+    monkeypatch.setattr(_cluster_worker, "_pools", {})
+    config = _cluster_worker.pool_config(1, (), None, True, None, (), None, None)
+    errors = []
+
+    def start():
+        try:
+            _cluster_worker._pool(config)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=start)
+    t.start()
+    time.sleep(0.1)
+    _cluster_worker.shutdown_pools()
+    t.join(60)
+    assert len(errors) == 1 and "is closing" in str(errors[0])
+    assert _cluster_worker._pools == {} and started[0]._state.shutdown  # started, then shut down
+    pool = _cluster_worker._pool(config)  # a start after the shutdown is kept
+    try:
+        assert _cluster_worker._pools == {config: pool}
+        assert pool.submit(_square, 5).result(60) == 25
+    finally:
+        _cluster_worker.shutdown_pools()
