@@ -308,12 +308,37 @@ def _error(exc, prefix=""):
     return exc, tb
 
 
+def _run_boxed(pool, fn, items, single, chunksize, budget, start, values):
+    """A time-boxed task (a function's first tasks, sent before anything is measured): feed the
+    pool chunk after chunk, a few in flight, and stop feeding once ``budget`` seconds have passed
+    since ``start``; the chunks in flight finish. Appends to ``values``; the items not run are the
+    client's to send again (it sees fewer values than items)."""
+    depth = max(2 * chunksize, 2 * pool._max_workers)  # items in flight: every local worker busy
+    pending = collections.deque()  # (iterator of a chunk's values, its items), in order
+    inflight = i = 0
+    stop = False
+    while True:
+        while i < len(items) and not stop and (not pending or (inflight < depth and time.perf_counter() - start < budget)):
+            chunk = items[i:i + chunksize]
+            i += len(chunk)
+            pending.append((pool.map(fn, chunk) if single else pool.map(fn, *zip(*chunk)), len(chunk)))
+            inflight += len(chunk)
+        if not pending:
+            return
+        it, k = pending.popleft()
+        values.extend(it)
+        inflight -= k
+        stop = stop or time.perf_counter() - start >= budget
+
+
 def run(header, payload, buffers):
     """One dask task. header: (pool config, needs, op); payload + buffers: ringpool's pickle of the
-    call, (fn, args, kwargs) for op "call", (fn, items, single) for "map" (a group of the map's
-    chunks). Returns the pickle (and out-of-band buffers) of (values, error), and the seconds the
-    work took here: the values of the items before the first that failed, and that failure as
-    (exception, remote traceback) or None."""
+    call, (fn, args, kwargs) for op "call", (fn, items, single) or (fn, items, single, (chunksize,
+    budget)) for "map" (a group of the map's chunks; the second form time-boxed: see
+    ``_run_boxed``). Returns the pickle (and out-of-band buffers) of (values, error), and the
+    seconds the work took here: the values of the items before the first that failed (or, for a
+    time-boxed task, before the first not run), and that failure as (exception, remote traceback)
+    or None."""
     config, needs, op = header
     with _Versions(needs):
         pool = _pool(config)  # the initializer may need the chunk's package versions
@@ -331,10 +356,12 @@ def run(header, payload, buffers):
                 fn, args, kwargs = call
                 values.append(pool.submit(fn, *args, **kwargs).result())
             else:
-                fn, items, single = call
+                fn, items, single, *box = call
                 # One item at a time (ringpool batches them onto its rings by itself): a failing
                 # item costs only the items after it, as the values before it are kept.
-                if single:
+                if box:
+                    _run_boxed(pool, fn, items, single, *box[0], start, values)
+                elif single:
                     values.extend(pool.map(fn, items))
                 elif items:
                     values.extend(pool.map(fn, *zip(*items)))

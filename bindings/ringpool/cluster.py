@@ -334,7 +334,7 @@ class _MapRun:
         self.ex, self.fn, self.items, self.single, self.chunksize = ex, fn, items, single, chunksize
         self.pacer = ex._pacer(fn)
         self.limit, self.task_seconds = ex._sizing()
-        self.live = collections.deque()  # (dask future, Future, items), in input order
+        self.live = collections.deque()  # (dask future, Future, item count, items if time-boxed), in order
         self.arrived = queue.SimpleQueue()  # finished Futures, for an unordered run
         self.exhausted = False
         self.last_size = 0  # items of the last task submitted
@@ -344,28 +344,49 @@ class _MapRun:
 
     def top_up(self, ordered):
         """Submit tasks until the window is full, in one scheduler message. With nothing measured
-        for the function yet, half the window (one-chunk probes, at least one per dask thread):
-        the other half is left for tasks sized from the probes' times, submitted as soon as the
-        first one answers."""
-        calls, sizes = [], []
-        limit = self.limit if self.pacer.per_item is not None else max(1, self.limit // 2)
+        for the function yet: half the window (at least one task per dask thread) of time-boxed
+        probes, each _GROWTH chunks that the worker stops feeding to its pool after a task's
+        target time (so a slow function's probe runs about one chunk; the rest comes back to be
+        sent again); the other half of the window is left for tasks sized from the probes' times,
+        submitted as soon as the first one answers."""
+        probing = self.pacer.per_item is None
+        limit = max(1, self.limit // 2) if probing else self.limit
+        size = max(1, min(_GROWTH, _TASK_ITEMS // self.chunksize)) * self.chunksize if probing else self.next_size()
+        calls, parts = [], []
         while not self.exhausted and len(self.live) + len(calls) < limit:
-            part = list(itertools.islice(self.items, self.next_size()))
+            part = list(itertools.islice(self.items, size))
             if not part:
                 self.exhausted = True
                 break
-            calls.append((self.fn, part, self.single))
-            sizes.append(len(part))
+            calls.append((self.fn, part, self.single, (self.chunksize, self.task_seconds)) if probing
+                         else (self.fn, part, self.single))
+            parts.append(part)
+        self._send(calls, parts if probing else [None] * len(calls), ordered, front=False)
+
+    def _send(self, calls, parts, ordered, front):
+        """Submit calls in one scheduler message; their tasks join the window at its end, or at its
+        front (the rest of a time-boxed task, due before everything else in flight)."""
         if not calls:
             return
-        self.last_size = max(sizes)
+        self.last_size = max(len(c[1]) for c in calls)
         out, failed = self.ex._submit("map", calls)
-        for (df, cf), n in zip(out, sizes):
-            self.live.append((df, cf, n))
-            if not ordered:
-                cf.add_done_callback(self.arrived.put)
+        entries = [(df, cf, len(c[1]), part) for (df, cf), c, part in zip(out, calls, parts)]
+        if front:
+            self.live.extendleft(reversed(entries))
+        else:
+            self.live.extend(entries)
+        if not ordered:
+            for e in entries:
+                e[1].add_done_callback(self.arrived.put)
         if failed:
             _raise_map_error(self.fn, failed[0][1], failed[1])
+
+    def send_rest(self, rest, ordered):
+        """The items a time-boxed task did not run: again, in tasks sized from what is measured
+        now, ahead of the tasks in flight (their values come next)."""
+        size = self.next_size()
+        calls = [(self.fn, rest[i:i + size], self.single) for i in range(0, len(rest), size)]
+        self._send(calls, [None] * len(calls), ordered, front=True)
 
     def results(self, ordered, end, bar):
         try:
@@ -375,14 +396,18 @@ class _MapRun:
                     if left is not None and left <= 0:
                         raise _FuturesTimeout()
                     raw = self.live[0][1].result(left)
-                    _, _, n = self.live.popleft()
+                    _, _, n, part = self.live.popleft()
                 else:
                     cf = self.arrived.get()
                     entry = next(e for e in self.live if e[1] is cf)
                     self.live.remove(entry)
-                    raw, n = cf.result(), entry[2]
+                    raw, n, part = cf.result(), entry[2], entry[3]
                 values, err, seconds = decode(raw)
+                if part is not None and err is None:  # time-boxed: it ran this many items
+                    n = len(values)
                 self.pacer.observe(n, seconds)
+                if part is not None and err is None and n < len(part):
+                    self.send_rest(part[n:], ordered)
                 # Top up in batches (one scheduler message each), or at once while the task
                 # size is still growing (the ramp of a function's first map).
                 if len(self.live) <= self.limit // 2 or self.next_size() >= _RAMP * self.last_size:
@@ -395,7 +420,7 @@ class _MapRun:
         finally:
             if bar is not None:
                 bar.close()
-            self.ex._tasks.cancel([df for df, _, _ in self.live])
+            self.ex._tasks.cancel([e[0] for e in self.live])
 
 
 def _raise_map_error(fn, chunk, exc):

@@ -6,6 +6,7 @@ import collections
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import json
+import math
 import os
 import pickle
 import signal
@@ -110,11 +111,11 @@ def test_map_is_lazy_with_a_bounded_window(cluster):
 
     with ClusterExecutor(cluster[1], processes_per_worker=1, max_in_flight=3) as e:
         it = e.map(_square, items(), chunksize=10)
-        assert len(pulled) <= 30  # at most three one-chunk tasks submitted at the call
+        assert len(pulled) <= _GROWTH * 10  # one probe of _GROWTH chunks submitted at the call
         assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
-        # The first answer sized the next tasks (at most _GROWTH times the chunks measured): still
-        # at most three tasks in flight, far from the end of the input.
-        assert len(pulled) <= 10 + 3 * _GROWTH * 10 < 10_000
+        # The first answer sized the next tasks (at most _GROWTH times the items measured): at most
+        # three tasks in flight (and the probe's rest, if it stopped early), far from the end.
+        assert len(pulled) <= _GROWTH * 10 + 3 * _GROWTH * _GROWTH * 10 < 10_000
         it.close()
 
 
@@ -529,7 +530,7 @@ class _FakeTasksExecutor:
         return self.window, 0.05
 
     def _submit(self, op, calls):
-        self.batches.append((self.read, [len(items) for _, items, _ in calls]))
+        self.batches.append((self.read, [len(c[1]) for c in calls]))
         out = []
         fake = self
 
@@ -538,7 +539,10 @@ class _FakeTasksExecutor:
                 fake.read += 1
                 return super().result(timeout)
 
-        for fn, items, _ in calls:
+        for fn, items, _, *box in calls:
+            if box:  # time-boxed: the worker stops after the chunk that reaches the budget
+                chunksize, budget = box[0]
+                items = items[:max(1, math.ceil(budget / (self.per_item * chunksize))) * chunksize]
             f = Answered()
             f.set_result((*_cluster_worker.dumps(([fn(i) for i in items], None)), len(items) * self.per_item))
             out.append((None, f))
@@ -553,12 +557,12 @@ def test_first_map_probes_with_half_the_window_and_grows_without_waiting():
     run = _MapRun(fake, _square, iter(range(100_000)), True, 64)
     run.top_up(True)
     assert list(run.results(True, None, None)) == [i * i for i in range(100_000)]
-    first, second, third = fake.batches[:3]
-    assert first == (0, [64] * 5)  # nothing known: one-chunk probes, half the window
-    assert second[0] == 1 and second[1][0] > 64  # sized tasks right after the first probe's answer
-    assert len(second[1]) == 6  # ... filling the rest of the window
-    assert third[0] == 6  # grown again at the first sized task's answer, not half a window later
-    assert third[1][0] >= 4 * second[1][0]
+    first, second = fake.batches[:2]
+    # Nothing known: half the window of time-boxed probes of _GROWTH chunks (all run: 2 ms each).
+    assert first == (0, [_GROWTH * 64] * 5)
+    # Sized tasks right after the first probe's answer, filling the rest of the window: 0.05 s
+    # at 2 µs an item is 25,000 items, at most _GROWTH times the probe's.
+    assert second == (1, [16384] * 5 + [100_000 - 5 * 1024 - 5 * 16384])
     # A function measured before: a full window of full-size tasks from the start.
     fake.batches.clear()
     fake.read = 0
@@ -567,6 +571,23 @@ def test_first_map_probes_with_half_the_window_and_grows_without_waiting():
     size = fake.pacer.items(64, 0.05)
     assert fake.batches == [(0, [size] * 4 + [100_000 - 4 * size])]  # whole tasks, the input covered
     assert sum(1 for _ in run.results(True, None, None)) == 100_000
+
+
+def test_a_slow_functions_probes_stop_early_and_the_rest_is_sent_again_in_order():
+    fake = _FakeTasksExecutor(per_item=1e-3, window=10)  # a chunk of 64: 64 ms, over a task's 50 ms
+    run = _MapRun(fake, _square, iter(range(20_000)), True, 64)
+    run.top_up(True)
+    assert list(run.results(True, None, None)) == [i * i for i in range(20_000)]  # each once, in order
+    first, second = fake.batches[:2]
+    assert first == (0, [_GROWTH * 64] * 5)
+    # The first probe ran one chunk: its other 15 go again at once (one chunk a task: 64 ms),
+    # ahead of everything in flight.
+    assert second == (1, [64] * (_GROWTH - 1))
+    # Unordered (imap_unordered), nothing learnt again: nothing lost or repeated either.
+    fake.pacer.__init__()
+    run = _MapRun(fake, _square, iter(range(3000)), True, 64)
+    run.top_up(False)
+    assert sorted(run.results(False, None, None)) == [i * i for i in range(3000)]
 
 
 def test_the_constructor_starts_the_node_local_pools(cluster):
