@@ -309,25 +309,24 @@ def _error(exc, prefix=""):
 
 
 def _run_boxed(pool, fn, items, single, chunksize, budget, start, values):
-    """A time-boxed task (a function's first tasks, sent before anything is measured): feed the
-    pool chunk after chunk, a few in flight, and stop feeding once ``budget`` seconds have passed
-    since ``start``; the chunks in flight finish. Appends to ``values``; the items not run are the
-    client's to send again (it sees fewer values than items)."""
-    depth = max(2 * chunksize, 2 * pool._max_workers)  # items in flight: every local worker busy
-    pending = collections.deque()  # (iterator of a chunk's values, its items), in order
-    inflight = i = 0
+    """A time-boxed task (sent while a map's task sizes ramp up, larger than the times measured so
+    far ask for): feed the pool slices of whole chunks (about an eighth of the task each, two in
+    flight) and stop feeding once ``budget`` seconds have passed since ``start``; the slices in
+    flight finish. Appends to ``values``; the items not run are the client's to send again (it
+    sees fewer values than items)."""
+    step = max(1, -(-len(items) // (8 * chunksize))) * chunksize
+    step = max(step, -(-2 * pool._max_workers // chunksize) * chunksize)  # every local worker busy
+    pending = collections.deque()  # iterators of the slices' values, in order
+    i = 0
     stop = False
     while True:
-        while i < len(items) and not stop and (not pending or (inflight < depth and time.perf_counter() - start < budget)):
-            chunk = items[i:i + chunksize]
-            i += len(chunk)
-            pending.append((pool.map(fn, chunk) if single else pool.map(fn, *zip(*chunk)), len(chunk)))
-            inflight += len(chunk)
+        while i < len(items) and not stop and len(pending) < 2:
+            part = items[i:i + step]
+            i += len(part)
+            pending.append(pool.map(fn, part) if single else pool.map(fn, *zip(*part)))
         if not pending:
             return
-        it, k = pending.popleft()
-        values.extend(it)
-        inflight -= k
+        values.extend(pending.popleft())
         stop = stop or time.perf_counter() - start >= budget
 
 

@@ -70,6 +70,9 @@ _GROWTH = 16
 # submitted tops the window up at once (instead of when half of it is consumed): each step of the
 # ramp costs one dask round trip, not half a window of them.
 _RAMP = 4
+# A time-boxed task (the ramp's larger tasks) stops after this many times a task's target time: it
+# trims an estimate far too low, not the ordinary error of one (a task cut short costs another).
+_BOX = 2
 
 
 class _Pacer:
@@ -86,12 +89,15 @@ class _Pacer:
     def per_item(self):
         return self.seconds / self.count if self.count else None
 
-    def items(self, chunksize, seconds):
-        """Items for the next task, to make ``seconds`` of work: whole chunks, at least one."""
+    def items(self, chunksize, seconds, capped=True):
+        """Items for the next task, to make ``seconds`` of work: whole chunks, at least one; with
+        ``capped``, at most _GROWTH times the largest task measured."""
         per = self.per_item
         if per is None:
             return chunksize
-        want = min(seconds / max(per, 1e-9), _GROWTH * max(self.largest, chunksize), _TASK_ITEMS)
+        want = min(seconds / max(per, 1e-9), _TASK_ITEMS)
+        if capped:
+            want = min(want, _GROWTH * max(self.largest, chunksize))
         return max(1, int(want) // chunksize) * chunksize
 
     def observe(self, items, seconds):
@@ -344,24 +350,31 @@ class _MapRun:
 
     def top_up(self, ordered):
         """Submit tasks until the window is full, in one scheduler message. With nothing measured
-        for the function yet: half the window (at least one task per dask thread) of time-boxed
-        probes, each _GROWTH chunks that the worker stops feeding to its pool after a task's
-        target time (so a slow function's probe runs about one chunk; the rest comes back to be
-        sent again); the other half of the window is left for tasks sized from the probes' times,
-        submitted as soon as the first one answers."""
+        for the function yet: half the window of one-chunk probes (at least one per dask thread);
+        the other half is left for tasks sized from the probes' times, submitted as soon as the
+        first one answers. While the growth cap holds a task below the size the times ask for
+        (the ramp) and a chunk is measured at under half a task's target time, a task carries
+        _GROWTH times that size, time-boxed: the worker stops feeding its pool after _BOX times
+        the target time and the items it did not run come back to be sent again. So the ramp reaches full
+        size in one step for fast functions, and a slow function's tasks stay one chunk (a
+        time-boxed task of slow chunks would hold its other chunks while the first runs)."""
         probing = self.pacer.per_item is None
         limit = max(1, self.limit // 2) if probing else self.limit
-        size = max(1, min(_GROWTH, _TASK_ITEMS // self.chunksize)) * self.chunksize if probing else self.next_size()
+        size, boxed = self.next_size(), False
+        if not probing and self.pacer.items(self.chunksize, self.task_seconds, capped=False) > size \
+                and self.pacer.per_item * self.chunksize * 2 <= self.task_seconds:
+            size = min(_GROWTH * size, max(1, _TASK_ITEMS // self.chunksize) * self.chunksize)
+            boxed = True
         calls, parts = [], []
         while not self.exhausted and len(self.live) + len(calls) < limit:
             part = list(itertools.islice(self.items, size))
             if not part:
                 self.exhausted = True
                 break
-            calls.append((self.fn, part, self.single, (self.chunksize, self.task_seconds)) if probing
+            calls.append((self.fn, part, self.single, (self.chunksize, _BOX * self.task_seconds)) if boxed
                          else (self.fn, part, self.single))
             parts.append(part)
-        self._send(calls, parts if probing else [None] * len(calls), ordered, front=False)
+        self._send(calls, parts if boxed else [None] * len(calls), ordered, front=False)
 
     def _send(self, calls, parts, ordered, front):
         """Submit calls in one scheduler message; their tasks join the window at its end, or at its

@@ -111,11 +111,11 @@ def test_map_is_lazy_with_a_bounded_window(cluster):
 
     with ClusterExecutor(cluster[1], processes_per_worker=1, max_in_flight=3) as e:
         it = e.map(_square, items(), chunksize=10)
-        assert len(pulled) <= _GROWTH * 10  # one probe of _GROWTH chunks submitted at the call
+        assert len(pulled) <= 30  # at most three one-chunk tasks submitted at the call
         assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
-        # The first answer sized the next tasks (at most _GROWTH times the items measured): at most
-        # three tasks in flight (and the probe's rest, if it stopped early), far from the end.
-        assert len(pulled) <= _GROWTH * 10 + 3 * _GROWTH * _GROWTH * 10 < 10_000
+        # The first answer sized the next tasks (at most _GROWTH times the chunk measured, or
+        # _GROWTH times that time-boxed): at most three tasks in flight, far from the end.
+        assert len(pulled) <= 10 + 3 * _GROWTH * _GROWTH * 10 < 10_000
         it.close()
 
 
@@ -514,12 +514,14 @@ def test_pacer_sizes_tasks_in_whole_chunks_from_measured_times():
 
 
 class _FakeTasksExecutor:
-    """Just what a _MapRun uses of a ClusterExecutor, answering every task at once as if each item
-    had taken ``per_item`` seconds on a worker; records the sizes of each submission (one
-    scheduler message) and how many task results had been read before it."""
+    """Just what a _MapRun uses of a ClusterExecutor, answering every task at once as if item x
+    had taken ``cost(x)`` seconds on a worker (a time-boxed task stops after the chunk that
+    reaches its budget, as _cluster_worker._run_boxed does at a slice's end); records each
+    submission (one scheduler message): how many task results had been read before it, its
+    tasks' sizes and which were time-boxed."""
 
-    def __init__(self, per_item, window):
-        self.per_item, self.window, self.pacer = per_item, window, _Pacer()
+    def __init__(self, cost, window):
+        self.cost, self.window, self.pacer = cost, window, _Pacer()
         self.batches, self.read = [], 0
         self._tasks = self
 
@@ -530,7 +532,7 @@ class _FakeTasksExecutor:
         return self.window, 0.05
 
     def _submit(self, op, calls):
-        self.batches.append((self.read, [len(c[1]) for c in calls]))
+        self.batches.append((self.read, [len(c[1]) for c in calls], [len(c) == 4 for c in calls]))
         out = []
         fake = self
 
@@ -540,11 +542,18 @@ class _FakeTasksExecutor:
                 return super().result(timeout)
 
         for fn, items, _, *box in calls:
-            if box:  # time-boxed: the worker stops after the chunk that reaches the budget
+            seconds, ran = 0.0, len(items)
+            if box:
                 chunksize, budget = box[0]
-                items = items[:max(1, math.ceil(budget / (self.per_item * chunksize))) * chunksize]
+                for i in range(0, len(items), chunksize):
+                    seconds += sum(self.cost(x) for x in items[i:i + chunksize])
+                    if seconds >= budget:
+                        ran = i + chunksize
+                        break
+            else:
+                seconds = sum(self.cost(x) for x in items)
             f = Answered()
-            f.set_result((*_cluster_worker.dumps(([fn(i) for i in items], None)), len(items) * self.per_item))
+            f.set_result((*_cluster_worker.dumps(([fn(x) for x in items[:ran]], None)), seconds))
             out.append((None, f))
         return out, None
 
@@ -552,42 +561,51 @@ class _FakeTasksExecutor:
         pass
 
 
-def test_first_map_probes_with_half_the_window_and_grows_without_waiting():
-    fake = _FakeTasksExecutor(per_item=2e-6, window=10)
+def test_first_map_probes_then_reaches_full_size_in_one_time_boxed_step():
+    fake = _FakeTasksExecutor(cost=lambda x: 2e-6, window=10)
     run = _MapRun(fake, _square, iter(range(100_000)), True, 64)
     run.top_up(True)
     assert list(run.results(True, None, None)) == [i * i for i in range(100_000)]
     first, second = fake.batches[:2]
-    # Nothing known: half the window of time-boxed probes of _GROWTH chunks (all run: 2 ms each).
-    assert first == (0, [_GROWTH * 64] * 5)
-    # Sized tasks right after the first probe's answer, filling the rest of the window: 0.05 s
-    # at 2 µs an item is 25,000 items, at most _GROWTH times the probe's.
-    assert second == (1, [16384] * 5 + [100_000 - 5 * 1024 - 5 * 16384])
-    # A function measured before: a full window of full-size tasks from the start.
+    assert first == (0, [64] * 5, [False] * 5)  # nothing known: half the window of one-chunk probes
+    # Right after the first probe's answer, the rest of the window: the times ask for 25,000
+    # items a task, the growth cap allows 1024; a chunk is fast (128 µs), so tasks of 16 x 1024
+    # go time-boxed (they all run: 33 ms each).
+    assert second == (1, [16384] * 6, [True] * 6)
+    # A function measured before: a full window of full-size tasks from the start, not boxed.
     fake.batches.clear()
     fake.read = 0
     run = _MapRun(fake, _square, iter(range(100_000)), True, 64)
     run.top_up(True)
     size = fake.pacer.items(64, 0.05)
-    assert fake.batches == [(0, [size] * 4 + [100_000 - 4 * size])]  # whole tasks, the input covered
+    assert fake.batches == [(0, [size] * 4 + [100_000 - 4 * size], [False] * 5)]  # the input covered
     assert sum(1 for _ in run.results(True, None, None)) == 100_000
 
 
-def test_a_slow_functions_probes_stop_early_and_the_rest_is_sent_again_in_order():
-    fake = _FakeTasksExecutor(per_item=1e-3, window=10)  # a chunk of 64: 64 ms, over a task's 50 ms
-    run = _MapRun(fake, _square, iter(range(20_000)), True, 64)
+def test_a_time_boxed_task_that_stops_early_sends_the_rest_again_in_order():
+    # Cheap first items, then 50x dearer: the boxed tasks sized from the probes stop early.
+    fake = _FakeTasksExecutor(cost=lambda x: 2e-6 if x < 320 else 1e-4, window=10)
+    run = _MapRun(fake, _square, iter(range(60_000)), True, 64)
     run.top_up(True)
-    assert list(run.results(True, None, None)) == [i * i for i in range(20_000)]  # each once, in order
-    first, second = fake.batches[:2]
-    assert first == (0, [_GROWTH * 64] * 5)
-    # The first probe ran one chunk: its other 15 go again at once (one chunk a task: 64 ms),
-    # ahead of everything in flight.
-    assert second == (1, [64] * (_GROWTH - 1))
-    # Unordered (imap_unordered), nothing learnt again: nothing lost or repeated either.
+    assert list(run.results(True, None, None)) == [i * i for i in range(60_000)]  # each once, in order
+    assert fake.batches[1][2] == [True] * 4  # 4 boxed tasks of 16384 (the input: 60,000)
+    # The first boxed task ran 16 chunks (0.1 s at 100 µs an item): its other 15,360 items go
+    # again at once, as the next tasks, sized from the new times (8 chunks: ~50 ms).
+    read, sizes, boxed = fake.batches[2]
+    assert read == 6 and sum(sizes) == 16384 - 16 * 64 and set(sizes) == {512} and not any(boxed)
+    # Unordered (imap_unordered), nothing learnt: nothing lost or repeated either.
     fake.pacer.__init__()
-    run = _MapRun(fake, _square, iter(range(3000)), True, 64)
+    run = _MapRun(fake, _square, iter(range(30_000)), True, 64)
     run.top_up(False)
-    assert sorted(run.results(False, None, None)) == [i * i for i in range(3000)]
+    assert sorted(run.results(False, None, None)) == [i * i for i in range(30_000)]
+
+
+def test_a_slow_function_gets_one_chunk_tasks_never_time_boxed():
+    fake = _FakeTasksExecutor(cost=lambda x: 1e-3, window=10)  # a chunk of 64: 64 ms, over a task's 50 ms
+    run = _MapRun(fake, _square, iter(range(2000)), True, 64)
+    run.top_up(True)
+    assert list(run.results(True, None, None)) == [i * i for i in range(2000)]
+    assert all(set(sizes) <= {64, 2000 % 64} and not any(boxed) for _, sizes, boxed in fake.batches)
 
 
 def test_the_constructor_starts_the_node_local_pools(cluster):
