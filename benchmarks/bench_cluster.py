@@ -153,7 +153,7 @@ def run_main(quick, rounds):
                              timed(lambda: check(list(ex.map(fn, range(n), chunksize=cs)), n))[1])
                     # The same map with task sizes learnt from scratch (the executor keeps what it
                     # measured per function; the rows above reuse it after the first round).
-                    # The ramp is a fixed cost (about two dask round trips): at 5x the items its
+                    # The ramp is a fixed cost (about one dask round trip): at 5x the items its
                     # share shrinks (no-ops only: 5x the 1 ms tasks would add a minute).
                     firsts = [(sizes["cluster64"], "")]
                     if task == "no-op":
