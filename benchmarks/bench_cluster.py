@@ -9,7 +9,11 @@ workers. Tasks: a no-op and a ~1 ms CPU spin, defined in this script (so they tr
 
 - ``ClusterExecutor.map`` at chunksize 1, 64 and 1024 (a dask task carries a group of chunks sized
   from the times measured so far for the function: after the first round, the sizes learnt), and
-  at chunksize 64 with nothing learnt yet (the first map of a function in an executor);
+  at chunksize 64 with nothing learnt yet (the first map of a function in an executor: the ramp;
+  for no-ops also at 5x the items, where the ramp's fixed cost weighs less);
+- once per run, before anything else: a ClusterExecutor made on the running workers and its first
+  map (the node-local pools start, nothing is learnt), against ``ringpool.Executor(2)`` made and
+  mapping the same (its pool starts): the "vs one-host" of that row is against the latter;
 - dask ``client.map`` of the same function (one dask task per item), gathered;
 - ``ringpool.Executor(2).map`` (chunksize 1: ringpool batches by itself).
 
@@ -97,10 +101,27 @@ def run_main(quick, rounds):
         _, address = procs.scheduler()
         for i in range(2):
             procs.worker(address, f"bench{i}", nthreads=2)
-        with ClusterExecutor(address, processes_per_worker=1) as ex, ringpool.Executor(2) as local:
-            client = ex.client
-            dp.wait_workers(client, 2)
-            scale = 0.2 if quick else 1.0
+        client = distributed.Client(address, set_as_default=False)
+        dp.wait_workers(client, 2)
+        scale = 0.2 if quick else 1.0
+        # The first map of all: executor made on running workers, then a map at once (each dask
+        # worker starts its node-local pool, the sizes of tasks are learnt), against a one-host
+        # Executor made and mapping the same. Once per run: a process starts its pools' zygote
+        # once, later pools start in milliseconds.
+        n_first = max(50, int(40_000 * scale))
+        log(f"no-op: ClusterExecutor made + first map, chunksize 64, {n_first} items")
+        t = time.perf_counter()
+        ex = ClusterExecutor(client, processes_per_worker=1)
+        check(list(ex.map(noop, range(n_first), chunksize=64)), n_first)
+        cold_cluster = time.perf_counter() - t
+        log(f"no-op: ringpool.Executor(2) made + first map, {n_first} items")
+        t = time.perf_counter()
+        local = ringpool.Executor(2)
+        check(list(local.map(noop, range(n_first))), n_first)
+        cold_local = time.perf_counter() - t
+        cold_names = {"cluster": "ClusterExecutor made + first map, chunksize 64 (pools start)",
+                      "local": "ringpool.Executor(2) made + first map (one host)"}
+        with ex, local:
             plans = {
                 "no-op": (noop, {"cluster1": 1000, "cluster64": 40_000, "cluster1024": 200_000, "dask": 1000,
                                  "local": 200_000}),
@@ -116,6 +137,9 @@ def run_main(quick, rounds):
                 # Rounds interleave the methods and each keeps its best: contention from other
                 # users of the machine comes and goes, and must not favour whichever ran first.
                 results = {}
+                if task == "no-op":
+                    results[cold_names["cluster"]] = (n_first, cold_cluster)
+                    results[cold_names["local"]] = (n_first, cold_local)
 
                 def keep(name, n, s):
                     if name not in results or s < results[name][1]:
@@ -129,11 +153,16 @@ def run_main(quick, rounds):
                              timed(lambda: check(list(ex.map(fn, range(n), chunksize=cs)), n))[1])
                     # The same map with task sizes learnt from scratch (the executor keeps what it
                     # measured per function; the rows above reuse it after the first round).
-                    n = sizes["cluster64"]
-                    ex._paces.pop(fn, None)
-                    log(f"{task} round {r + 1}: ClusterExecutor.map chunksize 64, sizes not yet learnt, {n} items")
-                    keep("ClusterExecutor.map chunksize 64, first map of fn", n,
-                         timed(lambda: check(list(ex.map(fn, range(n), chunksize=64)), n))[1])
+                    # The ramp is a fixed cost (about one dask round trip): at 5x the items its
+                    # share shrinks (no-ops only: 5x the 1 ms tasks would add a minute).
+                    firsts = [(sizes["cluster64"], "")]
+                    if task == "no-op":
+                        firsts.append((5 * sizes["cluster64"], ", 5x the items"))
+                    for n, label in firsts:
+                        ex._paces.pop(fn, None)
+                        log(f"{task} round {r + 1}: ClusterExecutor.map chunksize 64, sizes not yet learnt, {n} items")
+                        keep(f"ClusterExecutor.map chunksize 64, first map of fn{label}", n,
+                             timed(lambda: check(list(ex.map(fn, range(n), chunksize=64)), n))[1])
                     n = sizes["dask"]
                     log(f"{task} round {r + 1}: client.map, {n} items")
                     keep("dask client.map", n,
@@ -146,10 +175,14 @@ def run_main(quick, rounds):
                               / results["ringpool.Executor(2).map (one host)"][1])
                 for name, (n, s) in results.items():
                     rate = n / s
+                    # A made-and-first-mapped executor against the one-host Executor doing the same.
+                    ref = (results[cold_names["local"]][0] / results[cold_names["local"]][1]
+                           if name == cold_names["cluster"] else local_rate)
                     rows.append({"task": task, "method": name, "items": n, "seconds": round(s, 3),
                                  "tasks_per_s": round(rate, 1), "vs_client_map": round(rate / dask_rate, 2),
-                                 "vs_single_host": round(rate / local_rate, 3)})
+                                 "vs_single_host": round(rate / ref, 3)})
             ship = measure_shipping(ex)
+        client.close()
     finally:
         procs.close()
     return rows, ship

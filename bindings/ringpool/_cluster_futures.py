@@ -61,6 +61,12 @@ def ringpool_cluster_probe():
     return (ringpool.__version__, socket.gethostname(), None)
 
 
+def ringpool_cluster_warm(config, needs):
+    # Returns at once: the node-local pool starts in a thread of the dask worker.
+    from ringpool import _cluster_worker
+    _cluster_worker.warm(config, needs)
+
+
 def ringpool_cluster_stats():
     from ringpool import _cluster_worker
     return _cluster_worker.stats()
@@ -75,6 +81,7 @@ exec(compile(_TASK_SOURCE, "<ringpool.cluster task>", "exec"), _ns)
 chunk_task = _ns["ringpool_cluster_chunk"]
 probe = _ns["ringpool_cluster_probe"]
 stats = _ns["ringpool_cluster_stats"]
+warm = _ns["ringpool_cluster_warm"]
 scheduler_plugins = _ns["ringpool_scheduler_plugins"]
 del _ns
 

@@ -7,17 +7,20 @@ worker plugins, once per package version per dask worker (client side; the recei
     client process                                 dask scheduler                dask worker
     ClusterExecutor ─┐                             worker_plugins:               plugin setup():
     ClusterExecutor ─┴► _Shipper (one per           ringpool-package-<name>-<h>  receive_snapshot
-                        scheduler in this process) ─► (newest version per name;  (bytes kept by hash)
-                        registry changed? register   later joiners get them in
-                        the versions the scheduler   their registration)
-                        does not hold
+                        scheduler in this process) ─► (the last _KEEP_VERSIONS   (bytes kept by hash,
+                        registry changed? register   registered per name; later  the versions used
+                        the versions the scheduler   joiners get them in their   last per name)
+                        does not hold                registration)
 
 - One ``_Shipper`` per scheduler in a client process, shared by every ClusterExecutor (and every
   ``distributed.Client``) there: a second executor ships nothing the first already shipped.
 - Plugin names carry the version (``ringpool-package-<name>-<hash16>``), so the scheduler's list
-  of plugins says which versions every worker has: a new ``_Shipper`` (another client process)
-  reads it once and skips what is there. Registering a new version unregisters the old one's
-  plugin (workers keep its bytes for chunks still running; later joiners get only the newest).
+  of plugins says which versions every worker has: a ``_Shipper`` reads it before it registers a
+  version and skips what is there (another client process may have shipped it).
+- Several versions of one package stay registered (clients in other processes may use other
+  versions, tasks submitted before a reload use the older one): a version is unregistered only
+  when more than ``_KEEP_VERSIONS`` of its package are, the earliest registered first. Workers keep
+  the versions used last, as many, whatever the scheduler holds.
 """
 from __future__ import annotations
 
@@ -83,7 +86,6 @@ class _Shipper:
         self._version = -1          # modules.registry_version() at the last look
         self._needs = ()
         self._plugins = set(client.run_on_scheduler(scheduler_plugins))  # held by the scheduler
-        self._current = {}          # package name -> plugin name of the version last registered here
         self.transfers = collections.Counter()  # package name -> versions registered from this process
 
     def ship(self, client):
@@ -94,6 +96,9 @@ class _Shipper:
         with self._lock:
             ver = modules.registry_version()
             snaps = modules.snapshots()
+            if any(_plugin_name(s.name, s.hash) not in self._plugins for s in snaps):
+                # Another client (process) may have registered it meanwhile, or pruned some.
+                self._plugins = set(client.run_on_scheduler(scheduler_plugins))
             for s in snaps:
                 plugin = _plugin_name(s.name, s.hash)
                 if plugin not in self._plugins:
@@ -103,7 +108,7 @@ class _Shipper:
                     self._plugins.add(plugin)
                     self.transfers[s.name] += 1
                     _log.info("shipped %s %s (%d files) to the cluster", s.name, s.hash[:12], len(s.files))
-                    self._forget_older(client, s.name, plugin)
+                    self._prune(client, s.name)
             self._needs = tuple((s.name, s.hash) for s in snaps)
             self._version = ver
             return self._needs
@@ -117,17 +122,19 @@ class _Shipper:
                 self._plugins.add(plugin.name)
                 self.transfers["<bundle>"] += 1
 
-    def _forget_older(self, client, name, plugin):
-        old = self._current.get(name) or next(
-            (p for p in self._plugins if p != plugin and p.rsplit("-", 1)[0] == f"{_PREFIX}{name}"), None)
-        self._current[name] = plugin
-        if old is None or old == plugin:
-            return
-        self._plugins.discard(old)
-        try:
-            client.unregister_worker_plugin(old)
-        except Exception as exc:  # gone already (another client replaced it): nothing to undo
-            _log.debug("could not unregister %s: %s", old, exc)
+    def _prune(self, client, name):
+        """Unregister the earliest registered versions of ``name`` beyond _KEEP_VERSIONS (the
+        scheduler lists its plugins in registration order). Workers that have them keep their
+        bytes (least recently used dropped first); only workers that join later miss them."""
+        prefix = f"{_PREFIX}{name}-"
+        held = [p for p in client.run_on_scheduler(scheduler_plugins)
+                if p.startswith(prefix) and "-" not in p[len(prefix):]]
+        for old in held[:max(0, len(held) - _cluster_worker._KEEP_VERSIONS)]:
+            self._plugins.discard(old)
+            try:
+                client.unregister_worker_plugin(old)
+            except Exception as exc:  # gone already (another client pruned it): nothing to undo
+                _log.debug("could not unregister %s: %s", old, exc)
 
 
 _shippers = {}  # scheduler id -> _Shipper

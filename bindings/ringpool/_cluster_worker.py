@@ -8,7 +8,8 @@
           1. _Versions: install the exact package hashes the chunk was pickled with, waiting until
              no running chunk uses another version (a chunk never mixes versions)
           2. _pool(config): the node-local ringpool.Executor for this configuration (started once,
-             reused by every later chunk; shut down by the pool plugin's teardown)
+             reused by every later chunk; shut down by the pool plugin's teardown). warm(config)
+             starts it in a thread when a ClusterExecutor is made, before its first task
           3. unpickle (fn, items), fan them out to the local pool, pickle the results
              (out-of-band buffers: numpy arrays go through dask's frames, not inside a pickle)
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import multiprocessing
 import os
 import pickle
@@ -34,21 +36,31 @@ from .context import get_context
 from .executor import Executor
 from .reduction import Pickler
 
+_log = logging.getLogger("ringpool.cluster")
+
 # How long a chunk waits for a package version it needs to arrive (its plugin is registered before
 # the first task that needs it is submitted, and a worker that joins later gets the plugins in its
 # registration, before any task: this only covers a message still in flight).
 _SNAPSHOT_WAIT = 30.0
-_KEEP_VERSIONS = 4  # older versions of one package kept for chunks submitted before a reload
+# Versions of one package a dask worker keeps, least recently used dropped first (a version in use
+# by a running task is never dropped): tasks submitted before a reload, and clients (say, two
+# processes) that ship different versions of one package to the same workers, each find theirs
+# without shipping it again. Also the versions of a package the scheduler keeps for workers that
+# join later (_cluster_ship).
+_KEEP_VERSIONS = 4
 
 _cond = threading.Condition()
 _store = {}                           # hash -> Snapshot received here
-_by_name = collections.defaultdict(collections.deque)  # name -> hashes, oldest first
+_by_name = collections.defaultdict(list)  # name -> hashes held in _store, least recently used first
 _received = collections.Counter()     # (name, hash) -> times its bytes arrived in this process
+_dropped = {}                         # hash -> name, of versions dropped from _store (least recently used)
 _bundles = {}                         # bundle hash -> Bundle
 _pools = {}                           # config -> ringpool.Executor
 _address = None                       # this dask worker's address, for messages
 _active = 0                           # chunks running
 _active_versions = {}                 # name -> hash the running chunks use
+_starting = set()                     # configs whose pool is being started (by warm or a task)
+_shutdowns = 0                        # times shutdown_pools ran (a pool started across one is not kept)
 
 
 def host_label():
@@ -77,13 +89,21 @@ def receive_snapshot(data):
         _received[(snap.name, snap.hash)] += 1
         if snap.hash not in _store:
             _store[snap.hash] = snap
-            hashes = _by_name[snap.name]
-            hashes.append(snap.hash)
-            while len(hashes) > _KEEP_VERSIONS:
-                old = hashes.popleft()
-                if _active_versions.get(snap.name) != old:
-                    _store.pop(old, None)
+            _use(snap.name, snap.hash)
         _cond.notify_all()
+
+
+def _use(name, hash_):
+    """Mark a version of ``name`` as used now (held by _cond); drop the least recently used ones
+    beyond _KEEP_VERSIONS, except one a running task uses."""
+    hashes = _by_name[name]
+    if hash_ in hashes:
+        hashes.remove(hash_)
+    hashes.append(hash_)
+    for old in [h for h in hashes if h != _active_versions.get(name)][:max(0, len(hashes) - _KEEP_VERSIONS)]:
+        hashes.remove(old)
+        _store.pop(old, None)
+        _dropped[old] = name
 
 
 def receive_bundle(label, data):
@@ -104,28 +124,62 @@ def stats():
 
 
 def shutdown_pools():
+    global _shutdowns
     with _cond:
+        _shutdowns += 1  # a pool still starting (warm) is shut down when it is ready
         pools = list(_pools.values())
         _pools.clear()
     for p in pools:
         p.shutdown(wait=True, cancel_futures=True)
 
 
+def warm(config, needs):
+    """Start the node-local pool for ``config`` in a thread of its own and return at once (the
+    ClusterExecutor's constructor calls this on every dask worker, so that starting the pool
+    overlaps with the client's first map instead of delaying its first tasks; a task that comes
+    while it starts waits for it). A failure is only logged: the first task starts the pool
+    again and gets the error."""
+    def start():
+        try:
+            with _Versions(needs):  # the initializer may come from one of these packages
+                _pool(config)
+        except Exception as exc:
+            _log.warning("ringpool: warming the node-local pool on %s failed (the first task retries): %s",
+                         host_label(), exc)
+
+    threading.Thread(target=start, name="ringpool-cluster-warm", daemon=True).start()
+
+
 def _pool(config):
-    """The node-local pool for ``config`` (see ``pool_config``), started at its first chunk."""
+    """The node-local pool for ``config`` (see ``pool_config``), started by the first caller
+    (``warm`` or a task); callers that come while it starts wait for it. It starts outside the
+    lock: receiving packages and other configurations' tasks go on meanwhile."""
     with _cond:
-        p = _pools.get(config)
-        if p is not None:
-            return p
-        processes, preload, bundle_hash, zygote, init, max_tasks, task_timeout = config
-        bundle = None
-        if bundle_hash is not None:
-            end = time.monotonic() + _SNAPSHOT_WAIT
-            while bundle_hash not in _bundles:
-                if not _cond.wait(max(0.0, end - time.monotonic())) and time.monotonic() >= end:
-                    raise RuntimeError(f"bundle {bundle_hash[:12]} did not reach {host_label()} within "
-                                       f"{_SNAPSHOT_WAIT:g} s")
-            bundle = _bundles[bundle_hash]
+        while True:
+            p = _pools.get(config)
+            if p is not None:
+                return p
+            if config not in _starting:
+                break
+            _cond.wait()
+        _starting.add(config)
+        shutdowns = _shutdowns
+        try:
+            bundle = None
+            processes, preload, bundle_hash, zygote, init, max_tasks, task_timeout = config
+            if bundle_hash is not None:
+                end = time.monotonic() + _SNAPSHOT_WAIT
+                while bundle_hash not in _bundles:
+                    if not _cond.wait(max(0.0, end - time.monotonic())) and time.monotonic() >= end:
+                        raise RuntimeError(f"bundle {bundle_hash[:12]} did not reach {host_label()} within "
+                                           f"{_SNAPSHOT_WAIT:g} s")
+                bundle = _bundles[bundle_hash]
+        except BaseException:
+            _starting.discard(config)
+            _cond.notify_all()
+            raise
+    p = None
+    try:
         initializer, initargs = pickle.loads(init) if init is not None else (None, ())
         if multiprocessing.current_process()._config.get("daemon"):
             # No pool plugin ran here (a worker started some other way): lift it as prepare() does.
@@ -137,8 +191,17 @@ def _pool(config):
         except AssertionError as exc:
             raise RuntimeError(f"{host_label()} cannot start ringpool workers ({exc}): start dask workers "
                                f"without the daemon flag (DASK_DISTRIBUTED__WORKER__DAEMON=False)") from exc
-        _pools[config] = p
-        return p
+    finally:
+        with _cond:
+            _starting.discard(config)
+            closed = _shutdowns != shutdowns
+            if p is not None and not closed:
+                _pools[config] = p
+            _cond.notify_all()
+    if closed:
+        p.shutdown(wait=False, cancel_futures=True)
+        raise RuntimeError(f"{host_label()} is closing: its ringpool pools are shut down")
+    return p
 
 
 def _discard(config, pool):
@@ -178,6 +241,12 @@ class _Versions:
                 clash = _active and any(_active_versions.get(n, h) != h for n, h in needs)
                 if not missing and not clash:
                     break
+                dropped = [(n, h) for n, h in missing if h in _dropped]
+                if dropped:  # its bytes will not come again: say so now, not after _SNAPSHOT_WAIT
+                    raise RuntimeError(
+                        f"{host_label()} dropped package {', '.join(f'{n} {h[:12]}' for n, h in dropped)}: it keeps "
+                        f"the {_KEEP_VERSIONS} versions of a package used last, and more versions of it were used "
+                        f"there since this one (by other clients or reloads)")
                 left = end - time.monotonic()
                 if left <= 0:
                     if missing:
@@ -191,6 +260,8 @@ class _Versions:
                 if have.get(n) != h and n not in modules._registry:  # registered: the client's own process
                     modules.install(_store[h])  # pushed to the local pool's workers (popen's listener)
                 _active_versions[n] = h
+                if h in _store:
+                    _use(n, h)
             _active += 1
 
     def __exit__(self, *exc):
@@ -237,12 +308,36 @@ def _error(exc, prefix=""):
     return exc, tb
 
 
+def _run_boxed(pool, fn, items, single, chunksize, budget, start, values):
+    """A time-boxed task (sent while a map's task sizes ramp up, larger than the times measured so
+    far ask for): feed the pool slices of whole chunks (about an eighth of the task each, two in
+    flight) and stop feeding once ``budget`` seconds have passed since ``start``; the slices in
+    flight finish. Appends to ``values``; the items not run are the client's to send again (it
+    sees fewer values than items)."""
+    step = max(1, -(-len(items) // (8 * chunksize))) * chunksize
+    step = max(step, -(-2 * pool._max_workers // chunksize) * chunksize)  # every local worker busy
+    pending = collections.deque()  # iterators of the slices' values, in order
+    i = 0
+    stop = False
+    while True:
+        while i < len(items) and not stop and len(pending) < 2:
+            part = items[i:i + step]
+            i += len(part)
+            pending.append(pool.map(fn, part) if single else pool.map(fn, *zip(*part)))
+        if not pending:
+            return
+        values.extend(pending.popleft())
+        stop = stop or time.perf_counter() - start >= budget
+
+
 def run(header, payload, buffers):
     """One dask task. header: (pool config, needs, op); payload + buffers: ringpool's pickle of the
-    call, (fn, args, kwargs) for op "call", (fn, items, single) for "map" (a group of the map's
-    chunks). Returns the pickle (and out-of-band buffers) of (values, error), and the seconds the
-    work took here: the values of the items before the first that failed, and that failure as
-    (exception, remote traceback) or None."""
+    call, (fn, args, kwargs) for op "call", (fn, items, single) or (fn, items, single, (chunksize,
+    budget)) for "map" (a group of the map's chunks; the second form time-boxed: see
+    ``_run_boxed``). Returns the pickle (and out-of-band buffers) of (values, error), and the
+    seconds the work took here: the values of the items before the first that failed (or, for a
+    time-boxed task, before the first not run), and that failure as (exception, remote traceback)
+    or None."""
     config, needs, op = header
     with _Versions(needs):
         pool = _pool(config)  # the initializer may need the chunk's package versions
@@ -260,10 +355,12 @@ def run(header, payload, buffers):
                 fn, args, kwargs = call
                 values.append(pool.submit(fn, *args, **kwargs).result())
             else:
-                fn, items, single = call
+                fn, items, single, *box = call
                 # One item at a time (ringpool batches them onto its rings by itself): a failing
                 # item costs only the items after it, as the values before it are kept.
-                if single:
+                if box:
+                    _run_boxed(pool, fn, items, single, *box[0], start, values)
+                elif single:
                     values.extend(pool.map(fn, items))
                 elif items:
                     values.extend(pool.map(fn, *zip(*items)))

@@ -40,7 +40,7 @@ from concurrent.futures import TimeoutError as _FuturesTimeout
 import distributed
 
 from . import _cluster_ship
-from ._cluster_futures import ClusterWorkerDied, SchedulerLost, _DaskTasks, decode, probe, stats
+from ._cluster_futures import ClusterWorkerDied, SchedulerLost, _DaskTasks, decode, probe, stats, warm
 from ._cluster_worker import dumps, pool_config
 from .bundle import _as_bundle
 from .executor import _check_progress, _progress_bar, _raise_call_error
@@ -66,6 +66,13 @@ _TASK_ITEMS = 32768  # items one task carries at most (bounds a map's memory in 
 # is tried before one much larger is (the first chunks may be unlike the rest). 16: a no-op map
 # reaches full-size tasks after two rounds of measurements instead of four at 4x.
 _GROWTH = 16
+# While a map ramps up, a result that makes the next task this many times larger than the last one
+# submitted tops the window up at once (instead of when half of it is consumed): each step of the
+# ramp costs one dask round trip, not half a window of them.
+_RAMP = 4
+# A time-boxed task (the ramp's larger tasks) stops after this many times a task's target time: it
+# trims an estimate far too low, not the ordinary error of one (a task cut short costs another).
+_BOX = 2
 
 
 class _Pacer:
@@ -82,12 +89,15 @@ class _Pacer:
     def per_item(self):
         return self.seconds / self.count if self.count else None
 
-    def items(self, chunksize, seconds):
-        """Items for the next task, to make ``seconds`` of work: whole chunks, at least one."""
+    def items(self, chunksize, seconds, capped=True):
+        """Items for the next task, to make ``seconds`` of work: whole chunks, at least one; with
+        ``capped``, at most _GROWTH times the largest task measured."""
         per = self.per_item
         if per is None:
             return chunksize
-        want = min(seconds / max(per, 1e-9), _GROWTH * max(self.largest, chunksize), _TASK_ITEMS)
+        want = min(seconds / max(per, 1e-9), _TASK_ITEMS)
+        if capped:
+            want = min(want, _GROWTH * max(self.largest, chunksize))
         return max(1, int(want) // chunksize) * chunksize
 
     def observe(self, items, seconds):
@@ -166,7 +176,12 @@ class ClusterExecutor(_Executor):
             self._shipper = _cluster_ship.shipper(self._client)
             if self._bundle is not None:
                 self._shipper.ship_bundle(self._client, self._bundle)
-            self._shipper.ship(self._client)
+            needs = self._shipper.ship(self._client)
+            # Every current dask worker starts its node-local pool now, in a thread of its own,
+            # while the caller prepares its first map (a pool takes ~0.2-1 s to start; without
+            # this the first tasks wait for it). Workers that join later start theirs at their
+            # first task.
+            self._client.run(warm, self._config, needs)
         except BaseException:
             if self._own_client:
                 self._client.close()
@@ -325,29 +340,66 @@ class _MapRun:
         self.ex, self.fn, self.items, self.single, self.chunksize = ex, fn, items, single, chunksize
         self.pacer = ex._pacer(fn)
         self.limit, self.task_seconds = ex._sizing()
-        self.live = collections.deque()  # (dask future, Future, items), in input order
+        self.live = collections.deque()  # (dask future, Future, item count, items if time-boxed), in order
         self.arrived = queue.SimpleQueue()  # finished Futures, for an unordered run
         self.exhausted = False
+        self.last_size = 0  # items of the last task submitted
+
+    def next_size(self):
+        return self.pacer.items(self.chunksize, self.task_seconds)
 
     def top_up(self, ordered):
-        """Submit tasks until the window is full, in one scheduler message."""
-        calls, sizes = [], []
-        while not self.exhausted and len(self.live) + len(calls) < self.limit:
-            part = list(itertools.islice(self.items, self.pacer.items(self.chunksize, self.task_seconds)))
+        """Submit tasks until the window is full, in one scheduler message. With nothing measured
+        for the function yet: half the window of one-chunk probes (at least one per dask thread);
+        the other half is left for tasks sized from the probes' times, submitted as soon as the
+        first one answers. While the growth cap holds a task below the size the times ask for
+        (the ramp) and a chunk is measured at under half a task's target time, a task carries
+        _GROWTH times that size, time-boxed: the worker stops feeding its pool after _BOX times
+        the target time and the items it did not run come back to be sent again. So the ramp reaches full
+        size in one step for fast functions, and a slow function's tasks stay one chunk (a
+        time-boxed task of slow chunks would hold its other chunks while the first runs)."""
+        probing = self.pacer.per_item is None
+        limit = max(1, self.limit // 2) if probing else self.limit
+        size, boxed = self.next_size(), False
+        if not probing and self.pacer.items(self.chunksize, self.task_seconds, capped=False) > size \
+                and self.pacer.per_item * self.chunksize * 2 <= self.task_seconds:
+            size = min(_GROWTH * size, max(1, _TASK_ITEMS // self.chunksize) * self.chunksize)
+            boxed = True
+        calls, parts = [], []
+        while not self.exhausted and len(self.live) + len(calls) < limit:
+            part = list(itertools.islice(self.items, size))
             if not part:
                 self.exhausted = True
                 break
-            calls.append((self.fn, part, self.single))
-            sizes.append(len(part))
+            calls.append((self.fn, part, self.single, (self.chunksize, _BOX * self.task_seconds)) if boxed
+                         else (self.fn, part, self.single))
+            parts.append(part)
+        self._send(calls, parts if boxed else [None] * len(calls), ordered, front=False)
+
+    def _send(self, calls, parts, ordered, front):
+        """Submit calls in one scheduler message; their tasks join the window at its end, or at its
+        front (the rest of a time-boxed task, due before everything else in flight)."""
         if not calls:
             return
+        self.last_size = max(len(c[1]) for c in calls)
         out, failed = self.ex._submit("map", calls)
-        for (df, cf), n in zip(out, sizes):
-            self.live.append((df, cf, n))
-            if not ordered:
-                cf.add_done_callback(self.arrived.put)
+        entries = [(df, cf, len(c[1]), part) for (df, cf), c, part in zip(out, calls, parts)]
+        if front:
+            self.live.extendleft(reversed(entries))
+        else:
+            self.live.extend(entries)
+        if not ordered:
+            for e in entries:
+                e[1].add_done_callback(self.arrived.put)
         if failed:
             _raise_map_error(self.fn, failed[0][1], failed[1])
+
+    def send_rest(self, rest, ordered):
+        """The items a time-boxed task did not run: again, in tasks sized from what is measured
+        now, ahead of the tasks in flight (their values come next)."""
+        size = self.next_size()
+        calls = [(self.fn, rest[i:i + size], self.single) for i in range(0, len(rest), size)]
+        self._send(calls, [None] * len(calls), ordered, front=True)
 
     def results(self, ordered, end, bar):
         try:
@@ -357,15 +409,21 @@ class _MapRun:
                     if left is not None and left <= 0:
                         raise _FuturesTimeout()
                     raw = self.live[0][1].result(left)
-                    _, _, n = self.live.popleft()
+                    _, _, n, part = self.live.popleft()
                 else:
                     cf = self.arrived.get()
                     entry = next(e for e in self.live if e[1] is cf)
                     self.live.remove(entry)
-                    raw, n = cf.result(), entry[2]
+                    raw, n, part = cf.result(), entry[2], entry[3]
                 values, err, seconds = decode(raw)
+                if part is not None and err is None:  # time-boxed: it ran this many items
+                    n = len(values)
                 self.pacer.observe(n, seconds)
-                if len(self.live) <= self.limit // 2:  # top up in batches: one scheduler message each
+                if part is not None and err is None and n < len(part):
+                    self.send_rest(part[n:], ordered)
+                # Top up in batches (one scheduler message each), or at once while the task
+                # size is still growing (the ramp of a function's first map).
+                if len(self.live) <= self.limit // 2 or self.next_size() >= _RAMP * self.last_size:
                     self.top_up(ordered)
                 if bar is not None:
                     bar.update(len(values))
@@ -375,7 +433,7 @@ class _MapRun:
         finally:
             if bar is not None:
                 bar.close()
-            self.ex._tasks.cancel([df for df, _, _ in self.live])
+            self.ex._tasks.cancel([e[0] for e in self.live])
 
 
 def _raise_map_error(fn, chunk, exc):

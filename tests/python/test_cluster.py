@@ -2,8 +2,11 @@
 scheduler and real dask workers on loopback: subprocesses in their own sessions, started with a
 nanny (so the dask workers are daemonic processes), each with an empty working directory and only
 ringpool on its path; every process group is killed when its test (or module) ends."""
+import collections
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
+import json
+import math
 import os
 import pickle
 import signal
@@ -19,7 +22,8 @@ np = pytest.importorskip("numpy")
 
 import ringpool  # noqa: E402
 from ringpool import _cluster_worker  # noqa: E402
-from ringpool.cluster import ClusterExecutor, ClusterWorkerDied, SchedulerLost  # noqa: E402
+from ringpool._cluster_futures import stats  # noqa: E402
+from ringpool.cluster import _GROWTH, ClusterExecutor, ClusterWorkerDied, SchedulerLost, _MapRun, _Pacer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _dask_procs as dp  # noqa: E402
@@ -107,9 +111,11 @@ def test_map_is_lazy_with_a_bounded_window(cluster):
 
     with ClusterExecutor(cluster[1], processes_per_worker=1, max_in_flight=3) as e:
         it = e.map(_square, items(), chunksize=10)
-        assert len(pulled) <= 30  # three chunks submitted at the call
+        assert len(pulled) <= 30  # at most three one-chunk tasks submitted at the call
         assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
-        assert len(pulled) <= 40
+        # The first answer sized the next tasks (at most _GROWTH times the chunk measured, or
+        # _GROWTH times that time-boxed): at most three tasks in flight, far from the end.
+        assert len(pulled) <= 10 + 3 * _GROWTH * _GROWTH * 10 < 10_000
         it.close()
 
 
@@ -492,8 +498,6 @@ def test_groups_of_chunks_grow_from_measured_times(cluster):
 
 
 def test_pacer_sizes_tasks_in_whole_chunks_from_measured_times():
-    from ringpool.cluster import _GROWTH, _Pacer
-
     p = _Pacer()
     assert p.items(64, 0.05) == 64  # nothing measured: one chunk
     p.observe(64, 64 * 10e-6)  # 10 µs an item: 0.05 s would be 5000 items ...
@@ -507,3 +511,261 @@ def test_pacer_sizes_tasks_in_whole_chunks_from_measured_times():
     assert p.items(7, 3600) == _GROWTH * 1024 // 7 * 7  # whole chunks of 7 under the growth cap
     p.observe(20000, 20000 * 1e-6)
     assert p.items(64, 3600) == 32768  # the cap on a task's items (memory in flight)
+
+
+class _FakeTasksExecutor:
+    """Just what a _MapRun uses of a ClusterExecutor, answering every task at once as if item x
+    had taken ``cost(x)`` seconds on a worker (a time-boxed task stops after the chunk that
+    reaches its budget, as _cluster_worker._run_boxed does at a slice's end); records each
+    submission (one scheduler message): how many task results had been read before it, its
+    tasks' sizes and which were time-boxed."""
+
+    def __init__(self, cost, window):
+        self.cost, self.window, self.pacer = cost, window, _Pacer()
+        self.batches, self.read = [], 0
+        self._tasks = self
+
+    def _pacer(self, fn):
+        return self.pacer
+
+    def _sizing(self):
+        return self.window, 0.05
+
+    def _submit(self, op, calls):
+        self.batches.append((self.read, [len(c[1]) for c in calls], [len(c) == 4 for c in calls]))
+        out = []
+        fake = self
+
+        class Answered(cf.Future):
+            def result(self, timeout=None):
+                fake.read += 1
+                return super().result(timeout)
+
+        for fn, items, _, *box in calls:
+            seconds, ran = 0.0, len(items)
+            if box:
+                chunksize, budget = box[0]
+                for i in range(0, len(items), chunksize):
+                    seconds += sum(self.cost(x) for x in items[i:i + chunksize])
+                    if seconds >= budget:
+                        ran = i + chunksize
+                        break
+            else:
+                seconds = sum(self.cost(x) for x in items)
+            f = Answered()
+            f.set_result((*_cluster_worker.dumps(([fn(x) for x in items[:ran]], None)), seconds))
+            out.append((None, f))
+        return out, None
+
+    def cancel(self, dfs):
+        pass
+
+
+def test_first_map_probes_then_reaches_full_size_in_one_time_boxed_step():
+    fake = _FakeTasksExecutor(cost=lambda x: 2e-6, window=10)
+    run = _MapRun(fake, _square, iter(range(100_000)), True, 64)
+    run.top_up(True)
+    assert list(run.results(True, None, None)) == [i * i for i in range(100_000)]
+    first, second = fake.batches[:2]
+    assert first == (0, [64] * 5, [False] * 5)  # nothing known: half the window of one-chunk probes
+    # Right after the first probe's answer, the rest of the window: the times ask for 25,000
+    # items a task, the growth cap allows 1024; a chunk is fast (128 µs), so tasks of 16 x 1024
+    # go time-boxed (they all run: 33 ms each).
+    assert second == (1, [16384] * 6, [True] * 6)
+    # A function measured before: a full window of full-size tasks from the start, not boxed.
+    fake.batches.clear()
+    fake.read = 0
+    run = _MapRun(fake, _square, iter(range(100_000)), True, 64)
+    run.top_up(True)
+    size = fake.pacer.items(64, 0.05)
+    assert fake.batches == [(0, [size] * 4 + [100_000 - 4 * size], [False] * 5)]  # the input covered
+    assert sum(1 for _ in run.results(True, None, None)) == 100_000
+
+
+def test_a_time_boxed_task_that_stops_early_sends_the_rest_again_in_order():
+    # Cheap first items, then 50x dearer: the boxed tasks sized from the probes stop early.
+    fake = _FakeTasksExecutor(cost=lambda x: 2e-6 if x < 320 else 1e-4, window=10)
+    run = _MapRun(fake, _square, iter(range(60_000)), True, 64)
+    run.top_up(True)
+    assert list(run.results(True, None, None)) == [i * i for i in range(60_000)]  # each once, in order
+    assert fake.batches[1][2] == [True] * 4  # 4 boxed tasks of 16384 (the input: 60,000)
+    # The first boxed task ran 16 chunks (0.1 s at 100 µs an item): its other 15,360 items go
+    # again at once, as the next tasks, sized from the new times (8 chunks: ~50 ms).
+    read, sizes, boxed = fake.batches[2]
+    assert read == 6 and sum(sizes) == 16384 - 16 * 64 and set(sizes) == {512} and not any(boxed)
+    # Unordered (imap_unordered), nothing learnt: nothing lost or repeated either.
+    fake.pacer.__init__()
+    run = _MapRun(fake, _square, iter(range(30_000)), True, 64)
+    run.top_up(False)
+    assert sorted(run.results(False, None, None)) == [i * i for i in range(30_000)]
+
+
+def test_a_slow_function_gets_one_chunk_tasks_never_time_boxed():
+    fake = _FakeTasksExecutor(cost=lambda x: 1e-3, window=10)  # a chunk of 64: 64 ms, over a task's 50 ms
+    run = _MapRun(fake, _square, iter(range(2000)), True, 64)
+    run.top_up(True)
+    assert list(run.results(True, None, None)) == [i * i for i in range(2000)]
+    assert all(set(sizes) <= {64, 2000 % 64} and not any(boxed) for _, sizes, boxed in fake.batches)
+
+
+def test_the_constructor_starts_the_node_local_pools(cluster):
+    # A configuration no other test uses: its pool can only come from this executor's warm-up.
+    with ClusterExecutor(cluster[1], processes_per_worker=1, max_tasks_per_child=10**9 - 7) as e:
+        dp.wait_workers(e.client, 2)
+        key = repr(e._config)
+        end = time.monotonic() + 120
+        while True:
+            pools = {a: s["pools"].get(key) for a, s in e.cluster_stats().items()}
+            if all(pools.values()):
+                break
+            assert time.monotonic() < end, f"no pool started without a task: {pools}"
+            time.sleep(0.2)
+        assert all(len(pids) == 1 for pids in pools.values())
+        assert e.submit(_square, 4).result(60) == 16  # ... and tasks use it
+        after = {a: s["pools"][key] for a, s in e.cluster_stats().items()}
+        assert after == pools
+
+
+# -- several versions of one package from several clients -----------------------------------------
+
+def test_a_worker_keeps_the_versions_used_last_and_names_a_dropped_one(monkeypatch):
+    # The worker side alone, in this process (no dask): what it keeps of 6 versions of a package.
+    for attr, value in (("_store", {}), ("_by_name", collections.defaultdict(list)), ("_dropped", {}),
+                        ("_received", collections.Counter())):
+        monkeypatch.setattr(_cluster_worker, attr, value)
+    snaps = [ringpool.modules.Snapshot("rp_lru_pkg", "/nowhere", {"__init__.py": f"V = {v}\n".encode()})
+             for v in range(6)]
+    for s in snaps[:4]:
+        _cluster_worker.receive_snapshot(s.to_bytes())
+    with _cluster_worker._cond:
+        _cluster_worker._use("rp_lru_pkg", snaps[0].hash)  # version 0 is used again: now the most recent
+    for s in snaps[4:]:
+        _cluster_worker.receive_snapshot(s.to_bytes())
+    kept = {snaps.index(s) for s in snaps if s.hash in _cluster_worker._store}
+    assert kept == {0, 3, 4, 5} and _cluster_worker._KEEP_VERSIONS == 4  # 1 and 2: least recently used
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"dropped package rp_lru_pkg {snaps[1].hash[:12]}: it keeps the 4"):
+        with _cluster_worker._Versions((("rp_lru_pkg", snaps[1].hash),)):
+            pass
+    assert time.monotonic() - t < _cluster_worker._SNAPSHOT_WAIT  # at once, not after the wait
+
+
+_VERSION_CLIENT = """
+import json, sys, ringpool
+from ringpool.cluster import ClusterExecutor
+mod = ringpool.import_module_from_path({name!r}, {path!r})
+if __name__ == "__main__":
+    with ClusterExecutor({address!r}, processes_per_worker=1) as e:
+        for line in sys.stdin:
+            if line.strip() != "map":
+                break
+            out = list(e.map(mod.where, range(40), chunksize=1))
+            print(json.dumps({{"versions": sorted({{o[0] for o in out}}), "in_order": [o[1] for o in out] == list(range(40)),
+                              "shipped": dict(e._shipper.transfers)}}), flush=True)
+"""
+
+
+@pytest.mark.timeout(400)
+def test_two_client_processes_alternate_two_versions_of_one_package(dask_procs, tmp_path):
+    import select  # here: only this test talks to client processes over pipes
+
+    name = "rp_cluster_two_versions"
+    _, address = dask_procs.scheduler()
+    workers = [dask_procs.worker(address, f"v{i}") for i in range(2)]
+    clients = []
+    for version in (1, 2):
+        _make_package(tmp_path / f"client{version}", name, version, pad=1 << 20)
+        code = _VERSION_CLIENT.format(name=name, path=str(tmp_path / f"client{version}" / name), address=address)
+        clients.append(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": dp.BINDINGS}))
+
+    def send(c):
+        c.stdin.write("map\n")
+        c.stdin.flush()
+
+    def answer(c):
+        ready, _, _ = select.select([c.stdout], [], [], 120)
+        assert ready, f"no answer from a client process: {c.poll()}"
+        line = c.stdout.readline()
+        assert line, f"client process exited: {c.wait(10)} {c.stderr.read()[-3000:]}"
+        return json.loads(line)
+
+    def check(c, version, out):
+        assert out == {"versions": [version], "in_order": True, "shipped": {name: 1}}  # its own version, once
+
+    def arrivals(client):
+        return {a: sorted((k.split(":")[1][:12], v) for k, v in s["received"].items() if k.startswith(name + ":"))
+                for a, s in client.run(stats).items()}
+
+    with distributed.Client(address, set_as_default=False) as watcher:
+        try:
+            dp.wait_workers(watcher, 2)
+            for _ in range(3):  # alternating
+                for version, c in zip((1, 2), clients):
+                    send(c)
+                    check(c, version, answer(c))
+            for c in clients:  # at the same time: the workers switch versions between tasks, never within one
+                send(c)
+            for version, c in zip((1, 2), clients):
+                check(c, version, answer(c))
+            got = arrivals(watcher)
+            assert len(got) == 2 and all(len(v) == 2 and all(n == 1 for _, n in v) for v in got.values()), got
+            # A worker that joins later gets both versions (neither client unregistered the other's),
+            # and the two first workers go: every task now runs on it.
+            dask_procs.worker(address, "v-late")
+            dp.wait_workers(watcher, 3)
+            for w in workers:
+                dp.kill_group(w)
+            end = time.monotonic() + 60
+            while len(watcher.scheduler_info()["workers"]) > 1:
+                assert time.monotonic() < end, "the killed workers did not leave"
+                time.sleep(0.2)
+            for version, c in zip((1, 2), clients):
+                send(c)
+                check(c, version, answer(c))
+            late = arrivals(watcher)
+            assert len(late) == 1 and [n for _, n in next(iter(late.values()))] == [1, 1], late
+        finally:
+            for c in clients:
+                try:
+                    c.stdin.close()
+                    c.wait(60)
+                except Exception:
+                    c.kill()
+                    c.wait()
+
+
+def test_a_pool_whose_start_spans_a_shutdown_is_not_kept(monkeypatch):
+    # The worker side alone, in this process: a pool still starting (warm) when the dask worker
+    # closes (shutdown_pools) is shut down when ready, and later starts are not affected.
+    started, real = [], _cluster_worker.Executor
+
+    def slow_executor(*a, **kw):
+        time.sleep(0.5)
+        started.append(real(*a, **kw))
+        return started[-1]
+
+    monkeypatch.setattr(_cluster_worker, "Executor", slow_executor)
+    monkeypatch.setattr(_cluster_worker, "_pools", {})
+    config = _cluster_worker.pool_config(1, (), None, True, None, (), None, None)
+    errors = []
+
+    def start():
+        try:
+            _cluster_worker._pool(config)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=start)
+    t.start()
+    time.sleep(0.1)
+    _cluster_worker.shutdown_pools()
+    t.join(60)
+    assert len(errors) == 1 and "is closing" in str(errors[0])
+    assert _cluster_worker._pools == {} and started[0]._state.shutdown  # started, then shut down
+    pool = _cluster_worker._pool(config)  # a start after the shutdown is kept
+    try:
+        assert _cluster_worker._pools == {config: pool}
+        assert pool.submit(_square, 5).result(60) == 25
+    finally:
+        _cluster_worker.shutdown_pools()
