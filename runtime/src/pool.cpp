@@ -376,7 +376,10 @@ struct Pool::Impl {
       z.config = pickle_dumps(Value::dict({{Value("preload"), str_list(opts.preload)},
                                            {Value("main"), Value::dict()},
                                            {Value("packages"), packages},
-                                           {Value("bundle_file"), bundle_file()}}));
+                                           {Value("bundle_file"), bundle_file()},
+                                           // Not dumpable once configured: workers are not trusted
+                                           // and run as our user (security.md, "Same user").
+                                           {Value("undumpable"), Value(true)}}));
       z.ready_timeout = opts.start_timeout;
       z.spares = std::min(opts.workers, 4);
       sup = Supervisor::zygote_mode(std::move(z));

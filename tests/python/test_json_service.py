@@ -562,3 +562,8 @@ def test_a_task_cannot_reach_the_service_or_other_workers_through_proc(tmp_path)
         assert r["service_fds_opened"] == [], r
         assert r["service_mem_writable"] is not True, r
         assert all(v == [] for v in r["other_workers"].values()), r
+        # Nor ptrace the zygote (and tamper with the workers it forks later) or another worker.
+        children = {p for p in descendants(svc.proc.pid)  # the zygote (its workers are its children)
+                    if open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(svc.proc.pid)}
+        assert children - {r["me"]} <= set(r["peers_examined"]) and len(r["peers_examined"]) >= 3, (children, r)
+        assert r["peers_mem_writable"] == [], r
