@@ -742,7 +742,10 @@ struct Pool::Impl {
     if (auto reaped = w.proc.poll()) code = *reaped;
     const std::size_t failed_before = failures.size();
     const Scheduler::Death d = sched.died(w.wid, w.ring->consumed(), failures);
-    const bool early = code > 0 && !answered_any && !d.held_calls;
+    // (With max_requeues 0 nothing else would stop exec workers dying with calls: the count is
+    // taken as it was, foolable as it is.)
+    const bool early =
+        code > 0 && !answered_any && (!d.held_calls || (opts.max_requeues == 0 && w.ring->consumed() <= 1));
     log_end(w, code, failures.size() - failed_before);
     std::string diagnosis;
     if (d.given_up && code > 0 && !answered_any && broken.empty()) diagnosis = diagnose_interpreter(opts);
