@@ -76,7 +76,7 @@ struct Limits {
   // partial request in a buffer, a request whose task is queued or running in the pool). While
   // this many are held no connection reads; reading resumes as tasks finish. Bounds the memory
   // that max_connections x max_pending requests would otherwise take (a request's task holds its
-  // pickled arguments, up to ~2.3x its JSON bytes). At least max_request_bytes (checked at start).
+  // pickled arguments, up to 2.25x its JSON bytes). At least max_request_bytes (checked at start).
   std::size_t max_held_bytes = std::size_t{64} << 20;
   // A connection that sends nothing while owed nothing, leaves a request partial, or does not
   // take a reply, for this long, is closed. Shorter frees slots from idle clients sooner; longer
@@ -161,7 +161,7 @@ class Server {
   // resume) once the budget has room again. Except for one session, the finisher: if the budget
   // is spent by bytes the pool does not hold (partial requests in buffers), no task will ever give
   // any back, so the oldest waiting session with a partial request may read on until that request
-  // is complete (and then waits like the others). partial: s has a request partly read.
+  // is complete (and then waits like the others).
   bool may_read(Session& s);
   // s completed a line or closed: if it was the finisher, it is no longer.
   void done_finishing(Session* s);
