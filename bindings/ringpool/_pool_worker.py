@@ -104,7 +104,7 @@ def serve_executor(wid, calls_ref, results_ref, initializer, initargs, max_tasks
 def serve_pool(config, calls, results):
     """A worker of the C++ ``ringpool::Pool`` (started by ``_worker.run`` when its first frame is a
     plain configuration): calls and results are plain data only. Returns the exit code."""
-    _undumpable()
+    undumpable()
     for p in reversed(config.get("sys_path_prepend") or ()):
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -117,10 +117,11 @@ def serve_pool(config, calls, results):
     return 0
 
 
-def _undumpable():
+def undumpable():
     """PR_SET_DUMPABLE 0, before any task runs: another worker (same user) can then neither open
     this one's descriptors through /proc/<pid>/fd (its rings' memfds: forged answers) nor ptrace
-    it or write /proc/<pid>/mem (docs/design/security.md, "Same user")."""
+    it or write /proc/<pid>/mem (docs/design/security.md, "Same user"). The C++ Pool's zygote
+    calls it too, once configured (so its workers are not dumpable from their fork on)."""
     import ctypes  # only here: prctl has no binding, and only C++ Pool workers need it
 
     libc = ctypes.CDLL(None, use_errno=True)

@@ -19,6 +19,7 @@ import traceback
 
 from . import _core
 from . import modules
+from ._pool_worker import undumpable
 from ._worker import run
 from .bundle import _install_environment
 
@@ -216,6 +217,11 @@ def main():
             _check_threads(_core, "importing the main module", "use preload_main=False")
         _settle_torch_pool()
         _check_threads(_core, "sizing torch's thread pool", "set OMP_NUM_THREADS")
+        if config.get("undumpable"):
+            # The C++ Pool's zygote (its workers are not trusted): no task can then ptrace it, or
+            # write its memory, to tamper with the workers it forks later (security.md, "Same
+            # user"). A Python parent's zygote stays dumpable, for debuggers (py-spy, gdb).
+            undumpable()
     except BaseException:
         ok, message = False, traceback.format_exc()
     if ok:

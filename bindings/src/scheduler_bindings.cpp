@@ -121,8 +121,8 @@ class PyScheduler {
 
  public:
   PyScheduler(std::size_t workers, std::size_t max_tasks_per_child, std::optional<double> task_timeout,
-              std::size_t min_depth, std::size_t max_depth)
-      : sched_(options(workers, max_tasks_per_child, task_timeout, min_depth, max_depth)) {}
+              std::size_t min_depth, std::size_t max_depth, std::size_t max_requeues)
+      : sched_(options(workers, max_tasks_per_child, task_timeout, min_depth, max_depth, max_requeues)) {}
 
   void add_worker(int wid) { sched_.add_worker(wid); }
   bool exited(int wid) { return sched_.exited(wid); }
@@ -270,7 +270,7 @@ class PyScheduler {
 
  private:
   static detail::SchedulerOptions options(std::size_t workers, std::size_t max_tasks, std::optional<double> timeout,
-                                          std::size_t min_depth, std::size_t max_depth) {
+                                          std::size_t min_depth, std::size_t max_depth, std::size_t max_requeues) {
     if (timeout && !(*timeout > 0)) throw py::value_error("task_timeout must be positive");
     if (workers == 0) throw py::value_error("workers must be > 0");
     if (min_depth == 0 || min_depth > max_depth) throw py::value_error("need 0 < min_depth <= max_depth");
@@ -280,6 +280,9 @@ class PyScheduler {
     o.resend_unreadable_runs = true;  // the Executor's rule: only the call at fault fails
     o.workers = workers;
     o.max_tasks_per_child = max_tasks;
+    // 0 for ringpool.Executor: its workers are trusted, so a call goes back only if its worker had
+    // truly not taken it, and a cap would fail calls for deaths that were not theirs.
+    o.max_requeues = max_requeues;
     if (timeout)
       o.task_timeout = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(*timeout));
     return o;
@@ -300,9 +303,9 @@ void init_scheduler(py::module_& m) {
   c.attr("LOST") = static_cast<int>(detail::Fate::kLost);
   c.attr("DIED") = static_cast<int>(detail::Fate::kDied);
   c.attr("TIMED_OUT") = static_cast<int>(detail::Fate::kTimedOut);
-  c.def(py::init<std::size_t, std::size_t, std::optional<double>, std::size_t, std::size_t>(), py::arg("workers"),
-        py::arg("max_tasks_per_child") = 0, py::arg("task_timeout") = py::none(),
-        py::arg("min_depth") = task::kMinDepth, py::arg("max_depth") = task::kMaxDepth);
+  c.def(py::init<std::size_t, std::size_t, std::optional<double>, std::size_t, std::size_t, std::size_t>(),
+        py::arg("workers"), py::arg("max_tasks_per_child") = 0, py::arg("task_timeout") = py::none(),
+        py::arg("min_depth") = task::kMinDepth, py::arg("max_depth") = task::kMaxDepth, py::arg("max_requeues") = 0);
   c.def("add_worker", &PyScheduler::add_worker, py::arg("wid"), "A started worker takes calls from now on.");
   c.def("exited", &PyScheduler::exited, py::arg("wid"),
         "The worker's process ended: no more calls go to it (its death is handled by died()).");

@@ -13,7 +13,7 @@
 // Usage: json_service [--port N] [--workers N] [--python PATH] [--python-path DIR]...
 //                     [--package NAME=FOLDER]... [--allow MODULE:FUNCTION]... [--exec] [--preload MODULE]...
 //                     [--max-request-bytes N] [--max-connections N] [--max-pending N]
-//                     [--idle-timeout SECONDS] [--accept-backoff-ms N]
+//                     [--max-held-bytes N] [--idle-timeout SECONDS] [--accept-backoff-ms N]
 // It prints "listening on 127.0.0.1:PORT" once it accepts connections; SIGINT/SIGTERM stop it
 // after the requests in flight are answered (a second signal stops it at once).
 //
@@ -23,10 +23,12 @@
 //                    ringpool::Pool ──► Python workers ──► collector thread
 //
 // - Server: the accept loop (pauses at --max-connections, backs off on EMFILE and the like and
-//   resumes), the set of sessions, the signals.
+//   resumes), the set of sessions, the signals, and the service-wide budget of request bytes held
+//   (--max-held-bytes: while it is spent no connection reads; they resume as tasks finish).
 // - Session: one connection on the io thread: reads lines, answers each, stops reading while
-//   --max-pending replies are owed (backpressure), and is closed by its timer when the client
-//   idles, dribbles a partial request, or stops reading its replies for --idle-timeout.
+//   --max-pending replies are owed (backpressure) or the budget is spent, and is closed by its
+//   timer when the client idles, dribbles a partial request, or stops reading its replies for
+//   --idle-timeout.
 // docs/design/security.md ("The example service") lists every check at this boundary.
 //
 // The Python code never runs in this process: requests become plain-data pickles (ringpool's C++
@@ -70,6 +72,12 @@ struct Limits {
   // Replies a connection may owe (running, queued in the pool, or not yet written) before the
   // service stops reading from it: bounds its share of the pool and its queued replies.
   std::size_t max_pending = 64;
+  // Request bytes the service may hold, over all connections: read and not yet answered (a
+  // partial request in a buffer, a request whose task is queued or running in the pool). While
+  // this many are held no connection reads; reading resumes as tasks finish. Bounds the memory
+  // that max_connections x max_pending requests would otherwise take (a request's task holds its
+  // pickled arguments, up to 2.25x its JSON bytes). At least max_request_bytes (checked at start).
+  std::size_t max_held_bytes = std::size_t{64} << 20;
   // A connection that sends nothing while owed nothing, leaves a request partial, or does not
   // take a reply, for this long, is closed. Shorter frees slots from idle clients sooner; longer
   // spares slow but honest ones.
@@ -142,6 +150,22 @@ class Server {
   // A session is closed and none of its tasks is still in the pool: its slot is free.
   void release(Session* s);
 
+  // The held-bytes budget (Limits::max_held_bytes). A session charges every byte it reads, and
+  // gives it back when its request is answered: at once for a line answered without the pool (a
+  // blank line, BadRequest, NotAllowed) or dropped (a closed connection), when the task's answer
+  // arrives for a line that became a task (moved to the pool's share with to_pool()).
+  void charge(std::size_t n) { held_ += n; }
+  void to_pool(std::size_t n) { in_pool_ += n; }
+  void discharge(std::size_t n, bool from_pool);
+  // Whether s may read now. No, while the budget is spent: s waits and is resumed (Session::
+  // resume) once the budget has room again. Except for one session, the finisher: if the budget
+  // is spent by bytes the pool does not hold (partial requests in buffers), no task will ever give
+  // any back, so the oldest waiting session with a partial request may read on until that request
+  // is complete (and then waits like the others).
+  bool may_read(Session& s);
+  // s completed a line or closed: if it was the finisher, it is no longer.
+  void done_finishing(Session* s);
+
   ringpool::Pool& pool;
   const exports::Allowlist& allow;
   const Limits limits;
@@ -162,6 +186,14 @@ class Server {
   bool stopping_ = false;
   // Owning: a session lives while it holds a slot, however its handlers come and go.
   std::unordered_map<Session*, std::shared_ptr<Session>> sessions_;
+
+  void wake_soon();
+  void wake();
+  std::size_t held_ = 0;     // request bytes held: in read buffers and in the pool
+  std::size_t in_pool_ = 0;  // of which held by tasks in the pool
+  std::deque<std::weak_ptr<Session>> waiting_;  // sessions waiting for the budget, oldest first
+  Session* finisher_ = nullptr;
+  bool wake_posted_ = false;
 };
 
 class Session : public std::enable_shared_from_this<Session> {
@@ -182,13 +214,34 @@ class Session : public std::enable_shared_from_this<Session> {
     finish_if_done();
   }
 
+  // The budget has room again (or this session is the finisher): dispatch what is buffered, read.
+  void resume() {
+    waiting_budget = false;
+    if (closed_) return;
+    process();
+    read();
+  }
+  bool has_partial() const { return !closed_ && !stopping_ && head_ < pending_.size(); }
+
+  bool waiting_budget = false;  // in the server's queue of sessions waiting for the budget
+
  private:
   const Limits& limits() const { return server_.limits; }
 
   bool paused() const { return owed_ >= limits().max_pending; }
 
   void read() {
-    if (reading_ || closed_ || stopping_ || paused()) return;
+    if (reading_ || closed_ || stopping_) return;
+    if (paused() || !server_.may_read(*this)) {
+      read_paused_ = true;
+      return;
+    }
+    if (read_paused_) {
+      // The service was not listening: the client's clocks start again now, or a request it sent
+      // in full while we held off could be cut as a slowloris, and a silent client as idle.
+      read_paused_ = false;
+      partial_since_ = idle_since_ = Clock::now();
+    }
     reading_ = true;
     socket_.async_read_some(asio::buffer(chunk_), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
       self->reading_ = false;
@@ -196,6 +249,7 @@ class Session : public std::enable_shared_from_this<Session> {
       if (ec) return self->on_end(ec);
       if (self->head_ == self->pending_.size()) self->partial_since_ = Clock::now();
       self->pending_.append(self->chunk_.data(), n);
+      self->server_.charge(n);
       self->process();
       self->read();
     });
@@ -210,7 +264,13 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   // Dispatches the complete lines buffered, while the client is owed fewer than max_pending replies.
+  // Not gated by the held-bytes budget: the bytes of a buffered line are charged already, and a
+  // line that becomes a task keeps its charge (moved to the pool's share) until it is answered.
   void process() {
+    if (closed_) return;
+    const std::size_t buffered = pending_.size();
+    std::size_t to_pool = 0;  // bytes of the lines that became tasks (still charged)
+    bool completed = false;   // a line was taken (the finisher's request is complete)
     while (!closed_ && !stopping_ && !paused()) {
       const auto nl = pending_.find('\n', head_);
       if (nl == std::string::npos) {
@@ -222,7 +282,9 @@ class Session : public std::enable_shared_from_this<Session> {
         break;
       }
       std::string line = pending_.substr(head_, nl - head_);
+      const std::size_t bytes = nl + 1 - head_;
       head_ = nl + 1;
+      completed = true;
       partial_since_ = Clock::now();  // what follows the newline is a new request
       if (!line.empty() && line.back() == '\r') line.pop_back();
       if (line.find_first_not_of(" \t") == std::string::npos) continue;
@@ -231,11 +293,16 @@ class Session : public std::enable_shared_from_this<Session> {
         stopping_ = true;
         break;
       }
-      dispatch(line);
+      if (dispatch(line, bytes)) to_pool += bytes;
     }
     // Compact once per batch rather than once per line.
     if (stopping_) pending_.clear(), head_ = 0;
     else if (head_ > 0) pending_.erase(0, head_), head_ = 0;
+    // A buffer that held a large request does not keep its memory (the budget counts bytes held,
+    // not a buffer's capacity).
+    if (pending_.capacity() > kKeepBuffer && pending_.size() <= pending_.capacity() / 4) pending_.shrink_to_fit();
+    if (const std::size_t gone = buffered - pending_.size(); gone > to_pool) server_.discharge(gone - to_pool, false);
+    if (completed) server_.done_finishing(this);
   }
 
   void too_large() {
@@ -249,7 +316,8 @@ class Session : public std::enable_shared_from_this<Session> {
     send(line_of(error_reply(Value(), type, message)));
   }
 
-  void dispatch(const std::string& line) {
+  // True if the line became a task in the pool (it stays charged until answered: `bytes`).
+  bool dispatch(const std::string& line, std::size_t bytes) {
     ++owed_;
     Value id;
     try {
@@ -266,27 +334,30 @@ class Session : public std::enable_shared_from_this<Session> {
       // Before anything else is looked at: a refused function is never imported or run.
       if (!server_.allow.allowed(fn->as_str())) {
         send(line_of(error_reply(id, "NotAllowed", "function '" + fn->as_str() + "' is not allowed by this service")));
-        return;
+        return false;
       }
+      // The arguments are moved out of the request (req is ours and dropped after): a copy would
+      // double the parsed tree, the largest transient of a request.
       std::vector<Value> args;
-      if (const Value* a = req.find(Value("args"))) {
+      if (Value* a = const_cast<Value*>(req.find(Value("args")))) {
         if (!a->is_list()) throw BadRequest("\"args\" must be an array");
-        args = a->as_list();
+        args = std::move(a->as_list());
       }
       std::vector<std::pair<std::string, Value>> kwargs;
-      if (const Value* k = req.find(Value("kwargs"))) {
+      if (Value* k = const_cast<Value*>(req.find(Value("kwargs")))) {
         if (!k->is_dict()) throw BadRequest("\"kwargs\" must be an object");
-        for (const auto& [key, val] : k->as_dict()) kwargs.emplace_back(key.as_str(), val);
+        for (auto& [key, val] : k->as_dict()) kwargs.emplace_back(key.as_str(), std::move(val));
       }
       server_.pool.async_submit(fn->as_str(), std::move(args), std::move(kwargs),
-                                [self = shared_from_this(), id](std::exception_ptr err, Value result) {
+                                [self = shared_from_this(), id, bytes](std::exception_ptr err, Value result) {
                                   // On the pool's collector thread: hand the answer to our io thread.
                                   Value reply = err ? error_for(id, err)
                                                     : Value::dict({{Value("id"), id},
                                                                    {Value("ok"), Value(true)},
                                                                    {Value("result"), std::move(result)}});
-                                  asio::post(self->socket_.get_executor(), [self, line = line_of(reply)]() mutable {
+                                  asio::post(self->socket_.get_executor(), [self, bytes, line = line_of(reply)]() mutable {
                                     --self->in_pool_;
+                                    self->server_.discharge(bytes, true);
                                     if (self->closed_) return self->release_if_done();
                                     self->send(std::move(line));
                                   });
@@ -294,11 +365,14 @@ class Session : public std::enable_shared_from_this<Session> {
       // After the submit succeeded (it throws otherwise); the answer cannot arrive before: it is
       // posted to this thread.
       ++in_pool_;
+      server_.to_pool(bytes);
+      return true;
     } catch (const BadRequest& e) {
       send(line_of(error_reply(id, "BadRequest", e.what())));
     } catch (const std::exception& e) {  // PoolClosed, PickleError: submit refused the task
       send(line_of(error_for(id, std::current_exception())));
     }
+    return false;
   }
 
   void send(std::string line) {
@@ -366,6 +440,11 @@ class Session : public std::enable_shared_from_this<Session> {
     socket_.close(ignored);
     timer_.cancel();
     out_.clear();
+    server_.discharge(pending_.size(), false);  // its tasks' bytes are given back as they finish
+    pending_.clear();
+    pending_.shrink_to_fit();
+    head_ = 0;
+    server_.done_finishing(this);
     release_if_done();
   }
 
@@ -378,6 +457,8 @@ class Session : public std::enable_shared_from_this<Session> {
     }
   }
 
+  static constexpr std::size_t kKeepBuffer = 64 << 10;
+
   tcp::socket socket_;
   Server& server_;
   asio::steady_timer timer_;
@@ -388,6 +469,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::size_t owed_ = 0;         // requests read whose reply is not yet written (at most max_pending)
   std::size_t in_pool_ = 0;      // of which submitted to the pool and not yet answered
   bool reading_ = false, writing_ = false, stopping_ = false, closed_ = false, released_ = false;
+  bool read_paused_ = false;     // read() held off (max_pending, budget) since the last read
   Clock::time_point idle_since_, partial_since_, write_since_;
 };
 
@@ -395,6 +477,66 @@ void Server::release(Session* s) {
   sessions_.erase(s);  // the caller's handler still holds the session
   if (stopping_ && sessions_.empty()) signals_.cancel();  // nothing left: io.run() returns
   accept();
+}
+
+void Server::discharge(std::size_t n, bool from_pool) {
+  if (n == 0) return;
+  held_ -= n;
+  if (from_pool) in_pool_ -= n;
+  if (!waiting_.empty()) wake_soon();
+}
+
+bool Server::may_read(Session& s) {
+  if (held_ < limits.max_held_bytes || finisher_ == &s) return true;
+  if (!s.waiting_budget) {
+    s.waiting_budget = true;
+    waiting_.push_back(s.weak_from_this());
+  }
+  wake_soon();  // a finisher may be needed
+  return false;
+}
+
+void Server::done_finishing(Session* s) {
+  if (finisher_ != s) return;
+  finisher_ = nullptr;
+  if (!waiting_.empty()) wake_soon();
+}
+
+// Posted, not called in place: the budget changes inside a session's handlers, and resuming other
+// sessions (or the same one) from there would re-enter them.
+void Server::wake_soon() {
+  if (wake_posted_) return;
+  wake_posted_ = true;
+  asio::post(io_, [this] {
+    wake_posted_ = false;
+    wake();
+  });
+}
+
+void Server::wake() {
+  if (held_ < limits.max_held_bytes) {
+    // Every waiting session reads again; each read adds at most one chunk before it is checked.
+    std::deque<std::weak_ptr<Session>> resumed;
+    resumed.swap(waiting_);
+    for (auto& w : resumed)
+      if (auto s = w.lock()) s->resume();
+    return;
+  }
+  if (finisher_ || in_pool_ > 0) return;  // tasks will give bytes back, or a request is completing
+  for (auto it = waiting_.begin(); it != waiting_.end();) {
+    auto s = it->lock();
+    if (!s || !s->waiting_budget) {
+      it = waiting_.erase(it);
+      continue;
+    }
+    if (s->has_partial()) {
+      waiting_.erase(it);
+      finisher_ = s.get();
+      s->resume();
+      return;
+    }
+    ++it;
+  }
 }
 
 void Server::accept() {
@@ -454,8 +596,10 @@ int usage() {
   std::cerr << "usage: json_service [--port N] [--workers N] [--python PATH] [--python-path DIR]...\n"
                "                    [--package NAME=FOLDER]... [--allow MODULE:FUNCTION]... [--preload MODULE]... [--exec]\n"
                "                    [--max-request-bytes N] [--max-connections N] [--max-pending N]\n"
-               "                    [--idle-timeout SECONDS] [--accept-backoff-ms N]\n"
-               "Clients may call only the functions --allow names and those listed in a --package folder's EXPORTS.\n";
+               "                    [--max-held-bytes N] [--idle-timeout SECONDS] [--accept-backoff-ms N]\n"
+               "Clients may call only the functions --allow names and those listed in a --package folder's EXPORTS.\n"
+               "--max-held-bytes (default 64 MiB, at least --max-request-bytes): request bytes held over all\n"
+               "connections, read and not yet answered; while they are held, no connection is read.\n";
   return 2;
 }
 
@@ -490,6 +634,7 @@ int main(int argc, char** argv) {
       else if (a == "--max-request-bytes") limits.max_request_bytes = positive(a, next());
       else if (a == "--max-connections") limits.max_connections = positive(a, next());
       else if (a == "--max-pending") limits.max_pending = positive(a, next());
+      else if (a == "--max-held-bytes") limits.max_held_bytes = positive(a, next());
       else if (a == "--accept-backoff-ms") limits.accept_backoff = std::chrono::milliseconds(positive(a, next()));
       else if (a == "--idle-timeout") {
         const double s = std::stod(next());
@@ -510,6 +655,12 @@ int main(int argc, char** argv) {
       std::cerr << "json_service: " << e.what() << "\n";
       return usage();
     }
+  }
+  if (limits.max_held_bytes < limits.max_request_bytes) {
+    // Otherwise one request of the largest size allowed would spend the whole budget alone.
+    std::cerr << "json_service: --max-held-bytes (" << limits.max_held_bytes << ") must be at least --max-request-bytes ("
+              << limits.max_request_bytes << ")\n";
+    return usage();
   }
   if (allow.size() == 0) std::cerr << "json_service: no function is allowed: every request will be refused\n";
   rlimit nofile{};

@@ -64,6 +64,12 @@ WorkerDied::WorkerDied(pid_t pid, int exit_code)
       pid_(pid),
       exit_code_(exit_code) {}
 
+WorkerDied::WorkerDied(pid_t pid, int exit_code, const std::string& detail)
+    : std::runtime_error("ringpool worker (pid " + std::to_string(pid) + ") died (" + describe_exit(exit_code) +
+                         ") with this task next: " + detail),
+      pid_(pid),
+      exit_code_(exit_code) {}
+
 TaskTimeout::TaskTimeout(pid_t pid, std::chrono::milliseconds timeout)
     : std::runtime_error("task ran longer than " + std::to_string(timeout.count()) +
                          " ms; ringpool killed its worker (pid " + std::to_string(pid) + ")"),
@@ -411,6 +417,7 @@ struct Pool::Impl {
     // Calls travel in RUN records unless max_tasks_per_child is set (a worker then counts exactly
     // the calls it was sent, one record each, as ringpool.Executor does).
     s.runs = o.max_tasks_per_child == 0;
+    s.max_requeues = o.max_requeues;
     return s;
   }
 
@@ -432,7 +439,10 @@ struct Pool::Impl {
       z.config = pickle_dumps(Value::dict({{Value("preload"), str_list(opts.preload)},
                                            {Value("main"), Value::dict()},
                                            {Value("packages"), packages},
-                                           {Value("bundle_file"), bundle_file()}}));
+                                           {Value("bundle_file"), bundle_file()},
+                                           // Not dumpable once configured: workers are not trusted
+                                           // and run as our user (security.md, "Same user").
+                                           {Value("undumpable"), Value(true)}}));
       z.ready_timeout = opts.start_timeout;
       z.spares = std::min(opts.workers, 4);
       sup = Supervisor::zygote_mode(std::move(z));
@@ -765,6 +775,8 @@ struct Pool::Impl {
         case detail::Fate::kDied:
           if (!violation.empty())
             e = std::make_exception_ptr(ProtocolError(violation + "; it was killed while running this task"));
+          else if (!f.why.empty())  // not requeued again (PoolOptions::max_requeues)
+            e = std::make_exception_ptr(WorkerDied(pid, code, f.why));
           else
             e = std::make_exception_ptr(WorkerDied(pid, code));
           break;
@@ -779,16 +791,41 @@ struct Pool::Impl {
 
   // The worker has exited and every result it published has been handled (or, if it broke the
   // protocol, dropped).
-  // Workers exiting with an error before taking a call, while none has ever answered (an
-  // interpreter that cannot import ringpool, a broken preload in exec mode), break the pool after
-  // kEarlyDeaths in a row instead of being replaced forever.
+  // Workers exiting with an error while none has ever answered (an interpreter that cannot import
+  // ringpool) break the pool instead of being replaced forever, in one of two ways:
+  // - kEarlyDeaths in a row that had been sent no call. Only those count: the call ring's
+  //   `consumed` is the worker's to write, so a task could exit(1) after setting it back and pass
+  //   for a worker that never started (three times, and the pool was broken for everybody).
+  // - A call failed at PoolOptions::max_requeues (exec workers die holding the calls sent to them
+  //   at once) when the workers' interpreter, run once to import ringpool, names what is wrong. A
+  //   task that kills its workers is not an interpreter fault: the diagnosis finds nothing and
+  //   only that call fails.
   void died(Worker& w) {
     int code = w.exit_code.value_or(-1);
     if (auto reaped = w.proc.poll()) code = *reaped;
-    const bool early = code > 0 && !answered_any && w.ring->consumed() <= 1;  // 1: its configuration
     const std::size_t failed_before = failures.size();
-    sched.died(w.wid, w.ring->consumed(), failures);
+    const Scheduler::Death d = sched.died(w.wid, w.ring->consumed(), failures);
+    // (With max_requeues 0 nothing else would stop exec workers dying with calls: the count is
+    // taken as it was, foolable as it is.)
+    const bool early =
+        code > 0 && !answered_any && (!d.held_calls || (opts.max_requeues == 0 && w.ring->consumed() <= 1));
     log_end(w, code, failures.size() - failed_before);
+    std::string diagnosis;
+    if (d.given_up && code > 0 && !answered_any && broken.empty()) diagnosis = diagnose_interpreter(opts);
+    if (!diagnosis.empty()) {
+      // The calls it gave up on fail with the pool's reason, not as a task's fault.
+      const std::string why = "ringpool::Pool: workers exited (the last: " + describe_exit(code) +
+                              ") before any worker answered a task: " + diagnosis;
+      const auto e = std::make_exception_ptr(PoolClosed(why));
+      for (std::size_t i = failed_before; i < failures.size(); ++i)
+        if (failures[i].fate == detail::Fate::kDied && !failures[i].why.empty())
+          completions.push_back({std::move(failures[i].task), Value(), e});
+      std::erase_if(failures, [](const Scheduler::Failure& f) { return f.fate == detail::Fate::kDied && !f.why.empty(); });
+      settle(w.proc.pid(), code, w.violation);
+      workers.erase(w.wid);
+      fail_everything(why);
+      return;
+    }
     settle(w.proc.pid(), code, w.violation);
     workers.erase(w.wid);
     early_deaths = early ? early_deaths + 1 : 0;

@@ -281,6 +281,39 @@ TEST_CASE("Pool: a timed-out task fails even if its worker rewrote its call ring
   CHECK(get(after) == Value(5));
 }
 
+TEST_CASE("Pool: a task that kills its workers as if it never started is failed after max_requeues" *
+          doctest::timeout(240)) {
+  // The call ring's `consumed` counter is the worker's to write: a task that sets it back (as if
+  // its record had never been taken) and exits was requeued at each death, killing one worker
+  // after another for ever; and exiting with 1 before any worker had answered, it made the pool
+  // take three such deaths for a broken interpreter and fail everything. Now the call fails after
+  // max_requeues (2 here) returns, i.e. at the third death, and only that call; the pool goes on.
+  for (bool zygote : {true, false}) {
+    CAPTURE(zygote);
+    PoolOptions o = options(zygote, 2);
+    o.max_requeues = 2;
+    Pool pool(o);
+    for (int round = 0; round < 2; ++round) {  // first before any answer, then after some
+      CAPTURE(round);
+      const std::uint64_t started = pool.workers_started();
+      auto bad = pool.submit("rp_tasks.hostile:hide_and_exit", {Value(1)});
+      try {
+        get(bad);
+        FAIL("no error");
+      } catch (const WorkerDied& e) {
+        CAPTURE(e.what());
+        CHECK(e.exit_code() == 1);
+        CHECK(std::string(e.what()).find("the next task of 3 workers that died") != std::string::npos);
+        CHECK(std::string(e.what()).find("max_requeues 2") != std::string::npos);
+      }
+      std::vector<std::future<Value>> after;
+      for (int i = 0; i < 4; ++i) after.push_back(pool.submit("rp_tasks:add", {Value(i), Value(1)}));
+      for (int i = 0; i < 4; ++i) CHECK(get(after[i]) == Value(i + 1));
+      CHECK(pool.workers_started() == started + 3);  // three workers killed, three replacements
+    }
+  }
+}
+
 TEST_CASE("Pool: each worker holds its own channels only" * doctest::timeout(180)) {
   // What a worker can reach is what it holds: its call ring, and of its result ring the producer
   // side only. Two workers share no segment and no socket end, and a worker holds no socket end

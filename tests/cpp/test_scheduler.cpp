@@ -243,6 +243,109 @@ TEST_CASE("scheduler: calls a dead worker never took go back in front of the bac
   CHECK(failed.empty());
 }
 
+TEST_CASE("scheduler: max_requeues fails a call in front of that many + 1 deaths that say it was not taken") {
+  // A worker's `consumed` count is its own to write: a task that sets it back and kills its worker
+  // looks like a call never taken. Without a cap it goes to the next worker, for ever.
+  for (std::size_t cap : {0u, 1u, 3u}) {
+    CAPTURE(cap);
+    SchedulerOptions o = opts(1);
+    o.max_requeues = cap;
+    Sched s(o);
+    Fakes f;
+    std::vector<Sched::Failure> failed;
+    s.submit(0);  // the killer
+    s.submit(1);  // behind it on the same worker: never in front of a death, never charged
+    int wid = 0;
+    const int deaths = cap ? static_cast<int>(cap) + 1 : 20;
+    for (int death = 1; death <= deaths; ++death) {
+      CAPTURE(death);
+      s.add_worker(++wid);
+      f.dispatch(s);
+      REQUIRE(s.sent(wid).size() == 2);
+      REQUIRE(s.sent(wid)[0].task == 0);
+      f.take(wid, 1);  // it took the record ...
+      auto d = s.died(wid, 0, failed);  // ... and says it did not
+      CHECK_FALSE(d.running);
+      CHECK(d.held_calls);
+      if (cap && death == deaths) {
+        CHECK(d.given_up == 1);
+        CHECK(d.requeued == 1);
+        REQUIRE(failed.size() == 1);
+        CHECK(failed[0].task == 0);
+        CHECK(failed[0].fate == Fate::kDied);
+        CHECK(failed[0].why.find("the next task of " + std::to_string(cap + 1) + " workers") != std::string::npos);
+      } else {
+        CHECK(d.given_up == 0);
+        CHECK(d.requeued == 2);
+        CHECK(failed.empty());
+      }
+    }
+    if (!cap) {
+      CHECK(s.backlog_size() == 2);  // no limit: still there after 20 deaths
+      continue;
+    }
+    // The call behind it runs on the next worker; its count starts at 0 when it is in front.
+    s.add_worker(++wid);
+    f.dispatch(s);
+    REQUIRE(s.sent(wid).size() == 1);
+    CHECK(s.sent(wid)[0].task == 1);
+    CHECK(s.answer(wid, s.sent(wid)[0].tid, 1e-3, failed) == std::optional<int>(1));
+    CHECK(s.outstanding() == 0);
+  }
+}
+
+TEST_CASE("scheduler: a death the pool caused for another call's timeout does not count toward max_requeues") {
+  SchedulerOptions o = opts(1);
+  o.max_requeues = 1;
+  o.task_timeout = 100ms;
+  Sched s(o);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  std::vector<int> kill;
+  const Sched::TimePoint t0{};
+  s.submit(0);
+  s.submit(1);
+  s.add_worker(1);
+  f.dispatch(s);
+  // Call 0 times out; its answer races the kill, and call 1 is in front when the worker dies.
+  REQUIRE(s.started(1, f.tid_of(1, 0), t0));
+  s.expire(t0 + 100ms, kill);
+  REQUIRE(kill == std::vector<int>{1});
+  REQUIRE(s.answer(1, f.tid_of(1, 0), 0.1, failed) == std::optional<int>(0));
+  auto d = s.died(1, 1, failed);
+  CHECK(d.timed_out);
+  CHECK(d.given_up == 0);
+  // Call 1 is charged nothing for that death: it gets max_requeues (1) returns of its own.
+  for (int wid = 2; wid <= 3; ++wid) {
+    s.add_worker(wid);
+    f.dispatch(s);
+    REQUIRE(s.sent(wid)[0].task == 1);
+    d = s.died(wid, 0, failed);
+    CHECK(d.given_up == (wid == 3 ? 1u : 0u));
+  }
+  REQUIRE(failed.size() == 1);
+  CHECK(failed[0].task == 1);
+  CHECK(failed[0].fate == Fate::kDied);
+}
+
+TEST_CASE("scheduler: held_calls tells a death with calls sent from one without (pings do not count)") {
+  Sched s(opts(1));
+  std::vector<Sched::Failure> failed;
+  std::vector<int> ping;
+  s.add_worker(1);
+  CHECK_FALSE(s.died(1, 1, failed).held_calls);
+  s.add_worker(2);
+  s.submit(0);
+  Fakes f;
+  f.dispatch(s);
+  REQUIRE(s.answer(2, s.sent(2)[0].tid, 1e-3, failed));
+  CHECK_FALSE(s.died(2, 1, failed).held_calls);  // it answered everything it was sent
+  s.add_worker(3);
+  s.submit(1);
+  f.dispatch(s);
+  CHECK(s.died(3, 0, failed).held_calls);
+}
+
 TEST_CASE("scheduler: a task past its deadline kills its worker and fails with kTimedOut") {
   SchedulerOptions o = opts(1);
   o.task_timeout = 100ms;

@@ -119,6 +119,42 @@ def test_a_task_past_its_deadline_fails_as_timed_out():
     assert s.outstanding == 0
 
 
+def test_max_requeues_fails_a_call_in_front_of_that_many_deaths_plus_one():
+    # A death that says (by the worker's `consumed`) the call in front was never taken requeues it;
+    # with max_requeues=2 the third such death fails it (DIED, with why) and the call behind goes on.
+    s = S(1, max_requeues=2, min_depth=2, max_depth=2)
+    s.submit(1, 1, False)
+    s.submit(2, 1, False)
+    for wid in (1, 2, 3):
+        s.add_worker(wid)
+        sent = records_of(s.assign())
+        assert [r[1] for r in sent[wid]] == [1, 2]
+        running, timed_out, retiring, failed, requeued = s.died(wid, 0)
+        assert not running and not timed_out
+        if wid < 3:
+            assert failed == [] and requeued == 2
+        else:
+            assert requeued == 1
+            [(g, i, fate, why)] = failed
+            assert (g, i, fate) == (1, 0, S.DIED)
+            assert "the next task of 3 workers that died" in why and "max_requeues 2" in why
+    s.add_worker(4)
+    assert [r[1] for r in records_of(s.assign())[4]] == [2]
+    assert s.outstanding == 1
+
+
+def test_without_max_requeues_the_executor_requeues_a_call_its_worker_never_took():
+    # ringpool.Executor's rule (max_requeues 0): its workers' counts are trusted, so a call they did
+    # not take was not at fault, however often that happens.
+    s = S(1)
+    s.submit(1, 1, False)
+    for wid in range(1, 11):
+        s.add_worker(wid)
+        s.assign()
+        assert s.died(wid, 0)[3:] == ([], 1)
+    assert s.backlog == 1 and s.outstanding == 1
+
+
 def test_recycling_under_load_retires_workers_at_their_budget_and_asks_for_replacements():
     s = pool(2, max_tasks_per_child=3, min_depth=8, max_depth=8)
     s.submit(1, 20, True)

@@ -362,6 +362,129 @@ def test_backpressure_stops_reading_from_a_client_with_replies_pending(tmp_path)
         greedy.close()
 
 
+def status_kib(pid, field):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def pump(socks, data, deadline):
+    """Sends data on every socket (non-blocking, round robin) until all of it went or the deadline."""
+    left = {s: memoryview(data) for s in socks}  # slices without copies
+    for s in socks:
+        s.setblocking(False)
+    while left and time.monotonic() < deadline:
+        for s in list(left):
+            try:
+                n = s.send(left[s][:1 << 20])
+                left[s] = left[s][n:]
+                if not left[s]:
+                    del left[s]
+            except BlockingIOError:
+                pass
+        time.sleep(0.002)
+    return not left
+
+
+def read_replies(sock, n, timeout):
+    """n reply lines from sock, parsed (through a socket object of its own: a timeout on `sock`
+    would make another thread's sends on it block)."""
+    own = sock.dup()
+    own.settimeout(timeout)
+    f = own.makefile("rb")
+    out = []
+    for _ in range(n):
+        line = f.readline()
+        assert line, f"the service closed the connection after {len(out)} of {n} replies: {out}"
+        out.append(json.loads(line))
+    f.close()
+    own.close()
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_held_request_bytes_are_bounded_service_wide(tmp_path):
+    # 4 connections x 32 requests of ~1 MiB of JSON floats (`1e9,` is 4 bytes of JSON and 9 of
+    # pickle) while both workers are busy: --max-pending (64) lets every connection send all of
+    # them, so only the service-wide budget bounds what the service holds. Without it the service
+    # grew by ~3.7 MiB per request held (its JSON in a buffer, its pickled arguments in the pool and
+    # in a worker's call block): 423 MiB measured for these 128 with the budget made huge. With --max-held-bytes 8 MiB it holds at
+    # most 8 MiB + one request + one 16 KiB read per connection of JSON, each byte costing at most
+    # ~5.5 bytes, plus the parse of the one request being dispatched (security.md, "The example
+    # service"): the bound below is the start's VmRSS + 6 x 10 MiB + 32 MiB. Every request is
+    # answered.
+    budget, conns, per_conn = 8 << 20, 4, 32
+    with service(tmp_path, "--max-held-bytes", str(budget)) as svc:
+        warm = Client(svc)
+        assert warm.call("textjobs:size", [1, 2, 3])["result"] == 3
+        base = status_kib(svc.proc.pid, "VmRSS")
+        busy = Client(svc, timeout=60)
+        busy.send_line(b'{"id": "a", "fn": "textjobs:slow", "args": [6]}\n{"id": "b", "fn": "textjobs:slow", "args": [6]}')
+        n_floats = (1 << 20) // 4 - 64
+        body = ",".join(["1e9"] * n_floats)
+        socks = [svc.connect(timeout=120) for _ in range(conns)]
+        data = b"".join(b'{"id": %d, "fn": "textjobs:size", "args": [[%s]]}\n' % (i, body.encode())
+                        for i in range(per_conn))
+        got = {}
+
+        def reader(k, s):
+            got[k] = read_replies(s, per_conn, timeout=180)
+
+        readers = [threading.Thread(target=reader, args=(k, s)) for k, s in enumerate(socks)]
+        for t in readers:
+            t.start()
+        assert pump(socks, data, time.monotonic() + 180), "the service stopped reading for good"
+        for t in readers:
+            t.join(200)
+        assert sorted(busy.recv()["id"] for _ in range(2)) == ["a", "b"]
+        peak = status_kib(svc.proc.pid, "VmHWM")
+        for k in range(conns):
+            replies = got.get(k)
+            assert replies is not None, f"connection {k} got no replies"
+            assert sorted(r["id"] for r in replies) == list(range(per_conn)), replies[:2]
+            assert all(r["ok"] and r["result"] == n_floats for r in replies), [r for r in replies if not r["ok"]][:2]
+        bound = base + (6 * (budget + (2 << 20)) + (32 << 20)) // 1024
+        print(f"VmRSS at start {base >> 10} MiB, peak {peak >> 10} MiB, bound {bound >> 10} MiB "
+              f"({conns * per_conn} requests of {len(data) // per_conn >> 10} KiB)")
+        assert peak <= bound, f"peak VmRSS {peak >> 10} MiB over the bound of {bound >> 10} MiB"
+        for s in socks:
+            s.close()
+        busy.close()
+        warm.close()
+
+
+@pytest.mark.timeout(120)
+def test_partial_requests_that_spend_the_budget_are_still_completed(tmp_path):
+    # Eight clients each send the first 32 KiB of a 48 KiB request, then pause: the budget (64 KiB)
+    # is spent by partial requests with no task in the pool, so no task will ever give bytes back.
+    # One waiting connection at a time may read on to complete its request (the finisher); without
+    # that rule the service would wait for ever. Every request is answered.
+    limit = 64 << 10
+    with service(tmp_path, "--max-held-bytes", str(limit), "--max-request-bytes", str(limit)) as svc:
+        items = ["x" * 100] * 400
+        line = json.dumps({"fn": "textjobs:size", "args": [items]}).encode() + b"\n"
+        assert 40 << 10 < len(line) < limit
+        clients = [Client(svc, timeout=60) for _ in range(8)]
+        for c in clients:
+            c.sock.sendall(line[:32 << 10])
+        time.sleep(1.0)
+        for c in clients:
+            c.sock.sendall(line[32 << 10:])
+        for c in clients:
+            assert c.recv() == {"id": None, "ok": True, "result": 400}
+        # And the service goes on as usual.
+        for c in clients:
+            assert c.call("textjobs:fib", 10)["result"] == 55
+            c.close()
+
+
+def test_a_budget_smaller_than_a_request_is_refused_at_start(tmp_path):
+    r = subprocess.run([BINARY, "--max-held-bytes", "1000", "--max-request-bytes", "2000"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "--max-held-bytes (1000) must be at least --max-request-bytes (2000)" in r.stderr, r.stderr
+
+
 def test_client_that_does_not_read_its_replies_is_closed(tmp_path):
     with service(tmp_path, "--idle-timeout", "2") as svc:
         base = socket_count(svc.proc.pid)  # not fds: the pool keeps memfd blocks for large payloads
@@ -439,3 +562,8 @@ def test_a_task_cannot_reach_the_service_or_other_workers_through_proc(tmp_path)
         assert r["service_fds_opened"] == [], r
         assert r["service_mem_writable"] is not True, r
         assert all(v == [] for v in r["other_workers"].values()), r
+        # Nor ptrace the zygote (and tamper with the workers it forks later) or another worker.
+        children = {p for p in descendants(svc.proc.pid)  # the zygote (its workers are its children)
+                    if open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(svc.proc.pid)}
+        assert children - {r["me"]} <= set(r["peers_examined"]) and len(r["peers_examined"]) >= 3, (children, r)
+        assert r["peers_mem_writable"] == [], r

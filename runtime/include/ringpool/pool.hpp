@@ -83,6 +83,12 @@ struct PoolOptions {
   std::size_t max_tasks_per_child = 0;
   // A task running longer fails with TaskTimeout and its worker is killed (0: no limit).
   std::chrono::milliseconds task_timeout{0};
+  // A task whose worker dies before it counts as running (the worker had not taken its record,
+  // by the worker's own count) goes to another worker; after this many such returns the next one
+  // fails it with WorkerDied instead. The count is the worker's to write (security.md): without
+  // this cap a task that makes its worker die as if it never started it would be requeued, and
+  // kill a worker, for ever. 0: no limit.
+  std::size_t max_requeues = 3;
   // How long the zygote's preload (and a worker's start) may take.
   std::chrono::milliseconds start_timeout{120'000};
   // The largest result (its pickle's bytes) a worker may send; a larger claim breaks the protocol
@@ -107,10 +113,12 @@ class RemoteError : public std::runtime_error {
   std::string type_, message_, traceback_;
 };
 
-// The worker running the task died (a signal, or an exit) before answering.
+// The worker running the task died (a signal, or an exit) before answering; or the task was next
+// in the queue of more than PoolOptions::max_requeues workers that died (detail says so).
 class WorkerDied : public std::runtime_error {
  public:
   WorkerDied(pid_t pid, int exit_code);
+  WorkerDied(pid_t pid, int exit_code, const std::string& detail);
   pid_t pid() const noexcept { return pid_; }
   // Python's convention: the exit status, or -N when killed by signal N.
   int exit_code() const noexcept { return exit_code_; }

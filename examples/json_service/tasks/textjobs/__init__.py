@@ -21,6 +21,12 @@ def slow(seconds):
     return os.getpid()
 
 
+def size(items, seconds=0):
+    """len(items), after `seconds`: a request that carries data and holds a worker a while."""
+    time.sleep(seconds)
+    return len(items)
+
+
 def pid():
     return os.getpid()
 

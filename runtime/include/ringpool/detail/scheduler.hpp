@@ -24,7 +24,10 @@
 // - A worker's call ring counts the records it took (`consumed`); `answered` counts records whose
 //   last call was answered. At a death, consumed > answered means the oldest unanswered call was
 //   running: it fails (WorkerDied, or TaskTimeout if the pool killed the worker for it); the
-//   others never started and go back to the front of the backlog.
+//   others never started and go back to the front of the backlog. With max_requeues, a call that
+//   goes back this way from in front of that many dead workers fails at the next such death:
+//   `consumed` is the worker's own word, and a task could make its worker die as if it had never
+//   taken the call, again on each worker it is sent to.
 // - A result record that does not decode names no task: every worker with calls out is pinged; it
 //   answers the ping after its earlier answers, so the call left unanswered in front of the ping
 //   is the one whose result was lost. An answer whose id is past the oldest call reveals the same.
@@ -64,12 +67,18 @@ struct SchedulerOptions {
   // others go again alone (ringpool::Pool); true, all its calls go again alone and none fails
   // here, so that only a call at fault fails, as its own record (ringpool.Executor).
   bool resend_unreadable_runs = false;
+  // A call in front of a worker that dies without it counting as running (its worker's
+  // `consumed` says the record was not taken, and no STARTED came) goes back to the backlog; after
+  // this many such returns, the next such death fails it (kDied, `why` says so) instead. Deaths
+  // the pool caused for another call's timeout do not count. 0: no limit (ringpool.Executor,
+  // whose workers' counts are trusted); ringpool::Pool: PoolOptions::max_requeues.
+  std::size_t max_requeues = 0;
 };
 
 // How a call left the pool other than by its answer.
 enum class Fate : std::uint8_t {
   kLost,      // its result record did not decode (why: the decoder's error)
-  kDied,      // its worker died while running it
+  kDied,      // its worker died while running it (or, why non-empty: in front of max_requeues + 1 deaths)
   kTimedOut,  // it ran past task_timeout and the pool killed its worker
 };
 
@@ -86,12 +95,13 @@ class Scheduler {
     bool live = false;            // its outcome is still owed (false: a ping, or a call dropped by drain)
     bool last_of_record = true;   // the last call of the record that carried it
     bool alone = false;           // to be sent as a record of its own (its run did not unpickle)
+    std::uint32_t requeues = 0;   // times it went back to the backlog from in front of a dead worker
   };
 
   struct Failure {
     T task;
     Fate fate;
-    std::string why;  // kLost: why the result did not decode
+    std::string why;  // kLost: why the result did not decode; kDied: why it was not requeued again ("": it was running)
   };
 
   // Where assign() put calls: sent(wid)[first, first + count), fresh wire ids in order; a record
@@ -106,7 +116,9 @@ class Scheduler {
     bool running = false;    // it had taken a call it did not answer
     bool timed_out = false;  // the pool killed it for a task past its deadline
     bool retiring = false;   // its max_tasks_per_child budget was spent
+    bool held_calls = false; // it had been sent calls it did not answer (a ping alone does not count)
     std::size_t requeued = 0;
+    std::size_t given_up = 0;  // calls failed rather than requeued again (max_requeues)
   };
 
   explicit Scheduler(SchedulerOptions o) : opts_(o) {
@@ -176,6 +188,7 @@ class Scheduler {
     e.live = true;
     e.last_of_record = true;
     e.alone = false;
+    e.requeues = 0;
     ++outstanding_;
   }
 
@@ -386,11 +399,22 @@ class Scheduler {
     std::vector<Entry> retry;
     for (std::size_t i = 0; i < w.sent.size(); ++i) {
       Entry& e = w.sent[i];
+      if (e.tid != 0) d.held_calls = true;
       if (!e.live) continue;
       if (i == 0 && d.running && (w.timed_out == 0 || w.timed_out == e.tid)) {
         failed.push_back({std::move(e.task), w.timed_out == e.tid ? Fate::kTimedOut : Fate::kDied, {}});
         --outstanding_;
+      } else if (i == 0 && w.timed_out == 0 && opts_.max_requeues && e.requeues >= opts_.max_requeues) {
+        // The one call its worker could have been running, in front of a death again: whatever
+        // the worker's count says, it is not sent to another worker.
+        failed.push_back({std::move(e.task), Fate::kDied,
+                          "the next task of " + std::to_string(e.requeues + 1) +
+                              " workers that died without it counting as running; not requeued again (max_requeues " +
+                              std::to_string(opts_.max_requeues) + ")"});
+        --outstanding_;
+        ++d.given_up;
       } else {
+        if (i == 0 && w.timed_out == 0) ++e.requeues;
         e.tid = 0;
         retry.push_back(std::move(e));
       }

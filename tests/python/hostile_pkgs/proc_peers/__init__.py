@@ -63,6 +63,19 @@ def steal(service_name):
         out["service_mem_writable"] = True
     except OSError as e:
         out["service_mem_writable"] = repr(e)
+    # Every other process of the pool (the zygote and the other workers): can this task write its
+    # memory (ptrace access), and so tamper with it (the zygote: with every worker it forks later)?
+    out["peers_examined"], out["peers_mem_writable"] = [], []
+    for q in _descendants(service):
+        if q == me:
+            continue
+        out["peers_examined"].append(q)
+        try:
+            fd = os.open(f"/proc/{q}/mem", os.O_RDWR)
+            os.close(fd)
+            out["peers_mem_writable"].append(q)
+        except OSError:
+            pass
     siblings = [q for q in _descendants(service) if q != me and q != _ppid(me)]
     out["other_workers"] = {}
     for q in siblings:
