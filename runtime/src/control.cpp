@@ -101,8 +101,16 @@ std::optional<ControlMessage> receive(int sock, int flags, bool& would_block) {
     }
   }
   if (got == 0) return std::nullopt;
-  if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) throw ProtocolError("control message truncated");
+  if (msg.msg_flags & MSG_TRUNC) throw ProtocolError("control message truncated");
   const auto d = proto::decode(buf.data(), static_cast<std::size_t>(got), kMaxControlPayload);
+  if (msg.msg_flags & MSG_CTRUNC) {
+    // Descriptors dropped: by our own shortage (EMFILE) if the frame is whole and claims no more
+    // than a message carries and more than arrived; otherwise the sender sent too many.
+    if (d && proto::kHeaderSize + d.header.payload_len == static_cast<std::uint64_t>(got) &&
+        d.header.nhandles <= kMaxControlFds && d.header.nhandles > m.fds.size())
+      throw ControlHandlesDropped(d.header);
+    throw ProtocolError("control message truncated");
+  }
   if (!d) throw ProtocolError("bad control message: " + std::string(proto::to_string(d.error)));
   // One frame per message, nothing after it (bytes the header does not account for would be
   // dropped unseen; found by fuzz_control).

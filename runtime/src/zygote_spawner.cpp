@@ -7,6 +7,8 @@
 // otherwise be restarted forever); otherwise the next request starts a new incarnation.
 #include <poll.h>
 #include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -309,6 +311,13 @@ class ZygoteSpawner final : public Spawner {
     bool would_block = false;
     try {
       m = try_recv_control(control_->native_handle(), would_block);
+    } catch (const ControlHandlesDropped& e) {
+      // We are out of descriptors: not the zygote's fault, and the zygote stays.
+      if (state_ == State::ready && in_flight_ != InFlight::none && e.header.seq == seq_ &&
+          static_cast<Kind>(e.header.kind) == Kind::PROCESS)
+        return lost_pidfd(static_cast<pid_t>(e.header.aux), e);
+      kill_zygote(std::string("sent a message whose descriptors could not be received: ") + e.what());
+      return;
     } catch (const std::exception& e) {
       kill_zygote(std::string("sent a bad message: ") + e.what());
       return;
@@ -384,6 +393,34 @@ class ZygoteSpawner final : public Spawner {
     } else {
       kill_zygote("answered a fork request with a malformed message");
       return;
+    }
+    pump();
+    wait_control();
+  }
+
+  // The zygote forked `pid` for the request in flight, but its pidfd did not reach us (no
+  // descriptor free). It is our child all the same (forked with CLONE_PARENT, and unreaped its
+  // pid cannot be reused): kill and reap it by pid, and fail the request (a spare: forked on
+  // demand from now on) with EMFILE, to be retried once descriptors are back.
+  void lost_pidfd(pid_t pid, const ControlHandlesDropped& e) {
+    const InFlight what = in_flight_;
+    in_flight_ = InFlight::none;
+    timer_.cancel();
+    if (pid > 0 && pid != ::getpid()) {
+      ::kill(pid, SIGKILL);
+      int status;
+      while (::waitpid(pid, &status, __WALL) < 0 && errno == EINTR) {
+      }
+    }
+    if (what == InFlight::spare) {
+      spares_failed_ = true;
+    } else {
+      if (assigned_) {  // the spare it was to hand over had died: reap it when it is gone
+        watch_spare(*assigned_);
+        dead_spares_.push_back(std::move(*assigned_));
+        assigned_.reset();
+      }
+      finish_front(std::make_exception_ptr(SysError(EMFILE, std::string("zygote fork: ") + e.what())));
     }
     pump();
     wait_control();

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -690,4 +691,31 @@ TEST_CASE("Pool::map: a pool shut down without waiting fails a pending batch wit
   pool.shutdown(false);
   REQUIRE(batch.wait_for(60s) == std::future_status::ready);
   CHECK_THROWS_AS(batch.get(), PoolClosed);
+}
+
+TEST_CASE("Pool: a worker forked while the service has no descriptor free is reaped, and the zygote stays" *
+          doctest::timeout(120)) {
+  // The zygote answers a fork with the child's pid and pidfd; with no descriptor free here the
+  // kernel drops the pidfd (MSG_CTRUNC). The child is still ours (CLONE_PARENT): it must be
+  // killed and reaped by pid, not left a zombie, and the zygote is not to blame.
+  {
+    Pool pool(options(true, 1));
+    auto warm = pool.submit("rp_tasks:pid");
+    const pid_t worker = static_cast<pid_t>(get(warm).as_int());
+    const pid_t zygote = pool.zygote_pid();
+    const std::uint64_t started = pool.workers_started();
+    {
+      testing::FdLimit limit(64);
+      REQUIRE(limit.take_the_rest());
+      ::kill(worker, SIGKILL);  // its replacement is forked while nothing can be received
+      std::this_thread::sleep_for(500ms);
+    }
+    auto after = pool.submit("rp_tasks:pid");
+    const pid_t replacement = static_cast<pid_t>(get(after).as_int());
+    CHECK(replacement != worker);
+    CHECK(pool.workers_started() > started);
+    CHECK(pool.zygote_pid() == zygote);
+  }
+  // The pool is gone and reaped everything it started: no child is left to reap.
+  CHECK(::waitpid(-1, nullptr, WNOHANG | __WALL) <= 0);
 }

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "ringpool/error.hpp"
 #include "ringpool/fd.hpp"
 #include "ringpool/proto/frame.hpp"
 
@@ -29,6 +30,18 @@ struct ControlMessage {
   proto::Kind kind() const noexcept { return static_cast<proto::Kind>(header.kind); }
 };
 
+// A well-formed message whose descriptors the kernel dropped because this process had none free
+// (MSG_CTRUNC with no more claimed than a message may carry): the receiver's shortage, not the
+// sender's fault. header says what the message was (a zygote's PROCESS answer names the pid of a
+// child whose pidfd was lost, which the receiver must still reap).
+class ControlHandlesDropped : public ProtocolError {
+ public:
+  explicit ControlHandlesDropped(const proto::FrameHeader& h)
+      : ProtocolError("control message's descriptors dropped: this process has none free (RLIMIT_NOFILE?)"),
+        header(h) {}
+  proto::FrameHeader header;
+};
+
 // A connected AF_UNIX SOCK_SEQPACKET pair, close-on-exec.
 std::pair<UniqueFd, UniqueFd> control_socketpair();
 
@@ -39,7 +52,7 @@ void send_control(int sock, proto::Kind kind, std::uint64_t seq, std::uint32_t a
 
 // Receives one message. nullopt at end of stream (the peer closed). timeout_ms < 0 waits forever;
 // a timeout throws SysError(ETIMEDOUT). A malformed message throws ProtocolError (its descriptors
-// are closed).
+// are closed); one whose descriptors this process had no room for, ControlHandlesDropped.
 std::optional<ControlMessage> recv_control(int sock, int timeout_ms = -1);
 
 // Non-blocking variant for event loops: nullopt with would_block set when nothing is queued.
