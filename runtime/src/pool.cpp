@@ -1088,6 +1088,7 @@ struct Pool::Impl {
     std::lock_guard lk(mu);
     if (shutting_down) throw PoolClosed("ringpool::Pool: submit after shutdown");
     if (!broken.empty()) throw PoolClosed(broken);
+    sched.reserve(ts.size());
     for (Task& t : ts) sched.submit(std::move(t));
     dispatch();
   }

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <deque>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -971,4 +972,32 @@ TEST_CASE("scheduler: oldest_unanswered names the one call an answer of that wor
   CHECK(s.answer(1, a1, 1e-3, failed) == 2);
   CHECK_FALSE(s.oldest_unanswered(1).has_value());
   CHECK(failed.empty());
+}
+
+TEST_CASE("Fifo: order kept through wrap-around, growth, reserve, erase and push_front") {
+  ringpool::detail::Fifo<int> q;
+  std::deque<int> want;
+  std::mt19937 rng(7);
+  int next = 0;
+  for (int step = 0; step < 20000; ++step) {
+    const int op = static_cast<int>(rng() % 10);
+    if (op < 4) {
+      q.push_back(int{next});
+      want.push_back(next++);
+    } else if (op < 7 && !want.empty()) {
+      CHECK(q.take_front() == want.front());
+      want.pop_front();
+    } else if (op == 7) {
+      q.reserve(rng() % 300);  // may reallocate while the queue wraps
+    } else if (op == 8 && !want.empty()) {
+      const std::size_t i = rng() % want.size();
+      q.erase(i);
+      want.erase(want.begin() + static_cast<long>(i));
+    } else {
+      q.push_front(int{next});
+      want.push_front(next++);
+    }
+    REQUIRE(q.size() == want.size());
+  }
+  for (std::size_t i = 0; i < want.size(); ++i) CHECK(q[i] == want[i]);
 }

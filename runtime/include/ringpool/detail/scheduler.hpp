@@ -180,6 +180,8 @@ class Scheduler {
   }
 
   // -- submission and dispatch --------------------------------------------------------------------
+  // Room in the backlog for n more calls (a batch about to be submitted), allocated at once.
+  void reserve(std::size_t n) { backlog_.reserve(n); }
   void submit(const T& task) { submit(T(task)); }
   void submit(T&& task) {
     Entry& e = backlog_.append();  // filled in place: a task is moved once on its way in
