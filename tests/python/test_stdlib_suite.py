@@ -10,6 +10,7 @@ suite module lists.
 import ast
 import os
 import re
+import signal
 import subprocess
 
 import pytest
@@ -40,14 +41,21 @@ def _deviations():
     raise AssertionError("the suite module has no DEVIATIONS")
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cpython_multiprocessing_suite_passes_under_ringpool(ringpool_venv, tmp_path):
     assert _have_testsuite(), "CPython's test suite is missing: apt-get install libpython3.11-testsuite (./run does)"
     deviations = set(_deviations())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TMPDIR"] = str(tmp_path)  # whatever the suite leaves behind goes with the test
+    # SIGINT as a terminal gives it: a run started in the background by a shell without job
+    # control inherits SIGINT ignored, and then Python installs no KeyboardInterrupt handler and
+    # the suite's Ctrl-C tests fail (test_wait_result, ..._ignores_sigint) for that reason alone.
     r = subprocess.run([ringpool_venv, "-m", "unittest", "-v", "test_multiprocessing_ringpool"],
                        cwd=SUITE_DIR, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=_DEADLINE)
+                       timeout=_DEADLINE, preexec_fn=_default_sigint)
     out = r.stderr
     summary = re.search(r"^Ran (\d+) tests? in ([\d.]+)s", out, re.M)
     assert summary, f"the suite did not finish:\n{out[-6000:]}"
