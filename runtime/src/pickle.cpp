@@ -1058,27 +1058,29 @@ std::string pickle_dumps(const Value& v, int protocol, const PickleLimits& limit
   return out;
 }
 
-void pickle_dump_ops(std::string& out, const Value& v, int protocol, const PickleLimits& limits) {
+namespace {
+// Runs write(encoder) appending to out; on a throw, out is as it was.
+template <class Write>
+void append_ops(std::string& out, int protocol, const PickleLimits& limits, Write&& write) {
   check_protocol(protocol);
   const std::size_t size = out.size();
   try {
-    Encoder(protocol, limits, out).ops(v);
+    Encoder e(protocol, limits, out);
+    write(e);
   } catch (...) {
     out.resize(size);
     throw;
   }
 }
+}  // namespace
+
+void pickle_dump_ops(std::string& out, const Value& v, int protocol, const PickleLimits& limits) {
+  append_ops(out, protocol, limits, [&](Encoder& e) { e.ops(v); });
+}
 
 namespace detail {
 void pickle_dump_tuple_ops(std::string& out, std::span<const Value> items, int protocol, const PickleLimits& limits) {
-  check_protocol(protocol);
-  const std::size_t size = out.size();
-  try {
-    Encoder(protocol, limits, out).tuple_ops(items);
-  } catch (...) {
-    out.resize(size);
-    throw;
-  }
+  append_ops(out, protocol, limits, [&](Encoder& e) { e.tuple_ops(items); });
 }
 }  // namespace detail
 
