@@ -17,8 +17,10 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <sstream>
 #include <thread>
 #include <variant>
@@ -99,6 +101,12 @@ constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
 constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on it
 constexpr int kEarlyDeaths = 3;    // workers dead before their first call, in a row, that break the pool
 constexpr auto kFdRetry = std::chrono::milliseconds(10);  // the collector's retry when out of descriptors
+// Gathering results (see collect()): a round that took fewer than kGatherBelow results, while every
+// worker still has kGatherQueued calls or more unanswered, is followed by a plain sleep of
+// kGatherWait instead of the next round at once.
+constexpr std::size_t kGatherBelow = 64;
+constexpr std::size_t kGatherQueued = 256;
+constexpr auto kGatherWait = std::chrono::microseconds(50);
 
 using Clock = std::chrono::steady_clock;
 
@@ -240,6 +248,7 @@ struct Pool::Impl {
   // frees it, so no call pays a promise of its own (a std::promise costs ~0.6 us here, most of it
   // set_value's futex wake, which glibc's pthread_once makes whether anyone waits or not).
   struct Batch {
+    const std::string fn;  // the opcodes of the function every call of the batch calls
     std::promise<std::vector<Value>> done;
     std::vector<Value> values;
     std::atomic<std::size_t> remaining;
@@ -247,7 +256,7 @@ struct Pool::Impl {
     std::size_t error_at = std::numeric_limits<std::size_t>::max();
     std::exception_ptr error;
 
-    explicit Batch(std::size_t n) : values(n), remaining(n) {}
+    Batch(std::size_t n, std::string fn_ops) : fn(std::move(fn_ops)), values(n), remaining(n) {}
     // Call i's outcome; the last one delivers the batch and deletes it.
     void settle(std::size_t i, std::exception_ptr e, Value v) {
       if (e) {
@@ -283,6 +292,8 @@ struct Pool::Impl {
     }
     ~Slot() { abandon(); }
     void settle(std::exception_ptr e, Value v) { std::exchange(batch_, nullptr)->settle(index_, std::move(e), std::move(v)); }
+    // The batch, until this call's outcome is given (nullptr after).
+    const Batch* batch() const noexcept { return batch_; }
 
    private:
     void abandon() noexcept {
@@ -300,14 +311,31 @@ struct Pool::Impl {
   // and gives it its wire id when it is sent: ids run in the order calls are sent, whichever
   // thread submitted them, so that any calls sent together can share a RUN record.
   struct Task {
-    // The opcodes of its function, argument tuple and keyword dict (or None), back to back: the
-    // record it travels in (a call of its own or a run) is written around them when it is sent.
+    // The opcodes of its function (except in a map's call), argument tuple and keyword dict (or
+    // None), back to back: the record it travels in (a call of its own or a run) is written
+    // around them when it is sent. A map's calls leave the function out: their Batch holds it
+    // once for all (fn_ops()), so such a call's own bytes are few (a short body stays in
+    // std::string's inline buffer: no allocation) and two calls of one map join a run without
+    // comparing names. (Not a reference-counted string shared by the calls: the submitting
+    // thread would count up and the collector down, on one cache line, per task.)
     std::string body;
-    // The argument tuple's place in body (the function comes first), its length, and whether
-    // the call may join a run.
+    // The argument tuple's place in body (after the function, if there), its length, its item
+    // count, and whether the call may join a run.
     std::uint32_t args_at = 0, args_len = 0, nargs = 0;
     bool runnable = false;        // no keyword arguments
     std::variant<std::monostate, std::promise<Value>, std::promise<std::string>, Callback, Slot> sink;
+
+    // Read only before the task's outcome is given (a map's Batch is gone after its last).
+    std::string_view fn_ops() const {
+      const Slot* s = std::get_if<Slot>(&sink);
+      return s ? std::string_view(s->batch()->fn) : std::string_view(body).substr(0, args_at);
+    }
+    std::string_view after_fn() const { return std::string_view(body).substr(args_at); }
+    bool same_function(const Task& o) const {
+      const Slot* a = std::get_if<Slot>(&sink);
+      const Slot* b = std::get_if<Slot>(&o.sink);
+      return (a && b && a->batch() == b->batch()) || fn_ops() == o.fn_ops();
+    }
 
     void ok(Value v) {
       if (auto* p = std::get_if<std::promise<Value>>(&sink)) {
@@ -586,8 +614,7 @@ struct Pool::Impl {
   struct RecordRules {
     // b may follow a in one RUN record: both without keywords, calling the same function.
     bool joins(const Task& a, const Task& b) const {
-      return a.runnable && b.runnable &&
-             std::string_view(a.body).substr(0, a.args_at) == std::string_view(b.body).substr(0, b.args_at);
+      return a.runnable && b.runnable && a.same_function(b);
     }
     std::size_t bytes(const Task& t) const { return t.args_len; }
   };
@@ -611,7 +638,7 @@ struct Pool::Impl {
         ++j;
         const std::size_t at = wire.size();
         if (j - i == 1)
-          task_record::write_call(wire, q[i].tid, q[i].task.body);
+          task_record::write_call(wire, q[i].tid, q[i].task.fn_ops(), q[i].task.after_fn());
         else
           write_run(wire, q, i, j);
         spans.emplace_back(at, wire.size() - at);
@@ -646,7 +673,7 @@ struct Pool::Impl {
     bool single = true;
     for (std::size_t k = i; k < j; ++k) single = single && calls[k].task.nargs == 1;
     const Task& head = calls[i].task;
-    task_record::begin_run(out, calls[i].tid, std::string_view(head.body).substr(0, head.args_at));
+    task_record::begin_run(out, calls[i].tid, head.fn_ops());
     for (std::size_t k = i; k < j; ++k) {  // a 1-tuple is its item's opcodes and TUPLE1
       const Task& t = calls[k].task;
       out.append(t.body, t.args_at, t.args_len - (single ? 1 : 0));
@@ -1015,6 +1042,15 @@ struct Pool::Impl {
       ready.swap(completions);  // both empty before: completions keeps ready's old capacity
       completing = ready.size();
       if (sched.outstanding() == 0 && completing == 0) drained.notify_all();
+      // Gather: with a few results taken and every worker deep in queued calls (short tasks, a
+      // full backlog), the next round waits for a batch rather than taking results one or two at
+      // a time. Rounds that small cost the collector a round's bookkeeping per result, and on a
+      // machine with idle cores it polls the rings as fast as the workers fill them, taking CPU
+      // the workers need. The workers cannot run dry meanwhile (kGatherQueued calls take longer
+      // than the sleep), and they publish without a wake-up: the collector is not registered as
+      // a waiter on their rings. Latency is not at stake: a call that waits behind hundreds of
+      // others waits longer for its turn than for this.
+      const bool gather = n > 0 && n < kGatherBelow && !stop && sched.least_unanswered() >= kGatherQueued;
       log_ready.swap(logs);
       if (stop && workers.empty()) {
         lk.unlock();
@@ -1055,6 +1091,8 @@ struct Pool::Impl {
       }
       if (out_of_fds) {
         std::this_thread::sleep_for(kFdRetry);  // the ring stays readable: no wait would block
+      } else if (gather) {
+        std::this_thread::sleep_for(kGatherWait);
       } else if (n == 0) {
         auto wait = std::chrono::nanoseconds(retry_publish ? 1'000'000 : 100'000'000);
         if (next_deadline != Clock::time_point::max())
@@ -1093,13 +1131,21 @@ struct Pool::Impl {
     dispatch();
   }
 
-  // t.body: the opcodes of function, args and kwargs (or None), written without building them
-  // into one Value; the rest of the record is written when t is sent.
-  static void encode_call(Task& t, std::string function, std::vector<Value> args,
+  // The opcodes of a function's name (a map's: once for all its calls).
+  static std::string function_ops(std::string function) {
+    std::string ops;
+    pickle_dump_ops(ops, Value(std::move(function)));
+    return ops;
+  }
+
+  // t.body: the opcodes of function (none for a map's call: its Batch has them), args and kwargs
+  // (or None), written without building them into one Value; the rest of the record is written
+  // around them when t is sent.
+  static void encode_call(Task& t, std::optional<std::string> function, std::span<const Value> args,
                           std::vector<std::pair<std::string, Value>> kwargs) {
     std::string& out = t.body;
-    out.reserve(16 + function.size() + 12 * args.size());
-    pickle_dump_ops(out, Value(std::move(function)));
+    if (function || args.size() > 1) out.reserve(16 + (function ? function->size() : 0) + 12 * args.size());
+    if (function) pickle_dump_ops(out, Value(std::move(*function)));
     const std::size_t args_at = out.size();
     t.nargs = static_cast<std::uint32_t>(args.size());
     detail::pickle_dump_tuple_ops(out, args);
@@ -1186,7 +1232,7 @@ Pool::~Pool() {
 std::future<Value> Pool::submit(std::string function, std::vector<Value> args,
                                 std::vector<std::pair<std::string, Value>> kwargs) {
   Impl::Task t;
-  Impl::encode_call(t, std::move(function), std::move(args), std::move(kwargs));
+  Impl::encode_call(t, std::move(function), args, std::move(kwargs));
   auto fut = t.sink.emplace<std::promise<Value>>().get_future();
   impl_->submit_task(std::move(t));
   return fut;
@@ -1199,11 +1245,12 @@ std::future<std::vector<Value>> Pool::map(std::string function, std::vector<std:
     return none.get_future();
   }
   // Encoded first (a PickleError leaves nothing submitted); the batch is made last, once every
-  // call is encoded, and owned by the tasks from then on.
+  // call is encoded, and owned by the tasks from then on. `calls` is freed on return, once the
+  // workers have their first calls.
+  std::string fn = Impl::function_ops(std::move(function));
   std::vector<Impl::Task> ts(calls.size());
-  for (std::size_t i = 0; i < calls.size(); ++i)
-    Impl::encode_call(ts[i], i + 1 < calls.size() ? function : std::move(function), std::move(calls[i]), {});
-  auto* batch = new Impl::Batch(ts.size());
+  for (std::size_t i = 0; i < calls.size(); ++i) Impl::encode_call(ts[i], std::nullopt, calls[i], {});
+  auto* batch = new Impl::Batch(ts.size(), std::move(fn));
   auto fut = batch->done.get_future();
   for (std::size_t i = 0; i < ts.size(); ++i) ts[i].sink.emplace<Impl::Slot>(batch, i);
   impl_->submit_tasks(ts);  // on a throw the tasks' slots fail the batch (its future is dropped)
@@ -1213,7 +1260,7 @@ std::future<std::vector<Value>> Pool::map(std::string function, std::vector<std:
 void Pool::async_submit(std::string function, std::vector<Value> args,
                         std::vector<std::pair<std::string, Value>> kwargs, Callback done) {
   Impl::Task t;
-  Impl::encode_call(t, std::move(function), std::move(args), std::move(kwargs));
+  Impl::encode_call(t, std::move(function), args, std::move(kwargs));
   t.sink = std::move(done);
   impl_->submit_task(std::move(t));
 }
@@ -1222,7 +1269,7 @@ std::future<std::string> Pool::submit_raw(std::string function, std::string payl
   Impl::Task t;
   std::vector<Value> args;
   args.push_back(Value::bytes(std::move(payload)));
-  Impl::encode_call(t, std::move(function), std::move(args), {});
+  Impl::encode_call(t, std::move(function), args, {});
   auto fut = t.sink.emplace<std::promise<std::string>>().get_future();
   impl_->submit_task(std::move(t));
   return fut;

@@ -37,10 +37,11 @@ inline void write_tail(std::string& out) {
   out += op::kStop;
 }
 
-// (CALL, tid, fn, args, kwargs) around `body`, the opcodes of fn, args and kwargs (or None)
-// back to back.
-inline void write_call(std::string& out, std::uint64_t tid, std::string_view body) {
+// (CALL, tid, fn, args, kwargs) from fn_ops, the opcodes of fn, and `body`, those of args and
+// kwargs (or None) back to back.
+inline void write_call(std::string& out, std::uint64_t tid, std::string_view fn_ops, std::string_view body) {
   write_head(out, task::Op::CALL, tid);
+  out += fn_ops;
   out += body;
   write_tail(out);
 }

@@ -116,6 +116,10 @@ TEST_CASE("Pool reports Python errors, refuses non-plain results, keeps going" *
   CHECK_THROWS_AS(get(missing), RemoteError);
   auto bad_name = pool.submit("no colon here");
   CHECK_THROWS_AS(get(bad_name), RemoteError);
+  auto no_name = pool.submit("");  // still a whole record: the worker refuses the name, not the record
+  CHECK_THROWS_AS(get(no_name), RemoteError);
+  auto no_name_map = pool.map("", {{Value(1)}, {Value(2)}});
+  CHECK_THROWS_AS(get(no_name_map), RemoteError);
   CHECK_THROWS_AS(pool.submit("rp_tasks:echo", {Value(std::string("\xff\xfe"))}), PickleError);
   auto ok = pool.submit("rp_tasks:add", {Value(1), Value(1)});
   CHECK(get(ok) == Value(2));
@@ -656,6 +660,25 @@ TEST_CASE("Pool::map: results in order, the first failure in order, nothing subm
     CAPTURE(i);
     CHECK(got[i] == Value(i + i % 7));
   }
+  // Two maps of one function and single calls of it, in flight together: calls of different
+  // batches may share a run (the same function), and every result still reaches its own batch.
+  {
+    std::vector<std::vector<Value>> a, b;
+    for (int i = 0; i < 3000; ++i) {
+      a.push_back({Value(i), Value(1)});
+      b.push_back({Value(i), Value(2)});
+    }
+    auto fa = pool.map("rp_tasks:add", a);
+    auto single = pool.submit("rp_tasks:add", {Value(40), Value(2)});
+    auto fb = pool.map("rp_tasks:add", b);
+    const std::vector<Value> ra = get(fa), rb = get(fb);
+    for (int i = 0; i < 3000; ++i) {
+      CAPTURE(i);
+      CHECK(ra[i] == Value(i + 1));
+      CHECK(rb[i] == Value(i + 2));
+    }
+    CHECK(get(single) == Value(42));
+  }
   // Nothing to do: a ready, empty result.
   auto none = pool.map("rp_tasks:add", {});
   CHECK(none.wait_for(0s) == std::future_status::ready);
@@ -676,6 +699,7 @@ TEST_CASE("Pool::map: results in order, the first failure in order, nothing subm
   // An argument that cannot be pickled: PickleError at the call, and none of the calls runs.
   const std::uint64_t before = pool.workers_started();
   CHECK_THROWS_AS(pool.map("rp_tasks:die_at", {{Value(0), Value(0)}, {Value(std::string("\xff"))}}), PickleError);
+  CHECK_THROWS_AS(pool.map(std::string("rp_tasks:\xff"), {{}}), PickleError);  // the function's name
   auto after = pool.map("rp_tasks:pid", {{}, {}});
   get(after);
   CHECK(pool.workers_started() == before);  // die_at(0, 0) never ran: no worker was killed

@@ -974,6 +974,27 @@ TEST_CASE("scheduler: oldest_unanswered names the one call an answer of that wor
   CHECK(failed.empty());
 }
 
+TEST_CASE("scheduler: least_unanswered is the fewest unanswered calls of the workers still sent calls") {
+  Sched s(opts(2));
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  CHECK(s.least_unanswered() == 0);  // no worker
+  s.add_worker(1);
+  s.add_worker(2);
+  CHECK(s.least_unanswered() == 0);  // nothing sent
+  for (int c : {0, 2, 1, 3}) s.submit(c);  // a run of two to each worker (the depth bound starts at 2)
+  f.dispatch(s);
+  CHECK(s.least_unanswered() == 2);
+  CHECK(s.answer(1, f.tid_of(1, 0, 0), 1e-3, failed) == 0);
+  CHECK(s.least_unanswered() == 1);
+  // An exited worker is sent nothing more: it no longer bounds the others' queues.
+  CHECK(s.exited(1));
+  CHECK(s.least_unanswered() == 2);
+  CHECK(s.exited(2));
+  CHECK(s.least_unanswered() == 0);
+  CHECK(failed.empty());
+}
+
 TEST_CASE("Fifo: order kept through wrap-around, growth, reserve, erase and push_front") {
   ringpool::detail::Fifo<int> q;
   std::deque<int> want;

@@ -150,9 +150,8 @@ TEST_CASE("task: the C++ pool's writers reproduce every call record it writes, b
     std::string out;
     switch (kind) {
       case task::Op::CALL: {
-        const std::string body =
-            ops_of(f[task::call::kFn]) + ops_of(f[task::call::kArgs]) + ops_of(f[task::call::kKwargs]);
-        tr::write_call(out, static_cast<std::uint64_t>(f[task::call::kTid].as_int()), body);
+        const std::string body = ops_of(f[task::call::kArgs]) + ops_of(f[task::call::kKwargs]);
+        tr::write_call(out, static_cast<std::uint64_t>(f[task::call::kTid].as_int()), ops_of(f[task::call::kFn]), body);
         break;
       }
       case task::Op::RUN: {

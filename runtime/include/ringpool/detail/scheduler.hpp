@@ -161,6 +161,19 @@ class Scheduler {
     const std::size_t open = open_workers();
     return open < opts_.workers ? opts_.workers - open : 0;
   }
+  // The fewest unanswered calls (pings included) of any worker still sent calls (open and not
+  // exited); 0 if there is none. A lower bound on the work every worker has queued: the owner may
+  // leave the workers alone for about that many task times without any of them running dry.
+  std::size_t least_unanswered() const {
+    std::size_t least = 0;
+    bool any = false;
+    for (const auto& [_, w] : workers_) {
+      if (w.retiring || w.exited) continue;
+      least = any ? std::min(least, w.sent.size()) : w.sent.size();
+      any = true;
+    }
+    return least;
+  }
   bool has_worker(int wid) const { return workers_.count(wid) != 0; }
   std::size_t worker_count() const { return workers_.size(); }
   template <class F>
