@@ -17,9 +17,11 @@ With 2 workers each, on this machine:
     syscall per task), and its sequential latency; same workers, same task function (shipped as
     a registered package).
 
-(d) The Executor's chunksize-1 map and the C++ Pool from 1 service thread side by side, the C++
-    Pool both with a std::future per task (submit) and as one batch (Pool::map): a warm pool of
-    each, runs rotating (the order changing every round) so that all see the same machine.
+(d) The two pools side by side, from 1 thread: the Executor's chunksize-1 map and the C++ Pool's
+    Pool::map (a batch, one future for it), and each pool's submit with a future per task (the
+    Executor's concurrent.futures.Future, the C++ Pool's std::future; the Executor's turn runs a
+    tenth of the tasks, its rate being a tenth). A warm pool of each, runs rotating (the order
+    changing every round) so that all see the same machine.
 
 (e) ringpool as a multiprocessing context: the stdlib ProcessPoolExecutor with
     ``mp_context=ringpool.get_context()`` against ``mp_context=multiprocessing.get_context("fork")``,
@@ -30,8 +32,9 @@ With 2 workers each, on this machine:
 Targets (ratios from the same run): ringpool's chunksize-1 throughput >= 5x multiprocessing.Pool's
 and >= 15x ProcessPoolExecutor's; at chunksize 64 ahead of every peer; latency median <= 30 us;
 the C++ Pool's throughput (1 service thread, a future per task) within 1.5x of the Executor's
-chunksize-1 throughput and its Pool::map at least as fast as the Executor's map, from (d): the
-medians of the rounds' ratios; PPE with the ringpool context at least as fast as with
+chunksize-1 throughput, its Pool::map at least as fast as the Executor's map, and its submit at
+least as fast as the Executor's (a future per task in both), from (d): the medians of the rounds'
+ratios; PPE with the ringpool context at least as fast as with
 fork on all three of (e).
 
     /usr/bin/python3 benchmarks/bench_pool.py [--quick] [--only pools|ppe] [--build DIR] [--json PATH]
@@ -312,8 +315,8 @@ class _CppPaired:
 
 
 def run_paired(build, quick):
-    """The Executor (map, chunksize 1) and the C++ Pool from 1 service thread, as a future per task
-    (submit) and as one batch (Pool::map), side by side: runs of the three alternate, the order
+    """The Executor and the C++ Pool from 1 thread, each as one batch (map, chunksize 1; Pool::map)
+    and as a future per task (submit), side by side: runs of the four alternate, the order
     rotating every round, so that all see the same machine (the speed of these shared VMs drifts
     by tens of percent over minutes). The ratios reported are the medians of the rounds' ratios."""
     exe = Path(build) / "benchmarks" / "bench_pool_cpp"
@@ -334,20 +337,33 @@ def run_paired(build, quick):
             assert len(out) == n and out[-1] == n - 1
             return n / (time.perf_counter() - t0)
 
-        turns = {"executor": executor, "cpp": lambda: cpp.rate(str(n)), "cpp_map": lambda: cpp.rate(f"map {n}")}
+        n_submit = max(2000, n // 10)  # a concurrent.futures.Future per task runs ~10x slower
+
+        def executor_submit():
+            t0 = time.perf_counter()
+            fs = [ex.submit(noop, i) for i in range(n_submit)]
+            out = [f.result() for f in fs]
+            assert len(out) == n_submit and out[-1] == n_submit - 1
+            return n_submit / (time.perf_counter() - t0)
+
+        turns = {"executor": executor, "cpp": lambda: cpp.rate(str(n)), "cpp_map": lambda: cpp.rate(f"map {n}"),
+                 "executor_submit": executor_submit}
         names = list(turns)
         pairs = []
         for k in range(2 if quick else 7):
-            order = names[k % 3:] + names[:k % 3]
+            order = names[k % len(names):] + names[:k % len(names)]
             if k % 2:
                 order.reverse()
             got = {name: turns[name]() for name in order}
-            pairs.append({**got, "ratio": got["executor"] / got["cpp"], "map_ratio": got["cpp_map"] / got["executor"]})
+            pairs.append({**got, "ratio": got["executor"] / got["cpp"], "map_ratio": got["cpp_map"] / got["executor"],
+                          "submit_ratio": got["cpp"] / got["executor_submit"]})
     finally:
         ex.shutdown()
         cpp.close()
-    return {"tasks": n, "pairs": pairs,
+    return {"tasks": n, "submit_tasks": n_submit, "pairs": pairs,
             "executor_tasks_per_s": statistics.median(p["executor"] for p in pairs),
+            "executor_submit_tasks_per_s": statistics.median(p["executor_submit"] for p in pairs),
+            "submit_ratio": statistics.median(p["submit_ratio"] for p in pairs),
             "cpp_tasks_per_s": statistics.median(p["cpp"] for p in pairs),
             "cpp_map_tasks_per_s": statistics.median(p["cpp_map"] for p in pairs),
             "ratio": statistics.median(p["ratio"] for p in pairs),
@@ -390,6 +406,9 @@ def targets(rows, cpp=None, paired=None, ppe=None):
         ratio = paired["map_ratio"]
         add("no-op throughput: C++ Pool::map / Executor map (chunksize 1), side by side", ratio, ratio >= 1.0,
             ">= 1.00x", "{:.2f}x")
+        ratio = paired["submit_ratio"]
+        add("no-op throughput, a future per task: C++ Pool submit / Executor submit, side by side", ratio,
+            ratio >= 1.0, ">= 1.00x", "{:.2f}x")
     return out
 
 
@@ -417,11 +436,15 @@ def markdown(res):
     if paired:
         ratios = ", ".join(f"{p['ratio']:.2f}" for p in paired["pairs"])
         map_ratios = ", ".join(f"{p['map_ratio']:.2f}" for p in paired["pairs"])
-        lines += ["", f"Side by side ({len(paired['pairs'])} rounds of {paired['tasks']:,} no-op tasks, the order "
-                  f"rotating): Executor map (chunksize 1) {paired['executor_tasks_per_s']:,.0f} tasks/s; C++ Pool "
-                  f"from 1 service thread, a future per task, {paired['cpp_tasks_per_s']:,.0f} tasks/s, as one "
-                  f"`Pool::map` {paired['cpp_map_tasks_per_s']:,.0f} tasks/s (medians). Executor / C++ futures per "
-                  f"round {ratios}; C++ map / Executor per round {map_ratios}."]
+        submit_ratios = ", ".join(f"{p['submit_ratio']:.1f}" for p in paired["pairs"])
+        lines += ["", f"Side by side ({len(paired['pairs'])} rounds of {paired['tasks']:,} no-op tasks, "
+                  f"{paired['submit_tasks']:,} for the Executor's submit, the order rotating): Executor map "
+                  f"(chunksize 1) {paired['executor_tasks_per_s']:,.0f} tasks/s, with a future per task (submit) "
+                  f"{paired['executor_submit_tasks_per_s']:,.0f}; C++ Pool from 1 service thread, a future per "
+                  f"task, {paired['cpp_tasks_per_s']:,.0f} tasks/s, as one `Pool::map` "
+                  f"{paired['cpp_map_tasks_per_s']:,.0f} tasks/s (medians). Executor map / C++ futures per round "
+                  f"{ratios}; C++ map / Executor map per round {map_ratios}; C++ submit / Executor submit per round "
+                  f"{submit_ratios}."]
     ppe = res.get("ppe")
     if ppe:
         per = "; ".join(f"{k.replace('_', ' ')} " + ", ".join(f"{x:.2f}" for x in v["pairs"])
