@@ -101,9 +101,10 @@ constexpr std::size_t kMaxSourceBytes = std::size_t{64} << 20;
 constexpr int kSpawnAttempts = 3;  // starts of one worker before giving up on it
 constexpr int kEarlyDeaths = 3;    // workers dead before their first call, in a row, that break the pool
 constexpr auto kFdRetry = std::chrono::milliseconds(10);  // the collector's retry when out of descriptors
-// Gathering results (see collect()): a round that took fewer than kGatherBelow results, while every
+// Gathering results (see collect()): a round that took fewer than kGatherBelow records, while every
 // worker still has kGatherQueued calls or more unanswered, is followed by a plain sleep of
-// kGatherWait instead of the next round at once.
+// kGatherWait (about 100 us with the kernel's default 50 us timer slack) instead of the next
+// round at once.
 constexpr std::size_t kGatherBelow = 64;
 constexpr std::size_t kGatherQueued = 256;
 constexpr auto kGatherWait = std::chrono::microseconds(50);
@@ -314,8 +315,9 @@ struct Pool::Impl {
     // The opcodes of its function (except in a map's call), argument tuple and keyword dict (or
     // None), back to back: the record it travels in (a call of its own or a run) is written
     // around them when it is sent. A map's calls leave the function out: their Batch holds it
-    // once for all (fn_ops()), so such a call's own bytes are few (a short body stays in
-    // std::string's inline buffer: no allocation) and two calls of one map join a run without
+    // once for all (fn_ops()), so such a call's own bytes are few (a body of up to 15 bytes, say
+    // one or two small ints, stays in std::string's inline buffer: no allocation) and two calls
+    // of one map join a run without
     // comparing names. (Not a reference-counted string shared by the calls: the submitting
     // thread would count up and the collector down, on one cache line, per task.)
     std::string body;
@@ -958,7 +960,8 @@ struct Pool::Impl {
     // The collector is the only consumer of every worker's result ring. A round takes up to a
     // batch from each ring (in wid order) and decodes without mu, then handles under mu; with
     // nothing taken it spins briefly over all rings, then sleeps on all of them at once
-    // (Ring::wait_data_any) and on the bell.
+    // (Ring::wait_data_any) and on the bell; with a few taken while every worker is deep in
+    // queued calls, it sleeps a little before the next round (gathering, below).
     std::vector<UniqueFd> fds;
     ResultSink sink;
     std::string scratch;
@@ -1042,14 +1045,16 @@ struct Pool::Impl {
       ready.swap(completions);  // both empty before: completions keeps ready's old capacity
       completing = ready.size();
       if (sched.outstanding() == 0 && completing == 0) drained.notify_all();
-      // Gather: with a few results taken and every worker deep in queued calls (short tasks, a
+      // Gather: with a few records taken and every worker deep in queued calls (short tasks, a
       // full backlog), the next round waits for a batch rather than taking results one or two at
       // a time. Rounds that small cost the collector a round's bookkeeping per result, and on a
       // machine with idle cores it polls the rings as fast as the workers fill them, taking CPU
-      // the workers need. The workers cannot run dry meanwhile (kGatherQueued calls take longer
-      // than the sleep), and they publish without a wake-up: the collector is not registered as
-      // a waiter on their rings. Latency is not at stake: a call that waits behind hundreds of
-      // others waits longer for its turn than for this.
+      // the workers need. The workers do not run dry meanwhile (kGatherQueued calls at the
+      // ~0.8 us a no-op call costs a worker take about twice the ~100 us the sleep lasts, and
+      // the depth bound is that deep only for calls under ~5 us), and they publish without a
+      // wake-up: the collector is not registered as a waiter on their rings. Latency is not at
+      // stake: a call that waits behind hundreds of others waits longer for its turn than for
+      // this. (n counts STARTED records too, which a task_timeout adds one per call.)
       const bool gather = n > 0 && n < kGatherBelow && !stop && sched.least_unanswered() >= kGatherQueued;
       log_ready.swap(logs);
       if (stop && workers.empty()) {
@@ -1144,7 +1149,8 @@ struct Pool::Impl {
   static void encode_call(Task& t, std::optional<std::string> function, std::span<const Value> args,
                           std::vector<std::pair<std::string, Value>> kwargs) {
     std::string& out = t.body;
-    if (function || args.size() > 1) out.reserve(16 + (function ? function->size() : 0) + 12 * args.size());
+    // A map's call grows its body as needed: a short one stays in the inline buffer.
+    if (function) out.reserve(16 + function->size() + 12 * args.size());
     if (function) pickle_dump_ops(out, Value(std::move(*function)));
     const std::size_t args_at = out.size();
     t.nargs = static_cast<std::uint32_t>(args.size());

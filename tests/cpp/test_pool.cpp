@@ -707,6 +707,39 @@ TEST_CASE("Pool::map: results in order, the first failure in order, nothing subm
   CHECK_THROWS_AS(pool.map("rp_tasks:pid", {{}}), PoolClosed);
 }
 
+TEST_CASE("Pool::map: deep queues (the collector gathering) through maps of two functions, a worker's death and "
+          "a shutdown without waiting" * doctest::timeout(120)) {
+  Pool pool(options(true));
+  // Short calls by the thousand keep every worker deep in queued calls: the collector gathers.
+  // Maps of two functions in flight together: no run may mix them, every result goes home.
+  std::vector<std::vector<Value>> adds, echoes, deaths;
+  for (int i = 0; i < 20000; ++i) {
+    adds.push_back({Value(i), Value(3)});
+    echoes.push_back({Value("e" + std::to_string(i))});
+    deaths.push_back({Value(i), Value(10000)});  // call 10000 kills its worker
+  }
+  auto fa = pool.map("rp_tasks:add", adds);
+  auto fe = pool.map("rp_tasks:echo", echoes);
+  auto fd = pool.map("rp_tasks:die_at", deaths);
+  auto fa2 = pool.map("rp_tasks:add", adds);
+  const std::vector<Value> ra = get(fa), re = get(fe), ra2 = get(fa2);
+  for (int i = 0; i < 20000; ++i) {
+    CAPTURE(i);
+    REQUIRE(ra[i] == Value(i + 3));
+    REQUIRE(ra2[i] == Value(i + 3));
+    REQUIRE(re[i] == Value("e" + std::to_string(i)));
+  }
+  CHECK_THROWS_AS(get(fd), WorkerDied);  // the calls queued behind it went to a replacement
+  // Deep queues when the pool is shut down without waiting: the pending batch fails, nothing hangs.
+  auto pending = pool.map("rp_tasks:add", adds);
+  pool.shutdown(false);
+  REQUIRE(pending.wait_for(60s) == std::future_status::ready);
+  try {
+    pending.get();  // done before the shutdown, or failed by it
+  } catch (const PoolClosed&) {
+  }
+}
+
 TEST_CASE("Pool::map: a pool shut down without waiting fails a pending batch with PoolClosed" * doctest::timeout(120)) {
   Pool pool(options(true, 1));
   std::vector<std::vector<Value>> calls(50, std::vector<Value>{Value(0.05)});

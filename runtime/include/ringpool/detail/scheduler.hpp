@@ -162,8 +162,9 @@ class Scheduler {
     return open < opts_.workers ? opts_.workers - open : 0;
   }
   // The fewest unanswered calls (pings included) of any worker still sent calls (open and not
-  // exited); 0 if there is none. A lower bound on the work every worker has queued: the owner may
-  // leave the workers alone for about that many task times without any of them running dry.
+  // exited); 0 if there is none. "Unanswered" includes answers published but not yet read, so
+  // this bounds the calls every worker still has queued from above; just after the owner has
+  // read every result ring, it is close to them.
   std::size_t least_unanswered() const {
     std::size_t least = 0;
     bool any = false;
