@@ -240,14 +240,22 @@ class Session : public std::enable_shared_from_this<Session> {
       // The service was not listening: the client's clocks start again now, or a request it sent
       // in full while we held off could be cut as a slowloris, and a silent client as idle.
       read_paused_ = false;
-      partial_since_ = idle_since_ = Clock::now();
+      partial_since_ = idle_since_ = last_read_at_ = Clock::now();
     }
     reading_ = true;
     socket_.async_read_some(asio::buffer(chunk_), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
       self->reading_ = false;
       if (self->closed_) return;
       if (ec) return self->on_end(ec);
-      if (self->head_ == self->pending_.size()) self->partial_since_ = Clock::now();
+      const auto now = Clock::now();
+      if (self->head_ == self->pending_.size())
+        self->partial_since_ = now;  // a request begins
+      else if (self->data_waiting_)
+        // Bytes were already waiting for us when the last read ended: the time since was ours
+        // (this thread busy with other connections), not the client's; its clock skips it.
+        self->partial_since_ += now - self->last_read_at_;
+      self->last_read_at_ = now;
+      self->data_waiting_ = self->bytes_waiting();
       self->pending_.append(self->chunk_.data(), n);
       self->server_.charge(n);
       self->process();
@@ -272,8 +280,11 @@ class Session : public std::enable_shared_from_this<Session> {
     std::size_t to_pool = 0;  // bytes of the lines that became tasks (still charged)
     bool completed = false;   // a line was taken (the finisher's request is complete)
     while (!closed_ && !stopping_ && !paused()) {
-      const auto nl = pending_.find('\n', head_);
+      // Searched from where the last search ended: a request read in many chunks is scanned
+      // once, not once per chunk.
+      const auto nl = pending_.find('\n', std::max(head_, scanned_));
       if (nl == std::string::npos) {
+        scanned_ = pending_.size();
         if (pending_.size() - head_ > limits().max_request_bytes) too_large();
         break;
       }
@@ -296,8 +307,8 @@ class Session : public std::enable_shared_from_this<Session> {
       if (dispatch(line, bytes)) to_pool += bytes;
     }
     // Compact once per batch rather than once per line.
-    if (stopping_) pending_.clear(), head_ = 0;
-    else if (head_ > 0) pending_.erase(0, head_), head_ = 0;
+    if (stopping_) pending_.clear(), head_ = 0, scanned_ = 0;
+    else if (head_ > 0) pending_.erase(0, head_), scanned_ -= std::min(scanned_, head_), head_ = 0;
     // A buffer that held a large request does not keep its memory (the budget counts bytes held,
     // not a buffer's capacity).
     if (pending_.capacity() > kKeepBuffer && pending_.size() <= pending_.capacity() / 4) pending_.shrink_to_fit();
@@ -425,11 +436,23 @@ class Session : public std::enable_shared_from_this<Session> {
     bool expired = false;
     if (writing_) expired |= consider(write_since_);  // the client does not take its replies
     if (reading_) {
-      if (head_ < pending_.size()) expired |= consider(partial_since_);  // a dribbled request
-      else if (owed_ == 0) expired |= consider(idle_since_);           // silent and owed nothing
+      if (head_ < pending_.size()) {
+        // A dribbled request; not while its bytes wait for us in the kernel (the read handler
+        // runs next and moves its clock).
+        if (!bytes_waiting()) expired |= consider(partial_since_);
+      } else if (owed_ == 0) {
+        expired |= consider(idle_since_);  // silent and owed nothing
+      }
     }
     if (expired) return close();
     arm_timer(next);
+  }
+
+  // Whether the kernel holds bytes of this client we have not read (FIONREAD).
+  bool bytes_waiting() {
+    boost::system::error_code ec;
+    const std::size_t n = socket_.available(ec);
+    return !ec && n > 0;
   }
 
   void close() {
@@ -443,7 +466,7 @@ class Session : public std::enable_shared_from_this<Session> {
     server_.discharge(pending_.size(), false);  // its tasks' bytes are given back as they finish
     pending_.clear();
     pending_.shrink_to_fit();
-    head_ = 0;
+    head_ = scanned_ = 0;
     server_.done_finishing(this);
     release_if_done();
   }
@@ -465,12 +488,17 @@ class Session : public std::enable_shared_from_this<Session> {
   std::array<char, 16384> chunk_;
   std::string pending_;  // bytes read and not yet dispatched, from head_
   std::size_t head_ = 0;
+  std::size_t scanned_ = 0;      // pending_ holds no newline before this (from head_)
   std::deque<std::string> out_;  // reply lines, front() being written
   std::size_t owed_ = 0;         // requests read whose reply is not yet written (at most max_pending)
   std::size_t in_pool_ = 0;      // of which submitted to the pool and not yet answered
   bool reading_ = false, writing_ = false, stopping_ = false, closed_ = false, released_ = false;
   bool read_paused_ = false;     // read() held off (max_pending, budget) since the last read
-  Clock::time_point idle_since_, partial_since_, write_since_;
+  // The partial request's clock (partial_since_) counts only time spent waiting for the client:
+  // when the last read ended with bytes still waiting in the kernel (data_waiting_), the time
+  // until the next read (last_read_at_ to then) is this thread's delay and is skipped.
+  bool data_waiting_ = false;
+  Clock::time_point idle_since_, partial_since_, write_since_, last_read_at_;
 };
 
 void Server::release(Session* s) {
