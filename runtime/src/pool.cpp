@@ -210,9 +210,20 @@ Value str_list(const std::vector<std::string>& v) {
 // A package's .py sources, read here and installed in the workers from memory.
 Value read_package(const std::string& name, const std::string& folder) {
   namespace fs = std::filesystem;
-  const fs::path root = fs::canonical(folder);
-  if (!fs::exists(root / "__init__.py"))
-    throw std::invalid_argument("ringpool::Pool: package " + name + ": no __init__.py in " + root.string());
+  std::error_code ec;
+  const fs::path root = fs::canonical(folder, ec);
+  if (ec || !fs::is_directory(root))
+    throw std::invalid_argument("ringpool::Pool: package " + name + ": PoolOptions::packages gives the folder '" +
+                                folder + "', which " +
+                                (ec ? "cannot be opened (" + ec.message() + ")" : std::string("is not a folder")) +
+                                "; give the package's own folder, the one holding its __init__.py");
+  if (!fs::exists(root / "__init__.py")) {
+    const fs::path inside = root / name;
+    throw std::invalid_argument("ringpool::Pool: package " + name + ": no __init__.py in " + root.string() +
+                                (fs::exists(inside / "__init__.py") ? " (its package folder is " + inside.string() + ")"
+                                                                    : std::string()) +
+                                "; PoolOptions::packages maps a name to the folder holding that package's __init__.py");
+  }
   Value::Dict files;
   std::size_t total = 0;
   for (auto it = fs::recursive_directory_iterator(root); it != fs::recursive_directory_iterator(); ++it) {

@@ -560,6 +560,30 @@ TEST_CASE("Pool takes a bundle file as the workers' environment" * doctest::time
   CHECK_THROWS_AS(Pool{bad}, std::invalid_argument);
 }
 
+TEST_CASE("Pool: a package folder that is missing or wrong is refused with a message naming the fix" *
+          doctest::timeout(60)) {
+  auto refusal = [](const std::string& folder) {
+    PoolOptions o = options(true);
+    o.packages = {{"rp_tasks", folder}};
+    try {
+      Pool pool(o);
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string pytasks = RINGPOOL_SOURCE_DIR "/tests/cpp/pytasks";
+  std::string why = refusal("/nonexistent/rp_tasks");
+  CHECK(why.find("package rp_tasks") != std::string::npos);
+  CHECK(why.find("'/nonexistent/rp_tasks'") != std::string::npos);
+  CHECK(why.find("cannot be opened") != std::string::npos);
+  why = refusal(pytasks + "/rp_tasks/__init__.py");  // the file, not its folder
+  CHECK(why.find("is not a folder") != std::string::npos);
+  why = refusal(pytasks);  // the folder above the package
+  CHECK(why.find("no __init__.py in") != std::string::npos);
+  CHECK(why.find("(its package folder is " + pytasks + "/rp_tasks)") != std::string::npos);
+}
+
 TEST_CASE("Pool callbacks run outside the pool's lock: a callback may submit the next step" * doctest::timeout(120)) {
   Pool pool(options(true));
   // A chain of 200 calls, each submitted from the callback of the one before (on the collector
