@@ -240,22 +240,14 @@ class Session : public std::enable_shared_from_this<Session> {
       // The service was not listening: the client's clocks start again now, or a request it sent
       // in full while we held off could be cut as a slowloris, and a silent client as idle.
       read_paused_ = false;
-      partial_since_ = idle_since_ = last_read_at_ = Clock::now();
+      partial_since_ = idle_since_ = Clock::now();
     }
     reading_ = true;
     socket_.async_read_some(asio::buffer(chunk_), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
       self->reading_ = false;
       if (self->closed_) return;
       if (ec) return self->on_end(ec);
-      const auto now = Clock::now();
-      if (self->head_ == self->pending_.size())
-        self->partial_since_ = now;  // a request begins
-      else if (self->data_waiting_)
-        // Bytes were already waiting for us when the last read ended: the time since was ours
-        // (this thread busy with other connections), not the client's; its clock skips it.
-        self->partial_since_ += now - self->last_read_at_;
-      self->last_read_at_ = now;
-      self->data_waiting_ = self->bytes_waiting();
+      if (self->head_ == self->pending_.size()) self->partial_since_ = Clock::now();
       self->pending_.append(self->chunk_.data(), n);
       self->server_.charge(n);
       self->process();
@@ -436,23 +428,11 @@ class Session : public std::enable_shared_from_this<Session> {
     bool expired = false;
     if (writing_) expired |= consider(write_since_);  // the client does not take its replies
     if (reading_) {
-      if (head_ < pending_.size()) {
-        // A dribbled request; not while its bytes wait for us in the kernel (the read handler
-        // runs next and moves its clock).
-        if (!bytes_waiting()) expired |= consider(partial_since_);
-      } else if (owed_ == 0) {
-        expired |= consider(idle_since_);  // silent and owed nothing
-      }
+      if (head_ < pending_.size()) expired |= consider(partial_since_);  // a dribbled request
+      else if (owed_ == 0) expired |= consider(idle_since_);           // silent and owed nothing
     }
     if (expired) return close();
     arm_timer(next);
-  }
-
-  // Whether the kernel holds bytes of this client we have not read (FIONREAD).
-  bool bytes_waiting() {
-    boost::system::error_code ec;
-    const std::size_t n = socket_.available(ec);
-    return !ec && n > 0;
   }
 
   void close() {
@@ -494,11 +474,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::size_t in_pool_ = 0;      // of which submitted to the pool and not yet answered
   bool reading_ = false, writing_ = false, stopping_ = false, closed_ = false, released_ = false;
   bool read_paused_ = false;     // read() held off (max_pending, budget) since the last read
-  // The partial request's clock (partial_since_) counts only time spent waiting for the client:
-  // when the last read ended with bytes still waiting in the kernel (data_waiting_), the time
-  // until the next read (last_read_at_ to then) is this thread's delay and is skipped.
-  bool data_waiting_ = false;
-  Clock::time_point idle_since_, partial_since_, write_since_, last_read_at_;
+  Clock::time_point idle_since_, partial_since_, write_since_;
 };
 
 void Server::release(Session* s) {
