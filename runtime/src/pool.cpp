@@ -328,9 +328,9 @@ struct Pool::Impl {
     // around them when it is sent. A map's calls leave the function out: their Batch holds it
     // once for all (fn_ops()), so such a call's own bytes are few (a body of up to 15 bytes, say
     // one or two small ints, stays in std::string's inline buffer: no allocation) and two calls
-    // of one map join a run without
-    // comparing names. (Not a reference-counted string shared by the calls: the submitting
-    // thread would count up and the collector down, on one cache line, per task.)
+    // of one map join a run without comparing names. (Not a reference-counted string shared by
+    // the calls: the submitting thread would count up and the collector down, on one cache
+    // line, per task.)
     std::string body;
     // The argument tuple's place in body (after the function, if there), its length, its item
     // count, and whether the call may join a run.
