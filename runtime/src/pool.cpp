@@ -433,6 +433,7 @@ struct Pool::Impl {
   bool answered_any = false;     // a worker has answered something (died(): early deaths)
   int early_deaths = 0;          // workers dead before their first call, in a row
   bool stop = false;
+  int spawning = 0;  // replenish() starting a worker with mu released (shutdown waits for it)
   std::thread collector;
   // Lifecycle events noted under mu and handed to opts.log once it is released (log.hpp): a
   // handler may then ask the pool for its pids without deadlocking.
@@ -566,6 +567,7 @@ struct Pool::Impl {
   void replenish(std::unique_lock<std::mutex>& lk) {
     while (!stop && broken.empty() && sched.shortfall() > 0 && (!shutting_down || sched.outstanding() > 0)) {
       const int wid = next_wid++;
+      ++spawning;
       lk.unlock();
       std::unique_ptr<Worker> w;
       std::string err;
@@ -583,6 +585,7 @@ struct Pool::Impl {
         }
       }
       lk.lock();
+      --spawning;
       if (!w) {
         if (sched.open_workers() == 0) fail_everything("ringpool::Pool: could not start a worker: " + err);
         return;
@@ -601,8 +604,19 @@ struct Pool::Impl {
         sched.exited(wid);
         early_exits.erase(e);
       }
-      workers.emplace(wid, std::move(w));
+      Worker& added = *workers.emplace(wid, std::move(w)).first->second;
+      // shutdown() asked the workers to stop while this one was starting: it is asked too (the
+      // collector ends once every worker, this one included, has exited).
+      if (stop) ask_to_stop(added);
       dispatch();
+    }
+  }
+
+  void ask_to_stop(Worker& w) {
+    try {
+      if (w.violation.empty()) send(w, task_record::control_record(task::Op::STOP));
+    } catch (const ProtocolError& e) {
+      broke_call_ring(w, e);
     }
   }
 
@@ -1187,15 +1201,9 @@ struct Pool::Impl {
       shutting_down = true;
       if (!wait) fail_all(std::make_exception_ptr(PoolClosed("ringpool::Pool: shut down")));
       drained.wait(lk, [&] { return (sched.outstanding() == 0 && completing == 0) || !broken.empty(); });
-      // Ask every worker to stop; the collector handles their exits and ends with the last.
-      const std::string stop_rec = task_record::control_record(task::Op::STOP);
-      for (auto& [_, w] : workers) {
-        try {
-          if (w->violation.empty()) send(*w, stop_rec);
-        } catch (const ProtocolError& e) {
-          broke_call_ring(*w, e);
-        }
-      }
+      // Ask every worker to stop; the collector handles their exits and ends with the last. (One
+      // being started now is asked by replenish() once it is in `workers`.)
+      for (auto& [_, w] : workers) ask_to_stop(*w);
       stop = true;
     }
     nudge();
@@ -1205,7 +1213,7 @@ struct Pool::Impl {
     for (;;) {
       {
         std::lock_guard lk(mu);
-        if (workers.empty()) break;
+        if (workers.empty() && spawning == 0) break;
         if (Clock::now() > deadline)
           for (auto& [_, w] : workers) w->proc.send_signal(SIGKILL);
       }
