@@ -995,6 +995,36 @@ TEST_CASE("scheduler: least_unanswered is the fewest unanswered calls of the wor
   CHECK(failed.empty());
 }
 
+TEST_CASE("scheduler: least_unanswered leaves out a retiring worker, whose queue only shrinks") {
+  SchedulerOptions o = opts(2);
+  o.max_tasks_per_child = 3;
+  Sched s(o);
+  Fakes f;
+  std::vector<Sched::Failure> failed;
+  s.add_worker(1);
+  s.add_worker(2);
+  for (int i = 0; i < 4; ++i) {  // one at a time: each to the least busy worker
+    s.submit(i);
+    f.dispatch(s);
+  }
+  REQUIRE(s.sent(1).size() == 2);
+  REQUIRE(s.sent(2).size() == 2);
+  CHECK(s.least_unanswered() == 2);
+  for (std::size_t r = 0; r < 2; ++r) {
+    f.take(1, 1);
+    CHECK(s.answer(1, f.tid_of(1, r), 1e-3, failed).has_value());
+  }
+  CHECK(s.least_unanswered() == 0);  // worker 1 drained, still open
+  s.submit(4);
+  f.dispatch(s);  // worker 1's third and last call: it retires with one call queued
+  REQUIRE(s.sent(1).size() == 1);
+  CHECK(s.shortfall() == 1);
+  CHECK(s.least_unanswered() == 2);  // worker 2's two; worker 1's one does not count
+  s.add_worker(3);                   // its replacement, sent nothing yet
+  CHECK(s.least_unanswered() == 0);
+  CHECK(failed.empty());
+}
+
 TEST_CASE("Fifo: order kept through wrap-around, growth, reserve, erase and push_front") {
   ringpool::detail::Fifo<int> q;
   std::deque<int> want;
