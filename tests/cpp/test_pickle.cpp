@@ -292,16 +292,24 @@ std::string dict_of_pairs(const std::vector<std::pair<std::int64_t, std::int64_t
   return p + ".";
 }
 
-// The best of three runs of f, in seconds: the least disturbed by other load on the machine.
-template <class F>
-double best_of_3(F&& f) {
-  double best = 1e9;
-  for (int run = 0; run < 3; ++run) {
+// The best of seven runs each of a (the ordinary input) and b (the crafted one), alternated, in
+// seconds: the runs least disturbed by other load on the machine, and a burst of load cannot
+// fall on one input's runs only. A quadratic decoder made b at least 50 times slower than a at
+// these sizes; fixed, the two are within ~10% of each other. The checks allow 10x: they catch
+// the complexity, not a speed (under a loaded `ctest -j2`, 3x once failed on noise).
+template <class A, class B>
+std::pair<double, double> best_of_7(A&& a, B&& b) {
+  double best_a = 1e9, best_b = 1e9;
+  auto time = [](auto& f) {
     const auto t0 = std::chrono::steady_clock::now();
     f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  for (int run = 0; run < 7; ++run) {
+    best_a = std::min(best_a, time(a));
+    best_b = std::min(best_b, time(b));
   }
-  return best;
+  return {best_a, best_b};
 }
 
 }  // namespace
@@ -330,11 +338,9 @@ TEST_CASE("pickle: dict keys chosen to collide do not make decoding quadratic") 
     REQUIRE(ringpool::detail::pickle_loads_graph(data).as_dict().size() == n);
     REQUIRE(pickle_dumps(v).size() > n);
   };
-  const double t_good = best_of_3([&] { work(good); });
-  const double t_bad = best_of_3([&] { work(bad); });
+  const auto [t_good, t_bad] = best_of_7([&] { work(good); }, [&] { work(bad); });
   MESSAGE("ordinary keys " << t_good * 1e3 << " ms, colliding keys " << t_bad * 1e3 << " ms");
-  // Quadratic was about 80 times slower; 3 leaves room for a noisy machine.
-  CHECK(t_bad < 3 * t_good);
+  CHECK(t_bad < 10 * t_good);  // quadratic was about 80 times slower
 }
 
 TEST_CASE("pickle: memo indices chosen to share a hash bucket do not make decoding quadratic") {
@@ -362,11 +368,10 @@ TEST_CASE("pickle: memo indices chosen to share a hash bucket do not make decodi
   };
   const std::string bad = memo_pickle(stride), good = memo_pickle(1);
   const auto work = [&](const std::string& data) { REQUIRE(pickle_loads(data).as_list().size() == 2 * n); };
-  const double t_good = best_of_3([&] { work(good); });
-  const double t_bad = best_of_3([&] { work(bad); });
+  const auto [t_good, t_bad] = best_of_7([&] { work(good); }, [&] { work(bad); });
   MESSAGE("memo indices 0.." << n << ": " << t_good * 1e3 << " ms; multiples of " << stride << ": " << t_bad * 1e3
                              << " ms");
-  CHECK(t_bad < 3 * t_good);
+  CHECK(t_bad < 10 * t_good);
 }
 
 TEST_CASE("pickle: a list built one APPEND at a time decodes in linear time") {
@@ -386,10 +391,9 @@ TEST_CASE("pickle: a list built one APPEND at a time decodes in linear time") {
   single += '.';
   batched += '.';
   const auto work = [&](const std::string& data) { REQUIRE(pickle_loads(data).as_list().size() == n); };
-  const double t_batched = best_of_3([&] { work(batched); });
-  const double t_single = best_of_3([&] { work(single); });
+  const auto [t_batched, t_single] = best_of_7([&] { work(batched); }, [&] { work(single); });
   MESSAGE("APPENDS batches " << t_batched * 1e3 << " ms, single APPENDs " << t_single * 1e3 << " ms");
-  CHECK(t_single < 3 * t_batched);
+  CHECK(t_single < 10 * t_batched);
 }
 
 // -- peak heap use of a decode ---------------------------------------------------------------
