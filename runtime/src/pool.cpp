@@ -433,6 +433,8 @@ struct Pool::Impl {
   bool answered_any = false;     // a worker has answered something (died(): early deaths)
   int early_deaths = 0;          // workers dead before their first call, in a row
   bool stop = false;
+  bool finished = false;         // shutdown is over: the workers and the collector are gone
+  std::condition_variable closed;  // finished became true
   int spawning = 0;  // replenish() starting a worker with mu released (shutdown waits for it)
   std::thread collector;
   // Lifecycle events noted under mu and handed to opts.log once it is released (log.hpp): a
@@ -574,6 +576,10 @@ struct Pool::Impl {
       // A zygote killed while it serves the spawn fails it; the supervisor starts a new zygote
       // for the next request, so a few attempts ride that out (each with a fresh call ring).
       for (int attempt = 0; attempt < kSpawnAttempts && !w; ++attempt) {
+        if (attempt > 0) {
+          std::lock_guard relock(mu);
+          if (stop) break;  // shut down meanwhile: no more attempts (shutdown waits for them)
+        }
         try {
           w = launch(wid);
         } catch (const std::exception& e) {
@@ -587,7 +593,7 @@ struct Pool::Impl {
       lk.lock();
       --spawning;
       if (!w) {
-        if (sched.open_workers() == 0) fail_everything("ringpool::Pool: could not start a worker: " + err);
+        if (!stop && sched.open_workers() == 0) fail_everything("ringpool::Pool: could not start a worker: " + err);
         return;
       }
       ++started;
@@ -620,20 +626,18 @@ struct Pool::Impl {
     }
   }
 
+  // The pool cannot run anything more: every task not yet answered fails with PoolClosed. Their
+  // failures join the completions the collector hands over once it has released mu (a callback
+  // may call into the pool); in the constructor there are none.
   void fail_everything(const std::string& why) {
     note(LogEvent::pool_broken, why);
     broken = why;
-    fail_all(std::make_exception_ptr(PoolClosed(why)));
+    const auto e = std::make_exception_ptr(PoolClosed(why));
+    std::vector<Task> owed;
+    sched.drain(owed);  // calls still out stay with the scheduler, their answers dropped
+    for (Task& t : owed) completions.push_back({std::move(t), Value(), e});
     sched.forget_in_flight();
     drained.notify_all();
-  }
-
-  // Fails every task not yet answered; calls still out stay with the scheduler, their answers
-  // dropped.
-  void fail_all(std::exception_ptr e) {
-    std::vector<Task> owed;
-    sched.drain(owed);
-    for (Task& t : owed) t.fail(e);
   }
 
   // -- dispatch (mu held) ------------------------------------------------------------------------
@@ -1004,6 +1008,29 @@ struct Pool::Impl {
     }
     const WaitPolicy& policy = WaitPolicy::standard();
     std::vector<LogRecord> log_ready;
+    // Gives the answers of a round (`ready`, taken from `completions` under mu) to their futures,
+    // callbacks and batches, with mu released.
+    auto hand_over = [&] {
+      if (ready.empty()) return;
+      // In groups of kCompleteGroup, each fulfilled last to first: a service thread waiting on
+      // these futures in order (the usual loop over a vector of futures) is then woken once per
+      // group, by its first future, and finds the rest ready, instead of sleeping on every one
+      // (a futex wait and wake, and a context switch, per task). A task waits at most a group's
+      // completion time (~20 us) longer.
+      for (std::size_t g = 0; g < ready.size(); g += kCompleteGroup) {
+        for (std::size_t i = std::min(ready.size(), g + kCompleteGroup); i-- > g;) {
+          Completion& c = ready[i];
+          if (c.error)
+            c.task.fail(c.error);
+          else
+            c.task.ok(std::move(c.value));
+        }
+      }
+      ready.clear();
+      std::lock_guard relock(mu);
+      completing = 0;
+      if (sched.outstanding() == 0) drained.notify_all();
+    };
     for (;;) {
       // Acquire pairs with nudge()'s release: what was changed before a nudge is seen below.
       const std::uint32_t bell_seen = bell.load(std::memory_order_acquire);
@@ -1085,6 +1112,7 @@ struct Pool::Impl {
       if (stop && workers.empty()) {
         lk.unlock();
         emit_logs(log_ready);
+        hand_over();  // this round's answers and failures (the pool broke as it stopped)
         return;
       }
       bool retry_publish = false;
@@ -1098,27 +1126,7 @@ struct Pool::Impl {
       }
       lk.unlock();
       emit_logs(log_ready);
-      if (!ready.empty()) {
-        // In groups of kCompleteGroup, each fulfilled last to first: a service thread waiting on
-        // these futures in order (the usual loop over a vector of futures) is then woken once per
-        // group, by its first future, and finds the rest ready, instead of sleeping on every one
-        // (a futex wait and wake, and a context switch, per task). A task waits at most a group's
-        // completion time (~20 us) longer.
-        for (std::size_t g = 0; g < ready.size(); g += kCompleteGroup) {
-          for (std::size_t i = std::min(ready.size(), g + kCompleteGroup); i-- > g;) {
-            Completion& c = ready[i];
-            if (c.error)
-              c.task.fail(c.error);
-            else
-              c.task.ok(std::move(c.value));
-          }
-        }
-        ready.clear();
-        lk.lock();
-        completing = 0;
-        if (sched.outstanding() == 0) drained.notify_all();
-        lk.unlock();
-      }
+      hand_over();
       if (out_of_fds) {
         std::this_thread::sleep_for(kFdRetry);  // the ring stays readable: no wait would block
       } else if (gather) {
@@ -1194,18 +1202,35 @@ struct Pool::Impl {
     t.args_len = static_cast<std::uint32_t>(args_end - args_at);
   }
 
+  // Any thread, any number of times, concurrently too: the first call that gets past the wait for
+  // the tasks stops the workers and joins the collector; the others (and later calls) return once
+  // it has. A shutdown(false) during a shutdown(true)'s wait fails what is left, ending that wait.
   void shutdown(bool wait) {
-    {
-      std::unique_lock lk(mu);
-      if (stop) return;
-      shutting_down = true;
-      if (!wait) fail_all(std::make_exception_ptr(PoolClosed("ringpool::Pool: shut down")));
-      drained.wait(lk, [&] { return (sched.outstanding() == 0 && completing == 0) || !broken.empty(); });
-      // Ask every worker to stop; the collector handles their exits and ends with the last. (One
-      // being started now is asked by replenish() once it is in `workers`.)
-      for (auto& [_, w] : workers) ask_to_stop(*w);
-      stop = true;
+    std::unique_lock lk(mu);
+    shutting_down = true;
+    if (!wait && !stop) {
+      std::vector<Task> owed;
+      sched.drain(owed);  // calls still out stay with the scheduler, their answers dropped
+      lk.unlock();
+      // Outside mu: a callback may call into the pool (and gets PoolClosed).
+      const auto e = std::make_exception_ptr(PoolClosed("ringpool::Pool: shut down"));
+      for (Task& t : owed) t.fail(e);
+      lk.lock();
     }
+    // Every answer handed over, including any still in `completions` (the collector releases mu
+    // between handling answers and handing them over, to start a replacement worker).
+    drained.wait(lk, [&] {
+      return (sched.outstanding() == 0 && completing == 0 && completions.empty()) || !broken.empty();
+    });
+    if (stop) {
+      closed.wait(lk, [&] { return finished; });
+      return;
+    }
+    // Ask every worker to stop; the collector handles their exits and ends with the last. (One
+    // being started now is asked by replenish() once it is in `workers`.)
+    for (auto& [_, w] : workers) ask_to_stop(*w);
+    stop = true;
+    lk.unlock();
     nudge();
     // Workers that do not stop within kStopGrace seconds are killed.
     const auto deadline =
@@ -1221,6 +1246,9 @@ struct Pool::Impl {
     }
     if (collector.joinable()) collector.join();
     sup->stop();
+    lk.lock();
+    finished = true;
+    closed.notify_all();
   }
 };
 

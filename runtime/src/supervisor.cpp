@@ -187,8 +187,19 @@ ChildProcess Supervisor::spawn(SpawnRequest req, ExitHandler on_exit) {
       }
       try {
         impl->watch(s.process.pid(), s.zygote, std::move(on_exit));
-      } catch (...) {
-        // Without a watch the worker still works; only its observation is lost.
+      } catch (const std::exception& e) {
+        // Unwatched, its exit would never be reported: a crash unnoticed, and an owner waiting
+        // for that exit (a pool's shutdown) waiting for ever. It is killed and reaped instead,
+        // and the spawn fails (out of descriptors for its pidfd, say).
+        try {
+          s.process.send_signal(SIGKILL);
+          while (!s.process.wait()) {  // EINTR
+          }
+        } catch (const std::exception&) {  // not ours to reap after all: the kill is what matters
+        }
+        done.set_exception(std::make_exception_ptr(
+            std::runtime_error(std::string("the new process could not be watched (killed): ") + e.what())));
+        return;
       }
       done.set_value(std::move(s.process));
     });

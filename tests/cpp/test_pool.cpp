@@ -560,6 +560,9 @@ TEST_CASE("Pool shutdown while a dead worker's replacement is starting stops the
   // releases the lock to wait for the zygote.
   for (int i = 0; i < 6000 && !pool->worker_pids().empty(); ++i) std::this_thread::sleep_for(10ms);
   REQUIRE(pool->worker_pids().empty());
+  // (worker_pids() leaves a worker out once its exit is known, a little before the collector has
+  // handled it; nothing can finish while the zygote is stopped, so a pause costs nothing.)
+  std::this_thread::sleep_for(200ms);
   std::promise<void> done;
   auto finished = done.get_future();
   std::thread([&pool, &done] {
@@ -576,6 +579,76 @@ TEST_CASE("Pool shutdown while a dead worker's replacement is starting stops the
   CHECK(replacements.size() == 1);  // it did start, and was stopped
   for (pid_t p : replacements) CHECK_FALSE(alive(p));
   CHECK_FALSE(alive(zygote));
+}
+
+// Runs f on a thread of its own; false if it has not returned within `limit` (the test then ends
+// the process: a pool's threads that hang cannot be joined).
+template <class F>
+void returns_within(std::chrono::seconds limit, const char* what, F f) {
+  auto done = std::make_shared<std::promise<void>>();
+  auto finished = done->get_future();
+  std::thread([f = std::move(f), done]() mutable {
+    f();
+    done->set_value();
+  }).detach();
+  if (finished.wait_for(limit) != std::future_status::ready) {
+    FAIL_CHECK(std::string(what) << " did not return");
+    std::abort();
+  }
+}
+
+TEST_CASE("Pool shutdown: a failed task's callback may call into the pool; shutdowns from several threads at once" *
+          doctest::timeout(120)) {
+  // shutdown(false) failed the pending tasks with the pool's lock held: a callback that called
+  // into the pool (as a callback may: pool.hpp) deadlocked the shutdown.
+  auto pool = std::make_unique<Pool>(options(false, 1));
+  std::mutex mu;
+  std::vector<std::string> seen;
+  for (int i = 0; i < 3; ++i)
+    pool->async_submit("rp_tasks:sleep_pid", {Value(2.0)}, {}, [&](std::exception_ptr e, Value) {
+      std::string what = "no error";
+      try {
+        if (e) std::rethrow_exception(e);
+      } catch (const PoolClosed&) {
+        what = "PoolClosed";
+      } catch (...) {
+        what = "other";
+      }
+      pool->worker_pids();  // takes the pool's lock
+      try {
+        pool->async_submit("rp_tasks:pid", {}, {}, [](std::exception_ptr, Value) {});
+        what += ", submitted";
+      } catch (const PoolClosed&) {
+        what += ", refused";
+      }
+      std::lock_guard lk(mu);
+      seen.push_back(what);
+    });
+  std::this_thread::sleep_for(300ms);  // the first is running
+  returns_within(60s, "shutdown(false)", [&] { pool->shutdown(false); });
+  {
+    std::lock_guard lk(mu);
+    CHECK(seen.size() >= 2);  // the two that had not started at least (the running one too, or later)
+    for (const auto& w : seen) CHECK(w == "PoolClosed, refused");
+  }
+  returns_within(60s, "the destructor", [&] { pool.reset(); });
+  CHECK(seen.size() == 3);
+
+  // Several threads shutting one pool down at once, waiting or not: each returns once the
+  // workers are stopped, whoever stops them (they used to join the collector twice).
+  for (int round = 0; round < 3; ++round) {
+    CAPTURE(round);
+    Pool p(options(true, 2));
+    std::vector<std::future<Value>> fs;
+    for (int i = 0; i < 6; ++i) fs.push_back(p.submit("rp_tasks:sleep_pid", {Value(0.1)}));
+    returns_within(60s, "concurrent shutdowns", [&] {
+      std::vector<std::thread> ts;
+      for (int t = 0; t < 4; ++t) ts.emplace_back([&p, t, round] { p.shutdown((t + round) % 2 == 0); });
+      for (auto& t : ts) t.join();
+    });
+    CHECK(p.worker_pids().empty());
+    for (auto& f : fs) CHECK(f.wait_for(0s) == std::future_status::ready);  // answered, or failed by the shutdown(false)
+  }
 }
 
 TEST_CASE("Pool takes a bundle file as the workers' environment" * doctest::timeout(120)) {

@@ -183,7 +183,9 @@ class Pool {
   std::future<std::string> submit_raw(std::string function, std::string payload);
 
   // Stops taking tasks. wait: let every submitted task finish, then stop the workers; otherwise
-  // fail the tasks not yet answered with PoolClosed and stop the workers now.
+  // fail the tasks not yet answered with PoolClosed (their callbacks run on the calling thread,
+  // outside the pool's lock) and stop the workers now. Thread-safe, and may be called again:
+  // every call returns once the workers are stopped (the destructor calls shutdown(true)).
   void shutdown(bool wait = true);
 
   // Pids of the running workers, and of the zygote (-1 in exec mode or when not running).
