@@ -179,6 +179,49 @@ inline ringpool::Value parse(std::string_view text) {
   return builder.take();
 }
 
+// A lower bound on dump(v).size(), found without building anything; it stops adding once it is
+// over `enough` (then it is only known to be larger). The real size is at most ~8x the bound (a
+// float's shortest form has 3 to 24 characters, a str's byte up to 6 as an escape): a service
+// refuses a reply over its cap from the bound when it can, before the JSON tree and text exist.
+inline std::size_t dump_size_at_least(const ringpool::Value& v, std::size_t enough) {
+  using T = ringpool::Value::Type;
+  switch (v.type()) {
+    case T::none: return 4;
+    case T::boolean: return v.as_bool() ? 4 : 5;
+    case T::integer: {
+      const std::int64_t i = v.as_int();
+      std::uint64_t u = i < 0 ? 0 - static_cast<std::uint64_t>(i) : static_cast<std::uint64_t>(i);
+      std::size_t n = i < 0 ? 2 : 1;
+      while (u >= 10) u /= 10, ++n;
+      return n;
+    }
+    case T::floating: return 3;  // "1.0", or "null"
+    case T::str: return v.as_str().size() + 2;
+    case T::bytes: return (v.as_bytes().size() + 2) / 3 * 4 + 2;
+    case T::list:
+    case T::tuple: {
+      const auto& items = v.is_list() ? v.as_list() : v.as_tuple();
+      std::size_t n = 2 + (items.empty() ? 0 : items.size() - 1);
+      for (const auto& x : items) {
+        if (n > enough) break;
+        n += dump_size_at_least(x, enough - n);
+      }
+      return n;
+    }
+    case T::dict: {
+      const auto& entries = v.as_dict();
+      std::size_t n = 2 + (entries.empty() ? 0 : entries.size() - 1);
+      for (const auto& [k, x] : entries) {
+        if (n > enough) break;
+        n += (k.is_str() ? k.as_str().size() : 1) + 3;  // "key":
+        n += dump_size_at_least(x, enough - std::min(n, enough));
+      }
+      return n;
+    }
+  }
+  return 0;
+}
+
 // Value -> one line of JSON text (no newline). Never throws for a Value.
 inline std::string dump(const ringpool::Value& v) {
   return detail::to_json(v).dump(-1, ' ', false, Json::error_handler_t::replace);

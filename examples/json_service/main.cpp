@@ -13,7 +13,8 @@
 // Usage: json_service [--port N] [--workers N] [--python PATH] [--python-path DIR]...
 //                     [--package NAME=FOLDER]... [--allow MODULE:FUNCTION]... [--exec] [--preload MODULE]...
 //                     [--max-request-bytes N] [--max-connections N] [--max-pending N]
-//                     [--max-held-bytes N] [--idle-timeout SECONDS] [--accept-backoff-ms N]
+//                     [--max-held-bytes N] [--max-reply-bytes N] [--idle-timeout SECONDS]
+//                     [--accept-backoff-ms N]
 // It prints "listening on 127.0.0.1:PORT" once it accepts connections; SIGINT/SIGTERM stop it
 // after the requests in flight are answered (a second signal stops it at once).
 //
@@ -23,8 +24,10 @@
 //                    ringpool::Pool ──► Python workers ──► collector thread
 //
 // - Server: the accept loop (pauses at --max-connections, backs off on EMFILE and the like and
-//   resumes), the set of sessions, the signals, and the service-wide budget of request bytes held
-//   (--max-held-bytes: while it is spent no connection reads; they resume as tasks finish).
+//   resumes), the set of sessions, the signals, and the service-wide budget of bytes held
+//   (--max-held-bytes: requests read and not answered, a reply's worth reserved per task in the
+//   pool, replies not yet written; while it is spent no connection reads or starts a task; they
+//   resume as tasks finish and replies are taken).
 // - Session: one connection on the io thread: reads lines, answers each, stops reading while
 //   --max-pending replies are owed (backpressure) or the budget is spent, and is closed by its
 //   timer when the client idles, dribbles a partial request, or stops reading its replies for
@@ -78,6 +81,13 @@ struct Limits {
   // that max_connections x max_pending requests would otherwise take (a request's task holds its
   // pickled arguments, up to 2.25x its JSON bytes). At least max_request_bytes (checked at start).
   std::size_t max_held_bytes = std::size_t{64} << 20;
+  // A reply line (its JSON and newline) longer than this is replaced by a ReplyTooLarge error
+  // (the connection goes on). Every task in the pool reserves this much of max_held_bytes until
+  // its reply is written: so max_held_bytes / max_reply_bytes tasks run at once, service-wide,
+  // and what their replies can make the service hold is in the budget before they are made. (An
+  // error reply, and a ReplyTooLarge one, echo the request's id and may be longer by that.) At
+  // least max_request_bytes + max_reply_bytes must fit in max_held_bytes (checked at start).
+  std::size_t max_reply_bytes = 1 << 20;
   // A connection that sends nothing while owed nothing, leaves a request partial, or does not
   // take a reply, for this long, is closed. Shorter frees slots from idle clients sooner; longer
   // spares slow but honest ones.
@@ -126,6 +136,20 @@ bool http_request_line(const std::string& line) {
 
 std::string line_of(const Value& reply) { return json_value::dump(reply) + "\n"; }
 
+// A task's reply line: its result or its error, or a ReplyTooLarge error if that line would be
+// longer than max_bytes (Limits::max_reply_bytes). A result whose JSON is known to be too long
+// from a lower bound on its size is refused before its JSON is built.
+std::string reply_line(const Value& id, std::exception_ptr err, Value result, std::size_t max_bytes) {
+  auto too_large = [&] {
+    return line_of(error_reply(id, "ReplyTooLarge",
+                               "the reply is over " + std::to_string(max_bytes) + " bytes of JSON (--max-reply-bytes)"));
+  };
+  if (!err && json_value::dump_size_at_least(result, max_bytes) + 32 > max_bytes) return too_large();
+  std::string line = line_of(err ? error_for(id, err)
+                                 : Value::dict({{Value("id"), id}, {Value("ok"), Value(true)}, {Value("result"), std::move(result)}}));
+  return line.size() > max_bytes ? too_large() : line;
+}
+
 class Session;
 
 class Server {
@@ -150,19 +174,42 @@ class Server {
   // A session is closed and none of its tasks is still in the pool: its slot is free.
   void release(Session* s);
 
-  // The held-bytes budget (Limits::max_held_bytes). A session charges every byte it reads, and
-  // gives it back when its request is answered: at once for a line answered without the pool (a
-  // blank line, BadRequest, NotAllowed) or dropped (a closed connection), when the task's answer
-  // arrives for a line that became a task (moved to the pool's share with to_pool()).
+  // The held-bytes budget (Limits::max_held_bytes), in three shares:
+  // - read: a session charges every byte it reads, and gives it back when its request is answered
+  //   without the pool (a blank line, BadRequest, NotAllowed) or dropped (a closed connection);
+  // - pool: a line that becomes a task moves its bytes here, and reserves max_reply_bytes more,
+  //   until the task's answer arrives (from_pool() gives both back);
+  // - replies: every reply line queued on a connection, until it is written or the connection
+  //   closes.
+  // The budget has room while one more task's reservation fits.
   void charge(std::size_t n) { held_ += n; }
-  void to_pool(std::size_t n) { in_pool_ += n; }
-  void discharge(std::size_t n, bool from_pool);
-  // Whether s may read now. No, while the budget is spent: s waits and is resumed (Session::
-  // resume) once the budget has room again. Except for one session, the finisher: if the budget
-  // is spent by bytes the pool does not hold (partial requests in buffers), no task will ever give
-  // any back, so the oldest waiting session with a partial request may read on until that request
-  // is complete (and then waits like the others).
+  void discharge(std::size_t n) { give_back(n); }
+  void to_pool(std::size_t n) {
+    held_ += limits.max_reply_bytes;
+    in_pool_ += n + limits.max_reply_bytes;
+  }
+  void from_pool(std::size_t n) {
+    in_pool_ -= n + limits.max_reply_bytes;
+    give_back(n + limits.max_reply_bytes);
+  }
+  void reply_queued(std::size_t n) {
+    held_ += n;
+    in_replies_ += n;
+  }
+  void reply_gone(std::size_t n) {
+    in_replies_ -= n;
+    give_back(n);
+  }
+  // Whether s may read now. No, while the budget has no room: s waits and is resumed (Session::
+  // resume) once it has. Except for one session, the finisher: if the budget is spent by bytes
+  // neither the pool nor a reply holds (partial requests in buffers), nothing will ever give any
+  // back, so the oldest waiting session with bytes buffered may read on until its request is
+  // complete, and start it (and then waits like the others).
   bool may_read(Session& s);
+  // Whether s may start a task now (the next line it dispatches may become one): with room, as
+  // the finisher (its request complete), or when nothing is in the pool or owed as a reply
+  // (nothing else would give bytes back). Otherwise s waits as for reading.
+  bool may_dispatch(Session& s);
   // s completed a line or closed: if it was the finisher, it is no longer.
   void done_finishing(Session* s);
 
@@ -189,8 +236,12 @@ class Server {
 
   void wake_soon();
   void wake();
-  std::size_t held_ = 0;     // request bytes held: in read buffers and in the pool
-  std::size_t in_pool_ = 0;  // of which held by tasks in the pool
+  void give_back(std::size_t n);
+  bool room() const { return held_ + limits.max_reply_bytes <= limits.max_held_bytes; }
+  void wait_for_room(Session& s);
+  std::size_t held_ = 0;        // bytes held: read, in the pool (with reservations), replies
+  std::size_t in_pool_ = 0;     // of which held by tasks in the pool
+  std::size_t in_replies_ = 0;  // of which held by replies not yet written
   std::deque<std::weak_ptr<Session>> waiting_;  // sessions waiting for the budget, oldest first
   Session* finisher_ = nullptr;
   bool wake_posted_ = false;
@@ -284,6 +335,8 @@ class Session : public std::enable_shared_from_this<Session> {
         too_large();
         break;
       }
+      // A line that may become a task waits for the budget's room (for its reply) in the buffer.
+      if (pending_.find_first_not_of(" \t\r", head_) < nl && !server_.may_dispatch(*this)) break;
       std::string line = pending_.substr(head_, nl - head_);
       const std::size_t bytes = nl + 1 - head_;
       head_ = nl + 1;
@@ -304,7 +357,7 @@ class Session : public std::enable_shared_from_this<Session> {
     // A buffer that held a large request does not keep its memory (the budget counts bytes held,
     // not a buffer's capacity).
     if (pending_.capacity() > kKeepBuffer && pending_.size() <= pending_.capacity() / 4) pending_.shrink_to_fit();
-    if (const std::size_t gone = buffered - pending_.size(); gone > to_pool) server_.discharge(gone - to_pool, false);
+    if (const std::size_t gone = buffered - pending_.size(); gone > to_pool) server_.discharge(gone - to_pool);
     if (completed) server_.done_finishing(this);
   }
 
@@ -354,13 +407,10 @@ class Session : public std::enable_shared_from_this<Session> {
       server_.pool.async_submit(fn->as_str(), std::move(args), std::move(kwargs),
                                 [self = shared_from_this(), id, bytes](std::exception_ptr err, Value result) {
                                   // On the pool's collector thread: hand the answer to our io thread.
-                                  Value reply = err ? error_for(id, err)
-                                                    : Value::dict({{Value("id"), id},
-                                                                   {Value("ok"), Value(true)},
-                                                                   {Value("result"), std::move(result)}});
-                                  asio::post(self->socket_.get_executor(), [self, bytes, line = line_of(reply)]() mutable {
+                                  std::string line = reply_line(id, err, std::move(result), self->limits().max_reply_bytes);
+                                  asio::post(self->socket_.get_executor(), [self, bytes, line = std::move(line)]() mutable {
                                     --self->in_pool_;
-                                    self->server_.discharge(bytes, true);
+                                    self->server_.from_pool(bytes);
                                     if (self->closed_) return self->release_if_done();
                                     self->send(std::move(line));
                                   });
@@ -380,6 +430,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void send(std::string line) {
     if (closed_) return;
+    out_bytes_ += line.size();
+    server_.reply_queued(line.size());
     out_.push_back(std::move(line));
     if (!writing_) write_next();
   }
@@ -391,7 +443,10 @@ class Session : public std::enable_shared_from_this<Session> {
       self->writing_ = false;
       if (self->closed_) return;
       if (ec) return self->close();
+      const std::size_t n = self->out_.front().size();
       self->out_.pop_front();
+      self->out_bytes_ -= n;
+      self->server_.reply_gone(n);
       --self->owed_;
       if (self->owed_ == 0) self->idle_since_ = Clock::now();
       if (!self->out_.empty()) self->write_next();
@@ -443,7 +498,9 @@ class Session : public std::enable_shared_from_this<Session> {
     socket_.close(ignored);
     timer_.cancel();
     out_.clear();
-    server_.discharge(pending_.size(), false);  // its tasks' bytes are given back as they finish
+    server_.reply_gone(out_bytes_);
+    out_bytes_ = 0;
+    server_.discharge(pending_.size());  // its tasks' bytes are given back as they finish
     pending_.clear();
     pending_.shrink_to_fit();
     head_ = scanned_ = 0;
@@ -470,6 +527,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::size_t head_ = 0;
   std::size_t scanned_ = 0;      // pending_ holds no newline before this (from head_)
   std::deque<std::string> out_;  // reply lines, front() being written
+  std::size_t out_bytes_ = 0;    // their bytes (charged to the budget's replies share)
   std::size_t owed_ = 0;         // requests read whose reply is not yet written (at most max_pending)
   std::size_t in_pool_ = 0;      // of which submitted to the pool and not yet answered
   bool reading_ = false, writing_ = false, stopping_ = false, closed_ = false, released_ = false;
@@ -483,21 +541,30 @@ void Server::release(Session* s) {
   accept();
 }
 
-void Server::discharge(std::size_t n, bool from_pool) {
+void Server::give_back(std::size_t n) {
   if (n == 0) return;
   held_ -= n;
-  if (from_pool) in_pool_ -= n;
   if (!waiting_.empty()) wake_soon();
 }
 
 bool Server::may_read(Session& s) {
-  if (held_ < limits.max_held_bytes || finisher_ == &s) return true;
+  if (room() || finisher_ == &s) return true;
+  wait_for_room(s);
+  return false;
+}
+
+bool Server::may_dispatch(Session& s) {
+  if (room() || finisher_ == &s || (in_pool_ == 0 && in_replies_ == 0)) return true;
+  wait_for_room(s);
+  return false;
+}
+
+void Server::wait_for_room(Session& s) {
   if (!s.waiting_budget) {
     s.waiting_budget = true;
     waiting_.push_back(s.weak_from_this());
   }
   wake_soon();  // a finisher may be needed
-  return false;
 }
 
 void Server::done_finishing(Session* s) {
@@ -518,7 +585,7 @@ void Server::wake_soon() {
 }
 
 void Server::wake() {
-  if (held_ < limits.max_held_bytes) {
+  if (room()) {
     // Every waiting session reads again; each read adds at most one chunk before it is checked.
     std::deque<std::weak_ptr<Session>> resumed;
     resumed.swap(waiting_);
@@ -526,7 +593,9 @@ void Server::wake() {
       if (auto s = w.lock()) s->resume();
     return;
   }
-  if (finisher_ || in_pool_ > 0) return;  // tasks will give bytes back, or a request is completing
+  // Tasks will give bytes back, or replies will be taken (or their connections closed by their
+  // timers), or a request is completing.
+  if (finisher_ || in_pool_ > 0 || in_replies_ > 0) return;
   for (auto it = waiting_.begin(); it != waiting_.end();) {
     auto s = it->lock();
     if (!s || !s->waiting_budget) {
@@ -600,10 +669,13 @@ int usage() {
   std::cerr << "usage: json_service [--port N] [--workers N] [--python PATH] [--python-path DIR]...\n"
                "                    [--package NAME=FOLDER]... [--allow MODULE:FUNCTION]... [--preload MODULE]... [--exec]\n"
                "                    [--max-request-bytes N] [--max-connections N] [--max-pending N]\n"
-               "                    [--max-held-bytes N] [--idle-timeout SECONDS] [--accept-backoff-ms N]\n"
+               "                    [--max-held-bytes N] [--max-reply-bytes N] [--idle-timeout SECONDS]\n"
+               "                    [--accept-backoff-ms N]\n"
                "Clients may call only the functions --allow names and those listed in a --package folder's EXPORTS.\n"
-               "--max-held-bytes (default 64 MiB, at least --max-request-bytes): request bytes held over all\n"
-               "connections, read and not yet answered; while they are held, no connection is read.\n";
+               "--max-held-bytes (default 64 MiB, at least --max-request-bytes + --max-reply-bytes): bytes held\n"
+               "over all connections (requests read and not yet answered, a reply's worth per task running, replies\n"
+               "not yet written); while they are held, no connection is read and no task started.\n"
+               "--max-reply-bytes (default 1 MiB): a longer reply is a ReplyTooLarge error.\n";
   return 2;
 }
 
@@ -639,6 +711,7 @@ int main(int argc, char** argv) {
       else if (a == "--max-connections") limits.max_connections = positive(a, next());
       else if (a == "--max-pending") limits.max_pending = positive(a, next());
       else if (a == "--max-held-bytes") limits.max_held_bytes = positive(a, next());
+      else if (a == "--max-reply-bytes") limits.max_reply_bytes = positive(a, next());
       else if (a == "--accept-backoff-ms") limits.accept_backoff = std::chrono::milliseconds(positive(a, next()));
       else if (a == "--idle-timeout") {
         const double s = std::stod(next());
@@ -660,10 +733,12 @@ int main(int argc, char** argv) {
       return usage();
     }
   }
-  if (limits.max_held_bytes < limits.max_request_bytes) {
-    // Otherwise one request of the largest size allowed would spend the whole budget alone.
-    std::cerr << "json_service: --max-held-bytes (" << limits.max_held_bytes << ") must be at least --max-request-bytes ("
-              << limits.max_request_bytes << ")\n";
+  if (limits.max_held_bytes < limits.max_request_bytes || limits.max_held_bytes - limits.max_request_bytes < limits.max_reply_bytes) {
+    // Otherwise one request of the largest size allowed, with its reply, would spend the whole
+    // budget alone.
+    std::cerr << "json_service: --max-held-bytes (" << limits.max_held_bytes
+              << ") must be at least --max-request-bytes + --max-reply-bytes (" << limits.max_request_bytes << " + "
+              << limits.max_reply_bytes << ")\n";
     return usage();
   }
   if (allow.size() == 0) std::cerr << "json_service: no function is allowed: every request will be refused\n";

@@ -45,6 +45,25 @@ def socket_count(pid):
     return n
 
 
+def holds_connection(pid, client):
+    """Whether process pid still has a descriptor for the service's end of client's connection
+    (its /proc/net/tcp entry, matched by ports, has an inode among pid's sockets)."""
+    here, there = client.getsockname()[1], client.getpeername()[1]
+    ours = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                ours.add(int(link[8:-1]))
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote, inode = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16), int(fields[9])
+            if local == there and remote == here and inode in ours:
+                return True
+    return False
+
+
 def descendants(pid):
     kids, todo = set(), [pid]
     while todo:
@@ -461,7 +480,8 @@ def test_partial_requests_that_spend_the_budget_are_still_completed(tmp_path):
     # One waiting connection at a time may read on to complete its request (the finisher); without
     # that rule the service would wait for ever. Every request is answered.
     limit = 64 << 10
-    with service(tmp_path, "--max-held-bytes", str(limit), "--max-request-bytes", str(limit)) as svc:
+    with service(tmp_path, "--max-held-bytes", str(limit + 4096), "--max-request-bytes", str(limit),
+                 "--max-reply-bytes", "4096") as svc:
         items = ["x" * 100] * 400
         line = json.dumps({"fn": "textjobs:size", "args": [items]}).encode() + b"\n"
         assert 40 << 10 < len(line) < limit
@@ -479,10 +499,72 @@ def test_partial_requests_that_spend_the_budget_are_still_completed(tmp_path):
             c.close()
 
 
-def test_a_budget_smaller_than_a_request_is_refused_at_start(tmp_path):
-    r = subprocess.run([BINARY, "--max-held-bytes", "1000", "--max-request-bytes", "2000"], capture_output=True,
-                       text=True, timeout=30)
-    assert r.returncode == 2 and "--max-held-bytes (1000) must be at least --max-request-bytes (2000)" in r.stderr, r.stderr
+def test_a_budget_smaller_than_a_request_and_its_reply_is_refused_at_start(tmp_path):
+    r = subprocess.run([BINARY, "--max-held-bytes", "3000", "--max-request-bytes", "2000", "--max-reply-bytes", "1001"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert "--max-held-bytes (3000) must be at least --max-request-bytes + --max-reply-bytes (2000 + 1001)" in r.stderr
+
+
+BIG_REPLIES = os.path.join(ROOT, "tests", "python", "hostile_pkgs", "big_replies")
+
+
+def test_a_reply_over_its_cap_is_refused_and_the_connection_goes_on(tmp_path):
+    with service(tmp_path, "--max-reply-bytes", "100000", "--package", "big_replies=" + BIG_REPLIES) as svc:
+        c = Client(svc)
+        got = c.call("big_replies:text", 50_000, id="fits")
+        assert got["ok"] and got["result"] == "x" * 50_000
+        # Refused from the lower bound on its JSON (not built); from the line built (an escape is
+        # 6 bytes of JSON per byte of the str); an error reply is capped too.
+        for fn, n in (("big_replies:text", 200_000), ("big_replies:escapes", 20_000), ("big_replies:error", 200_000)):
+            got = c.call(fn, n, id=fn)
+            assert got["id"] == fn and not got["ok"], str(got)[:200]
+            assert got["error"]["type"] == "ReplyTooLarge", got
+            assert "100000 bytes" in got["error"]["message"], got
+        assert c.call("big_replies:escapes", 10_000)["result"] == "\x01" * 10_000  # ~60 KB of JSON: fits
+        assert c.call("textjobs:fib", 10)["result"] == 55
+        c.close()
+
+
+@pytest.mark.timeout(180)
+def test_replies_a_client_does_not_read_are_held_within_the_budget(tmp_path):
+    # A client sends 64 small requests, each answered by ~0.9 MiB of JSON, and reads nothing.
+    # Before replies counted in the budget the service held all of them (VmRSS 8 -> 99 MiB,
+    # measured); now each task in the pool reserves --max-reply-bytes of --max-held-bytes, and a
+    # reply holds its bytes until written: at most 8 MiB of replies and reservations at once
+    # (7 -> 22 MiB measured), each reply line made from a result that costs ~3x its size while it
+    # is made. Other clients wait for the budget meanwhile, until --idle-timeout closes the client
+    # that does not read; then they are served.
+    budget, reply = 8 << 20, 1 << 20
+    with service(tmp_path, "--max-held-bytes", str(budget), "--max-reply-bytes", str(reply), "--idle-timeout", "3",
+                 "--package", "big_replies=" + BIG_REPLIES) as svc:
+        warm = Client(svc)
+        assert warm.call("big_replies:text", 900_000)["ok"]  # the service's buffers for one reply exist
+        base = status_kib(svc.proc.pid, "VmRSS")
+        greedy = svc.connect()
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # its socket takes little
+        lines = b"".join(b'{"id": %d, "fn": "big_replies:text", "args": [900000]}\n' % i for i in range(64))
+        greedy.sendall(lines)
+        time.sleep(2.0)  # the service answers what the budget lets it, and the writes stall
+        t0 = time.monotonic()
+        other = Client(svc, timeout=60)
+        got = other.call("textjobs:fib", 20)
+        waited = time.monotonic() - t0
+        assert got["result"] == 6765
+        peak = status_kib(svc.proc.pid, "VmHWM")
+        bound = base + (3 * budget + (16 << 20)) // 1024
+        print(f"VmRSS at start {base >> 10} MiB, peak {peak >> 10} MiB, bound {bound >> 10} MiB; "
+              f"the other client waited {waited:.1f} s")
+        assert peak <= bound, f"peak VmRSS {peak >> 10} MiB over the bound of {bound >> 10} MiB"
+        other.close()
+        # The service closed the client that does not read (not drained here: what the kernel
+        # still holds for it would take minutes through its small window).
+        deadline = time.monotonic() + 15
+        while holds_connection(svc.proc.pid, greedy) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not holds_connection(svc.proc.pid, greedy), "the client that does not read was not closed"
+        warm.close()
+        greedy.close()
 
 
 def test_client_that_does_not_read_its_replies_is_closed(tmp_path):
