@@ -113,7 +113,8 @@ def serve_pool(config, calls, results):
             _install_environment(config["bundle_file"], f.read())
     for pkg in config.get("packages") or ():
         modules.install(modules.Snapshot(pkg["name"], pkg["root"], pkg["files"]))
-    serve(config["wid"], calls, results, None, (), config.get("max_tasks"), bool(config.get("report_start")), True)
+    serve(config["wid"], calls, results, None, (), config.get("max_tasks"), bool(config.get("report_start")), True,
+          config.get("max_result_bytes") or 0)
     return 0
 
 
@@ -192,9 +193,11 @@ def _plain_error(exc):
     return (name, str(exc), tb)
 
 
-def serve(wid, calls, results, initializer, initargs, max_tasks, report_start, plain):
+def serve(wid, calls, results, initializer, initargs, max_tasks, report_start, plain, max_result=0):
     """A worker's loop: one call at a time, each result published before the next call is taken.
-    plain: the C++ Pool's worker (errors as (type, message, traceback), results plain data)."""
+    plain: the C++ Pool's worker (errors as (type, message, traceback), results plain data).
+    max_result: the C++ Pool's max_result_bytes (0: none): a longer record fails its call with
+    OverflowError here, rather than break the protocol (the pool kills a worker that sends one)."""
     error_payload = _plain_error if plain else _error_payload
     put_obj, put_plain = results.put_obj, results.put_plain
 
@@ -205,9 +208,9 @@ def serve(wid, calls, results, initializer, initargs, max_tasks, report_start, p
 
     if plain:
         def put(rec):  # noqa: F811 (the C++ Pool's: plain data only, checked in C as it is written)
-            p = put_plain(rec, 0)
+            p = put_plain(rec, 0, max_result)
             if p is NotImplemented:
-                p = put_obj(_checked(rec), 0)
+                p = put_obj(_checked(rec), 0, max_result)
             while p is not None and not results.publish(p):
                 results.wait_writable(p.record_bytes, _PUT_RETRY)
 
@@ -253,6 +256,8 @@ def serve(wid, calls, results, initializer, initargs, max_tasks, report_start, p
         value = None
         try:
             put(rec)
+        except OverflowError as exc:  # over max_result: this call fails (a short record), the worker goes on
+            put((wid, tid, _ERR, error_payload(exc), rec[_RESULT_ELAPSED]))
         except Exception as exc:
             err = pickle.PicklingError(f"the task's result could not be pickled: {exc}")
             err.__cause__ = exc

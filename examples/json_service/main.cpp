@@ -138,13 +138,23 @@ std::string line_of(const Value& reply) { return json_value::dump(reply) + "\n";
 
 // A task's reply line: its result or its error, or a ReplyTooLarge error if that line would be
 // longer than max_bytes (Limits::max_reply_bytes). A result whose JSON is known to be too long
-// from a lower bound on its size is refused before its JSON is built.
+// from a lower bound on its size is refused before its JSON is built; one the worker refused to
+// send (over PoolOptions::max_result_bytes, set from the cap in main()) is refused the same way.
 std::string reply_line(const Value& id, std::exception_ptr err, Value result, std::size_t max_bytes) {
   auto too_large = [&] {
     return line_of(error_reply(id, "ReplyTooLarge",
                                "the reply is over " + std::to_string(max_bytes) + " bytes of JSON (--max-reply-bytes)"));
   };
   if (!err && json_value::dump_size_at_least(result, max_bytes) + 32 > max_bytes) return too_large();
+  if (err) {
+    try {
+      std::rethrow_exception(err);
+    } catch (const ringpool::RemoteError& r) {  // refused by the worker (PoolOptions::max_result_bytes, main())
+      if (r.type_name() == "OverflowError" && r.message().find("max_result_bytes") != std::string::npos)
+        return too_large();
+    } catch (...) {
+    }
+  }
   std::string line = line_of(err ? error_for(id, err)
                                  : Value::dict({{Value("id"), id}, {Value("ok"), Value(true)}, {Value("result"), std::move(result)}}));
   return line.size() > max_bytes ? too_large() : line;
@@ -742,6 +752,11 @@ int main(int argc, char** argv) {
     return usage();
   }
   if (allow.size() == 0) std::cerr << "json_service: no function is allowed: every request will be refused\n";
+  // A result is copied and decoded in this process before its reply's length is known: the
+  // workers refuse (as OverflowError, a ReplyTooLarge here) any whose pickle is over 4x the reply
+  // cap. A reply that fits the cap has a pickle of at most ~2.25x its JSON (a float: 9 bytes
+  // pickled, 4 as JSON), so none that fits is refused.
+  options.max_result_bytes = std::max<std::size_t>(4 * limits.max_reply_bytes, 64 << 10);
   rlimit nofile{};
   if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
       limits.max_connections + 64 > nofile.rlim_cur)

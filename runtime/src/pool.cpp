@@ -518,6 +518,10 @@ struct Pool::Impl {
         {Value("wid"), Value(wid)},
         {Value("max_tasks"), max_tasks},
         {Value("report_start"), Value(opts.task_timeout.count() > 0)},
+        // The worker fails a call whose result is longer with OverflowError (a worker that sends
+        // one anyway breaks the protocol: the collector checks too).
+        {Value("max_result_bytes"), Value(static_cast<std::int64_t>(
+                                        std::min<std::size_t>(opts.max_result_bytes, std::numeric_limits<std::int64_t>::max())))},
         {Value("sys_path_prepend"), str_list(opts.python_path)},
         {Value("packages"), packages},
         {Value("bundle_file"), bundle_file()},

@@ -235,6 +235,36 @@ TEST_CASE("Pool: a hostile worker is killed and replaced, and no other worker's 
   }
 }
 
+TEST_CASE("Pool: a result or an error over max_result_bytes fails its task, and its worker goes on" *
+          doctest::timeout(120)) {
+  for (bool zygote : {true, false}) {
+    CAPTURE(zygote);
+    PoolOptions o = options(zygote, 1);
+    o.max_result_bytes = 256 << 10;
+    Pool pool(o);
+    const auto pids = pool.worker_pids();
+    const std::uint64_t started = pool.workers_started();
+    auto fits = pool.submit("rp_tasks:big_bytes", {Value(200 << 10)});
+    CHECK(get(fits).as_bytes().size() == (200 << 10));
+    for (const auto& [fn, arg] : {std::pair<const char*, Value>{"rp_tasks:big_bytes", Value(300 << 10)},
+                                  {"rp_tasks:boom", Value(std::string(300 << 10, 'e'))}}) {
+      CAPTURE(fn);
+      auto big = pool.submit(fn, {arg});
+      try {
+        get(big);
+        FAIL("no error");
+      } catch (const RemoteError& e) {
+        CHECK(e.type_name() == "OverflowError");
+        CHECK(e.message().find("over the pool's max_result_bytes (262144)") != std::string::npos);
+      }
+    }
+    // Not a protocol break: the same worker answers the next call.
+    auto next = pool.submit("rp_tasks:pid");
+    CHECK(get(next).as_int() == pids.at(0));
+    CHECK(pool.workers_started() == started);
+  }
+}
+
 TEST_CASE("Pool: a worker holding its call ring's lock is killed, not waited for" * doctest::timeout(120)) {
   // The pool is its workers' call rings' only producer: a worker that takes the producer lock
   // would, if the pool waited for it, stop dispatch (under the pool lock) for every worker.

@@ -515,8 +515,10 @@ def test_a_reply_over_its_cap_is_refused_and_the_connection_goes_on(tmp_path):
         got = c.call("big_replies:text", 50_000, id="fits")
         assert got["ok"] and got["result"] == "x" * 50_000
         # Refused from the lower bound on its JSON (not built); from the line built (an escape is
-        # 6 bytes of JSON per byte of the str); an error reply is capped too.
-        for fn, n in (("big_replies:text", 200_000), ("big_replies:escapes", 20_000), ("big_replies:error", 200_000)):
+        # 6 bytes of JSON per byte of the str); an error reply is capped too; and by the worker,
+        # not sent, over 4x the cap (the pool's max_result_bytes: the service never decodes it).
+        for fn, n in (("big_replies:text", 200_000), ("big_replies:escapes", 20_000), ("big_replies:error", 200_000),
+                      ("big_replies:text", 500_000), ("big_replies:error", 500_000)):
             got = c.call(fn, n, id=fn)
             assert got["id"] == fn and not got["ok"], str(got)[:200]
             assert got["error"]["type"] == "ReplyTooLarge", got

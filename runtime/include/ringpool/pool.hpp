@@ -91,9 +91,11 @@ struct PoolOptions {
   std::size_t max_requeues = 3;
   // How long the zygote's preload (and a worker's start) may take.
   std::chrono::milliseconds start_timeout{120'000};
-  // The largest result (its pickle's bytes) a worker may send; a larger claim breaks the protocol
-  // (the worker is killed, the task fails with ProtocolError). Bounds what one worker can make
-  // the service allocate for a result's copy (and, by PickleLimits, for its decoded Value).
+  // The largest result (its pickle's bytes) a worker may send. A worker fails a call whose
+  // result (or error) is longer with a RemoteError of type OverflowError, nothing sent; a worker
+  // that sends one anyway breaks the protocol (it is killed, the task fails with ProtocolError).
+  // Bounds what one worker can make the service allocate for a result's copy (and, by
+  // PickleLimits, for its decoded Value).
   std::size_t max_result_bytes = std::size_t{1} << 30;
   // Where lifecycle events go (workers started, died, replaced, recycled, timed out; the zygote
   // started, died, restarted; protocol errors; descriptor exhaustion): log.hpp says from which
