@@ -73,10 +73,15 @@ class Builder {
   const std::string& error() const { return error_; }
 
  private:
+  // The message names the problem; text of the request it quotes (a parse error's "last read"
+  // token, a duplicate key) is cut at kQuoted bytes, so an error reply stays small whatever the
+  // request.
   bool fail(std::string why) {
+    if (why.size() > kQuoted) why = why.substr(0, kQuoted) + "...";
     if (error_.empty()) error_ = "JSON: " + std::move(why);
     return false;
   }
+  static constexpr std::size_t kQuoted = 256;
 
   bool put(ringpool::Value v) {
     if (open_.empty()) {

@@ -140,17 +140,22 @@ std::string line_of(const Value& reply) { return json_value::dump(reply) + "\n";
 // longer than max_bytes (Limits::max_reply_bytes). A result whose JSON is known to be too long
 // from a lower bound on its size is refused before its JSON is built; one the worker refused to
 // send (over PoolOptions::max_result_bytes, set from the cap in main()) is refused the same way.
+std::string too_large_line(const Value& id, std::size_t max_bytes) {
+  return line_of(error_reply(id, "ReplyTooLarge",
+                             "the reply is over " + std::to_string(max_bytes) + " bytes of JSON (--max-reply-bytes)"));
+}
+
 std::string reply_line(const Value& id, std::exception_ptr err, Value result, std::size_t max_bytes) {
-  auto too_large = [&] {
-    return line_of(error_reply(id, "ReplyTooLarge",
-                               "the reply is over " + std::to_string(max_bytes) + " bytes of JSON (--max-reply-bytes)"));
-  };
+  auto too_large = [&] { return too_large_line(id, max_bytes); };
   if (!err && json_value::dump_size_at_least(result, max_bytes) + 32 > max_bytes) return too_large();
   if (err) {
     try {
       std::rethrow_exception(err);
-    } catch (const ringpool::RemoteError& r) {  // refused by the worker (PoolOptions::max_result_bytes, main())
-      if (r.type_name() == "OverflowError" && r.message().find("max_result_bytes") != std::string::npos)
+    } catch (const ringpool::RemoteError& r) {
+      // Refused by the worker (PoolOptions::max_result_bytes, main()), or a message too long to
+      // send: known before the reply is built.
+      if ((r.type_name() == "OverflowError" && r.message().find("max_result_bytes") != std::string::npos) ||
+          r.message().size() + r.type_name().size() + 32 > max_bytes)
         return too_large();
     } catch (...) {
     }
@@ -283,6 +288,8 @@ class Session : public std::enable_shared_from_this<Session> {
     read();
   }
   bool has_partial() const { return !closed_ && !stopping_ && head_ < pending_.size(); }
+  // What it holds of the budget in tasks (their requests and reservations) and replies.
+  std::size_t holds() const { return pool_bytes_ + out_bytes_; }
 
   bool waiting_budget = false;  // in the server's queue of sessions waiting for the budget
 
@@ -350,6 +357,7 @@ class Session : public std::enable_shared_from_this<Session> {
       std::string line = pending_.substr(head_, nl - head_);
       const std::size_t bytes = nl + 1 - head_;
       head_ = nl + 1;
+      if (!completed) server_.done_finishing(this);  // a finisher starts its one request, no more
       completed = true;
       partial_since_ = Clock::now();  // what follows the newline is a new request
       if (!line.empty() && line.back() == '\r') line.pop_back();
@@ -368,7 +376,6 @@ class Session : public std::enable_shared_from_this<Session> {
     // not a buffer's capacity).
     if (pending_.capacity() > kKeepBuffer && pending_.size() <= pending_.capacity() / 4) pending_.shrink_to_fit();
     if (const std::size_t gone = buffered - pending_.size(); gone > to_pool) server_.discharge(gone - to_pool);
-    if (completed) server_.done_finishing(this);
   }
 
   void too_large() {
@@ -399,7 +406,9 @@ class Session : public std::enable_shared_from_this<Session> {
       if (!fn || !fn->is_str()) throw BadRequest("\"fn\" must be a string \"module:function\"");
       // Before anything else is looked at: a refused function is never imported or run.
       if (!server_.allow.allowed(fn->as_str())) {
-        send(line_of(error_reply(id, "NotAllowed", "function '" + fn->as_str() + "' is not allowed by this service")));
+        const std::string& name = fn->as_str();
+        const std::string shown = name.size() > 256 ? name.substr(0, 256) + "..." : name;
+        send(line_of(error_reply(id, "NotAllowed", "function '" + shown + "' is not allowed by this service")));
         return false;
       }
       // The arguments are moved out of the request (req is ours and dropped after): a copy would
@@ -420,6 +429,7 @@ class Session : public std::enable_shared_from_this<Session> {
                                   std::string line = reply_line(id, err, std::move(result), self->limits().max_reply_bytes);
                                   asio::post(self->socket_.get_executor(), [self, bytes, line = std::move(line)]() mutable {
                                     --self->in_pool_;
+                                    self->pool_bytes_ -= bytes + self->limits().max_reply_bytes;
                                     self->server_.from_pool(bytes);
                                     if (self->closed_) return self->release_if_done();
                                     self->send(std::move(line));
@@ -428,6 +438,7 @@ class Session : public std::enable_shared_from_this<Session> {
       // After the submit succeeded (it throws otherwise); the answer cannot arrive before: it is
       // posted to this thread.
       ++in_pool_;
+      pool_bytes_ += bytes + limits().max_reply_bytes;
       server_.to_pool(bytes);
       return true;
     } catch (const BadRequest& e) {
@@ -440,6 +451,10 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void send(std::string line) {
     if (closed_) return;
+    // Every reply is at most max_reply_bytes: a task's is capped with its id (reply_line); one
+    // that is still longer (its id is) or that echoes a long id (BadRequest, NotAllowed) is
+    // replaced by a ReplyTooLarge without the id.
+    if (line.size() > limits().max_reply_bytes) line = too_large_line(Value(), limits().max_reply_bytes);
     out_bytes_ += line.size();
     server_.reply_queued(line.size());
     out_.push_back(std::move(line));
@@ -538,6 +553,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::size_t scanned_ = 0;      // pending_ holds no newline before this (from head_)
   std::deque<std::string> out_;  // reply lines, front() being written
   std::size_t out_bytes_ = 0;    // their bytes (charged to the budget's replies share)
+  std::size_t pool_bytes_ = 0;   // charged for its tasks in the pool (requests and reservations)
   std::size_t owed_ = 0;         // requests read whose reply is not yet written (at most max_pending)
   std::size_t in_pool_ = 0;      // of which submitted to the pool and not yet answered
   bool reading_ = false, writing_ = false, stopping_ = false, closed_ = false, released_ = false;
@@ -564,7 +580,12 @@ bool Server::may_read(Session& s) {
 }
 
 bool Server::may_dispatch(Session& s) {
-  if (room() || finisher_ == &s || (in_pool_ == 0 && in_replies_ == 0)) return true;
+  if (finisher_ == &s || (in_pool_ == 0 && in_replies_ == 0)) return true;
+  // Its share first: a session that holds a quarter of the budget in tasks and replies (and
+  // holds anything) waits for its own tasks and replies, which re-run its dispatch as they end;
+  // not in waiting_, since room elsewhere does not help it.
+  if (s.holds() > 0 && s.holds() + limits.max_reply_bytes > limits.max_held_bytes / 4) return false;
+  if (room()) return true;
   wait_for_room(s);
   return false;
 }

@@ -1241,7 +1241,7 @@ struct Pool::Impl {
         Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(task::kStopGrace));
     for (;;) {
       {
-        std::lock_guard lk(mu);
+        std::lock_guard g(mu);
         if (workers.empty() && spawning == 0) break;
         if (Clock::now() > deadline)
           for (auto& [_, w] : workers) w->proc.send_signal(SIGKILL);

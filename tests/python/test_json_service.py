@@ -569,6 +569,86 @@ def test_replies_a_client_does_not_read_are_held_within_the_budget(tmp_path):
         greedy.close()
 
 
+@pytest.mark.timeout(180)
+def test_a_client_reading_its_replies_slowly_does_not_keep_the_budget_from_others(tmp_path):
+    # A client buffers 40 requests for ~1 MiB replies and reads them slowly (a reply every 1.5 s,
+    # inside --idle-timeout). Each reply it takes frees room; that room went to its own next
+    # buffered request at once, so an honest client waited for all 40 (32 s measured with 40,
+    # 22 s with 20). Now room goes to the sessions waiting for it first, oldest first: the honest
+    # client waits for about one of the slow client's replies.
+    reply = 1 << 20
+    with service(tmp_path, "--max-held-bytes", str(8 << 20), "--max-reply-bytes", str(reply), "--idle-timeout", "3",
+                 "--package", "big_replies=" + BIG_REPLIES) as svc:
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(("127.0.0.1", svc.port))
+        slow.sendall(b"".join(b'{"id": %d, "fn": "big_replies:text", "args": [1000000]}\n' % i for i in range(40)))
+        stop = threading.Event()
+
+        def trickle():
+            slow.settimeout(1.0)
+            while not stop.is_set():
+                got = 0
+                with contextlib.suppress(socket.timeout, OSError):
+                    while got < 1_000_000 and not stop.is_set():
+                        data = slow.recv(65536)
+                        if not data:
+                            return
+                        got += len(data)
+                stop.wait(1.5)
+
+        reader = threading.Thread(target=trickle)
+        reader.start()
+        try:
+            time.sleep(2.0)
+            t0 = time.monotonic()
+            honest = Client(svc, timeout=60)
+            assert honest.call("big_replies:text", 5)["result"] == "xxxxx"
+            waited = time.monotonic() - t0
+            print(f"the honest client waited {waited:.1f} s")
+            assert waited < 12, f"the honest client waited {waited:.1f} s behind the slow reader's requests"
+            honest.close()
+        finally:
+            stop.set()
+            reader.join(10)
+            slow.close()
+
+
+@pytest.mark.timeout(180)
+def test_the_finisher_starts_one_request_not_all_it_buffered(tmp_path):
+    # Ten connections fill the budget with partial requests (nothing in the pool): one of them
+    # becomes the finisher, which may read on and start its request. Each then completes its
+    # request and sends 200 more for ~1 MiB replies in the same packet, reading nothing. The
+    # finisher used to start every complete line of that read (up to --max-pending, each with a
+    # 1 MiB reservation and then a 1 MiB reply): peak VmRSS 12 -> 122 MiB measured, against 27 MiB
+    # when the 200 come a second later. Now it starts its one request and waits like the others.
+    budget = 8 << 20
+    with service(tmp_path, "--max-held-bytes", str(budget), "--idle-timeout", "15",
+                 "--package", "big_replies=" + BIG_REPLIES) as svc:
+        warm = Client(svc)
+        assert warm.call("big_replies:text", 900_000)["ok"]
+        base = status_kib(svc.proc.pid, "VmRSS")
+        socks = []
+        for _ in range(10):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", svc.port))
+            s.sendall(b'{"id": 0, "fn": "big_replies:text", "args": [5], "pad": "' + b"x" * 1_000_000)
+            socks.append(s)
+        time.sleep(1.0)
+        more = b"".join(b'{"id": %d, "fn": "big_replies:text", "args": [1000000]}\n' % i for i in range(1, 201))
+        for s in socks:
+            s.sendall(b'"}\n' + more)
+        time.sleep(3.0)
+        peak = status_kib(svc.proc.pid, "VmHWM")
+        bound = base + (3 * budget + (16 << 20)) // 1024
+        print(f"VmRSS at start {base >> 10} MiB, peak {peak >> 10} MiB, bound {bound >> 10} MiB")
+        assert peak <= bound, f"peak VmRSS {peak >> 10} MiB over the bound of {bound >> 10} MiB"
+        for s in socks:
+            s.close()
+        warm.close()
+
+
 def test_client_that_does_not_read_its_replies_is_closed(tmp_path):
     with service(tmp_path, "--idle-timeout", "2") as svc:
         base = socket_count(svc.proc.pid)  # not fds: the pool keeps memfd blocks for large payloads
