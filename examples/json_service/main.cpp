@@ -83,8 +83,9 @@ struct Limits {
   std::size_t max_held_bytes = std::size_t{64} << 20;
   // A reply line (its JSON and newline) longer than this is replaced by a ReplyTooLarge error
   // (the connection goes on). Every task in the pool reserves this much of max_held_bytes until
-  // its reply is written: so max_held_bytes / max_reply_bytes tasks run at once, service-wide,
-  // and what their replies can make the service hold is in the budget before they are made. (An
+  // its reply is written: so max_held_bytes / max_reply_bytes tasks run at once, service-wide
+  // (a quarter of them per connection), and what their replies can make the service hold is in
+  // the budget before they are made. (An
   // error reply, and a ReplyTooLarge one, echo the request's id and may be longer by that.) At
   // least max_request_bytes + max_reply_bytes must fit in max_held_bytes (checked at start).
   std::size_t max_reply_bytes = 1 << 20;
