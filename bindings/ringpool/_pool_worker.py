@@ -200,6 +200,8 @@ def serve(wid, calls, results, initializer, initargs, max_tasks, report_start, p
     OverflowError here, rather than break the protocol (the pool kills a worker that sends one)."""
     error_payload = _plain_error if plain else _error_payload
     put_obj, put_plain = results.put_obj, results.put_plain
+    if max_result:
+        results.limit_puts(max_result)  # a longer record raises OverflowError (run() sends that instead)
 
     def put(rec):
         p = put_obj(rec, 0)
@@ -208,9 +210,9 @@ def serve(wid, calls, results, initializer, initargs, max_tasks, report_start, p
 
     if plain:
         def put(rec):  # noqa: F811 (the C++ Pool's: plain data only, checked in C as it is written)
-            p = put_plain(rec, 0, max_result)
+            p = put_plain(rec, 0)
             if p is NotImplemented:
-                p = put_obj(_checked(rec), 0, max_result)
+                p = put_obj(_checked(rec), 0)
             while p is not None and not results.publish(p):
                 results.wait_writable(p.record_bytes, _PUT_RETRY)
 
@@ -256,12 +258,12 @@ def serve(wid, calls, results, initializer, initargs, max_tasks, report_start, p
         value = None
         try:
             put(rec)
-        except OverflowError as exc:  # over max_result: this call fails (a short record), the worker goes on
-            put((wid, tid, _ERR, error_payload(exc), rec[_RESULT_ELAPSED]))
         except Exception as exc:
-            err = pickle.PicklingError(f"the task's result could not be pickled: {exc}")
-            err.__cause__ = exc
-            put((wid, tid, _ERR, error_payload(err), rec[_RESULT_ELAPSED]))
+            if type(exc) is not OverflowError:  # (OverflowError: over max_result, said as it is)
+                err = pickle.PicklingError(f"the task's result could not be pickled: {exc}")
+                err.__cause__ = exc
+                exc = err
+            put((wid, tid, _ERR, error_payload(exc), rec[_RESULT_ELAPSED]))
         return fn
 
     while True:
