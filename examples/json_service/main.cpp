@@ -85,9 +85,8 @@ struct Limits {
   // (the connection goes on). Every task in the pool reserves this much of max_held_bytes until
   // its reply is written: so max_held_bytes / max_reply_bytes tasks run at once, service-wide
   // (a quarter of them per connection), and what their replies can make the service hold is in
-  // the budget before they are made. (An
-  // error reply, and a ReplyTooLarge one, echo the request's id and may be longer by that.) At
-  // least max_request_bytes + max_reply_bytes must fit in max_held_bytes (checked at start).
+  // the budget before they are made. At least max_request_bytes + max_reply_bytes must fit in
+  // max_held_bytes (checked at start).
   std::size_t max_reply_bytes = 1 << 20;
   // A connection that sends nothing while owed nothing, leaves a request partial, or does not
   // take a reply, for this long, is closed. Shorter frees slots from idle clients sooner; longer
@@ -137,15 +136,15 @@ bool http_request_line(const std::string& line) {
 
 std::string line_of(const Value& reply) { return json_value::dump(reply) + "\n"; }
 
-// A task's reply line: its result or its error, or a ReplyTooLarge error if that line would be
-// longer than max_bytes (Limits::max_reply_bytes). A result whose JSON is known to be too long
-// from a lower bound on its size is refused before its JSON is built; one the worker refused to
-// send (over PoolOptions::max_result_bytes, set from the cap in main()) is refused the same way.
 std::string too_large_line(const Value& id, std::size_t max_bytes) {
   return line_of(error_reply(id, "ReplyTooLarge",
                              "the reply is over " + std::to_string(max_bytes) + " bytes of JSON (--max-reply-bytes)"));
 }
 
+// A task's reply line: its result or its error, or a ReplyTooLarge error if that line would be
+// longer than max_bytes (Limits::max_reply_bytes). A result whose JSON is known to be too long
+// from a lower bound on its size is refused before its JSON is built; one the worker refused to
+// send (over PoolOptions::max_result_bytes, set from the cap in main()) is refused the same way.
 std::string reply_line(const Value& id, std::exception_ptr err, Value result, std::size_t max_bytes) {
   auto too_large = [&] { return too_large_line(id, max_bytes); };
   if (!err && json_value::dump_size_at_least(result, max_bytes) + 32 > max_bytes) return too_large();
@@ -778,7 +777,9 @@ int main(int argc, char** argv) {
   // workers refuse (as OverflowError, a ReplyTooLarge here) any whose pickle is over 4x the reply
   // cap. A reply that fits the cap has a pickle of at most ~2.25x its JSON (a float: 9 bytes
   // pickled, 4 as JSON), so none that fits is refused.
-  options.max_result_bytes = std::max<std::size_t>(4 * limits.max_reply_bytes, 64 << 10);
+  options.max_result_bytes = limits.max_reply_bytes > options.max_result_bytes / 4
+                                 ? options.max_result_bytes  // the pool's default (1 GiB), not more
+                                 : std::max<std::size_t>(4 * limits.max_reply_bytes, 64 << 10);
   rlimit nofile{};
   if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
       limits.max_connections + 64 > nofile.rlim_cur)
