@@ -696,8 +696,8 @@ void Server::stop() {
   for (auto& s : live) s->stop();
 }
 
-int usage() {
-  std::cerr << "usage: json_service [--port N] [--workers N] [--python PATH] [--python-path DIR]...\n"
+int usage(std::ostream& out = std::cerr) {
+  out << "usage: json_service [--port N] [--workers N] [--python PATH] [--python-path DIR]...\n"
                "                    [--package NAME=FOLDER]... [--allow MODULE:FUNCTION]... [--preload MODULE]... [--exec]\n"
                "                    [--max-request-bytes N] [--max-connections N] [--max-pending N]\n"
                "                    [--max-held-bytes N] [--max-reply-bytes N] [--idle-timeout SECONDS]\n"
@@ -756,7 +756,11 @@ int main(int argc, char** argv) {
         if (allow.allow_package(v.substr(0, eq), v.substr(eq + 1)) == 0)
           std::cerr << "json_service: " << v.substr(eq + 1) << " has no EXPORTS: package " << v.substr(0, eq)
                     << " is shipped, but clients may call none of its functions\n";
+      } else if (a == "--help" || a == "-h") {
+        usage(std::cout);
+        return 0;
       } else {
+        std::cerr << "json_service: unknown option " << a << "\n";
         return usage();
       }
     } catch (const std::exception& e) {
@@ -802,6 +806,10 @@ int main(int argc, char** argv) {
     pool.shutdown(true);
   } catch (const std::exception& e) {
     std::cerr << "json_service: " << e.what() << "\n";
+    // The pool's messages speak of PoolOptions: say which flag sets what it names.
+    if (std::string(e.what()).find("python_path") != std::string::npos)
+      std::cerr << "json_service: PoolOptions::python_path is --python-path DIR (the folder holding the ringpool "
+                   "package: a checkout's bindings/), PoolOptions::python is --python PATH\n";
     return 1;
   }
   return 0;

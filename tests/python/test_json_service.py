@@ -506,6 +506,13 @@ def test_a_budget_smaller_than_a_request_and_its_reply_is_refused_at_start(tmp_p
     assert "--max-held-bytes (3000) must be at least --max-request-bytes + --max-reply-bytes (2000 + 1001)" in r.stderr
 
 
+def test_help_goes_to_stdout_and_an_unknown_option_is_named(tmp_path):
+    r = subprocess.run([BINARY, "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("usage: json_service") and r.stderr == "", r
+    r = subprocess.run([BINARY, "--bogus"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.startswith("json_service: unknown option --bogus\nusage:"), r.stderr
+
+
 BIG_REPLIES = os.path.join(ROOT, "tests", "python", "hostile_pkgs", "big_replies")
 
 
