@@ -198,14 +198,14 @@ class Server {
   //   closes.
   // The budget has room while one more task's reservation fits.
   void charge(std::size_t n) { held_ += n; }
-  void discharge(std::size_t n) { give_back(n); }
+  void discharge(std::size_t n);  // gives n bytes back (any share), waking sessions that wait
   void to_pool(std::size_t n) {
     held_ += limits.max_reply_bytes;
     in_pool_ += n + limits.max_reply_bytes;
   }
   void from_pool(std::size_t n) {
     in_pool_ -= n + limits.max_reply_bytes;
-    give_back(n + limits.max_reply_bytes);
+    discharge(n + limits.max_reply_bytes);
   }
   void reply_queued(std::size_t n) {
     held_ += n;
@@ -213,7 +213,7 @@ class Server {
   }
   void reply_gone(std::size_t n) {
     in_replies_ -= n;
-    give_back(n);
+    discharge(n);
   }
   // Whether s may read now. No, while the budget has no room: s waits and is resumed (Session::
   // resume) once it has. Except for one session, the finisher: if the budget is spent by bytes
@@ -251,7 +251,6 @@ class Server {
 
   void wake_soon();
   void wake();
-  void give_back(std::size_t n);
   bool room() const { return held_ + limits.max_reply_bytes <= limits.max_held_bytes; }
   void wait_for_room(Session& s);
   std::size_t held_ = 0;        // bytes held: read, in the pool (with reservations), replies
@@ -567,7 +566,7 @@ void Server::release(Session* s) {
   accept();
 }
 
-void Server::give_back(std::size_t n) {
+void Server::discharge(std::size_t n) {
   if (n == 0) return;
   held_ -= n;
   if (!waiting_.empty()) wake_soon();
